@@ -1,0 +1,70 @@
+"""``lazyattention.reference``: the readable PyTorch definition of deferred positional encoding.
+
+Runs on any device PyTorch runs on, never imports Triton. The attention functions
+(``lazy_prefill``, ``lazy_decode``, ``raw_prefill``, ``raw_decode``,
+``eager_attention``, ``write_kv``, ``merge_attention``) have twins of the same names
+and signatures in ``lazyattention.fast``: swap the module to swap the backend.
+"""
+
+from .attention import (
+    eager_attention,
+    lazy_decode,
+    lazy_prefill,
+    merge_attention,
+    raw_decode,
+    raw_prefill,
+    write_kv,
+)
+from .cache import BlockPool, CacheError, OutOfBlocks, PagedKVCache, Segment, SegmentStore, content_key
+from .layout import BlockMetadata, Layout, Placement, RequestLayout
+from .rope import (
+    MAX_POSITION,
+    LinearScaling,
+    Llama3Scaling,
+    NoScaling,
+    RopeConfig,
+    YarnScaling,
+    apply_rope,
+    inverse_frequencies,
+    rope_angles,
+    rotate,
+)
+from .tolerance import assert_close
+
+#: The attention API that ``lazyattention.fast`` mirrors name for name.
+ATTENTION_API = (
+    "write_kv",
+    "lazy_prefill",
+    "lazy_decode",
+    "raw_prefill",
+    "raw_decode",
+    "eager_attention",
+    "merge_attention",
+)
+
+__all__ = [
+    *ATTENTION_API,
+    "ATTENTION_API",
+    "BlockMetadata",
+    "BlockPool",
+    "CacheError",
+    "Layout",
+    "LinearScaling",
+    "Llama3Scaling",
+    "MAX_POSITION",
+    "NoScaling",
+    "OutOfBlocks",
+    "PagedKVCache",
+    "Placement",
+    "RequestLayout",
+    "RopeConfig",
+    "Segment",
+    "SegmentStore",
+    "YarnScaling",
+    "apply_rope",
+    "assert_close",
+    "content_key",
+    "inverse_frequencies",
+    "rope_angles",
+    "rotate",
+]

@@ -1,0 +1,15 @@
+"""Hypothesis profiles and shared fixtures.
+
+Profiles: ``dev`` (default, quick), ``ci`` (derandomized, chosen when ``CI`` is set),
+``nightly`` (many examples). Pick one with ``HYPOTHESIS_PROFILE=nightly``.
+"""
+
+import os
+
+from hypothesis import HealthCheck, settings
+
+_common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("dev", max_examples=25, **_common)
+settings.register_profile("ci", max_examples=25, derandomize=True, print_blob=True, **_common)
+settings.register_profile("nightly", max_examples=1000, **_common)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") else "dev"))
