@@ -76,9 +76,10 @@ class BlockPool:
         for b in blocks:
             counts[b] = counts.get(b, 0) + 1
         for b, n in counts.items():
-            if self._refs[b] < n if action == "release" else self._refs[b] == 0:
-                what = "double release of" if action == "release" else "cannot retain free"
-                raise CacheError(f"{what} block {b} (reference count {self._refs[b]})")
+            if action == "release" and self._refs[b] < n:
+                raise CacheError(f"double release of block {b} (reference count {self._refs[b]})")
+            if action == "retain" and self._refs[b] == 0:
+                raise CacheError(f"cannot retain free block {b} (reference count 0)")
 
     def allocate(self, n: int) -> list[int]:
         """Take ``n`` free blocks, each with reference count 1."""
