@@ -14,6 +14,7 @@ Shape alphabet: ``T`` tokens, ``H`` heads, ``D`` head dim, ``R`` rotary dim
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -222,6 +223,12 @@ def inverse_frequencies(rope: RopeConfig) -> torch.Tensor:
     return theta
 
 
+@functools.lru_cache(maxsize=64)
+def _cached_frequencies(rope: RopeConfig) -> torch.Tensor:
+    """:func:`inverse_frequencies`, computed once per (frozen, hashable) config; read-only."""
+    return inverse_frequencies(rope)
+
+
 def _llama3(theta: torch.Tensor, s: Llama3Scaling) -> torch.Tensor:
     """Eq. (2b): keep short wavelengths, divide long ones, blend in between."""
     wavelength = TWO_PI / theta
@@ -285,7 +292,7 @@ def rope_angles(positions: torch.Tensor | int, rope: RopeConfig) -> torch.Tensor
     pos = torch.as_tensor(positions)
     if pos.is_floating_point():
         raise TypeError(f"positions must be integers, got dtype {pos.dtype}")
-    theta = inverse_frequencies(rope).to(pos.device)
+    theta = _cached_frequencies(rope).to(pos.device)
     angles = pos.to(torch.float64)[..., None] * theta
     return torch.remainder(angles + math.pi, TWO_PI) - math.pi
 
