@@ -1,0 +1,386 @@
+"""MkDocs hooks of the lazyattention site (registered in ``mkdocs.yml``).
+
+What they do, at build time and from the repository only (no network):
+
+* render every ``tutorials/NN_name.py`` (jupytext percent format) as the page
+  ``tutorials/NN_name.md``: markdown cells as prose, code cells as Python blocks. The
+  tutorials are not executed here; ``tests/test_tutorials.py`` runs them.
+* write ``api/fast.md``: the mkdocstrings page of ``lazyattention.fast`` once
+  ``fast/__init__.py`` exists, a short "being written" page until then.
+* drop from the nav the optional pages whose source does not exist yet (a tutorial
+  another helper is writing, a benchmark page), so ``mkdocs build --strict`` stays green
+  while the project grows. Any other missing page still fails the strict build.
+* fill the markers ``<!-- figures:NAME -->`` in pages with tables built from committed
+  files: ``benchmarks/results/*.json`` (headline figures, with their device) and a run of
+  ``tutorials/07_numerics.py`` (measured rounding errors). Figures are never typed by hand.
+* check that every ``lazyattention.reference.X`` / ``lazyattention.fast.X`` a page names
+  exists; a missing name is a warning, which ``strict`` turns into a failed build.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import logging
+import re
+import runpy
+from pathlib import Path
+
+import jupytext
+from mkdocs.structure.files import File
+
+log = logging.getLogger("mkdocs.hooks.lazyattention")
+
+ROOT = Path(__file__).resolve().parent.parent
+TUTORIALS = ROOT / "tutorials"
+RESULTS = ROOT / "benchmarks" / "results"
+FAST_INIT = ROOT / "fast" / "__init__.py"
+
+#: Nav pages written by other parts of the project; absent ones are left out of the nav.
+OPTIONAL_DOCS = ("benchmarks/kernels.md", "benchmarks/engine.md")
+
+MARKER = re.compile(r"<!--\s*figures:([a-z0-9-]+)\s*-->")
+API_NAME = re.compile(r"lazyattention\.(reference|fast)\.([A-Za-z_][A-Za-z0-9_]*)")
+SPHINX_ROLE = re.compile(r":(?:func|class|meth|attr|data|mod|obj|exc):(<code>)")
+
+_cache: dict[str, object] = {}
+
+
+# --------------------------------------------------------------------------- nav
+
+
+def _page_exists(uri: str, docs_dir: Path) -> bool:
+    """Whether a nav entry has a source: a docs file, a tutorial, or a generated page."""
+    if uri.startswith("tutorials/"):
+        return (TUTORIALS / (Path(uri).stem + ".py")).exists()
+    if uri in ("api/reference.md", "api/fast.md"):
+        return True  # always generated, see on_files
+    return (docs_dir / uri).exists()
+
+
+def _optional(uri: str) -> bool:
+    return uri.startswith("tutorials/") or uri in OPTIONAL_DOCS
+
+
+def _prune(nav, docs_dir: Path):
+    """Return ``nav`` without the optional entries whose source is missing."""
+    kept = []
+    for item in nav:
+        if isinstance(item, dict):
+            (title, value), = item.items()
+            if isinstance(value, list):
+                value = _prune(value, docs_dir)
+                if value:
+                    kept.append({title: value})
+                continue
+            uri = value
+        else:
+            uri = item
+        if isinstance(uri, str) and _optional(uri) and not _page_exists(uri, docs_dir):
+            log.info("nav: leaving out %s (its source does not exist yet)", uri)
+            continue
+        kept.append(item)
+    return kept
+
+
+def on_config(config):
+    config["nav"] = _prune(config["nav"], Path(config["docs_dir"]))
+    return config
+
+
+# --------------------------------------------------------------------------- generated pages
+
+
+def tutorial_markdown(path: Path) -> str:
+    """A tutorial ``.py`` (jupytext percent format) as a markdown page."""
+    notebook = jupytext.reads(path.read_text(encoding="utf-8"), fmt="py:percent")
+    rel = path.relative_to(ROOT).as_posix()
+    parts = []
+    for i, cell in enumerate(notebook.cells):
+        source = cell.source.strip("\n")
+        if not source.strip():
+            continue
+        if cell.cell_type == "markdown":
+            parts.append(source)
+        else:
+            parts.append(f"```python\n{source}\n```")
+        if i == 0:
+            parts.append(
+                '!!! example "Run it"\n'
+                f"    This page is the file `{rel}`, rendered. Run it with "
+                f"`.venv/bin/python {rel}`: it asserts every claim it makes, on a CPU, in under "
+                "a minute. The test suite runs it too (`tests/test_tutorials.py`)."
+            )
+    return "\n\n".join(parts) + "\n"
+
+
+FAST_PLACEHOLDER = """# lazyattention.fast
+
+The Triton backend is being written: this page fills itself in from the docstrings of
+`lazyattention.fast` as soon as the package has its `fast/__init__.py`.
+
+Its public attention functions have the same names and signatures as those of
+[`lazyattention.reference`](reference.md) (`ATTENTION_API`); a test enforces it.
+"""
+
+REFERENCE_INTRO = """# lazyattention.reference
+
+The pure-PyTorch definition of deferred positional encoding: runs on any device PyTorch
+runs on and never imports Triton. Equation numbers refer to [The math](../concepts/math.md).
+Every public name of the package (its `__all__`) is on this page, grouped by the module
+that defines it.
+"""
+
+FAST_INTRO = """# lazyattention.fast
+
+The Triton backend: the same public attention functions, with the same names and
+signatures, as [`lazyattention.reference`](reference.md). Swap the module to swap the
+backend (see [Choose a backend](../howto/backend.md)).
+"""
+
+#: Sections of the reference API page: (title, defining module), in reading order.
+REFERENCE_SECTIONS = (
+    ("Attention", "attention"),
+    ("RoPE", "rope"),
+    ("Layout", "layout"),
+    ("Paged cache", "cache"),
+    ("Tolerance rule", "tolerance"),
+)
+
+
+def static_all(path: Path) -> list[str] | None:
+    """A module's ``__all__`` read without importing it (None if not a literal list).
+
+    Static on purpose: documenting ``lazyattention.fast`` must not import Triton.
+    """
+    if not path.exists():
+        return None
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "__all__" for t in node.targets):
+            try:
+                return list(ast.literal_eval(node.value))
+            except ValueError:
+                return None
+    return None
+
+
+def _objects(package: str, names: list[str]) -> str:
+    return "\n\n".join(f"::: lazyattention.{package}.{name}" for name in names)
+
+
+def reference_api_markdown() -> str:
+    """The reference API page: the package docstring, then every public name by module."""
+    import lazyattention.reference as ref  # the docs build needs the package installed
+
+    public = list(ref.__all__)
+    parts = [REFERENCE_INTRO, "::: lazyattention.reference\n    options:\n      members: false\n      show_root_heading: false"]
+    placed: set[str] = set()
+    for title, module in REFERENCE_SECTIONS:
+        names = [n for n in (static_all(ROOT / "reference" / f"{module}.py") or []) if n in public]
+        if names:
+            parts += [f"## {title}", _objects("reference", names)]
+            placed.update(names)
+    rest = [n for n in public if n not in placed]
+    if rest:
+        parts += ["## Package constants", _objects("reference", rest)]
+    return "\n\n".join(parts) + "\n"
+
+
+def fast_api_markdown() -> str:
+    if not FAST_INIT.exists():
+        return FAST_PLACEHOLDER
+    names = static_all(FAST_INIT)
+    parts = [FAST_INTRO, "::: lazyattention.fast\n    options:\n      members: false\n      show_root_heading: false"]
+    if names:
+        parts.append(_objects("fast", names))
+    else:
+        parts = [FAST_INTRO, "::: lazyattention.fast"]
+    return "\n\n".join(parts) + "\n"
+
+
+def on_files(files, config):
+    for path in sorted(TUTORIALS.glob("[0-9][0-9]_*.py")):
+        files.append(File.generated(config, f"tutorials/{path.stem}.md", content=tutorial_markdown(path)))
+    files.append(File.generated(config, "api/reference.md", content=reference_api_markdown()))
+    files.append(File.generated(config, "api/fast.md", content=fast_api_markdown()))
+    return files
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def _load_results() -> list[tuple[str, dict]]:
+    """Every committed ``benchmarks/results/*.json`` as ``(name, data)``, sorted by name."""
+    out = []
+    for path in sorted(RESULTS.glob("*.json")) if RESULTS.is_dir() else []:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            log.warning("benchmarks/results/%s is not valid JSON: %s", path.name, exc)
+            continue
+        out.append((path.name, data if isinstance(data, dict) else {"data": data}))
+    return out
+
+
+def _find(data: dict, *keys: str):
+    """The first of ``keys`` found at the top level or one level down (``meta``, ``env``…)."""
+    for key in keys:
+        if key in data:
+            return data[key]
+    for value in data.values():
+        if isinstance(value, dict):
+            for key in keys:
+                if key in value:
+                    return value[key]
+    return None
+
+
+def describe_device(data: dict) -> str:
+    device = _find(data, "device", "gpu", "device_name")
+    if isinstance(device, dict):
+        device = device.get("name") or device.get("device") or json.dumps(device, sort_keys=True)
+    return str(device) if device else "device not recorded"
+
+
+def _date(data: dict) -> str:
+    value = _find(data, "date", "timestamp", "time", "created")
+    return str(value) if value else "date not recorded"
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 1e4 else f"{value:,.0f}"
+    return str(value)
+
+
+def headline_table() -> str:
+    """Rows of every result file's ``headline`` list, with the file's device and date.
+
+    Convention for ``benchmarks/results/*.json``: a top-level ``"headline"`` list of
+    ``{"name", "value", "unit"}`` items (``"target"`` and ``"pass"`` optional), and the
+    run's ``"device"`` and ``"date"``.
+    """
+    rows = []
+    for name, data in _load_results():
+        for item in data.get("headline") or []:
+            if not isinstance(item, dict) or "name" not in item or "value" not in item:
+                log.warning("benchmarks/results/%s: a headline item needs 'name' and 'value': %r", name, item)
+                continue
+            target = item.get("target", "")
+            verdict = {True: "PASS", False: "MISS"}.get(item.get("pass"), "")
+            rows.append(
+                f"| {item['name']} | {_fmt(item['value'])} {item.get('unit', '')} | {target} {verdict} | "
+                f"{describe_device(data)} | {_date(data)} | `{name}` |"
+            )
+    if not rows:
+        return (
+            "*Not yet measured.* No committed file under `benchmarks/results/` carries headline "
+            "figures yet; this table fills itself in from those files when they land."
+        )
+    head = "| figure | measured | target | device | date | file |\n|---|---|---|---|---|---|"
+    return head + "\n" + "\n".join(rows)
+
+
+def results_table() -> str:
+    """One row per committed result file: device, date, what it holds."""
+    results = _load_results()
+    if not results:
+        return "*Not yet measured.* No result file is committed under `benchmarks/results/` yet."
+    rows = []
+    for name, data in results:
+        versions = _find(data, "versions", "torch", "software")
+        if isinstance(versions, dict):
+            versions = ", ".join(f"{k} {v}" for k, v in sorted(versions.items()))
+        keys = ", ".join(f"`{k}`" for k in list(data)[:8])
+        rows.append(f"| `{name}` | {describe_device(data)} | {_date(data)} | {versions or 'not recorded'} | {keys} |")
+    head = "| file | device | date | versions | contents |\n|---|---|---|---|---|"
+    return head + "\n" + "\n".join(rows)
+
+
+def _numerics() -> dict:
+    """Run ``tutorials/07_numerics.py`` once per build and keep its measured tables."""
+    if "numerics" not in _cache:
+        path = TUTORIALS / "07_numerics.py"
+        _cache["numerics"] = runpy.run_path(str(path), run_name="lazyattention_docs")
+    return _cache["numerics"]
+
+
+def _markdown_table(rows: list[dict]) -> str:
+    cols = list(rows[0])
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for row in rows:
+        lines.append("| " + " | ".join(_fmt(row[c]) for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def numerics_table(which: str) -> str:
+    namespace = _numerics()
+    table = namespace.get(which)
+    if not table:
+        log.warning("tutorials/07_numerics.py defines no non-empty table %r", which)
+        return f"*(table {which!r} missing)*"
+    return _markdown_table(table)
+
+
+FIGURES = {
+    "headline": headline_table,
+    "results": results_table,
+    "numerics-angles": lambda: numerics_table("ANGLE_ERRORS"),
+    "numerics-scores": lambda: numerics_table("SCORE_ERRORS"),
+    "numerics-attention": lambda: numerics_table("ATTENTION_ERRORS"),
+}
+
+
+# --------------------------------------------------------------------------- API names
+
+
+def _reference_names() -> set[str]:
+    if "reference" not in _cache:
+        import lazyattention.reference as ref  # the docs build needs the package installed
+
+        _cache["reference"] = set(dir(ref))
+    return _cache["reference"]
+
+
+def _fast_names() -> set[str] | None:
+    """``lazyattention.fast.__all__`` read statically (no Triton import), or None."""
+    names = static_all(FAST_INIT)
+    return None if names is None else set(names)
+
+
+def check_api_names(markdown: str, page_uri: str) -> None:
+    for module, name in set(API_NAME.findall(markdown)):
+        if module == "reference":
+            known = _reference_names()
+        else:
+            fast = _fast_names()
+            # Until fast/ exists, it must offer what reference's ATTENTION_API promises.
+            import lazyattention.reference as ref
+
+            known = fast if fast is not None else set(ref.ATTENTION_API)
+        if name not in known:
+            log.warning("%s names lazyattention.%s.%s, which does not exist", page_uri, module, name)
+
+
+# --------------------------------------------------------------------------- page hooks
+
+
+def on_page_markdown(markdown, page, config, files):
+    def fill(match: re.Match) -> str:
+        name = match.group(1)
+        if name not in FIGURES:
+            log.warning("%s: unknown figures marker %r", page.file.src_uri, name)
+            return match.group(0)
+        return FIGURES[name]()
+
+    markdown = MARKER.sub(fill, markdown)
+    check_api_names(markdown, page.file.src_uri)
+    return markdown
+
+
+def on_page_content(html, page, config, files):
+    # Docstrings use Sphinx roles (:func:`x`); mkdocstrings' Google parser keeps the
+    # role as text. Drop the role, keep the code span.
+    if page.file.src_uri.startswith("api/"):
+        html = SPHINX_ROLE.sub(r"\1", html)
+    return html
