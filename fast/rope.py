@@ -1,0 +1,200 @@
+"""RoPE inside the kernels: exact angle reduction with fixed-point turns.
+
+The reference computes every angle ``n · θ_i`` in float64 and reduces it to
+``[-π, π)`` (eq. 3). A kernel cannot afford float64, and float32 ``n · θ`` is off by
+~0.06 rad at ``n ≈ 10^6``. Deferred encoding rotates by ``n = p − δ`` (eq. 8), which
+can be anything in ``(−2^31, 2^31)``, so the reduction must be exact.
+
+**Fixed-point turns.** Write the frequency in *turns per position*, ``f_i = θ_i / 2π``,
+as a 64-bit two's-complement fraction ``F_i = round(f_i · 2^64) mod 2^64``. Then
+
+    n · F_i  mod 2^64   =   (n · f_i mod 1) · 2^64          exactly, for any int64 n,
+
+because integer multiplication modulo ``2^64`` *is* the reduction modulo one turn.
+Read as a signed int64, the product is the angle in ``[-½, ½)`` turns; one int64 →
+float32 conversion and one multiplication by ``2π / 2^64`` give the angle in
+``[-π, π)`` with error ``≤ 2^-24·π`` from those two roundings plus ``|n|·2^-65`` turns
+from rounding ``F_i`` (``≤ 2^-34`` turns even at ``|n| = 2^31``): about 4e-7 rad at
+every position. The host computes ``F_i`` once per configuration from the reference's
+float64 ``θ_i`` (:func:`lazyattention.reference.inverse_frequencies`) with exact
+rational arithmetic.
+
+**Per-channel tables.** The kernels rotate a whole ``[rows, D]`` tile with two loads
+(the tile and its *partner* channels) and one fused multiply-add per element:
+
+    out[d] = x[d] · cos(n F[d]) · m[d]  +  x[partner(d)] · sin(n F[d]) · m[d]
+
+``F[d]`` carries the sign of the 2-D rotation (``−F_i`` on the first channel of a pair,
+``+F_i`` on the second, since ``sin(−a) = −sin a``), and is 0 on pass-through channels
+``d ≥ R`` (angle 0: cos 1, sin 0). ``m[d]`` is YaRN's attention factor on rotary
+channels and 1 elsewhere (eq. 5). ``partner(d)`` is ``d ± R/2`` for NeoX, ``d ^ 1`` for
+interleaved, ``d`` beyond ``R`` — the pairing of eq. (3).
+
+Shape alphabet: ``D`` head dim, ``DP`` its power-of-two padding, ``R`` rotary dim.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from fractions import Fraction
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ..reference.rope import MAX_POSITION, RopeConfig, inverse_frequencies
+
+__all__ = ["RopeTables", "rope_tables", "kernel_angles", "check_int_positions"]
+
+# 2π to 60 significant digits: enough that rounding f_i · 2^64 is exact to the last bit.
+_TWO_PI = 2 * Fraction("3.14159265358979323846264338327950288419716939937510582097494")
+_TWO_64 = 1 << 64
+
+#: Multiply a signed fixed-point turn (int64) converted to float32 by this to get radians.
+TURN_TO_RADIANS = 2.0 * math.pi / 2.0**64
+
+
+class RopeTables(NamedTuple):
+    """Per-channel rotation tables for one ``RopeConfig`` and padding, on one device.
+
+    Attributes:
+        freq: ``[DP]`` int64 signed fixed-point turns per position (``0`` where no rotation).
+        partner: ``[DP]`` int32, the channel each channel pairs with (itself if none).
+        mscale: ``[DP]`` float32, the attention factor ``m`` on rotary channels, 1 elsewhere.
+    """
+
+    freq: torch.Tensor
+    partner: torch.Tensor
+    mscale: torch.Tensor
+
+
+def _fixed_turns(theta: float) -> int:
+    """``round(θ / 2π · 2^64)`` reduced to a signed int64, from the exact float64 ``θ``."""
+    value = round(Fraction(theta) / _TWO_PI * _TWO_64) % _TWO_64
+    return value - _TWO_64 if value >= _TWO_64 // 2 else value
+
+
+@functools.lru_cache(maxsize=64)
+def _host_tables(rope: RopeConfig, padded_dim: int) -> RopeTables:
+    """The tables on the CPU; computed once per (frozen, hashable) config, read-only."""
+    r = rope.rotary_dim
+    half = r // 2
+    turns = [_fixed_turns(t) for t in inverse_frequencies(rope).tolist()]
+    freq = [0] * padded_dim
+    partner = list(range(padded_dim))
+    mscale = [1.0] * padded_dim
+    for d in range(r):
+        if rope.style == "neox":
+            i, first = d % half, d < half
+            partner[d] = d + half if first else d - half
+        else:
+            i, first = d // 2, d % 2 == 0
+            partner[d] = d ^ 1
+        # First channel of a pair: a·cos(φ) − b·sin(φ) = a·cos(−φ) + b·sin(−φ), so it gets −F.
+        freq[d] = -turns[i] if first else turns[i]
+        mscale[d] = rope.attention_scaling
+    return RopeTables(
+        freq=torch.tensor(freq, dtype=torch.int64),
+        partner=torch.tensor(partner, dtype=torch.int32),
+        mscale=torch.tensor(mscale, dtype=torch.float32),
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def rope_tables(rope: RopeConfig, padded_dim: int, device: torch.device) -> RopeTables:
+    """:class:`RopeTables` for ``rope`` padded to ``padded_dim`` channels, on ``device``.
+
+    Memoised per (config, padding, device): the tables are a pure function of the
+    frozen config, never written after creation, so the cache holds no state that can
+    change a result; it only keeps a host-to-device copy out of every call.
+    """
+    if padded_dim < rope.head_dim:
+        raise ValueError(f"padded_dim {padded_dim} < head_dim {rope.head_dim}")
+    host = _host_tables(rope, padded_dim)
+    return RopeTables(*(t.to(device) for t in host))
+
+
+def check_int_positions(positions: torch.Tensor, what: str) -> None:
+    """Host-side check that integer positions lie in ``[0, MAX_POSITION)``.
+
+    The kernels reduce any int64 exactly, but model-level positions live in the int32
+    range of the layout metadata; a position outside it is a caller's bug, so it raises
+    ``ValueError`` instead of being rotated by some wrapped angle.
+    """
+    if positions.numel() == 0:
+        return
+    lo, hi = int(positions.min()), int(positions.max())
+    if lo < 0 or hi >= MAX_POSITION:
+        raise ValueError(f"{what} must lie in [0, {MAX_POSITION}), got range [{lo}, {hi}]")
+
+
+# --------------------------------------------------------------------------- device code
+
+
+@triton.jit
+def rope_cos_sin(n, freq):
+    """cos and sin of the angle ``n · F`` (eq. 3), reduced exactly modulo one turn.
+
+    Args:
+        n: int64 ``[rows, 1]`` rotation amounts (``p − δ`` for deferred encoding).
+        freq: int64 ``[1, DP]`` signed fixed-point turns (:class:`RopeTables`.freq).
+
+    Returns:
+        float32 ``[rows, DP]`` cos and sin.
+    """
+    # int64 multiplication wraps modulo 2^64: that *is* the reduction to one turn.
+    turns = n * freq
+    angle = turns.to(tl.float32) * 3.4061215800865545e-19  # 2π / 2^64 (TURN_TO_RADIANS)
+    return tl.cos(angle), tl.sin(angle)
+
+
+@triton.jit
+def rotate_tile(x, x_partner, n, freq, mscale):
+    """Rotate a float32 tile by ``m R(n)`` (eq. 5): ``x·cos·m + x_partner·sin·m``.
+
+    Args:
+        x: float32 ``[rows, DP]``.
+        x_partner: float32 ``[rows, DP]``, ``x`` read at the partner channels.
+        n: int64 ``[rows, 1]`` rotation amounts.
+        freq: int64 ``[1, DP]``; mscale: float32 ``[1, DP]``.
+    """
+    cos, sin = rope_cos_sin(n, freq)
+    return (x * cos + x_partner * sin) * mscale
+
+
+@triton.jit
+def _angles_kernel(pos_ptr, freq_ptr, out_ptr, T, BLOCK_T: tl.constexpr, DP: tl.constexpr):
+    """Write ``angle[t, d] = n_t · F[d]`` in radians (for tests of the reduction)."""
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    d = tl.arange(0, DP)
+    n = tl.load(pos_ptr + t, mask=t < T, other=0).to(tl.int64)
+    freq = tl.load(freq_ptr + d)
+    turns = n[:, None] * freq[None, :]
+    angle = turns.to(tl.float32) * 3.4061215800865545e-19
+    tl.store(out_ptr + t[:, None] * DP + d[None, :], angle, mask=(t < T)[:, None])
+
+
+def kernel_angles(positions: torch.Tensor, rope: RopeConfig) -> torch.Tensor:
+    """The kernels' angles ``n · θ_i`` in radians, ``[T, F]`` float32 — for testing.
+
+    Runs the same reduction the attention kernels use, so tests can compare it with
+    :func:`lazyattention.reference.rope_angles` at any position, e.g. near ``2^31``.
+
+    Args:
+        positions: ``[T]`` integers, any sign.
+    """
+    if positions.is_floating_point() or positions.dim() != 1:
+        raise ValueError(f"positions must be a 1-D integer tensor, got {positions.dtype} {tuple(positions.shape)}")
+    dp = triton.next_power_of_2(rope.head_dim)
+    tables = rope_tables(rope, dp, positions.device)
+    out = torch.empty(positions.shape[0], dp, dtype=torch.float32, device=positions.device)
+    block_t = 16
+    _angles_kernel[(triton.cdiv(positions.shape[0], block_t),)](
+        positions.to(torch.int64), tables.freq, out, positions.shape[0], BLOCK_T=block_t, DP=dp
+    )
+    # Undo the per-channel sign and layout: one column per frequency, positive sign.
+    half = rope.rotary_dim // 2
+    cols = [half + i if rope.style == "neox" else 2 * i + 1 for i in range(half)]
+    return out[:, cols]
