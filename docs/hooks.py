@@ -20,6 +20,8 @@ What they do, at build time and from the repository only (no network):
 from __future__ import annotations
 
 import ast
+import contextlib
+import io
 import json
 import logging
 import re
@@ -40,7 +42,7 @@ FAST_INIT = ROOT / "fast" / "__init__.py"
 OPTIONAL_DOCS = ("benchmarks/kernels.md", "benchmarks/engine.md")
 
 MARKER = re.compile(r"<!--\s*figures:([a-z0-9-]+)\s*-->")
-API_NAME = re.compile(r"lazyattention\.(reference|fast)\.([A-Za-z_][A-Za-z0-9_]*)")
+API_NAME = re.compile(r"lazyattention\.(reference|fast)\.([A-Za-z_][A-Za-z0-9_]*)(?:\.([A-Za-z_][A-Za-z0-9_]*))?")
 SPHINX_ROLE = re.compile(r":(?:func|class|meth|attr|data|mod|obj|exc):(<code>)")
 
 _cache: dict[str, object] = {}
@@ -139,12 +141,16 @@ backend (see [Choose a backend](../howto/backend.md)).
 """
 
 #: Sections of the reference API page: (title, defining module), in reading order.
+#: A module that does not exist (yet) is skipped.
 REFERENCE_SECTIONS = (
     ("Attention", "attention"),
     ("RoPE", "rope"),
     ("Layout", "layout"),
     ("Paged cache", "cache"),
     ("Tolerance rule", "tolerance"),
+    ("Model", "model"),
+    ("Engine", "engine"),
+    ("Workload", "workload"),
 )
 
 
@@ -164,25 +170,35 @@ def static_all(path: Path) -> list[str] | None:
     return None
 
 
-def _objects(package: str, names: list[str]) -> str:
-    return "\n\n".join(f"::: lazyattention.{package}.{name}" for name in names)
+def _objects(paths: list[str]) -> str:
+    return "\n\n".join(f"::: {path}" for path in paths)
 
 
 def reference_api_markdown() -> str:
-    """The reference API page: the package docstring, then every public name by module."""
+    """The reference API page: the package docstring, then every public name by module.
+
+    A name the package exports is documented at ``lazyattention.reference.NAME``, the
+    path users import; the other public names of a module (its ``__all__``) at
+    ``lazyattention.reference.MODULE.NAME``.
+    """
     import lazyattention.reference as ref  # the docs build needs the package installed
 
     public = list(ref.__all__)
     parts = [REFERENCE_INTRO, "::: lazyattention.reference\n    options:\n      members: false\n      show_root_heading: false"]
     placed: set[str] = set()
     for title, module in REFERENCE_SECTIONS:
-        names = [n for n in (static_all(ROOT / "reference" / f"{module}.py") or []) if n in public]
-        if names:
-            parts += [f"## {title}", _objects("reference", names)]
-            placed.update(names)
+        names = static_all(ROOT / "reference" / f"{module}.py")
+        if not names:
+            continue
+        paths = [
+            f"lazyattention.reference.{name}" if name in public else f"lazyattention.reference.{module}.{name}"
+            for name in names
+        ]
+        parts += [f"## {title}", f"`lazyattention.reference.{module}`", _objects(paths)]
+        placed.update(names)
     rest = [n for n in public if n not in placed]
     if rest:
-        parts += ["## Package constants", _objects("reference", rest)]
+        parts += ["## Package constants", _objects([f"lazyattention.reference.{n}" for n in rest])]
     return "\n\n".join(parts) + "\n"
 
 
@@ -192,7 +208,7 @@ def fast_api_markdown() -> str:
     names = static_all(FAST_INIT)
     parts = [FAST_INTRO, "::: lazyattention.fast\n    options:\n      members: false\n      show_root_heading: false"]
     if names:
-        parts.append(_objects("fast", names))
+        parts.append(_objects([f"lazyattention.fast.{name}" for name in names]))
     else:
         parts = [FAST_INTRO, "::: lazyattention.fast"]
     return "\n\n".join(parts) + "\n"
@@ -248,6 +264,10 @@ def _date(data: dict) -> str:
 
 
 def _fmt(value) -> str:
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, int):
+        return f"{value:,}"
     if isinstance(value, float):
         return f"{value:.3g}" if abs(value) < 1e4 else f"{value:,.0f}"
     return str(value)
@@ -301,7 +321,8 @@ def _numerics() -> dict:
     """Run ``tutorials/07_numerics.py`` once per build and keep its measured tables."""
     if "numerics" not in _cache:
         path = TUTORIALS / "07_numerics.py"
-        _cache["numerics"] = runpy.run_path(str(path), run_name="lazyattention_docs")
+        with contextlib.redirect_stdout(io.StringIO()):  # its prints belong to readers, not the build log
+            _cache["numerics"] = runpy.run_path(str(path), run_name="lazyattention_docs")
     return _cache["numerics"]
 
 
@@ -348,9 +369,31 @@ def _fast_names() -> set[str] | None:
     return None if names is None else set(names)
 
 
+def _defined_names(path: Path) -> set[str]:
+    """Top-level names a module file defines (functions, classes, assignments, imports)."""
+    names: set[str] = set()
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, ast.Assign):
+            names.update(t.id for t in node.targets if isinstance(t, ast.Name))
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            names.add(node.target.id)
+        elif isinstance(node, ast.ImportFrom):
+            names.update(alias.asname or alias.name for alias in node.names)
+    return names
+
+
 def check_api_names(markdown: str, page_uri: str) -> None:
-    for module, name in set(API_NAME.findall(markdown)):
-        if module == "reference":
+    """Warn (a strict-build failure) for each ``lazyattention.reference|fast.NAME[.ATTR]``
+    that does not exist. ``NAME`` may be a submodule, then ``ATTR`` is checked in it."""
+    for package, name, attr in set(API_NAME.findall(markdown)):
+        folder = ROOT / package
+        if (folder / f"{name}.py").exists():
+            if attr and attr not in _defined_names(folder / f"{name}.py"):
+                log.warning("%s names lazyattention.%s.%s.%s, which does not exist", page_uri, package, name, attr)
+            continue
+        if package == "reference":
             known = _reference_names()
         else:
             fast = _fast_names()
@@ -359,7 +402,7 @@ def check_api_names(markdown: str, page_uri: str) -> None:
 
             known = fast if fast is not None else set(ref.ATTENTION_API)
         if name not in known:
-            log.warning("%s names lazyattention.%s.%s, which does not exist", page_uri, module, name)
+            log.warning("%s names lazyattention.%s.%s, which does not exist", page_uri, package, name)
 
 
 # --------------------------------------------------------------------------- page hooks
