@@ -215,7 +215,7 @@ class Engine:
                 f"request spans {total} tokens, more than the model's sliding window {window}; "
                 "sliding-window attention is not implemented"
             )
-        need = self._blocks_alone(req)
+        need = self.blocks_needed(req)
         if need > self.pool.num_blocks:
             raise ValueError(
                 f"request needs {need} KV blocks under strategy {self.strategy!r} "
@@ -298,8 +298,10 @@ class Engine:
             written += req.document_tokens
         return self.store.blocks_needed(written)
 
-    def _blocks_alone(self, req: Request) -> int:
-        """Blocks the request needs with nothing else in the cache."""
+    def blocks_needed(self, req: Request) -> int:
+        """Blocks ``req`` needs at once under this strategy with nothing else cached:
+        its documents (each distinct one once), Block-Attention's copies, and its own
+        tokens up to ``max_new_tokens``."""
         need = self._own_blocks_needed(req)
         if self.strategy in ("lazy", "raw_cache", "block_attention"):
             need += sum(self.store.blocks_needed(len(d)) for d in {content_key(d): d for d in req.documents}.values())

@@ -1,0 +1,257 @@
+"""The engine: invariants under random request streams, reuse, strategies, bad input.
+
+The stateful property (Hypothesis): draw a document pool (empty documents included),
+a stream of requests over it in random orders, a strategy, a block size and a KV
+budget barely above the largest request, then serve the stream with continuous
+batching. After every step the bookkeeping must hold (``Engine.check_invariants``:
+no leaked block, exact reference counts, every segment a running request uses still
+cached and referenced, request blocks never inside a sealed segment). At the end every
+request has completed, and its tokens and first-token logits equal those of the same
+request served alone on an empty engine. The model runs in float64 so that batching
+(different matmul shapes) cannot flip a greedy token by rounding.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import example, given, note, target
+from hypothesis import strategies as st
+
+from lazyattention.reference.cache import content_key
+from lazyattention.reference.engine import STRATEGIES, Engine, quality_check
+from lazyattention.reference.model import Model, ModelConfig
+from lazyattention.reference.tolerance import assert_close
+
+VOCAB = 64
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The tiny matmuls here gain nothing from threads, and on a shared 2-core machine
+    thread hand-offs cost ~100x the arithmetic; restored after the module."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _model(dtype=torch.float64, seed=0, num_layers=1) -> Model:
+    return Model(ModelConfig.tiny(vocab_size=VOCAB, num_layers=num_layers)).init_random(seed, std=0.1).to(dtype)
+
+
+MODEL64 = _model()
+
+
+def _tokens(g: torch.Generator, n: int) -> list[int]:
+    return torch.randint(0, VOCAB, (n,), generator=g).tolist()
+
+
+@st.composite
+def streams(draw):
+    """Structure of a request stream: documents by length, requests by index, knobs."""
+    doc_lengths = draw(st.lists(st.integers(0, 14), min_size=1, max_size=4))
+    requests = draw(
+        st.lists(
+            st.tuples(
+                st.lists(st.integers(0, len(doc_lengths) - 1), max_size=3),  # documents, in this order
+                st.integers(1, 4),  # query length
+                st.integers(1, 3),  # new tokens
+            ),
+            min_size=1,
+            max_size=6,
+        )
+    )
+    return {
+        "strategy": draw(st.sampled_from(STRATEGIES)),
+        "block_size": draw(st.sampled_from([1, 2, 4, 8])),
+        "slack": draw(st.integers(0, 6)),  # blocks above the largest single request
+        "max_num_seqs": draw(st.integers(1, 4)),
+        "max_batch_tokens": draw(st.sampled_from([1, 8, 64])),
+        "doc_lengths": doc_lengths,
+        "requests": requests,
+        "seed": draw(st.integers(0, 2**16)),
+    }
+
+
+def _serve_alone(strategy, block_size, query, docs, new):
+    engine = Engine(MODEL64, strategy, num_blocks=256, block_size=block_size, keep_logits=True)
+    req = engine.add_request(query, docs, new)
+    engine.run_until_done()
+    return req
+
+
+@given(case=streams())
+@example(case={"strategy": "lazy", "block_size": 4, "slack": 0, "max_num_seqs": 2, "max_batch_tokens": 8,
+               "doc_lengths": [5, 0, 9], "requests": [([0, 1, 2], 2, 2), ([2, 0], 1, 3), ([1], 3, 1)], "seed": 0})
+@example(case={"strategy": "block_attention", "block_size": 1, "slack": 0, "max_num_seqs": 4,
+               "max_batch_tokens": 1, "doc_lengths": [3, 3], "requests": [([0, 1], 1, 2), ([1, 0], 1, 2)], "seed": 1})
+@example(case={"strategy": "prefix_cache", "block_size": 2, "slack": 1, "max_num_seqs": 3, "max_batch_tokens": 64,
+               "doc_lengths": [4, 6], "requests": [([0, 1], 2, 2), ([0, 1], 1, 1), ([1, 0], 1, 1)], "seed": 2})
+def test_random_request_streams(case):
+    note(case)
+    g = torch.Generator().manual_seed(case["seed"])
+    docs = [_tokens(g, n) for n in case["doc_lengths"]]
+    reqs = [(_tokens(g, q), [docs[i] for i in order], new) for order, q, new in case["requests"]]
+    s = case["block_size"]
+    probe = Engine(MODEL64, case["strategy"], num_blocks=512, block_size=s)
+    biggest = max(probe.blocks_needed(probe.add_request(q, d, n)) for q, d, n in reqs)
+    engine = Engine(MODEL64, case["strategy"], num_blocks=biggest + case["slack"], block_size=s,
+                    max_num_seqs=case["max_num_seqs"], max_batch_tokens=case["max_batch_tokens"], keep_logits=True)
+    served = [engine.add_request(q, d, n) for q, d, n in reqs]
+    steps = 0
+    while engine.has_work():
+        engine.step()
+        engine.check_invariants()
+        steps += 1
+        assert steps < 1000, "the engine stopped making progress"
+    assert len(engine.finished) == len(served)
+    # nothing leaked: only cached, unreferenced documents remain
+    assert engine.pool.num_used == engine.store.num_evictable_blocks
+    worst = 0.0
+    for req, (q, d, n) in zip(served, reqs):
+        alone = _serve_alone(case["strategy"], s, q, d, n)
+        assert req.output == alone.output, f"request {req.id}: batched {req.output} != alone {alone.output}"
+        worst = max(worst, assert_close(req.first_logits, alone.first_logits, None, torch.float64,
+                                        f"request {req.id} first-token logits"))
+    target(worst, label="batched vs alone logits")
+
+
+def _docs(seed=0, lengths=(9, 14, 5)):
+    g = torch.Generator().manual_seed(seed)
+    return [_tokens(g, n) for n in lengths]
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_empty_document_contributes_nothing(strategy):
+    a, b, _ = _docs()
+    query = [3, 4, 5]
+    base = _serve_alone(strategy, 4, query, [a, b], 4)
+    for docs in ([a, [], b], [[], a, b, []], [a, b, []]):
+        got = _serve_alone(strategy, 4, query, docs, 4)
+        assert got.output == base.output
+        assert_close(got.first_logits, base.first_logits, None, torch.float64, f"{strategy} with empty documents")
+    only_empty = _serve_alone(strategy, 4, query, [[]], 3)
+    no_docs = _serve_alone(strategy, 4, query, [], 3)
+    assert only_empty.output == no_docs.output
+
+
+def test_documents_are_prefilled_once_and_reused_zero_copy():
+    a, b, c = _docs()
+    engine = Engine(MODEL64, "lazy", num_blocks=64, block_size=4)
+    engine.generate([1], documents=[a, b], max_new_tokens=2)
+    engine.generate([2], documents=[b, c, a], max_new_tokens=2)
+    engine.generate([3], documents=[c, a, b], max_new_tokens=2)
+    assert engine.stats.segment_prefill_tokens == len(a) + len(b) + len(c)
+    assert (engine.stats.hits, engine.stats.lookups) == (5, 8)
+    assert engine.stats.bytes_copied == 0
+    block = Engine(MODEL64, "block_attention", num_blocks=64, block_size=4)
+    block.generate([2], documents=[b, c, a], max_new_tokens=2)
+    cfg = MODEL64.cfg
+    per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 8  # K and V, float64
+    assert block.stats.bytes_copied == (len(a) + len(b) + len(c)) * per_token
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lazy_matches_block_attention_under_the_tolerance_rule(dtype):
+    """Lazy (zero copy) vs Block-Attention (copy + re-rotate) compute the same function:
+    lazy in ``dtype`` is as close to the float64 Block-Attention oracle as
+    Block-Attention itself in ``dtype``, under the tolerance rule."""
+    docs = _docs(seed=3, lengths=(20, 7, 31))
+    query = [7, 8, 9, 10]
+    model = _model(torch.float64, num_layers=2)
+
+    def first_logits(strategy, m):
+        engine = Engine(m, strategy, num_blocks=64, block_size=4, keep_logits=True)
+        engine.generate([5], documents=[docs[2], docs[0]], max_new_tokens=1)  # cached at other offsets first
+        req = engine.add_request(query, docs, 1)
+        engine.run_until_done()
+        return req.first_logits
+
+    oracle = first_logits("block_attention", model)
+    low = model.to(dtype)
+    reference = first_logits("block_attention", low)
+    for strategy in ("lazy", "raw_cache"):
+        assert_close(first_logits(strategy, low), oracle, reference, dtype, f"{strategy} in {dtype}")
+    model.to(torch.float64)
+
+
+def test_full_attention_strategies_match_the_model():
+    docs = _docs(seed=4)
+    query = [1, 2, 3]
+    seq = sum(docs, []) + query
+    expected = []
+    for _ in range(4):
+        expected.append(int(MODEL64.logits(torch.tensor(seq + expected))[-1].argmax()))
+    for strategy in ("recompute", "prefix_cache"):
+        engine = Engine(MODEL64, strategy, num_blocks=64, block_size=4)
+        engine.generate([9], documents=docs[:2], max_new_tokens=1)  # prefix_cache: a shared prefix
+        assert engine.generate(query, docs, 4) == expected, strategy
+    assert engine.stats.hits == 2  # the two-document prefix was reused exactly
+
+
+def test_prefix_cache_misses_reordered_documents():
+    a, b, c = _docs(seed=5)
+    engine = Engine(MODEL64, "prefix_cache", num_blocks=64, block_size=4)
+    engine.generate([1], documents=[a, b, c], max_new_tokens=1)
+    engine.generate([1], documents=[b, a, c], max_new_tokens=1)
+    assert (engine.stats.hits, engine.stats.lookups) == (0, 6)
+    lazy = Engine(MODEL64, "lazy", num_blocks=64, block_size=4)
+    lazy.generate([1], documents=[a, b, c], max_new_tokens=1)
+    lazy.generate([1], documents=[b, a, c], max_new_tokens=1)
+    assert (lazy.stats.hits, lazy.stats.lookups) == (3, 6)
+
+
+def test_lru_eviction_keeps_segments_in_use():
+    docs = _docs(seed=6, lengths=(8, 8, 8, 8))
+    engine = Engine(MODEL64, "lazy", num_blocks=8, block_size=4, max_num_seqs=4)
+    first = engine.add_request([1], documents=docs[:2], max_new_tokens=3)
+    engine.step()  # first is running and holds documents 0 and 1
+    second = engine.add_request([2], documents=docs[2:], max_new_tokens=3)  # needs 5 blocks: must wait
+    engine.step()
+    engine.check_invariants()
+    assert second in engine.waiting and first in engine.running
+    engine.run_until_done()
+    engine.check_invariants()
+    assert first.done and second.done
+    # second was admitted by evicting the least recently used unreferenced document only
+    assert [content_key(d) in engine.store for d in docs] == [False, True, True, True]
+
+
+def test_bad_input_is_refused_with_clear_errors():
+    with pytest.raises(ValueError, match="unknown strategy 'fastest'.*lazy"):
+        Engine(MODEL64, "fastest")
+    engine = Engine(MODEL64, "lazy", num_blocks=4, block_size=4)
+    with pytest.raises(ValueError, match=r"needs 6 KV blocks.*budget is 4 blocks"):
+        engine.add_request([1], documents=[[1] * 20], max_new_tokens=1)
+    with pytest.raises(ValueError, match=r"query: token id 64 is outside the vocabulary \[0, 64\)"):
+        engine.add_request([1, 64], max_new_tokens=1)
+    with pytest.raises(ValueError, match="document 1: token id -1"):
+        engine.add_request([1], documents=[[2], [-1]], max_new_tokens=1)
+    with pytest.raises(TypeError, match="integers"):
+        engine.add_request([1.5], max_new_tokens=1)
+    with pytest.raises(ValueError, match="at least one token"):
+        engine.add_request([], max_new_tokens=1)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        engine.add_request([1], max_new_tokens=0)
+    assert not engine.has_work() and engine.pool.num_used == 0  # nothing was queued
+
+
+def test_tensor_inputs_are_accepted():
+    docs = _docs(seed=7)
+    as_lists = Engine(MODEL64, "lazy", num_blocks=64, block_size=4).generate([1, 2], docs, 3)
+    as_tensors = Engine(MODEL64, "lazy", num_blocks=64, block_size=4).generate(
+        torch.tensor([1, 2]), [torch.tensor(d) for d in docs], 3)
+    assert as_lists == as_tensors
+
+
+def test_quality_check_reports_rounding_only_between_lazy_and_block_attention():
+    docs = _docs(seed=8, lengths=(12, 20))
+    report = quality_check(_model(num_layers=2), [([1, 2], docs), ([3], docs[::-1])], max_new_tokens=4)
+    assert report.dtype == "float64" and report.requests == 2
+    assert report.lazy_vs_block_logits < 1e-10
+    assert report.lazy_vs_block_agreement == 1.0
+    assert report.lazy_vs_full_logits > 1e-4  # documents that see each other: another function
+    assert math.isclose(report.block_vs_full_logits, report.lazy_vs_full_logits, rel_tol=1e-6)
