@@ -343,7 +343,35 @@ def numerics_table(which: str) -> str:
     return _markdown_table(table)
 
 
+BENCHMARK_PAGES = (
+    (
+        "kernels.md",
+        "Kernels (H100)",
+        "the lazy prefill and decode kernels beside the same kernels without rotation, PyTorch "
+        "SDPA and the copy-and-re-rotate (Block-Attention) path, with the targets each had to meet.",
+    ),
+    (
+        "engine.md",
+        "Engine (H100)",
+        "the document workload under every reuse strategy: TTFT, throughput, hit ratio and KV "
+        "memory against popularity skew and KV budget.",
+    ),
+)
+
+
+def benchmark_pages() -> str:
+    """Links to the benchmark pages that exist; a plain line for those still to come."""
+    lines = []
+    for name, title, what in BENCHMARK_PAGES:
+        if (ROOT / "docs" / "benchmarks" / name).exists():
+            lines.append(f"* [{title}]({name}): {what}")
+        else:
+            lines.append(f"* {title} (not yet measured): {what}")
+    return "\n".join(lines)
+
+
 FIGURES = {
+    "benchmark-pages": benchmark_pages,
     "headline": headline_table,
     "results": results_table,
     "numerics-angles": lambda: numerics_table("ANGLE_ERRORS"),
