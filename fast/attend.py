@@ -107,7 +107,7 @@ def _rotated_query(
     return (x * qk_scale).to(DOT_DTYPE)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["G", "D", "S", "tiles_per_split", "splits"])
 def _attention_kernel(
     # tensors
     q_ptr,
@@ -148,6 +148,7 @@ def _attention_kernel(
     D,
     S,
     tiles_per_split,
+    splits,
     # compile-time
     BLOCK_Q: tl.constexpr,
     GP: tl.constexpr,
@@ -156,7 +157,7 @@ def _attention_kernel(
     SPB: tl.constexpr,
     ONE_SHIFT: tl.constexpr,
     MODE: tl.constexpr,
-    SPLITS: tl.constexpr,
+    SPLIT: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     PRECISION: tl.constexpr,
     WRITE_LSE: tl.constexpr,
@@ -165,8 +166,8 @@ def _attention_kernel(
     # Heaviest tiles (last queries: most own keys) first, for a better tail.
     q_tile = tl.num_programs(0) - 1 - tl.program_id(0)
     r = tl.program_id(1)
-    kv_head = tl.program_id(2) // SPLITS
-    split = tl.program_id(2) % SPLITS
+    kv_head = tl.program_id(2) // splits
+    split = tl.program_id(2) % splits
 
     q_lo = tl.load(cu_queries_ptr + r)
     num_q = tl.load(cu_queries_ptr + r + 1) - q_lo
@@ -296,7 +297,7 @@ def _attention_kernel(
     has_keys = l_i > 0.0
     lse = tl.where(has_keys, (m_i + tl.log2(tl.where(has_keys, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
-    if SPLITS > 1:
+    if SPLIT:
         out_rows += split * stride_op
         lse_rows += split
     out_mask = row_ok[:, None] & d_ok[None, :]
@@ -483,9 +484,9 @@ def attend(
         dest.stride(0), dest.stride(1), stride_op,
         dest_lse.stride(0), dest_lse.stride(1),
         meta.block_table.stride(0),
-        h // hkv, d, s, tiles_per_split,
+        h // hkv, d, s, tiles_per_split, pl.splits,
         BLOCK_Q=pl.block_q, GP=pl.gp, BLOCK_N=pl.block_n, DP=pl.dp, SPB=pl.spb,
-        ONE_SHIFT=pl.one_shift, MODE=mode, SPLITS=pl.splits,
+        ONE_SHIFT=pl.one_shift, MODE=mode, SPLIT=pl.splits > 1,
         DOT_DTYPE=_dot_dtype(q.dtype, q.device),
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         WRITE_LSE=return_lse or pl.splits > 1,
