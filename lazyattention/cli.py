@@ -276,14 +276,15 @@ def _min_blocks(workload, strategies, block_size: int) -> int:
 
 
 def run_sweep(model, base, alphas, budgets, block_size=16, max_num_seqs=16, max_batch_tokens=4096,
-              strategies=None, skew=1.0, budget=1.0, progress=None) -> list[dict]:
+              strategies=None, skew=1.0, budget=1.0, progress=None, warmup=True) -> list[dict]:
     """Serve workloads drawn from ``base`` under every strategy.
 
     Two sweeps share one table: popularity skew ``α`` in ``alphas`` at budget
     fraction ``budget``, and budget fraction in ``budgets`` at skew ``skew``. A budget
     fraction ``f`` means ``ceil(f ×`` the blocks the whole document pool needs ``)``,
     raised to the smallest budget in which every request fits alone (recorded as
-    ``num_blocks``).
+    ``num_blocks``). With ``warmup``, each strategy first serves two requests untimed
+    (kernel compilation, allocator growth).
 
     Returns:
         one dict per run: the :class:`Metrics` fields plus ``sweep``, ``alpha``,
@@ -295,7 +296,7 @@ def run_sweep(model, base, alphas, budgets, block_size=16, max_num_seqs=16, max_
     strategies = list(strategies or STRATEGIES)
     plan = [("skew", a, budget) for a in alphas] + [("budget", skew, f) for f in budgets]
     runs = []
-    warmed = set()
+    warmed = set() if warmup else set(strategies)
     for sweep, alpha, fraction in plan:
         workload = make_workload(replace(base, zipf_alpha=alpha))
         pool_blocks = sum(-(-len(d) // block_size) for d in workload.documents)
