@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import datetime
 import json
 import math
 import sys
@@ -117,7 +118,7 @@ def targets(runs: list[dict], parity_passed: bool) -> list[dict]:
     if skews:
         top, low = skews[-1], skews[0]
         lazy, block = pick("skew", "alpha", top, "lazy"), pick("skew", "alpha", top, "block_attention")
-        if lazy and block:
+        if lazy and block and top > 0:
             ttft = block["ttft_p50"] / lazy["ttft_p50"]
             tput = lazy["requests_per_s"] / block["requests_per_s"]
             out.append({"target": f"skew alpha={top:g}: TTFT p50 block/lazy >= {TARGET_TTFT}", "value": ttft,
@@ -182,7 +183,10 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     name = args.name or f"engine_{args.backend}"
     start = time.perf_counter()
-    result = {"environment": environment(device, args.backend), "model": model_name,
+    env = environment(device, args.backend)
+    result = {"device": env["device_name"], "date": datetime.date.today().isoformat(),
+              "versions": {k: env[k] for k in ("python", "torch", "triton", "lazyattention") if k in env},
+              "environment": env, "model": model_name,
               "dtype": str(dtype).removeprefix("torch."),
               "workload": {k: (None if isinstance(v, float) and math.isinf(v) else v) for k, v in asdict(base).items()},
               "engine": {"block_size": 16, "max_num_seqs": args.max_num_seqs, "max_batch_tokens": args.max_batch_tokens},
@@ -225,6 +229,11 @@ def main(argv=None) -> int:
     else:
         result["complete"] = True
     result["targets"] = targets(runs, result["parity"]["passed"])
+    result["headline"] = [
+        {"name": f"engine ({args.backend}): {t['target']}", "value": round(t["value"], 3), "unit": "",
+         "target": "", "pass": t["mark"] == "PASS"}
+        for t in result["targets"]
+    ]
     for t in result["targets"]:
         _log(f"{t['mark']:>5}  {t['target']}: {t['value']:.3f}")
     save()
