@@ -11,6 +11,8 @@ and numbers are used in every test and every environment; CI never loosens them.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 __all__ = ["FLOOR", "error", "tolerance", "assert_close"]
@@ -65,6 +67,10 @@ def assert_close(
         raise AssertionError(f"{name}: shape {tuple(actual.shape)} != oracle shape {tuple(oracle.shape)}")
     err = error(actual, oracle)
     bound = tolerance(reference, oracle, dtype)
+    if not math.isfinite(bound):
+        # A NaN/inf in the reference or the oracle makes the bound infinite, which
+        # would accept anything, NaN included.
+        raise AssertionError(f"{name}: the reference or the oracle is not finite; no bound can be drawn")
     if not err <= bound:
         ref_err = "n/a" if reference is None else f"{error(reference, oracle):.3e}"
         raise AssertionError(
