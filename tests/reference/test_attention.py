@@ -17,6 +17,7 @@ import torch
 from hypothesis import example, given, note, target
 
 from lazyattention.reference import (
+    apply_rope,
     assert_close,
     eager_attention,
     lazy_decode,
@@ -24,7 +25,7 @@ from lazyattention.reference import (
     raw_decode,
     raw_prefill,
 )
-from tests.strategies import build, cases, edge_cases
+from tests.strategies import Built, Case, build, cases, edge_cases
 
 EDGES = edge_cases()
 F64 = torch.float64
@@ -46,6 +47,53 @@ def run_all(inputs, rope, decode):
         "raw": raw(inputs.q, inputs.raw_k_cache, *args, return_lse=True),
         "eager": eager_attention(inputs.q, inputs.k_cache, *args, return_lse=True),
     }
+
+
+def naive_attention(case: Case, inputs: Built) -> torch.Tensor:
+    """Eqs. (5), (7), (11) straight from the :class:`Case`, one query and head at a
+    time, with no cache, no layout and no metadata: the keys are the pre-RoPE keys
+    the builder drew, rotated at their logical positions. Independent of everything
+    the three implementations share (gathering, masks, GQA expansion).
+
+    Returns:
+        ``[Tq, H, D]`` float64.
+    """
+    rope, group = case.rope, case.num_heads // case.num_kv_heads
+    outs, row = [], 0
+    for r, spec in enumerate(case.requests):
+        keys, values, own_index = [], [], []
+        for seg in spec.segments:
+            length = case.docs[seg.doc].length
+            keys.append(apply_rope(inputs.keys[f"doc{seg.doc}"], torch.arange(length) + seg.start, rope))
+            values.append(inputs.values[f"doc{seg.doc}"])
+            own_index += [-1] * length  # segment tokens: visible to every query
+        keys.append(apply_rope(inputs.keys[f"own{r}"], torch.arange(spec.own_length) + spec.own_start, rope))
+        values.append(inputs.values[f"own{r}"])
+        own_index += list(range(spec.own_length))
+        k, v = torch.cat(keys), torch.cat(values)
+        for i in range(spec.own_length - spec.num_queries, spec.own_length):
+            q = apply_rope(inputs.q[row][None], torch.tensor([spec.own_start + i]), rope)[0]
+            heads = []
+            for h in range(case.num_heads):
+                visible = [j for j, o in enumerate(own_index) if o <= i]
+                scores = torch.stack([q[h] @ k[j, h // group] for j in visible]) / rope.head_dim**0.5
+                weights = torch.softmax(scores, dim=0)
+                heads.append(sum(w * v[j, h // group] for w, j in zip(weights, visible)))
+            outs.append(torch.stack(heads))
+            row += 1
+    return torch.stack(outs)
+
+
+@pin_edges
+@given(case=cases(max_requests=2, max_segments=2, max_doc_length=5, max_own_length=4, head_dims=(64,)))
+def test_eager_equals_a_naive_per_token_definition(case):
+    """Guards against a mistake all three implementations share (a mask, the GQA
+    head mapping, the gathering of blocks)."""
+    note(case.describe())
+    inputs = build(case, F64)
+    expected = naive_attention(case, inputs)
+    out = eager_attention(inputs.q, inputs.k_cache, inputs.v_cache, inputs.layout, case.rope)
+    target(assert_close(out, expected, None, F64, "eager vs naive definition"), label="error vs naive")
 
 
 @pin_edges

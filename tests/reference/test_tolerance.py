@@ -49,3 +49,12 @@ def test_shape_mismatch_and_unknown_dtype():
 def test_floors_are_the_documented_ones():
     """Never loosen FLOOR: this pins the numbers."""
     assert FLOOR == {torch.float64: 1e-9, torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+
+
+def test_a_non_finite_reference_or_oracle_gives_no_bound():
+    """Otherwise ``2·inf + floor`` would accept anything, NaN included."""
+    nan = at(float("nan"), torch.float64)
+    with pytest.raises(AssertionError, match="not finite"):
+        assert_close(nan, ORACLE, nan, torch.float32)
+    with pytest.raises(AssertionError, match="not finite"):
+        assert_close(nan, nan, nan, torch.float32)
