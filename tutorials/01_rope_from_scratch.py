@@ -39,7 +39,7 @@ print("theta_i =", theta.tolist())
 assert torch.equal(theta, theta_by_hand)
 
 # %% [markdown]
-# ## The rotation $R(p)$ as a matrix (eq. 3)
+# ## The rotation R(p) as a matrix (eq. 3)
 #
 # In the NeoX style (Llama, Qwen, Mistral) channel $i$ pairs with channel $i + R/2$;
 # each pair is turned by the angle $p\,\theta_i$. Written as a $D \times D$ matrix:
@@ -80,7 +80,7 @@ back = la.rotate(la.rotate(x5, pos, rope), pos, rope, conjugate=True)
 assert torch.allclose(back, x5, atol=1e-12)
 
 # %% [markdown]
-# ## Rotations compose: $R(a)R(b) = R(a+b)$ (eq. 4)
+# ## Rotations compose: R(a) R(b) = R(a + b) (eq. 4)
 
 # %%
 a = torch.randint(-(2**20), 2**20, (64,), generator=generator)

@@ -98,7 +98,7 @@ stored_k = stored_k.repeat_interleave(H // HKV, dim=1)  # [Tk, H, D]
 stored_v = stored_v.repeat_interleave(H // HKV, dim=1)
 
 # %% [markdown]
-# ## Step 2: the lazy scores: rotate the query by $p - \delta$, once per shift (eq. 8)
+# ## Step 2: the lazy scores: rotate the query by p − δ, once per shift (eq. 8)
 #
 # The keys are never touched. Two distinct shifts here (0 and 7), so two rotations of
 # the 5 query vectors per head.
