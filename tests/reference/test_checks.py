@@ -42,10 +42,6 @@ def test_the_valid_calls_work():
         assert fn(*inputs(1), DECODE, ROPE).shape == (1, H, D)
 
 
-def with_q(q):
-    return lambda q0, k, v: (q, k, v)
-
-
 BAD_PREFILL = [
     # (how to break (q, k, v), layout, rope, scale, error, match)
     (lambda q, k, v: (q[0], k, v), PREFILL, ROPE, None, ValueError, r"q must be \[Tq, H, D\]"),
