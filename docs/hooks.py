@@ -7,9 +7,10 @@ What they do, at build time and from the repository only (no network):
   tutorials are not executed here; ``tests/test_tutorials.py`` runs them.
 * write ``api/fast.md``: the mkdocstrings page of ``lazyattention.fast`` once
   ``fast/__init__.py`` exists, a short "being written" page until then.
-* drop from the nav the optional pages whose source does not exist yet (a tutorial
-  another helper is writing, a benchmark page), so ``mkdocs build --strict`` stays green
-  while the project grows. Any other missing page still fails the strict build.
+* stand in for the optional pages whose source does not exist yet (a tutorial or a
+  benchmark page being written) with a short "being written" page, so the nav and every
+  link stay valid and ``mkdocs build --strict`` stays green while the project grows. Any
+  other missing page still fails the strict build.
 * fill the markers ``<!-- figures:NAME -->`` in pages with tables built from committed
   files: ``benchmarks/results/*.json`` (headline figures, with their device) and a run of
   ``tutorials/07_numerics.py`` (measured rounding errors). Figures are never typed by hand.
@@ -38,7 +39,7 @@ TUTORIALS = ROOT / "tutorials"
 RESULTS = ROOT / "benchmarks" / "results"
 FAST_INIT = ROOT / "fast" / "__init__.py"
 
-#: Nav pages written by other parts of the project; absent ones are left out of the nav.
+#: Nav pages written by other parts of the project; absent ones get a stand-in page.
 OPTIONAL_DOCS = ("benchmarks/kernels.md", "benchmarks/engine.md")
 
 MARKER = re.compile(r"<!--\s*figures:([a-z0-9-]+)\s*-->")
@@ -48,46 +49,40 @@ SPHINX_ROLE = re.compile(r":(?:func|class|meth|attr|data|mod|obj|exc):(<code>)")
 _cache: dict[str, object] = {}
 
 
-# --------------------------------------------------------------------------- nav
+# --------------------------------------------------------------------------- pages still to come
 
 
-def _page_exists(uri: str, docs_dir: Path) -> bool:
-    """Whether a nav entry has a source: a docs file, a tutorial, or a generated page."""
+def _nav_uris(nav) -> list[str]:
+    """Every page path named in the nav, depth first."""
+    uris = []
+    for item in nav or []:
+        value = next(iter(item.values())) if isinstance(item, dict) else item
+        if isinstance(value, list):
+            uris += _nav_uris(value)
+        elif isinstance(value, str):
+            uris.append(value)
+    return uris
+
+
+def placeholder_markdown(uri: str) -> str:
+    """The stand-in for an optional page whose source does not exist yet.
+
+    A stand-in rather than a gap keeps the nav complete and every link to the page
+    valid (other pages and tutorials link to these before they land).
+    """
     if uri.startswith("tutorials/"):
-        return (TUTORIALS / (Path(uri).stem + ".py")).exists()
-    if uri in ("api/reference.md", "api/fast.md"):
-        return True  # always generated, see on_files
-    return (docs_dir / uri).exists()
-
-
-def _optional(uri: str) -> bool:
-    return uri.startswith("tutorials/") or uri in OPTIONAL_DOCS
-
-
-def _prune(nav, docs_dir: Path):
-    """Return ``nav`` without the optional entries whose source is missing."""
-    kept = []
-    for item in nav:
-        if isinstance(item, dict):
-            (title, value), = item.items()
-            if isinstance(value, list):
-                value = _prune(value, docs_dir)
-                if value:
-                    kept.append({title: value})
-                continue
-            uri = value
-        else:
-            uri = item
-        if isinstance(uri, str) and _optional(uri) and not _page_exists(uri, docs_dir):
-            log.info("nav: leaving out %s (its source does not exist yet)", uri)
-            continue
-        kept.append(item)
-    return kept
-
-
-def on_config(config):
-    config["nav"] = _prune(config["nav"], Path(config["docs_dir"]))
-    return config
+        stem = Path(uri).stem
+        return (
+            f"# {stem[:2].lstrip('0')}. {stem[3:].replace('_', ' ').capitalize()}\n\n"
+            f"*Being written.* This page is rendered from `tutorials/{stem}.py` as soon as "
+            "that file exists.\n"
+        )
+    title = Path(uri).stem.capitalize()
+    return (
+        f"# {title}\n\n*Not yet measured.* This page is written from the committed result "
+        "files under `benchmarks/results/` when they land; the "
+        "[benchmarks overview](index.md) lists what is there now.\n"
+    )
 
 
 # --------------------------------------------------------------------------- generated pages
@@ -217,6 +212,10 @@ def fast_api_markdown() -> str:
 def on_files(files, config):
     for path in sorted(TUTORIALS.glob("[0-9][0-9]_*.py")):
         files.append(File.generated(config, f"tutorials/{path.stem}.md", content=tutorial_markdown(path)))
+    for uri in _nav_uris(config["nav"]):
+        if (uri.startswith("tutorials/") or uri in OPTIONAL_DOCS) and files.get_file_from_path(uri) is None:
+            log.info("%s does not exist yet: a stand-in page takes its place", uri)
+            files.append(File.generated(config, uri, content=placeholder_markdown(uri)))
     files.append(File.generated(config, "api/reference.md", content=reference_api_markdown()))
     files.append(File.generated(config, "api/fast.md", content=fast_api_markdown()))
     return files
@@ -360,13 +359,11 @@ BENCHMARK_PAGES = (
 
 
 def benchmark_pages() -> str:
-    """Links to the benchmark pages that exist; a plain line for those still to come."""
+    """Links to the benchmark pages, saying which are still to be measured."""
     lines = []
     for name, title, what in BENCHMARK_PAGES:
-        if (ROOT / "docs" / "benchmarks" / name).exists():
-            lines.append(f"* [{title}]({name}): {what}")
-        else:
-            lines.append(f"* {title} (not yet measured): {what}")
+        status = "" if (ROOT / "docs" / "benchmarks" / name).exists() else " (not yet measured)"
+        lines.append(f"* [{title}]({name}){status}: {what}")
     return "\n".join(lines)
 
 
