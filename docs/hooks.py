@@ -105,8 +105,8 @@ def tutorial_markdown(path: Path) -> str:
             parts.append(
                 '!!! example "Run it"\n'
                 f"    This page is the file `{rel}`, rendered. Run it with "
-                f"`.venv/bin/python {rel}`: it asserts every claim it makes, on a CPU, in under "
-                "a minute. The test suite runs it too (`tests/test_tutorials.py`)."
+                f"`.venv/bin/python {rel}`: it asserts every claim it makes. The test suite runs "
+                "it too (`tests/test_tutorials.py`), at a small size."
             )
     return "\n\n".join(parts) + "\n"
 
