@@ -272,19 +272,42 @@ def _fmt(value) -> str:
     return str(value)
 
 
-def headline_table() -> str:
-    """Rows of every result file's ``headline`` list, with the file's device and date.
+def _headline_items(name: str, data: dict) -> list[dict]:
+    """A result file's headline figures: its ``headline`` list, else its ``targets``.
 
-    Convention for ``benchmarks/results/*.json``: a top-level ``"headline"`` list of
-    ``{"name", "value", "unit"}`` items (``"target"`` and ``"pass"`` optional), and the
-    run's ``"device"`` and ``"date"``.
+    ``headline`` items are ``{"name", "value", "unit"}`` (``"target"``, ``"pass"``
+    optional); ``targets`` items are ``{"target", "pass"}`` with the measured figure in
+    ``"value"`` or ``"worst"`` (and ``"where"`` it was worst).
     """
-    rows = []
-    for name, data in _load_results():
-        for item in data.get("headline") or []:
+    items = []
+    if data.get("headline"):
+        for item in data["headline"]:
             if not isinstance(item, dict) or "name" not in item or "value" not in item:
                 log.warning("benchmarks/results/%s: a headline item needs 'name' and 'value': %r", name, item)
                 continue
+            items.append(item)
+        return items
+    for item in data.get("targets") or []:
+        if not isinstance(item, dict) or "target" not in item or "pass" not in item:
+            log.warning("benchmarks/results/%s: a target needs 'target' and 'pass': %r", name, item)
+            continue
+        value = item.get("value", item.get("worst"))
+        where = f" (worst at {item['where']})" if item.get("where") else ""
+        items.append({"name": f"{item['target']}{where}", "value": "n/a" if value is None else value,
+                      "pass": item["pass"]})
+    return items
+
+
+def headline_table() -> str:
+    """Every result file's headline figures, with the file's device and date.
+
+    Convention for ``benchmarks/results/*.json``: a top-level ``"headline"`` list (or a
+    ``"targets"`` list, see :func:`_headline_items`), and the run's ``"device"`` and
+    ``"date"`` (top level or one level down).
+    """
+    rows = []
+    for name, data in _load_results():
+        for item in _headline_items(name, data):
             target = item.get("target", "")
             verdict = {True: "PASS", False: "MISS"}.get(item.get("pass"), "")
             rows.append(

@@ -283,3 +283,36 @@ def test_pages_render_in_headless_chromium(site: Path, screenshots_dir: Path):
     assert not missing, f"requests that failed: {missing}"
     assert any(path.endswith("katex.min.js") and code == 200 for path, code in server.log)
     assert any(path.endswith(".woff2") and code == 200 for path, code in server.log), "KaTeX fonts never loaded"
+
+
+# --------------------------------------------------------------------------- figures from files
+
+
+def _hooks(monkeypatch, results: Path):
+    """``docs/hooks.py`` as a module, reading result files from ``results``."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("lazyattention_docs_hooks", ROOT / "docs" / "hooks.py")
+    hooks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hooks)
+    monkeypatch.setattr(hooks, "RESULTS", results)
+    return hooks
+
+
+def test_headline_figures_come_from_result_files(monkeypatch, tmp_path: Path):
+    hooks = _hooks(monkeypatch, tmp_path)
+    assert "Not yet measured" in hooks.headline_table()
+    assert "Not yet measured" in hooks.results_table()
+
+    (tmp_path / "engine.json").write_text(
+        '{"device": "NVIDIA H100 80GB HBM3", "date": "2026-11-24", "versions": {"torch": "2.13.0"},'
+        ' "headline": [{"name": "TTFT p50 block/lazy", "value": 1.52, "unit": "x", "pass": true}]}'
+    )
+    (tmp_path / "kernels.json").write_text(
+        '{"environment": {"device": "NVIDIA H100", "date": "2026-11-24T01:00:00+00:00"},'
+        ' "targets": [{"target": "decode >= 85% of copy bandwidth", "pass": false, "worst": 0.81, "where": "B=16"}]}'
+    )
+    table = hooks.headline_table()
+    assert "| TTFT p50 block/lazy | 1.52 x |  PASS | NVIDIA H100 80GB HBM3 | 2026-11-24 | `engine.json` |" in table
+    assert "decode >= 85% of copy bandwidth (worst at B=16) | 0.81" in table and "MISS | NVIDIA H100 |" in table
+    assert "torch 2.13.0" in hooks.results_table()
