@@ -453,6 +453,69 @@ def check_api_names(markdown: str, page_uri: str) -> None:
             log.warning("%s names lazyattention.%s.%s, which does not exist", page_uri, package, name)
 
 
+# --------------------------------------------------------------------------- links to the API
+
+INLINE_CODE = re.compile(r"(?<![`\\])`([A-Za-z_][A-Za-z0-9_]*)(?:\.([A-Za-z_][A-Za-z0-9_]*))?`(?!`)")
+FENCE = re.compile(r"^[ \t]*(```|~~~)[^\n]*\n.*?^[ \t]*\1[ \t]*$", re.S | re.M)
+
+
+def api_index() -> dict[str, tuple[str, object]]:
+    """Public name -> (its identifier on the API pages, the object).
+
+    Package exports map to ``lazyattention.reference.NAME``; the other public names of a
+    reference module (its ``__all__``) to ``lazyattention.reference.MODULE.NAME``.
+    """
+    if "index" not in _cache:
+        import importlib
+
+        import lazyattention.reference as ref
+
+        index = {name: (f"lazyattention.reference.{name}", getattr(ref, name)) for name in ref.__all__}
+        for _, module in REFERENCE_SECTIONS:
+            names = static_all(ROOT / "reference" / f"{module}.py") or []
+            mod = importlib.import_module(f"lazyattention.reference.{module}") if names else None
+            for name in names:
+                index.setdefault(name, (f"lazyattention.reference.{module}.{name}", getattr(mod, name)))
+        _cache["index"] = index
+    return _cache["index"]
+
+
+def link_api_names(markdown: str, page_uri: str) -> str:
+    """Turn `` `name` `` and `` `Class.member` `` into links to the API page.
+
+    Outside code blocks and headings only. A `` `Class.member` `` whose class is public
+    but has no such member is a warning (a strict-build failure): the docs drifted.
+    """
+    index = api_index()
+
+    def replace(match: re.Match) -> str:
+        name, member = match.group(1), match.group(2)
+        if name not in index:
+            return match.group(0)
+        identifier, obj = index[name]
+        if member is not None:
+            if not isinstance(obj, type):
+                return match.group(0)
+            if not hasattr(obj, member) and member not in getattr(obj, "__dataclass_fields__", {}):
+                log.warning("%s names %s.%s, which does not exist", page_uri, name, member)
+                return match.group(0)
+        return f"[{match.group(0)}][{identifier}]"
+
+    def outside_code(text: str) -> str:
+        lines = []
+        for line in text.split("\n"):
+            lines.append(line if line.lstrip().startswith("#") else INLINE_CODE.sub(replace, line))
+        return "\n".join(lines)
+
+    out, last = [], 0
+    for fence in FENCE.finditer(markdown):
+        out.append(outside_code(markdown[last : fence.start()]))
+        out.append(fence.group(0))
+        last = fence.end()
+    out.append(outside_code(markdown[last:]))
+    return "".join(out)
+
+
 # --------------------------------------------------------------------------- page hooks
 
 
@@ -466,6 +529,8 @@ def on_page_markdown(markdown, page, config, files):
 
     markdown = MARKER.sub(fill, markdown)
     check_api_names(markdown, page.file.src_uri)
+    if not page.file.src_uri.startswith("api/"):
+        markdown = link_api_names(markdown, page.file.src_uri)
     return markdown
 
 

@@ -316,3 +316,22 @@ def test_headline_figures_come_from_result_files(monkeypatch, tmp_path: Path):
     assert "| TTFT p50 block/lazy | 1.52 x |  PASS | NVIDIA H100 80GB HBM3 | 2026-11-24 | `engine.json` |" in table
     assert "decode >= 85% of copy bandwidth (worst at B=16) | 0.81" in table and "MISS | NVIDIA H100 |" in table
     assert "torch 2.13.0" in hooks.results_table()
+
+
+def test_drifted_api_names_are_caught(monkeypatch, tmp_path: Path, caplog):
+    """A page naming an API that does not exist warns, which fails the strict build."""
+    hooks = _hooks(monkeypatch, tmp_path)
+    with caplog.at_level("WARNING", logger="mkdocs.hooks.lazyattention"):
+        hooks.check_api_names("see `lazyattention.reference.lazy_prefill`", "page.md")
+        linked = hooks.link_api_names("`lazy_prefill` and `RopeConfig.attention_scaling`", "page.md")
+    assert not caplog.records
+    assert "[`lazy_prefill`][lazyattention.reference.lazy_prefill]" in linked
+    assert "[`RopeConfig.attention_scaling`][lazyattention.reference.RopeConfig]" in linked
+
+    with caplog.at_level("WARNING", logger="mkdocs.hooks.lazyattention"):
+        hooks.check_api_names("see `lazyattention.reference.lazy_prefil`", "page.md")
+        hooks.check_api_names("see `lazyattention.reference.engine.Engin`", "page.md")
+        hooks.link_api_names("`RopeConfig.attention_scale`\n```python\n`RopeConfig.inside_code`\n```", "page.md")
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 3, messages
+    assert "lazy_prefil" in messages[0] and "Engin" in messages[1] and "attention_scale" in messages[2]
