@@ -455,7 +455,9 @@ def check_api_names(markdown: str, page_uri: str) -> None:
 
 # --------------------------------------------------------------------------- links to the API
 
-INLINE_CODE = re.compile(r"(?<![`\\])`([A-Za-z_][A-Za-z0-9_]*)(?:\.([A-Za-z_][A-Za-z0-9_]*))?`(?!`)")
+INLINE_CODE = re.compile(
+    r"(?<![`\\])`(?:lazyattention\.(reference|fast)\.)?([A-Za-z_][A-Za-z0-9_]*)(?:\.([A-Za-z_][A-Za-z0-9_]*))?`(?!`)"
+)
 FENCE = re.compile(r"^[ \t]*(```|~~~)[^\n]*\n.*?^[ \t]*\1[ \t]*$", re.S | re.M)
 
 
@@ -489,10 +491,20 @@ def link_api_names(markdown: str, page_uri: str) -> str:
     index = api_index()
 
     def replace(match: re.Match) -> str:
-        name, member = match.group(1), match.group(2)
+        package, name, member = match.groups()
+        if package is None and name == "lazyattention" and member in ("reference", "fast"):
+            documented = member == "reference" or FAST_INIT.exists()  # else the page is a stand-in
+            return f"[{match.group(0)}][lazyattention.{member}]" if documented else match.group(0)
+        if package == "fast":
+            fast = _fast_names() or set()
+            if name in fast and member is None:
+                return f"[{match.group(0)}][lazyattention.fast.{name}]"
+            return match.group(0)
         if name not in index:
             return match.group(0)
         identifier, obj = index[name]
+        if package == "reference" and identifier != f"lazyattention.reference.{name}":
+            return match.group(0)  # a submodule name under the package path: checked elsewhere
         if member is not None:
             if not isinstance(obj, type):
                 return match.group(0)
