@@ -382,13 +382,81 @@ def print_table(result: dict) -> None:
         print(f"{'PASS' if t['pass'] else 'MISS'}  {t['target']}: worst {worst} at {t['where']}")
 
 
+def with_tiles(base: fast_attend.Plan, block_size: int, block_m: int, block_n: int, warps: int, stages: int,
+               splits: int | None = None) -> fast_attend.Plan:
+    """``base`` with other tile sizes (the block-to-tile mapping recomputed)."""
+    block_q = max(1, block_m // base.gp) if base.block_q > 1 or block_m > base.gp else 1
+    spb = block_size if block_size < block_n else triton.cdiv(block_size, block_n) * block_n
+    return base._replace(block_q=block_q, block_n=block_n, spb=spb, one_shift=spb % block_n == 0,
+                         num_warps=warps, num_stages=stages, splits=splits or base.splits)  # fmt: skip
+
+
+def sweep() -> list[dict]:
+    """Time a few tile configurations of the lazy and no-rotation kernels (tuning aid)."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    rows = []
+    for d, tk, seg in ((128, 16384, 512), (64, 16384, 512)):
+        layout = make_layout(2, [seg] * ((tk - QUERIES) // seg), QUERIES, QUERIES)
+        rope = RopeConfig(head_dim=d, base=500_000.0)
+        tables = rope_tables(rope, max(16, triton.next_power_of_2(d)), torch.device("cuda"))
+        k_cache, v_cache = make_cache(layout, d, gen)
+        q = torch.randn(layout.num_queries, HEADS, d, generator=gen, device="cuda", dtype=DTYPE)
+        meta = layout.metadata("cuda")
+        base = fast_attend.plan(HEADS, KV_HEADS, d, BLOCK, DTYPE, q.device, False, 0, 0)
+        flops = 4 * HEADS * d * 2 * (QUERIES * (tk - QUERIES) + QUERIES * (QUERIES + 1) / 2)
+        for cfg in ((128, 64, 8, 2), (128, 64, 8, 3), (128, 64, 8, 4), (128, 64, 4, 3), (64, 64, 4, 3),
+                    (64, 64, 4, 4), (128, 32, 8, 3), (64, 32, 4, 3)):  # fmt: skip
+            tiles = with_tiles(base, BLOCK, *cfg)
+            for mode in (fast_attend.LAZY, fast_attend.NONE):
+                fn = lambda: fast_attend.attend(q, k_cache, v_cache, meta, tables, QUERIES, 0.1, mode, False, False,  # noqa: E731
+                                                tiles)  # fmt: skip
+                try:
+                    ms = bench(fn)
+                    rows.append({"kind": "prefill", "D": d, "cfg": cfg, "mode": mode, "tflops": flops / ms / 1e9})
+                except Exception as exc:
+                    rows.append({"kind": "prefill", "D": d, "cfg": cfg, "mode": mode, "error": str(exc)[:200]})
+                print(rows[-1], flush=True)
+    for batch, tk in ((16, 16384), (64, 4096)):
+        docs = [DOC_DECODE] * ((tk - OWN_DECODE) // DOC_DECODE)
+        docs.append(tk - OWN_DECODE - sum(docs))
+        layout = make_layout(batch, [x for x in docs if x], OWN_DECODE, 1)
+        rope = RopeConfig(head_dim=128, base=500_000.0)
+        tables = rope_tables(rope, 128, torch.device("cuda"))
+        k_cache, v_cache = make_cache(layout, 128, gen)
+        q = torch.randn(batch, HEADS, 128, generator=gen, device="cuda", dtype=DTYPE)
+        meta = layout.metadata("cuda")
+        base = fast_attend.plan(HEADS, KV_HEADS, 128, BLOCK, DTYPE, q.device, True, batch * KV_HEADS, tk)
+        nbytes = 2 * batch * tk * KV_HEADS * 128 * 2
+        sms = torch.cuda.get_device_properties(0).multi_processor_count
+        for block_n, warps, stages in ((64, 4, 3), (64, 4, 4), (64, 4, 5), (32, 4, 4), (64, 8, 4), (64, 2, 4)):
+            for per_sm in (2, 4, 8):
+                splits = max(1, min(triton.cdiv(per_sm * sms, batch * KV_HEADS), tk // block_n // 4))
+                tiles = with_tiles(base, BLOCK, 16, block_n, warps, stages, splits)
+                for mode in (fast_attend.LAZY, fast_attend.NONE):
+                    fn = lambda: fast_attend.attend(q, k_cache, v_cache, meta, tables, 1, 0.1, mode, True, False,  # noqa: E731
+                                                    tiles)  # fmt: skip
+                    try:
+                        ms = bench(fn)
+                        rows.append({"kind": "decode", "B": batch, "Tk": tk, "cfg": (block_n, warps, stages, splits),
+                                     "mode": mode, "tb_per_s": nbytes / ms / 1e9})  # fmt: skip
+                    except Exception as exc:
+                        rows.append({"kind": "decode", "cfg": (block_n, warps, stages, splits), "error": str(exc)[:200]})
+                    print(rows[-1], flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="where to write the JSON results")
     parser.add_argument("--quick", action="store_true", help="a few sizes only (smoke test)")
+    parser.add_argument("--sweep", action="store_true", help="time tile configurations instead (tuning aid)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/kernels.py needs a CUDA device")
+    if args.sweep:
+        with open(args.out, "w") as f:
+            json.dump(sweep(), f, indent=1)
+        return
     gen = torch.Generator(device="cuda").manual_seed(0)
     result = {"environment": environment(), "ceilings": ceilings(), "dtype": "bfloat16",
               "heads": HEADS, "kv_heads": KV_HEADS, "block_size": BLOCK, "parity_tolerance": PARITY_TOLERANCE}  # fmt: skip

@@ -107,6 +107,79 @@ def _rotated_query(
     return (x * qk_scale).to(DOT_DTYPE)
 
 
+@triton.jit
+def _softmax_update(s, v, m_i, l_i, acc, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """One step of the online softmax (eq. 11) in base 2; ``s`` already masked.
+
+    Rows that have seen no visible key yet keep ``m = −inf``; their exponentials are
+    taken against 0 so that no ``−inf − (−inf)`` NaN appears.
+    """
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_use[:, None])
+    alpha = tl.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision=PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _shift_run_end(shift_row, i, shift, end_block, SCAN: tl.constexpr):
+    """First block after ``i`` whose shift differs from ``shift`` (or ``end_block``).
+
+    Scans ``SCAN`` blocks' shifts per step, so a segment of many blocks costs a few
+    vector loads, not one dependent load per block.
+    """
+    run_end = end_block
+    k = i + 1
+    while k < run_end:
+        idx = k + tl.arange(0, SCAN)
+        sh = tl.load(shift_row + idx, mask=idx < run_end, other=shift)
+        run_end = tl.minimum(run_end, tl.min(tl.where(sh != shift, idx, run_end), 0))
+        k += SCAN
+    return run_end
+
+
+@triton.jit
+def _block_tile(
+    q, m_i, l_i, acc, t,
+    k_ptr, v_ptr, block_table_row, block_pos_row, block_len_row,
+    num_seg, q_pos, q_pos_min, kv_head, d, d_ok, freq, partner, mscale,
+    stride_kn, stride_ks, stride_kh, stride_vn, stride_vs, stride_vh,
+    BLOCK_N: tl.constexpr, TPB: tl.constexpr, MODE: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Key tile ``t`` when a tile lies inside one block (``ONE_SHIFT``): tokens
+    ``o0 .. o0 + BLOCK_N`` of block ``i``, all with the block's shift, whose rotation is
+    already in ``q``. Masks are applied only when the tile needs them: a partly valid
+    block, or own keys after some query of the tile."""
+    i = t // TPB
+    o0 = (t % TPB) * BLOCK_N
+    o = o0 + tl.arange(0, BLOCK_N)
+    phys = tl.load(block_table_row + i).to(tl.int64)
+    blen = tl.load(block_len_row + i)
+    pos0 = tl.load(block_pos_row + i) + o0  # logical position of the tile's first key
+    valid = o < blen
+    kv_mask = valid[:, None] & d_ok[None, :]
+    k_rows = k_ptr + phys * stride_kn + o * stride_ks + kv_head * stride_kh
+    k = tl.load(k_rows[:, None] + d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(v_ptr + phys * stride_vn + (o * stride_vs + kv_head * stride_vh)[:, None] + d[None, :], mask=kv_mask,
+                other=0.0)  # fmt: skip
+    if MODE == 1:
+        # Raw cache (eq. 10): rotate every key at its logical position, m R(pos) k.
+        kp = tl.load(k_rows[:, None] + partner, mask=kv_mask, other=0.0).to(tl.float32)
+        kpos64 = (pos0 + tl.arange(0, BLOCK_N)).to(tl.int64)
+        k = rotate_tile(k.to(tl.float32), kp, kpos64[:, None], freq, mscale)
+    s = tl.dot(q, tl.trans(k.to(DOT_DTYPE)), input_precision=PRECISION)
+    is_seg = i < num_seg
+    full = (o0 + BLOCK_N <= blen) & (is_seg | (pos0 + BLOCK_N - 1 <= q_pos_min))
+    if not full:
+        kpos = pos0 + tl.arange(0, BLOCK_N)
+        visible = valid[None, :] & (is_seg | (kpos[None, :] <= q_pos[:, None]))  # eq. (7)
+        s = tl.where(visible, s, float("-inf"))
+    return _softmax_update(s, v, m_i, l_i, acc, DOT_DTYPE, PRECISION)
+
+
 @triton.jit(do_not_specialize=["G", "D", "S", "tiles_per_split", "splits"])
 def _attention_kernel(
     # tensors
@@ -187,109 +260,105 @@ def _attention_kernel(
     partner = tl.load(partner_ptr + d)[None, :]
     mscale = tl.load(mscale_ptr + d)[None, :]
 
-    q_first = tl.load(query_start_ptr + r).to(tl.int64)
-    tok1 = q_tile * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    q_pos_tok = (q_first + tok1)[:, None]  # [BLOCK_Q, 1] logical positions
+    # Positions: int32 for masks (the layout keeps them below 2^31), int64 for angles.
+    q_first = tl.load(query_start_ptr + r)
     q_pos = q_first + tok  # [BLOCK_M]
+    q_pos_min = q_first + q_tile * BLOCK_Q
+    q_pos_tok = (q_first.to(tl.int64) + q_tile * BLOCK_Q + tl.arange(0, BLOCK_Q))[:, None]  # [BLOCK_Q, 1]
     last_q_pos = q_first + tl.minimum(num_q, (q_tile + 1) * BLOCK_Q) - 1
 
     # ---- which blocks this tile needs: all segment blocks, own blocks up to the last query
     meta = r * stride_meta
     num_seg = tl.load(num_segment_blocks_ptr + r)
     num_blk = tl.load(num_blocks_ptr + r)
-    own_start = tl.load(block_pos_ptr + meta + num_seg).to(tl.int64)
-    own_needed = tl.minimum(num_blk - num_seg, ((last_q_pos - own_start) // S + 1).to(tl.int32))
-    end_block = num_seg + own_needed
+    own_start = tl.load(block_pos_ptr + meta + num_seg)
+    end_block = num_seg + tl.minimum(num_blk - num_seg, (last_q_pos - own_start) // S + 1)
     num_tiles = tl.cdiv(end_block * SPB, BLOCK_N)
     tile_lo = split * tiles_per_split
     tile_hi = tl.minimum(tile_lo + tiles_per_split, num_tiles)
 
-    # ---- the query, rotated once here unless it depends on the key tile's shift
+    # ---- the query, rotated here unless it depends on the key tile's shift (LAZY)
     if MODE == 0:
-        q = tl.zeros([BLOCK_M, DP], dtype=DOT_DTYPE)  # set at the first key tile
+        q = tl.zeros([BLOCK_M, DP], dtype=DOT_DTYPE)  # set for each run of equal shifts
     elif MODE == 1:
         q = _rotated_query(q_rows, d, row_ok, d_ok, q_pos_tok, freq, partner, mscale, qk_scale,
-                           BLOCK_Q, GP, DP, True, DOT_DTYPE)
+                           BLOCK_Q, GP, DP, True, DOT_DTYPE)  # fmt: skip
     else:
         q = _rotated_query(q_rows, d, row_ok, d_ok, q_pos_tok, freq, partner, mscale, qk_scale,
-                           BLOCK_Q, GP, DP, False, DOT_DTYPE)
-    current_shift = tl.full([], 1 << 40, tl.int64)  # no shift is this: rotate at first use
+                           BLOCK_Q, GP, DP, False, DOT_DTYPE)  # fmt: skip
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, DP], tl.float32)
-    n = tl.arange(0, BLOCK_N)
 
-    for t in range(tile_lo, tile_hi):
-        j0 = t * BLOCK_N
-        # ---- locate the tile's keys: slot o of block i
-        if ONE_SHIFT:
-            i = j0 // SPB
-            o = j0 % SPB + n
-            phys = tl.load(block_table_ptr + meta + i).to(tl.int64)
-            blen = tl.load(block_len_ptr + meta + i)
-            kpos = tl.load(block_pos_ptr + meta + i).to(tl.int64) + o
-            shift = tl.load(block_shift_ptr + meta + i).to(tl.int64)
-            valid = o < blen
-            is_seg = i < num_seg
-            visible = valid[None, :] & (is_seg | (kpos[None, :] <= q_pos[:, None]))
-        else:
-            j = j0 + n
+    if ONE_SHIFT:
+        # Tiles lie inside blocks. Walk *runs* of blocks with one shift (a segment, the
+        # own tokens): rotate the query once per run (eq. 8), then an inner loop with
+        # nothing but loads, two products and the softmax, which the compiler pipelines.
+        TPB: tl.constexpr = SPB // BLOCK_N
+        t = tile_lo
+        while t < tile_hi:
+            if MODE == 0:
+                i = t // TPB
+                shift = tl.load(block_shift_ptr + meta + i)
+                run_end = _shift_run_end(block_shift_ptr + meta, i, shift, end_block, 64)
+                t_end = tl.minimum(run_end * TPB, tile_hi)
+                q = _rotated_query(q_rows, d, row_ok, d_ok, q_pos_tok - shift.to(tl.int64), freq, partner, mscale,
+                                   qk_scale, BLOCK_Q, GP, DP, True, DOT_DTYPE)  # fmt: skip
+            else:
+                t_end = tile_hi
+            for tt in range(t, t_end):
+                m_i, l_i, acc = _block_tile(
+                    q, m_i, l_i, acc, tt,
+                    k_ptr, v_ptr, block_table_ptr + meta, block_pos_ptr + meta, block_len_ptr + meta,
+                    num_seg, q_pos, q_pos_min, kv_head, d, d_ok, freq, partner, mscale,
+                    stride_kn, stride_ks, stride_kh, stride_vn, stride_vs, stride_vh,
+                    BLOCK_N, TPB, MODE, DOT_DTYPE, PRECISION,
+                )  # fmt: skip
+            t = t_end
+    else:
+        # Blocks smaller than a tile: a tile straddles blocks, each key row carries its
+        # own block's metadata, and the scores are assembled from one product per
+        # distinct shift among the tile's keys (usually one).
+        n = tl.arange(0, BLOCK_N)
+        current_shift = tl.full([], 1 << 40, tl.int64)  # no shift is this: rotate at first use
+        for t in range(tile_lo, tile_hi):
+            j = t * BLOCK_N + n
             i = j // SPB
             o = j % SPB
             in_range = i < end_block
             phys = tl.load(block_table_ptr + meta + i, mask=in_range, other=0).to(tl.int64)
             blen = tl.load(block_len_ptr + meta + i, mask=in_range, other=0)
-            kpos = tl.load(block_pos_ptr + meta + i, mask=in_range, other=0).to(tl.int64) + o
-            shifts = tl.load(block_shift_ptr + meta + i, mask=in_range, other=0).to(tl.int64)
+            kpos = tl.load(block_pos_ptr + meta + i, mask=in_range, other=0) + o
             valid = in_range & (o < blen)
-            is_seg = i < num_seg
-            visible = valid[None, :] & (is_seg[None, :] | (kpos[None, :] <= q_pos[:, None]))
-        k_rows = k_ptr + phys * stride_kn + o * stride_ks + kv_head * stride_kh
-        v_rows = v_ptr + phys * stride_vn + o * stride_vs + kv_head * stride_vh
-        kv_mask = valid[:, None] & d_ok[None, :]
-        k = tl.load(k_rows[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_rows[:, None] + d[None, :], mask=kv_mask, other=0.0)
-
-        # ---- scores s = <q, k> · scale · log2(e)   [BLOCK_M, BLOCK_N]
-        if MODE == 1:
-            # Raw cache (eq. 10): rotate every key at its logical position, m R(pos) k.
-            kp = tl.load(k_rows[:, None] + partner, mask=kv_mask, other=0.0).to(tl.float32)
-            k = rotate_tile(k.to(tl.float32), kp, kpos[:, None], freq, mscale)
-        k = k.to(DOT_DTYPE)
-        if MODE == 0:
-            if ONE_SHIFT:
-                # Eq. (8): the query at p − δ, recomputed only when δ changes.
-                if shift != current_shift:
-                    q = _rotated_query(q_rows, d, row_ok, d_ok, q_pos_tok - shift, freq, partner, mscale,
-                                       qk_scale, BLOCK_Q, GP, DP, True, DOT_DTYPE)
-                    current_shift = shift
-                s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-            else:
-                # The tile straddles blocks: one product per distinct shift among its keys.
+            kv_mask = valid[:, None] & d_ok[None, :]
+            k_rows = k_ptr + phys * stride_kn + o * stride_ks + kv_head * stride_kh
+            k = tl.load(k_rows[:, None] + d[None, :], mask=kv_mask, other=0.0)
+            v_rows = v_ptr + phys * stride_vn + o * stride_vs + kv_head * stride_vh
+            v = tl.load(v_rows[:, None] + d[None, :], mask=kv_mask, other=0.0)
+            if MODE == 0:
+                shifts = tl.load(block_shift_ptr + meta + i, mask=in_range, other=0).to(tl.int64)
+                k = k.to(DOT_DTYPE)
                 s = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
                 todo = valid
                 while tl.max(todo.to(tl.int32), 0) > 0:
                     shift = tl.min(tl.where(todo, shifts, 1 << 40), 0)
                     if shift != current_shift:
                         q = _rotated_query(q_rows, d, row_ok, d_ok, q_pos_tok - shift, freq, partner,
-                                           mscale, qk_scale, BLOCK_Q, GP, DP, True, DOT_DTYPE)
+                                           mscale, qk_scale, BLOCK_Q, GP, DP, True, DOT_DTYPE)  # fmt: skip
                         current_shift = shift
                     these = todo & (shifts == shift)
                     s = tl.where(these[None, :], tl.dot(q, tl.trans(k), input_precision=PRECISION), s)
                     todo = todo & (shifts != shift)
-        else:
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-
-        # ---- online softmax in base 2 (eq. 11)
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw nothing yet
-        p = tl.exp2(s - m_use[:, None])
-        alpha = tl.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision=PRECISION)
-        m_i = m_new
+            else:
+                if MODE == 1:
+                    kp = tl.load(k_rows[:, None] + partner, mask=kv_mask, other=0.0).to(tl.float32)
+                    k = rotate_tile(k.to(tl.float32), kp, kpos.to(tl.int64)[:, None], freq, mscale)
+                s = tl.dot(q, tl.trans(k.to(DOT_DTYPE)), input_precision=PRECISION)
+            is_seg = i < num_seg
+            visible = valid[None, :] & (is_seg[None, :] | (kpos[None, :] <= q_pos[:, None]))  # eq. (7)
+            s = tl.where(visible, s, float("-inf"))
+            m_i, l_i, acc = _softmax_update(s, v, m_i, l_i, acc, DOT_DTYPE, PRECISION)
 
     # ---- write: the normalised output, or this split's partial (decode)
     out_rows = (q_lo + tok).to(tl.int64) * stride_ot + head * stride_oh
@@ -437,6 +506,7 @@ def attend(
     mode: int,
     decode: bool,
     return_lse: bool,
+    tiles: Plan | None = None,
 ):
     """Launch the attention kernel (and the merge when decode splits the keys).
 
@@ -448,6 +518,7 @@ def attend(
         max_queries: the largest ``num_queries`` of a request.
         scale: softmax scale.
         mode: :data:`LAZY`, :data:`RAW` or :data:`NONE`.
+        tiles: a :class:`Plan` to use instead of :func:`plan`'s (benchmark sweeps).
 
     Returns:
         ``out [Tq, H, D]`` in ``q.dtype`` and ``lse [Tq, H]`` float32 (or ``None``).
@@ -457,7 +528,7 @@ def attend(
     b, m = meta.block_table.shape
     if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError("lazyattention.fast needs the head dimension of q, k_cache and v_cache contiguous")
-    pl = plan(h, hkv, d, s, q.dtype, q.device, decode, b * hkv, m * s)
+    pl = tiles or plan(h, hkv, d, s, q.dtype, q.device, decode, b * hkv, m * s)
     if tables.freq.shape[0] != pl.dp:
         raise ValueError(f"rope tables padded to {tables.freq.shape[0]} channels, the plan needs {pl.dp}")
     out = buffers.empty((tq, h, d), q.dtype, q.device)
