@@ -198,8 +198,9 @@ assert hits == [True, True, True]
 # %% [markdown]
 # ## Summary
 #
-# * A key rotated at an absolute position is right only at that position (error ≈ 0.1 on
-#   a unit-scale output here); the deferred shift makes it exact again, with no write.
+# * A key rotated at an absolute position is right only at that position (an error of
+#   order 0.1 on a unit-scale output here); the deferred shift makes it exact again, with
+#   no write.
 # * Reuse by exact prefix misses a large share of the document tokens (about half of them
 #   at the default size here) once the retrieval order varies; reuse by content misses
 #   only each document's first appearance, provided the attention can place a cached document
