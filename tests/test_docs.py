@@ -74,6 +74,9 @@ def _static_all(path: Path) -> list[str]:
 def test_strict_build(site: Path):
     assert (site / "index.html").is_file()
     assert (site / "assets" / "katex" / "katex.min.js").is_file()
+    assert not (site / "hooks.py").exists() and not (site / "snippets").exists(), "build inputs were published"
+    # The included example is on the home page (pymdownx.snippets ran).
+    assert "eager_attention</span>" in (site / "index.html").read_text(encoding="utf-8")
 
 
 def test_reference_api_page_lists_every_public_name(site: Path):
