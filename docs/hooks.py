@@ -216,6 +216,10 @@ def on_files(files, config):
         if (uri.startswith("tutorials/") or uri in OPTIONAL_DOCS) and files.get_file_from_path(uri) is None:
             log.info("%s does not exist yet: a stand-in page takes its place", uri)
             files.append(File.generated(config, uri, content=placeholder_markdown(uri)))
+    # Plots committed beside the result files are published at benchmarks/results/NAME.png,
+    # so benchmark pages can show them (docs/benchmarks/*.md: ![...](results/NAME.png)).
+    for plot in sorted(RESULTS.glob("*.png")) if RESULTS.is_dir() else []:
+        files.append(File.generated(config, f"benchmarks/results/{plot.name}", abs_src_path=str(plot)))
     files.append(File.generated(config, "api/reference.md", content=reference_api_markdown()))
     files.append(File.generated(config, "api/fast.md", content=fast_api_markdown()))
     return files
@@ -365,6 +369,14 @@ def numerics_table(which: str) -> str:
     return _markdown_table(table)
 
 
+def plots_markdown() -> str:
+    """Every plot committed under ``benchmarks/results/``, for the benchmarks overview."""
+    plots = sorted(RESULTS.glob("*.png")) if RESULTS.is_dir() else []
+    if not plots:
+        return "*No plot committed under `benchmarks/results/` yet.*"
+    return "\n\n".join(f"![{p.stem}](results/{p.name})\n\n`benchmarks/results/{p.name}`" for p in plots)
+
+
 BENCHMARK_PAGES = (
     (
         "kernels.md",
@@ -392,6 +404,7 @@ def benchmark_pages() -> str:
 
 FIGURES = {
     "benchmark-pages": benchmark_pages,
+    "plots": plots_markdown,
     "headline": headline_table,
     "results": results_table,
     "numerics-angles": lambda: numerics_table("ANGLE_ERRORS"),

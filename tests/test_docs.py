@@ -320,6 +320,10 @@ def test_headline_figures_come_from_result_files(monkeypatch, tmp_path: Path):
     assert "decode >= 85% of copy bandwidth (worst at B=16) | 0.81" in table and "MISS | NVIDIA H100 |" in table
     assert "torch 2.13.0" in hooks.results_table()
 
+    assert "No plot" in hooks.plots_markdown()
+    (tmp_path / "engine.png").write_bytes(b"\x89PNG")
+    assert "![engine](results/engine.png)" in hooks.plots_markdown()
+
 
 def test_drifted_api_names_are_caught(monkeypatch, tmp_path: Path, caplog):
     """A page naming an API that does not exist warns, which fails the strict build."""
