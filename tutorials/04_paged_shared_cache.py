@@ -71,9 +71,10 @@ def get_segment(name: str) -> la.Segment:
 placements = {0: [("manual", 0)], 1: [("faq", 0), ("manual", 9)], 2: [("manual", 1000)]}
 requests, taken, own_blocks, own_kv = [], [], [], []
 for r, docs in placements.items():
-    segs = [la.Placement(get_segment(name).blocks, len(documents[name]), start) for name, start in docs]
-    taken.append([store.get(la.content_key(documents[name])) for name, _ in docs])
-    blocks = tuple(store.allocate(1))
+    segments = [get_segment(name) for name, _ in docs]  # one reference each, for this request
+    taken.append(segments)
+    segs = [la.Placement(seg.blocks, seg.length, start) for seg, (_, start) in zip(segments, docs)]
+    blocks = tuple(store.allocate(1))  # the request's own block
     own_start = docs[-1][1] + len(documents[docs[-1][0]])
     own = la.Placement(blocks, length=4, start=own_start, stored_start=own_start)
     requests.append(la.RequestLayout(tuple(segs), own, num_queries=4))
