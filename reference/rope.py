@@ -279,9 +279,10 @@ def rope_angles(positions: torch.Tensor | int, rope: RopeConfig) -> torch.Tensor
     """Angles ``pos · θ_i`` reduced to ``[-π, π)``, computed in float64 (eq. 3).
 
     Why float64: in float32, ``pos · θ`` at ``pos ≈ 10^6`` is off by ~0.06 rad.
-    The product of an integer below 2^31 and a float64 frequency is accurate to
-    ``|pos·θ|·2^-53`` (under 1e-10 rad up to 2^20), and the reduction to one
-    period keeps the float32 cos/sin that follow as accurate as float32 allows.
+    In float64 the product and the reduction to one period together stay within
+    about 1.2 ulp of ``|pos·θ|`` (measured against 60-digit mpmath: 1.5e-10 rad
+    at 2^20, 1.7e-7 rad at 2^31 − 2; naive float32 is off by 0.02–0.04 rad at
+    2^20), so the float32 cos/sin that follow are as accurate as float32 allows.
 
     Args:
         positions: integer positions, any shape ``[...]``, any sign.
