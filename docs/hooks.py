@@ -111,6 +111,43 @@ def tutorial_markdown(path: Path) -> str:
     return "\n\n".join(parts) + "\n"
 
 
+def tutorial_summary(path: Path) -> tuple[str, str]:
+    """A tutorial's title and the first thing it says you will learn."""
+    first = jupytext.reads(path.read_text(encoding="utf-8"), fmt="py:percent").cells[0].source
+    lines = first.splitlines()
+    title = next((line[2:].strip() for line in lines if line.startswith("# ")), path.stem)
+    bullet: list[str] = []
+    for line in lines[next((i for i, line in enumerate(lines) if "you will learn" in line.lower()), len(lines)) :]:
+        if line.startswith(("* ", "- ")):
+            if bullet:
+                break
+            bullet.append(line[2:].strip())
+        elif bullet and line.startswith("  ") and line.strip():
+            bullet.append(line.strip())
+        elif bullet:
+            break
+    return title, " ".join(bullet).rstrip(" ;,") + "."
+
+
+def tutorials_index_markdown(uris: list[str]) -> str:
+    """The tutorials overview: each tutorial's title and what it teaches first."""
+    parts = [
+        "# Tutorials",
+        "Runnable Python files in `tutorials/` (jupytext percent format: open them as notebooks "
+        "with `jupytext --to notebook`, or run them as scripts). Each one asserts what it "
+        "claims, and the test suite runs them all. Read them in order: from the rotation itself "
+        "to the kernel and the engine.",
+    ]
+    for uri in uris:
+        path = TUTORIALS / (Path(uri).stem + ".py")
+        if path.exists():
+            title, learn = tutorial_summary(path)
+            parts.append(f"**[{title}]({Path(uri).name})**: {learn}")
+        else:
+            parts.append(f"**[{Path(uri).stem[:2].lstrip('0')}. …]({Path(uri).name})** (being written)")
+    return "\n\n".join(parts) + "\n"
+
+
 FAST_PLACEHOLDER = """# lazyattention.fast
 
 The Triton backend is being written: this page fills itself in from the docstrings of
@@ -212,6 +249,8 @@ def fast_api_markdown() -> str:
 def on_files(files, config):
     for path in sorted(TUTORIALS.glob("[0-9][0-9]_*.py")):
         files.append(File.generated(config, f"tutorials/{path.stem}.md", content=tutorial_markdown(path)))
+    tutorial_uris = [u for u in _nav_uris(config["nav"]) if u.startswith("tutorials/") and u != "tutorials/index.md"]
+    files.append(File.generated(config, "tutorials/index.md", content=tutorials_index_markdown(tutorial_uris)))
     for uri in _nav_uris(config["nav"]):
         if (uri.startswith("tutorials/") or uri in OPTIONAL_DOCS) and files.get_file_from_path(uri) is None:
             log.info("%s does not exist yet: a stand-in page takes its place", uri)
