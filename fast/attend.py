@@ -342,7 +342,9 @@ def _attention_kernel(
                 s = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
                 todo = valid
                 while tl.max(todo.to(tl.int32), 0) > 0:
-                    shift = tl.min(tl.where(todo, shifts, 1 << 40), 0)
+                    # The shift already in `q` first (no rotation), then the others.
+                    has_current = tl.max((todo & (shifts == current_shift)).to(tl.int32), 0) > 0
+                    shift = tl.where(has_current, current_shift, tl.min(tl.where(todo, shifts, 1 << 40), 0))
                     if shift != current_shift:
                         q = _rotated_query(q_rows, d, row_ok, d_ok, q_pos_tok - shift, freq, partner,
                                            mscale, qk_scale, BLOCK_Q, GP, DP, True, DOT_DTYPE)  # fmt: skip
