@@ -235,15 +235,20 @@ def eager_attention(
     reads into a private cache with its keys re-rotated by ``δ`` to their logical
     positions, then attend with the query rotated at its own position.
 
+    Like the reference's definition, the copy and the attention are float32 (the
+    re-rotated keys are never rounded back to a 16-bit dtype); the output is cast to
+    ``q.dtype``. (The Block-Attention baseline of ``benchmarks/kernels.py`` copies in
+    the cache dtype instead, as a serving engine would.)
+
     Works for prefill (``q [Tq, H, D]``) and decode (``q [B, H, D]``, one query per
     request). Arguments and returns as :func:`lazy_prefill`.
     """
     check_attention_inputs(q, k_cache, v_cache, layout, rope, scale, False)
     _check_backend("eager_attention", q, k_cache, v_cache)
     tables = _tables(rope, q.device)
-    k_copy, v_copy, meta = materialise(k_cache, v_cache, layout.metadata(q.device), tables)
+    k_copy, v_copy, meta = materialise(k_cache, v_cache, layout.metadata(q.device), tables, torch.float32)
     out, lse = _attend.attend(
-        q,
+        q.to(torch.float32),
         k_copy,
         v_copy,
         meta,
@@ -254,6 +259,7 @@ def eager_attention(
         False,
         return_lse,
     )
+    out = out.to(q.dtype)
     return (out, lse) if return_lse else out
 
 

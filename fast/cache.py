@@ -149,11 +149,22 @@ def _materialise_kernel(
     v = tl.load(v_ptr + phys * stride_vn + (o * stride_vs + h * stride_vh)[:, None] + d[None, :], mask=mask, other=0.0)
     dest = (r * M + i).to(tl.int64) * stride_on + (o * stride_os + h * stride_oh)[:, None] + d[None, :]
     tl.store(k_out_ptr + dest, k.to(k_out_ptr.dtype.element_ty), mask=mask)
-    tl.store(v_out_ptr + dest, v, mask=mask)
+    tl.store(v_out_ptr + dest, v.to(v_out_ptr.dtype.element_ty), mask=mask)
 
 
-def materialise(k_cache: torch.Tensor, v_cache: torch.Tensor, meta: BlockMetadata, tables: RopeTables):
+def materialise(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: BlockMetadata,
+    tables: RopeTables,
+    dtype: torch.dtype,
+):
     """Copy each request's blocks, keys re-rotated to logical positions (eq. 9).
+
+    Args:
+        dtype: dtype of the copy. The cache dtype is what Block-Attention writes (the
+            benchmark's baseline); float32 keeps the re-rotated keys unrounded, as the
+            reference's eager definition does (``fast.eager_attention``).
 
     Returns:
         ``k [B·M, S, Hkv, D]``, ``v [B·M, S, Hkv, D]`` and the :class:`BlockMetadata` of
@@ -161,8 +172,8 @@ def materialise(k_cache: torch.Tensor, v_cache: torch.Tensor, meta: BlockMetadat
     """
     _, s, hkv, d = k_cache.shape
     b, m = meta.block_table.shape
-    k_out = buffers.empty((b * m, s, hkv, d), k_cache.dtype, k_cache.device)
-    v_out = buffers.empty((b * m, s, hkv, d), v_cache.dtype, v_cache.device)
+    k_out = buffers.empty((b * m, s, hkv, d), dtype, k_cache.device)
+    v_out = buffers.empty((b * m, s, hkv, d), dtype, v_cache.device)
     dp = tables.freq.shape[0]
     _materialise_kernel[(b * m, hkv)](
         k_cache, v_cache, k_out, v_out,
