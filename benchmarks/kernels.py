@@ -338,6 +338,9 @@ def targets(result: dict) -> list[dict]:
         w = max(ratios, key=lambda x: x[0])
         out.append({"target": f"{kind}: lazy faster than materialise at every size (time ratio < 1)",
                     "pass": all(x < 1.0 for x, _ in ratios), "worst": w[0], "where": _where(kind, w[1])})
+    for t in out:  # a failed or missing measurement is "n/a", never a number
+        if t["worst"] is not None and not math.isfinite(t["worst"]):
+            t["worst"] = None
     return out
 
 
@@ -389,13 +392,12 @@ def print_table(result: dict) -> None:
         print(f"{'PASS' if t['pass'] else 'MISS'}  {t['target']}: worst {worst} at {t['where']}")
 
 
-def with_tiles(base: fast_attend.Plan, block_size: int, block_m: int, block_n: int, warps: int, stages: int,
+def with_tiles(base: fast_attend.Plan, block_m: int, block_n: int, warps: int, stages: int,
                splits: int | None = None) -> fast_attend.Plan:
-    """``base`` with other tile sizes (the block-to-tile mapping recomputed)."""
+    """``base`` with other tile sizes."""
     block_q = max(1, block_m // base.gp) if base.block_q > 1 or block_m > base.gp else 1
-    spb = block_size if block_size < block_n else triton.cdiv(block_size, block_n) * block_n
-    return base._replace(block_q=block_q, block_n=block_n, spb=spb, one_shift=spb % block_n == 0,
-                         num_warps=warps, num_stages=stages, splits=splits or base.splits)  # fmt: skip
+    return base._replace(block_q=block_q, block_n=block_n, num_warps=warps, num_stages=stages,
+                         splits=splits or base.splits)  # fmt: skip
 
 
 def sweep() -> list[dict]:
@@ -411,9 +413,9 @@ def sweep() -> list[dict]:
         meta = layout.metadata("cuda")
         base = fast_attend.plan(HEADS, KV_HEADS, d, BLOCK, DTYPE, q.device, False, 0, 0)
         flops = 4 * HEADS * d * 2 * (QUERIES * (tk - QUERIES) + QUERIES * (QUERIES + 1) / 2)
-        for cfg in ((128, 64, 8, 2), (128, 64, 8, 3), (128, 64, 8, 4), (128, 64, 4, 3), (64, 64, 4, 3),
-                    (64, 64, 4, 4), (128, 32, 8, 3), (64, 32, 4, 3)):  # fmt: skip
-            tiles = with_tiles(base, BLOCK, *cfg)
+        for cfg in ((128, 64, 8, 2), (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (128, 128, 8, 3),
+                    (64, 64, 4, 3), (64, 64, 4, 4), (128, 32, 8, 3)):  # fmt: skip
+            tiles = with_tiles(base, *cfg)
             for mode in (fast_attend.LAZY, fast_attend.NONE):
                 fn = lambda: fast_attend.attend(q, k_cache, v_cache, meta, tables, QUERIES, 0.1, mode, False, False,  # noqa: E731
                                                 tiles)  # fmt: skip
@@ -435,10 +437,10 @@ def sweep() -> list[dict]:
         base = fast_attend.plan(HEADS, KV_HEADS, 128, BLOCK, DTYPE, q.device, True, batch * KV_HEADS, tk)
         nbytes = 2 * batch * tk * KV_HEADS * 128 * 2
         sms = torch.cuda.get_device_properties(0).multi_processor_count
-        for block_n, warps, stages in ((64, 4, 3), (64, 4, 4), (64, 4, 5), (32, 4, 4), (64, 8, 4), (64, 2, 4)):
+        for block_n, warps, stages in ((64, 4, 3), (64, 4, 4), (128, 4, 3), (128, 8, 3), (32, 4, 4), (64, 2, 4)):
             for per_sm in (2, 4, 8):
                 splits = max(1, min(triton.cdiv(per_sm * sms, batch * KV_HEADS), tk // block_n // 4))
-                tiles = with_tiles(base, BLOCK, 16, block_n, warps, stages, splits)
+                tiles = with_tiles(base, 16, block_n, warps, stages, splits)
                 for mode in (fast_attend.LAZY, fast_attend.NONE):
                     fn = lambda: fast_attend.attend(q, k_cache, v_cache, meta, tables, 1, 0.1, mode, True, False,  # noqa: E731
                                                     tiles)  # fmt: skip
@@ -449,7 +451,26 @@ def sweep() -> list[dict]:
                     except Exception as exc:
                         rows.append({"kind": "decode", "cfg": (block_n, warps, stages, splits), "error": str(exc)[:200]})
                     print(rows[-1], flush=True)
+    rows.append({"kind": "compiled", "kernels": compiled_report()})
     return rows
+
+
+def compiled_report() -> list[dict]:
+    """Registers, spills and whether the key loop was software-pipelined (async copies,
+    warpgroup MMAs in the TTGIR), for every compiled variant of the attention kernel."""
+    out = []
+    try:
+        for device_cache in fast_attend._attention_kernel.device_caches.values():
+            for key, kernel in device_cache[0].items():
+                ttgir = kernel.asm.get("ttgir", "")
+                out.append({
+                    "key": str(key)[-160:], "regs": kernel.n_regs, "spills": kernel.n_spills,
+                    "async_copies": ttgir.count("async_copy_global_to_local"),
+                    "wgmma": ttgir.count("warp_group_dot"), "dots": ttgir.count("tt.dot"),
+                })  # fmt: skip
+    except Exception as exc:  # diagnostics only
+        out.append({"error": f"{type(exc).__name__}: {exc}"})
+    return out
 
 
 def main() -> None:

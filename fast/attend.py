@@ -23,21 +23,23 @@ exactly the query at its own position.
 tile, loaded once, serves the whole group. ``GP`` is ``G`` padded to a power of two (at
 least 16 for decode, where ``BLOCK_Q = 1``); padded rows are masked.
 
-**Key tiles over paged blocks.** Keys are walked in *tile space*: block ``i`` of the
-request occupies slots ``[i·SPB, (i+1)·SPB)``, with ``SPB = S`` when blocks are smaller
-than a tile and ``S`` rounded up to a multiple of ``BLOCK_N`` otherwise. A slot ``j``
-is token ``o = j mod SPB`` of block ``i = j // SPB``, valid while ``o < block_len[i]``.
-When ``SPB`` is a multiple of ``BLOCK_N`` (``ONE_SHIFT``) a tile lies inside one block:
-its metadata are scalars and it has one shift. Otherwise (blocks smaller than a tile) a
-tile may straddle blocks of different shifts, and the score tile is assembled with one
-matrix product per distinct shift in it (usually one).
+**Key tiles over paged blocks, in runs of equal shift.** A request's blocks are walked
+in *runs*: maximal ranges of consecutive blocks with one shift ``δ`` (a segment; the own
+tokens). At the start of a run the query tile is rotated by ``p − δ`` (eq. 8) from the
+pre-RoPE query — once per run, never per key — and an inner loop walks the run's slots
+``[first·S, end·S)`` in key tiles of ``BLOCK_N`` slots, whatever the block size: slot
+``j`` is token ``o = j mod S`` of block ``i = j // S`` (each row gathers its block's
+physical id), valid while ``o < block_len[i]`` and ``j`` is inside the run. That inner
+loop holds nothing but loads, two matrix products and the softmax update, so the
+compiler software-pipelines it. Runs are found with a vector scan of the block shifts
+(:func:`_shift_run_end`).
 
 **Masks** (eq. 7): a key is visible when it is a valid slot and either belongs to a
 segment block (``i < num_segment_blocks``) or its logical position is ``<=`` the
 query's. Own blocks wholly after a tile's last query are never visited.
 
-**Decode** uses the same kernel with ``BLOCK_Q = 1`` and splits each request's key
-tiles among ``splits`` programs (flash-decoding): each writes an unnormalised partial
+**Decode** uses the same kernel with ``BLOCK_Q = 1`` and splits each request's blocks
+among ``splits`` programs (flash-decoding): each writes an unnormalised partial
 ``(o, lse)``, and :func:`_merge_kernel` combines them by log-sum-exp (eq. 12).
 
 Shape alphabet: ``B`` requests, ``H`` heads, ``Hkv`` KV heads, ``G = H / Hkv``, ``Tq``
@@ -141,46 +143,48 @@ def _shift_run_end(shift_row, i, shift, end_block, SCAN: tl.constexpr):
 
 
 @triton.jit
-def _block_tile(
-    q, m_i, l_i, acc, t,
+def _key_tile(
+    q, m_i, l_i, acc, j0, slot_end,
     k_ptr, v_ptr, block_table_row, block_pos_row, block_len_row,
     num_seg, q_pos, q_pos_min, kv_head, d, d_ok, freq, partner, mscale,
     stride_kn, stride_ks, stride_kh, stride_vn, stride_vs, stride_vh,
-    BLOCK_N: tl.constexpr, TPB: tl.constexpr, MODE: tl.constexpr,
+    S: tl.constexpr, BLOCK_N: tl.constexpr, MODE: tl.constexpr,
     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """Key tile ``t`` when a tile lies inside one block (``ONE_SHIFT``): tokens
-    ``o0 .. o0 + BLOCK_N`` of block ``i``, all with the block's shift, whose rotation is
-    already in ``q``. Masks are applied only when the tile needs them: a partly valid
-    block, or own keys after some query of the tile."""
-    i = t // TPB
-    o0 = (t % TPB) * BLOCK_N
-    o = o0 + tl.arange(0, BLOCK_N)
-    phys = tl.load(block_table_row + i).to(tl.int64)
-    blen = tl.load(block_len_row + i)
-    pos0 = tl.load(block_pos_row + i) + o0  # logical position of the tile's first key
-    valid = o < blen
+    """One key tile: slots ``j0 .. j0 + BLOCK_N`` of a run ending at slot ``slot_end``.
+
+    Every key of the tile has the run's shift, whose rotation is already in ``q``.
+    Masks are applied only when the tile needs them: a slot past the run or past its
+    block's valid length, or an own key after some query of the tile (eq. 7).
+    """
+    j = j0 + tl.arange(0, BLOCK_N)
+    i = j // S  # the request's block of each slot
+    o = j % S
+    in_run = j < slot_end
+    phys = tl.load(block_table_row + i, mask=in_run, other=0).to(tl.int64)
+    blen = tl.load(block_len_row + i, mask=in_run, other=0)
+    kpos = tl.load(block_pos_row + i, mask=in_run, other=0) + o  # logical positions
+    valid = in_run & (o < blen)
     kv_mask = valid[:, None] & d_ok[None, :]
     k_rows = k_ptr + phys * stride_kn + o * stride_ks + kv_head * stride_kh
+    v_rows = v_ptr + phys * stride_vn + o * stride_vs + kv_head * stride_vh
     k = tl.load(k_rows[:, None] + d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(v_ptr + phys * stride_vn + (o * stride_vs + kv_head * stride_vh)[:, None] + d[None, :], mask=kv_mask,
-                other=0.0)  # fmt: skip
+    v = tl.load(v_rows[:, None] + d[None, :], mask=kv_mask, other=0.0)
     if MODE == 1:
         # Raw cache (eq. 10): rotate every key at its logical position, m R(pos) k.
         kp = tl.load(k_rows[:, None] + partner, mask=kv_mask, other=0.0).to(tl.float32)
-        kpos64 = (pos0 + tl.arange(0, BLOCK_N)).to(tl.int64)
-        k = rotate_tile(k.to(tl.float32), kp, kpos64[:, None], freq, mscale)
+        k = rotate_tile(k.to(tl.float32), kp, kpos.to(tl.int64)[:, None], freq, mscale)
     s = tl.dot(q, tl.trans(k.to(DOT_DTYPE)), input_precision=PRECISION)
     is_seg = i < num_seg
-    full = (o0 + BLOCK_N <= blen) & (is_seg | (pos0 + BLOCK_N - 1 <= q_pos_min))
-    if not full:
-        kpos = pos0 + tl.arange(0, BLOCK_N)
-        visible = valid[None, :] & (is_seg | (kpos[None, :] <= q_pos[:, None]))  # eq. (7)
+    all_valid = tl.min(valid.to(tl.int32), 0) > 0
+    latest_own = tl.max(tl.where(is_seg, -1, kpos), 0)
+    if not (all_valid & (latest_own <= q_pos_min)):
+        visible = valid[None, :] & (is_seg[None, :] | (kpos[None, :] <= q_pos[:, None]))  # eq. (7)
         s = tl.where(visible, s, float("-inf"))
     return _softmax_update(s, v, m_i, l_i, acc, DOT_DTYPE, PRECISION)
 
 
-@triton.jit(do_not_specialize=["G", "D", "S", "tiles_per_split", "splits"])
+@triton.jit(do_not_specialize=["G", "D", "blocks_per_split", "splits"])
 def _attention_kernel(
     # tensors
     q_ptr,
@@ -219,16 +223,14 @@ def _attention_kernel(
     stride_meta,
     G,
     D,
-    S,
-    tiles_per_split,
+    blocks_per_split,
     splits,
     # compile-time
     BLOCK_Q: tl.constexpr,
     GP: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DP: tl.constexpr,
-    SPB: tl.constexpr,
-    ONE_SHIFT: tl.constexpr,
+    S: tl.constexpr,
     MODE: tl.constexpr,
     SPLIT: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
@@ -273,13 +275,12 @@ def _attention_kernel(
     num_blk = tl.load(num_blocks_ptr + r)
     own_start = tl.load(block_pos_ptr + meta + num_seg)
     end_block = num_seg + tl.minimum(num_blk - num_seg, (last_q_pos - own_start) // S + 1)
-    num_tiles = tl.cdiv(end_block * SPB, BLOCK_N)
-    tile_lo = split * tiles_per_split
-    tile_hi = tl.minimum(tile_lo + tiles_per_split, num_tiles)
+    block_lo = split * blocks_per_split  # decode: this program's share of the blocks
+    block_hi = tl.minimum(block_lo + blocks_per_split, end_block)
 
-    # ---- the query, rotated here unless it depends on the key tile's shift (LAZY)
+    # ---- the query, rotated here unless it depends on the run's shift (LAZY)
     if MODE == 0:
-        q = tl.zeros([BLOCK_M, DP], dtype=DOT_DTYPE)  # set for each run of equal shifts
+        q = tl.zeros([BLOCK_M, DP], dtype=DOT_DTYPE)  # set at the start of each run
     elif MODE == 1:
         q = _rotated_query(q_rows, d, row_ok, d_ok, q_pos_tok, freq, partner, mscale, qk_scale,
                            BLOCK_Q, GP, DP, True, DOT_DTYPE)  # fmt: skip
@@ -291,76 +292,26 @@ def _attention_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, DP], tl.float32)
 
-    if ONE_SHIFT:
-        # Tiles lie inside blocks. Walk *runs* of blocks with one shift (a segment, the
-        # own tokens): rotate the query once per run (eq. 8), then an inner loop with
-        # nothing but loads, two products and the softmax, which the compiler pipelines.
-        TPB: tl.constexpr = SPB // BLOCK_N
-        t = tile_lo
-        while t < tile_hi:
-            if MODE == 0:
-                i = t // TPB
-                shift = tl.load(block_shift_ptr + meta + i)
-                run_end = _shift_run_end(block_shift_ptr + meta, i, shift, end_block, 64)
-                t_end = tl.minimum(run_end * TPB, tile_hi)
-                q = _rotated_query(q_rows, d, row_ok, d_ok, q_pos_tok - shift.to(tl.int64), freq, partner, mscale,
-                                   qk_scale, BLOCK_Q, GP, DP, True, DOT_DTYPE)  # fmt: skip
-            else:
-                t_end = tile_hi
-            for tt in range(t, t_end):
-                m_i, l_i, acc = _block_tile(
-                    q, m_i, l_i, acc, tt,
-                    k_ptr, v_ptr, block_table_ptr + meta, block_pos_ptr + meta, block_len_ptr + meta,
-                    num_seg, q_pos, q_pos_min, kv_head, d, d_ok, freq, partner, mscale,
-                    stride_kn, stride_ks, stride_kh, stride_vn, stride_vs, stride_vh,
-                    BLOCK_N, TPB, MODE, DOT_DTYPE, PRECISION,
-                )  # fmt: skip
-            t = t_end
-    else:
-        # Blocks smaller than a tile: a tile straddles blocks, each key row carries its
-        # own block's metadata, and the scores are assembled from one product per
-        # distinct shift among the tile's keys (usually one).
-        n = tl.arange(0, BLOCK_N)
-        current_shift = tl.full([], 1 << 40, tl.int64)  # no shift is this: rotate at first use
-        for t in range(tile_lo, tile_hi):
-            j = t * BLOCK_N + n
-            i = j // SPB
-            o = j % SPB
-            in_range = i < end_block
-            phys = tl.load(block_table_ptr + meta + i, mask=in_range, other=0).to(tl.int64)
-            blen = tl.load(block_len_ptr + meta + i, mask=in_range, other=0)
-            kpos = tl.load(block_pos_ptr + meta + i, mask=in_range, other=0) + o
-            valid = in_range & (o < blen)
-            kv_mask = valid[:, None] & d_ok[None, :]
-            k_rows = k_ptr + phys * stride_kn + o * stride_ks + kv_head * stride_kh
-            k = tl.load(k_rows[:, None] + d[None, :], mask=kv_mask, other=0.0)
-            v_rows = v_ptr + phys * stride_vn + o * stride_vs + kv_head * stride_vh
-            v = tl.load(v_rows[:, None] + d[None, :], mask=kv_mask, other=0.0)
-            if MODE == 0:
-                shifts = tl.load(block_shift_ptr + meta + i, mask=in_range, other=0).to(tl.int64)
-                k = k.to(DOT_DTYPE)
-                s = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-                todo = valid
-                while tl.max(todo.to(tl.int32), 0) > 0:
-                    # The shift already in `q` first (no rotation), then the others.
-                    has_current = tl.max((todo & (shifts == current_shift)).to(tl.int32), 0) > 0
-                    shift = tl.where(has_current, current_shift, tl.min(tl.where(todo, shifts, 1 << 40), 0))
-                    if shift != current_shift:
-                        q = _rotated_query(q_rows, d, row_ok, d_ok, q_pos_tok - shift, freq, partner,
-                                           mscale, qk_scale, BLOCK_Q, GP, DP, True, DOT_DTYPE)  # fmt: skip
-                        current_shift = shift
-                    these = todo & (shifts == shift)
-                    s = tl.where(these[None, :], tl.dot(q, tl.trans(k), input_precision=PRECISION), s)
-                    todo = todo & (shifts != shift)
-            else:
-                if MODE == 1:
-                    kp = tl.load(k_rows[:, None] + partner, mask=kv_mask, other=0.0).to(tl.float32)
-                    k = rotate_tile(k.to(tl.float32), kp, kpos.to(tl.int64)[:, None], freq, mscale)
-                s = tl.dot(q, tl.trans(k.to(DOT_DTYPE)), input_precision=PRECISION)
-            is_seg = i < num_seg
-            visible = valid[None, :] & (is_seg[None, :] | (kpos[None, :] <= q_pos[:, None]))  # eq. (7)
-            s = tl.where(visible, s, float("-inf"))
-            m_i, l_i, acc = _softmax_update(s, v, m_i, l_i, acc, DOT_DTYPE, PRECISION)
+    # ---- runs of blocks with one shift; key tiles inside each run
+    b = block_lo
+    while b < block_hi:
+        if MODE == 0:
+            shift = tl.load(block_shift_ptr + meta + b)
+            run_end = _shift_run_end(block_shift_ptr + meta, b, shift, block_hi, 64)
+            # Eq. (8): the query at p − δ, once for the whole run.
+            q = _rotated_query(q_rows, d, row_ok, d_ok, q_pos_tok - shift.to(tl.int64), freq, partner, mscale,
+                               qk_scale, BLOCK_Q, GP, DP, True, DOT_DTYPE)  # fmt: skip
+        else:
+            run_end = block_hi
+        for j0 in range(b * S, run_end * S, BLOCK_N):
+            m_i, l_i, acc = _key_tile(
+                q, m_i, l_i, acc, j0, run_end * S,
+                k_ptr, v_ptr, block_table_ptr + meta, block_pos_ptr + meta, block_len_ptr + meta,
+                num_seg, q_pos, q_pos_min, kv_head, d, d_ok, freq, partner, mscale,
+                stride_kn, stride_ks, stride_kh, stride_vn, stride_vs, stride_vh,
+                S, BLOCK_N, MODE, DOT_DTYPE, PRECISION,
+            )  # fmt: skip
+        b = run_end
 
     # ---- write: the normalised output, or this split's partial (decode)
     out_rows = (q_lo + tok).to(tl.int64) * stride_ot + head * stride_oh
@@ -433,8 +384,6 @@ class Plan(NamedTuple):
     gp: int
     block_n: int
     dp: int
-    spb: int
-    one_shift: bool
     splits: int
     num_warps: int
     num_stages: int
@@ -464,7 +413,7 @@ def plan(
     Args:
         work_items: programs before splitting (decode: ``B · Hkv``).
         max_key_slots: longest request's blocks times the block size, an upper bound of
-            its key tiles; decode splits them so that the GPU is filled.
+            its key slots; decode splits them so that the GPU is filled.
     """
     g = num_heads // num_kv_heads
     dp = max(16, triton.next_power_of_2(head_dim))
@@ -482,7 +431,6 @@ def plan(
     else:
         gp = triton.next_power_of_2(g)
         block_q = max(1, block_m // gp)  # a group wider than the tile gets a tile alone
-    spb = block_size if block_size < block_n else triton.cdiv(block_size, block_n) * block_n
     splits = 1
     if decode and not interpret:
         # Flash-decoding: about four programs per SM, at least 4 key tiles per split.
@@ -494,7 +442,7 @@ def plan(
     rows = block_q * gp
     num_warps = 8 if rows * dp >= 128 * 128 else 4
     num_stages = 2 if wide else 3
-    return Plan(block_q, gp, block_n, dp, spb, spb % block_n == 0, splits, num_warps, num_stages)
+    return Plan(block_q, gp, block_n, dp, splits, num_warps, num_stages)
 
 
 def attend(
@@ -535,8 +483,7 @@ def attend(
         raise ValueError(f"rope tables padded to {tables.freq.shape[0]} channels, the plan needs {pl.dp}")
     out = buffers.empty((tq, h, d), q.dtype, q.device)
     lse = buffers.empty((tq, h), torch.float32, q.device)
-    tiles_total = triton.cdiv(m * pl.spb, pl.block_n)
-    tiles_per_split = triton.cdiv(tiles_total, pl.splits)
+    blocks_per_split = triton.cdiv(m, pl.splits)
     if pl.splits > 1:
         part = buffers.empty((tq, h, pl.splits, d), torch.float32, q.device)
         part_lse = buffers.empty((tq, h, pl.splits), torch.float32, q.device)
@@ -557,9 +504,9 @@ def attend(
         dest.stride(0), dest.stride(1), stride_op,
         dest_lse.stride(0), dest_lse.stride(1),
         meta.block_table.stride(0),
-        h // hkv, d, s, tiles_per_split, pl.splits,
-        BLOCK_Q=pl.block_q, GP=pl.gp, BLOCK_N=pl.block_n, DP=pl.dp, SPB=pl.spb,
-        ONE_SHIFT=pl.one_shift, MODE=mode, SPLIT=pl.splits > 1,
+        h // hkv, d, blocks_per_split, pl.splits,
+        BLOCK_Q=pl.block_q, GP=pl.gp, BLOCK_N=pl.block_n, DP=pl.dp, S=s,
+        MODE=mode, SPLIT=pl.splits > 1,
         DOT_DTYPE=_dot_dtype(q.dtype, q.device),
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         WRITE_LSE=return_lse or pl.splits > 1,

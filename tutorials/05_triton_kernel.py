@@ -123,52 +123,52 @@ print("row -> (token, head in group):", list(zip((rows // plan.gp).tolist(), (ro
 assert plan.block_q * plan.gp >= 16  # the matrix units want at least 16 rows
 
 # %% [markdown]
-# ## 4. Key tiles and shift runs
+# ## 4. Shift runs and key tiles
 #
-# Keys are walked in *tile space*: block `i` of the request occupies slots
-# `[i·SPB, (i+1)·SPB)`. When `SPB` is a multiple of `BLOCK_N` a key tile lies inside one
-# block, so it has one shift. The kernel then walks **runs** of blocks with equal shift —
-# a whole segment, then the own tokens — rotating the query once at the start of each run
-# (from the pre-RoPE query, reloaded from memory: `m R(p - δ) q`) and running an inner
-# loop that only loads, multiplies and updates the online softmax.
+# The program walks the request's blocks in **runs**: maximal ranges of consecutive blocks
+# with one shift — a whole segment, then the own tokens. At the start of a run it rotates
+# the query once, `m R(p − δ) q`, from the pre-RoPE query (reloaded from memory, it is hot
+# in cache); then an inner loop walks the run's slots in key tiles of `BLOCK_N`, whatever
+# the block size: slot `j` is token `j mod S` of block `j // S`, and each row of the tile
+# gathers its own block's physical id. That inner loop holds only loads, two matrix
+# products and the online-softmax update, which the compiler software-pipelines.
 #
-# Here is that walk, replayed in Python for the program of request 0's *last* query tile,
-# with the tile sizes the kernel uses on a GPU (`BLOCK_N = 64` keys, so a 16-token block is
-# a quarter of a tile and the tiles straddle blocks — the kernel's other path, one product
-# per distinct shift in the tile) and with `BLOCK_N = 16` (one block per tile).
+# Here is that walk, replayed in Python for the program that holds request 0's *last*
+# query tile, with the GPU's `BLOCK_N = 64` (a tile spans four 16-token blocks) and with
+# `BLOCK_N = 16` (one block per tile).
 
 # %%
 def replay(meta, r, block_n, q_last):
-    """The tiles one program visits, with the shift each tile uses and whether it masks."""
-    spb = S if S < block_n else triton.cdiv(S, block_n) * block_n
+    """The runs and key tiles one program visits: (shift, first slot, slots) per tile."""
     num_seg, num_blk = int(meta.num_segment_blocks[r]), int(meta.num_blocks[r])
     own_start = int(meta.block_pos[r, num_seg])
     end_block = num_seg + min(num_blk - num_seg, (q_last - own_start) // S + 1)
-    tiles, rotations, current = [], 0, None
-    for t in range(triton.cdiv(end_block * spb, block_n)):
-        blocks = sorted({j // spb for j in range(t * block_n, (t + 1) * block_n) if j // spb < end_block})
-        shifts = sorted({int(meta.block_shift[r, i]) for i in blocks})
-        # The kernel takes the shift already in the rotated query first, then the rest.
-        for shift in sorted(shifts, key=lambda x: (x != current, x)):
-            if shift != current:
-                rotations, current = rotations + 1, shift
-        tiles.append((t, blocks, shifts))
-    return tiles, rotations
+    runs, b = [], 0
+    while b < end_block:
+        shift = int(meta.block_shift[r, b])
+        end = b
+        while end < end_block and int(meta.block_shift[r, end]) == shift:
+            end += 1
+        tiles = [(j0, min(block_n, end * S - j0)) for j0 in range(b * S, end * S, block_n)]
+        runs.append((shift, tiles))
+        b = end
+    return runs
 
 
 q_last = int(meta.query_start[0]) + 23
 for block_n in (64, 16):
-    tiles, rotations = replay(meta, 0, block_n, q_last)
-    print(f"BLOCK_N={block_n}: {len(tiles)} key tiles, {rotations} query rotations")
-    for t, blocks, shifts in tiles:
-        print(f"   tile {t}: blocks {blocks}, shifts {shifts}")
+    runs = replay(meta, 0, block_n, q_last)
+    print(f"BLOCK_N={block_n}: {len(runs)} runs (= query rotations), {sum(len(t) for _, t in runs)} key tiles")
+    for shift, tiles in runs:
+        print(f"   shift {shift:>6}: tiles (first slot, slots) {tiles}")
     # Three runs (B, A, own tokens): three rotations, whatever the tiling.
-    assert rotations == 3
+    assert len(runs) == 3
 
 # %% [markdown]
-# **Masks** (eq. 7) are applied only where a tile needs them: a block's invalid tail
-# (document A's last block holds 8 of 16 tokens — those slots hold NaN here, and a kernel
-# that read them would return NaN), and own keys after some query of the tile (causal).
+# **Masks** (eq. 7) are applied only where a tile needs them: slots past the run's end
+# (a tile is cut at the run's last block), a block's invalid tail (document A's last
+# block holds 8 of 16 tokens — those slots hold NaN here, and a kernel that read them
+# would return NaN), and own keys after some query of the tile (causal).
 # Own blocks wholly after the tile's last query are never visited.
 #
 # ## 5. The kernel against the reference
