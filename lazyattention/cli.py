@@ -86,6 +86,13 @@ def _default_device(backend: str) -> str:
     return "cuda" if backend == "fast" else "cpu"
 
 
+def _cpu_threads(device: str, model_name: str) -> None:
+    """The tiny model's matmuls are far too small for intra-op threads: on a CPU they
+    only add hand-off cost (about 100x on a loaded 2-core machine), so use one."""
+    if device == "cpu" and model_name == "tiny":
+        torch.set_num_threads(1)
+
+
 # --------------------------------------------------------------------------- demo
 
 
@@ -247,6 +254,7 @@ def demo(args) -> int:
     from lazyattention.reference.model import attention_backend
 
     device = args.device or _default_device(args.backend)
+    _cpu_threads(device, "tiny")
     start = time.perf_counter()
     _say(f"lazyattention demo: backend={args.backend}, device={device}\n")
     _semantics_demo(attention_backend(args.backend), device, args.seed)
@@ -263,28 +271,27 @@ def demo(args) -> int:
 
 def _min_blocks(workload, strategies, block_size: int) -> int:
     """The smallest budget in which every request fits alone under every strategy."""
-    need = 0
-    for r in workload.requests:
-        docs = workload.request_documents(r)
-        doc_blocks = sum(-(-len(d) // block_size) for d in docs)
-        own = -(-(len(r.query) + r.max_new_tokens - 1) // block_size)
-        full = -(-(sum(map(len, docs)) + len(r.query) + r.max_new_tokens - 1) // block_size)
-        per = {"lazy": doc_blocks + own, "raw_cache": doc_blocks + own, "block_attention": 2 * doc_blocks + own,
-               "prefix_cache": doc_blocks + own, "recompute": full}
-        need = max(need, *(per[s] for s in strategies))
-    return need
+    from lazyattention.reference.engine import blocks_needed
+
+    return max(
+        blocks_needed(s, block_size, r.query, workload.request_documents(r), r.max_new_tokens)
+        for r in workload.requests
+        for s in strategies
+    )
 
 
 def run_sweep(model, base, alphas, budgets, block_size=16, max_num_seqs=16, max_batch_tokens=4096,
-              strategies=None, skew=1.0, budget=1.0, progress=None, warmup=True) -> list[dict]:
+              strategies=None, skew=1.0, budget=1.0, progress=None, warmup: int = 2) -> list[dict]:
     """Serve workloads drawn from ``base`` under every strategy.
 
     Two sweeps share one table: popularity skew ``α`` in ``alphas`` at budget
     fraction ``budget``, and budget fraction in ``budgets`` at skew ``skew``. A budget
     fraction ``f`` means ``ceil(f ×`` the blocks the whole document pool needs ``)``,
     raised to the smallest budget in which every request fits alone (recorded as
-    ``num_blocks``). With ``warmup``, each strategy first serves two requests untimed
-    (kernel compilation, allocator growth).
+    ``num_blocks``). Each strategy first serves the first ``warmup`` requests of the
+    first workload untimed, on an engine of its own (kernel compilation — Triton
+    specialises kernels on argument values, so a GPU run wants the whole workload
+    here — and allocator growth).
 
     Returns:
         one dict per run: the :class:`Metrics` fields plus ``sweep``, ``alpha``,
@@ -296,7 +303,7 @@ def run_sweep(model, base, alphas, budgets, block_size=16, max_num_seqs=16, max_
     strategies = list(strategies or STRATEGIES)
     plan = [("skew", a, budget) for a in alphas] + [("budget", skew, f) for f in budgets]
     runs = []
-    warmed = set() if warmup else set(strategies)
+    warmed = set() if warmup > 0 else set(strategies)
     for sweep, alpha, fraction in plan:
         workload = make_workload(replace(base, zipf_alpha=alpha))
         pool_blocks = sum(-(-len(d) // block_size) for d in workload.documents)
@@ -304,8 +311,9 @@ def run_sweep(model, base, alphas, budgets, block_size=16, max_num_seqs=16, max_
         for strategy in strategies:
             if strategy not in warmed:  # compile kernels, fill allocators: not timed
                 warm = Engine(model, strategy, num_blocks=num_blocks, block_size=block_size, max_num_seqs=max_num_seqs)
-                for spec in workload.requests[:2]:
-                    warm.generate(spec.query, workload.request_documents(spec), spec.max_new_tokens)
+                for spec in workload.requests[:warmup]:
+                    warm.add_request(spec.query, workload.request_documents(spec), spec.max_new_tokens)
+                warm.run_until_done()
                 warmed.add(strategy)
             engine = Engine(model, strategy, num_blocks=num_blocks, block_size=block_size,
                             max_num_seqs=max_num_seqs, max_batch_tokens=max_batch_tokens)
@@ -363,6 +371,7 @@ def bench(args) -> int:
 
     device = args.device or _default_device(args.backend)
     dtype = DTYPES[args.dtype]
+    _cpu_threads(device, args.model)
     model = _build_model(args.model, args.backend, dtype, device, args.seed)
     base = WorkloadConfig(
         num_requests=args.requests, num_documents=args.documents, doc_len_mean=args.doc_len,

@@ -52,7 +52,7 @@ from .cache import BlockPool, OutOfBlocks, Segment, SegmentStore, content_key
 from .layout import Layout, Placement, RequestLayout
 from .model import Model, StepInputs
 
-__all__ = ["STRATEGIES", "Request", "EngineStats", "Engine", "QualityReport", "quality_check"]
+__all__ = ["STRATEGIES", "Request", "EngineStats", "Engine", "QualityReport", "blocks_needed", "quality_check"]
 
 #: The reuse strategies, all served by the same :class:`Engine`.
 STRATEGIES = ("lazy", "block_attention", "prefix_cache", "recompute", "raw_cache")
@@ -293,23 +293,12 @@ class Engine:
     # ------------------------------------------------------------------ budget and admission
 
     def _own_blocks_needed(self, req: Request) -> int:
-        written = len(req.query) + req.max_new_tokens - 1  # the last generated token is never fed back
-        if self.strategy == "recompute":
-            written += req.document_tokens
-        return self.store.blocks_needed(written)
+        return _own_blocks(self.strategy, self.block_size, len(req.query), req.document_tokens, req.max_new_tokens)
 
     def blocks_needed(self, req: Request) -> int:
-        """Blocks ``req`` needs at once under this strategy with nothing else cached:
-        its documents (each distinct one once), Block-Attention's copies, and its own
-        tokens up to ``max_new_tokens``."""
-        need = self._own_blocks_needed(req)
-        if self.strategy in ("lazy", "raw_cache", "block_attention"):
-            need += sum(self.store.blocks_needed(len(d)) for d in {content_key(d): d for d in req.documents}.values())
-        if self.strategy == "block_attention":
-            need += sum(self.store.blocks_needed(len(d)) for d in req.documents)
-        if self.strategy == "prefix_cache":
-            need += sum(self.store.blocks_needed(len(d)) for d in req.documents)
-        return need
+        """Blocks ``req`` needs at once under this strategy with nothing else cached
+        (see :func:`blocks_needed`)."""
+        return blocks_needed(self.strategy, self.block_size, req.query, req.documents, req.max_new_tokens)
 
     def _admit(self) -> None:
         while self.waiting and len(self.running) < self.max_num_seqs:
@@ -501,6 +490,33 @@ class Engine:
         """The request's own tokens ``0..length-1``, stored where they sit (shift 0)."""
         k = self.store.blocks_needed(length)
         return Placement(tuple(req.own_blocks[:k]), length, start=req.own_start, stored_start=req.own_start)
+
+
+def _own_blocks(strategy: str, block_size: int, query_len: int, document_tokens: int, max_new_tokens: int) -> int:
+    written = query_len + max_new_tokens - 1  # the last generated token is never fed back
+    if strategy == "recompute":
+        written += document_tokens  # the documents are the request's own tokens
+    return -(-written // block_size)
+
+
+def blocks_needed(strategy: str, block_size: int, query, documents, max_new_tokens: int) -> int:
+    """KV blocks one request needs at once under ``strategy`` with nothing else cached:
+    its documents (each distinct one once; ``prefix_cache`` keys them by prefix),
+    Block-Attention's per-request copies, and its own tokens up to ``max_new_tokens``.
+    An engine refuses a request that needs more than its whole budget."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    documents = [list(d) for d in documents]
+
+    def blocks(d) -> int:
+        return -(-len(d) // block_size)
+
+    need = _own_blocks(strategy, block_size, len(query), sum(map(len, documents)), max_new_tokens)
+    if strategy in ("lazy", "raw_cache", "block_attention"):
+        need += sum(blocks(d) for d in {content_key(d): d for d in documents}.values())
+    if strategy in ("block_attention", "prefix_cache"):
+        need += sum(blocks(d) for d in documents)
+    return need
 
 
 def _token_list(tokens, what: str, vocab_size: int) -> list[int]:
