@@ -59,6 +59,7 @@ import triton.language as tl
 from ..reference.layout import BlockMetadata
 from . import buffers
 from .rope import RopeTables, rope_cos_sin, rotate_tile
+from .rounding import emulate_rtne, round_to
 
 __all__ = ["LAZY", "RAW", "NONE", "Plan", "plan", "attend", "merge_partials"]
 
@@ -236,6 +237,7 @@ def _attention_kernel(
     DOT_DTYPE: tl.constexpr,
     PRECISION: tl.constexpr,
     WRITE_LSE: tl.constexpr,
+    EMULATE_RTNE: tl.constexpr,
 ):
     BLOCK_M: tl.constexpr = BLOCK_Q * GP
     # Heaviest tiles (last queries: most own keys) first, for a better tail.
@@ -323,7 +325,8 @@ def _attention_kernel(
         out_rows += split * stride_op
         lse_rows += split
     out_mask = row_ok[:, None] & d_ok[None, :]
-    tl.store(out_ptr + out_rows[:, None] + d[None, :], out.to(out_ptr.dtype.element_ty), mask=out_mask)
+    out = round_to(out, out_ptr.dtype.element_ty, EMULATE_RTNE)
+    tl.store(out_ptr + out_rows[:, None] + d[None, :], out, mask=out_mask)
     if WRITE_LSE:
         tl.store(lse_ptr + lse_rows, lse, mask=row_ok)
 
@@ -347,6 +350,7 @@ def _merge_kernel(
     stride_rh,
     PP: tl.constexpr,
     DP: tl.constexpr,
+    EMULATE_RTNE: tl.constexpr,
 ):
     """Combine ``P`` partial attentions of one (token, head) by log-sum-exp (eq. 12).
 
@@ -370,7 +374,8 @@ def _merge_kernel(
     )
     out = tl.sum(parts * w[:, None], 0) / tl.where(total > 0.0, total, 1.0)
     lse = tl.where(total > 0.0, top + tl.log(total), float("-inf"))
-    tl.store(out_ptr + t * stride_ot + h * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=d < D)
+    tl.store(out_ptr + t * stride_ot + h * stride_oh + d, round_to(out, out_ptr.dtype.element_ty, EMULATE_RTNE),
+             mask=d < D)
     tl.store(lse_ptr + t * stride_rt + h * stride_rh, lse)
 
 
@@ -510,6 +515,7 @@ def attend(
         DOT_DTYPE=_dot_dtype(q.dtype, q.device),
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         WRITE_LSE=return_lse or pl.splits > 1,
+        EMULATE_RTNE=emulate_rtne(dest.dtype, q.device),
         num_warps=pl.num_warps, num_stages=pl.num_stages,
     )  # fmt: skip
     if pl.splits > 1:
@@ -531,6 +537,7 @@ def merge_partials(part: torch.Tensor, part_lse: torch.Tensor, out: torch.Tensor
         out.stride(0), out.stride(1),
         lse.stride(0), lse.stride(1),
         PP=max(2, triton.next_power_of_2(p)), DP=max(16, triton.next_power_of_2(d)),
+        EMULATE_RTNE=emulate_rtne(out.dtype, out.device),
     )  # fmt: skip
 
 

@@ -21,6 +21,7 @@ import triton.language as tl
 from ..reference.layout import BlockMetadata
 from . import buffers
 from .rope import RopeTables, rotate_tile
+from .rounding import emulate_rtne, round_to
 
 __all__ = ["write_kv_kernel", "scatter_kv", "materialise"]
 
@@ -50,6 +51,7 @@ def write_kv_kernel(
     BLOCK_T: tl.constexpr,
     DP: tl.constexpr,
     ROTATE: tl.constexpr,
+    EMULATE_RTNE: tl.constexpr,
 ):
     """One program: ``BLOCK_T`` tokens of one KV head. Keys ``m R(pos) k`` (eq. 5)."""
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -67,8 +69,9 @@ def write_kv_kernel(
         freq = tl.load(freq_ptr + d)[None, :]
         mscale = tl.load(mscale_ptr + d)[None, :]
         k = rotate_tile(k.to(tl.float32), kp, pos[:, None], freq, mscale)
+        k = round_to(k, k_cache_ptr.dtype.element_ty, EMULATE_RTNE)
     v = tl.load(v_ptr + t.to(tl.int64)[:, None] * stride_vt + h * stride_vh + d[None, :], mask=mask, other=0.0)
-    tl.store(k_cache_ptr + (slot * stride_cs + h * stride_ch)[:, None] + d[None, :], k.to(k_cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(k_cache_ptr + (slot * stride_cs + h * stride_ch)[:, None] + d[None, :], k, mask=mask)
     tl.store(v_cache_ptr + (slot * stride_ds + h * stride_dh)[:, None] + d[None, :], v, mask=mask)
 
 
@@ -94,7 +97,7 @@ def scatter_kv(k, v, k_cache, v_cache, slots, positions, tables: RopeTables | No
         t, hkv, d,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         kc.stride(0), kc.stride(1), vc.stride(0), vc.stride(1),
-        BLOCK_T=block_t, DP=dp, ROTATE=tables is not None,
+        BLOCK_T=block_t, DP=dp, ROTATE=tables is not None, EMULATE_RTNE=emulate_rtne(k.dtype, k.device),
     )  # fmt: skip
 
 
@@ -123,6 +126,7 @@ def _materialise_kernel(
     stride_oh,
     BLOCK_S: tl.constexpr,
     DP: tl.constexpr,
+    EMULATE_RTNE: tl.constexpr,
 ):
     """One program: logical block ``i`` of request ``r``, one KV head, to block ``r·M + i``.
 
@@ -148,7 +152,7 @@ def _materialise_kernel(
     k = rotate_tile(k, kp, n, freq, 1.0)
     v = tl.load(v_ptr + phys * stride_vn + (o * stride_vs + h * stride_vh)[:, None] + d[None, :], mask=mask, other=0.0)
     dest = (r * M + i).to(tl.int64) * stride_on + (o * stride_os + h * stride_oh)[:, None] + d[None, :]
-    tl.store(k_out_ptr + dest, k.to(k_out_ptr.dtype.element_ty), mask=mask)
+    tl.store(k_out_ptr + dest, round_to(k, k_out_ptr.dtype.element_ty, EMULATE_RTNE), mask=mask)
     tl.store(v_out_ptr + dest, v.to(v_out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -183,7 +187,7 @@ def materialise(
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         k_out.stride(0), k_out.stride(1), k_out.stride(2),
-        BLOCK_S=max(16, triton.next_power_of_2(s)), DP=dp,
+        BLOCK_S=max(16, triton.next_power_of_2(s)), DP=dp, EMULATE_RTNE=emulate_rtne(dtype, k_cache.device),
     )  # fmt: skip
     table = torch.arange(b * m, dtype=torch.int32, device=k_cache.device).view(b, m)
     copied = meta._replace(block_table=table, block_shift=torch.zeros_like(meta.block_shift))
