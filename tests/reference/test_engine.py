@@ -1,9 +1,9 @@
 """The engine: invariants under random request streams, reuse, strategies, bad input.
 
 The stateful property (Hypothesis): draw a document pool (empty documents included),
-a stream of requests over it in random orders, a strategy, a block size and a KV
-budget barely above the largest request, then serve the stream with continuous
-batching. After every step the bookkeeping must hold (``Engine.check_invariants``:
+a stream of requests over it in random orders arriving at random steps, a strategy, a
+block size and a KV budget barely above the largest request, then serve the stream
+with continuous batching. After every step the bookkeeping must hold (``Engine.check_invariants``:
 no leaked block, exact reference counts, every segment a running request uses still
 cached and referenced, request blocks never inside a sealed segment). At the end every
 request has completed, and its tokens and first-token logits equal those of the same
@@ -21,7 +21,7 @@ from hypothesis import example, given, note, target
 from hypothesis import strategies as st
 
 from lazyattention.reference.cache import content_key
-from lazyattention.reference.engine import STRATEGIES, Engine, quality_check
+from lazyattention.reference.engine import STRATEGIES, Engine, blocks_needed, quality_check
 from lazyattention.reference.model import Model, ModelConfig
 from lazyattention.reference.tolerance import assert_close
 
@@ -59,6 +59,7 @@ def streams(draw):
                 st.lists(st.integers(0, len(doc_lengths) - 1), max_size=3),  # documents, in this order
                 st.integers(1, 4),  # query length
                 st.integers(1, 3),  # new tokens
+                st.integers(0, 4),  # the engine step at which it arrives
             ),
             min_size=1,
             max_size=6,
@@ -85,24 +86,30 @@ def _serve_alone(strategy, block_size, query, docs, new):
 
 @given(case=streams())
 @example(case={"strategy": "lazy", "block_size": 4, "slack": 0, "max_num_seqs": 2, "max_batch_tokens": 8,
-               "doc_lengths": [5, 0, 9], "requests": [([0, 1, 2], 2, 2), ([2, 0], 1, 3), ([1], 3, 1)], "seed": 0})
+               "doc_lengths": [5, 0, 9], "requests": [([0, 1, 2], 2, 2, 0), ([2, 0], 1, 3, 1), ([1], 3, 1, 1)],
+               "seed": 0})
 @example(case={"strategy": "block_attention", "block_size": 1, "slack": 0, "max_num_seqs": 4,
-               "max_batch_tokens": 1, "doc_lengths": [3, 3], "requests": [([0, 1], 1, 2), ([1, 0], 1, 2)], "seed": 1})
+               "max_batch_tokens": 1, "doc_lengths": [3, 3], "requests": [([0, 1], 1, 2, 0), ([1, 0], 1, 2, 0)],
+               "seed": 1})
 @example(case={"strategy": "prefix_cache", "block_size": 2, "slack": 1, "max_num_seqs": 3, "max_batch_tokens": 64,
-               "doc_lengths": [4, 6], "requests": [([0, 1], 2, 2), ([0, 1], 1, 1), ([1, 0], 1, 1)], "seed": 2})
+               "doc_lengths": [4, 6], "requests": [([0, 1], 2, 2, 0), ([0, 1], 1, 1, 2), ([1, 0], 1, 1, 2)],
+               "seed": 2})
 def test_random_request_streams(case):
     note(case)
+    stream = sorted(case["requests"], key=lambda r: r[3])  # in arrival order
     g = torch.Generator().manual_seed(case["seed"])
     docs = [_tokens(g, n) for n in case["doc_lengths"]]
-    reqs = [(_tokens(g, q), [docs[i] for i in order], new) for order, q, new in case["requests"]]
+    reqs = [(_tokens(g, q), [docs[i] for i in order], new) for order, q, new, _ in stream]
+    arrivals = [step for *_, step in stream]
     s = case["block_size"]
-    probe = Engine(MODEL64, case["strategy"], num_blocks=512, block_size=s)
-    biggest = max(probe.blocks_needed(probe.add_request(q, d, n)) for q, d, n in reqs)
+    biggest = max(blocks_needed(case["strategy"], s, q, d, n) for q, d, n in reqs)
     engine = Engine(MODEL64, case["strategy"], num_blocks=biggest + case["slack"], block_size=s,
                     max_num_seqs=case["max_num_seqs"], max_batch_tokens=case["max_batch_tokens"], keep_logits=True)
-    served = [engine.add_request(q, d, n) for q, d, n in reqs]
+    served = []
     steps = 0
-    while engine.has_work():
+    while len(served) < len(reqs) or engine.has_work():
+        # requests arrive while others run: continuous batching
+        served += [engine.add_request(*reqs[i]) for i in range(len(served), len(reqs)) if arrivals[i] <= steps]
         engine.step()
         engine.check_invariants()
         steps += 1
