@@ -14,6 +14,9 @@ request served alone on an empty engine. The model runs in float64 so that batch
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -262,3 +265,52 @@ def test_quality_check_reports_rounding_only_between_lazy_and_block_attention():
     assert report.lazy_vs_block_agreement == 1.0
     assert report.lazy_vs_full_logits > 1e-4  # documents that see each other: another function
     assert math.isclose(report.block_vs_full_logits, report.lazy_vs_full_logits, rel_tol=1e-6)
+
+
+FAST_SCRIPT = """
+import torch
+from lazyattention.reference.engine import STRATEGIES, Engine
+from lazyattention.reference.model import Model, ModelConfig
+from lazyattention.reference.tolerance import assert_close
+
+torch.set_num_threads(1)
+cfg = ModelConfig.tiny(vocab_size=64, num_layers=2)
+base = Model(cfg).init_random(0, std=0.1)
+
+def clone(backend, dtype):
+    model = Model(cfg, backend=backend)
+    model.load_state_dict(base.state_dict())
+    return model.to(dtype)
+
+g = torch.Generator().manual_seed(0)
+docs = [torch.randint(0, 64, (n,), generator=g).tolist() for n in (21, 0, 9, 16)]
+requests = [([1, 2, 3], docs[:3]), ([4], [docs[2], docs[1], docs[0], docs[3]])]
+
+def serve(model, strategy):
+    engine = Engine(model, strategy, num_blocks=48, block_size=8, keep_logits=True)
+    engine.generate([5], [docs[3], docs[0]], 1)
+    reqs = [engine.add_request(q, d, 3) for q, d in requests]
+    engine.run_until_done()
+    engine.check_invariants()
+    return reqs
+
+for strategy in STRATEGIES:
+    oracle = serve(clone("reference", torch.float64), strategy)
+    reference = serve(clone("reference", torch.float32), strategy)
+    fast = serve(clone("fast", torch.float32), strategy)
+    for f, r, o in zip(fast, reference, oracle):
+        assert f.output == r.output, (strategy, f.output, r.output)
+        assert_close(f.first_logits, o.first_logits, r.first_logits, torch.float32, strategy)
+print("ok")
+"""
+
+
+def test_fast_backend_serves_like_the_reference():
+    """The model and engine through ``lazyattention.fast`` (its Triton kernels on the
+    CPU under ``TRITON_INTERPRET=1``, set in a fresh process before Triton loads):
+    every strategy, an empty document included, gives the reference's tokens and
+    first-token logits within the tolerance rule (oracle: the reference in float64)."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    result = subprocess.run([sys.executable, "-c", FAST_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
