@@ -507,8 +507,10 @@ def check_api_names(markdown: str, page_uri: str) -> None:
 
 # --------------------------------------------------------------------------- links to the API
 
+# A code span that is not already the text of a link (`[`x`](url)` or `[`x`][id]`).
 INLINE_CODE = re.compile(
-    r"(?<![`\\])`(?:lazyattention\.(reference|fast)\.)?([A-Za-z_][A-Za-z0-9_]*)(?:\.([A-Za-z_][A-Za-z0-9_]*))?`(?!`)"
+    r"(?<![`\\\[])`(?:lazyattention\.(reference|fast)\.)?([A-Za-z_][A-Za-z0-9_]*)(?:\.([A-Za-z_][A-Za-z0-9_]*))?`"
+    r"(?![`\]])"
 )
 FENCE = re.compile(r"^[ \t]*(```|~~~)[^\n]*\n.*?^[ \t]*\1[ \t]*$", re.S | re.M)
 

@@ -121,6 +121,12 @@ def test_figures_come_from_files(site: Path):
         assert "figures:" not in page.read_text(encoding="utf-8"), page
 
 
+def test_no_nested_links(site: Path):
+    """Auto-linked API names never nest a link inside a link."""
+    nested = [str(p.relative_to(site)) for p in site.rglob("*.html") if "</a></a>" in p.read_text("utf-8")]
+    assert not nested, nested
+
+
 def test_no_math_in_navigation(site: Path):
     """Math in a heading reaches the table of contents as raw TeX: keep headings plain."""
     nav_text = re.compile(r'class="md-ellipsis">(.*?)</span>', re.S)
