@@ -413,8 +413,9 @@ def sweep() -> list[dict]:
         meta = layout.metadata("cuda")
         base = fast_attend.plan(HEADS, KV_HEADS, d, BLOCK, DTYPE, q.device, False, 0, 0)
         flops = 4 * HEADS * d * 2 * (QUERIES * (tk - QUERIES) + QUERIES * (QUERIES + 1) / 2)
-        for cfg in ((128, 64, 8, 2), (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (128, 128, 8, 3),
-                    (64, 64, 4, 3), (64, 64, 4, 4), (128, 32, 8, 3)):  # fmt: skip
+        configs = {128: ((128, 128, 8, 2), (128, 64, 8, 2), (64, 64, 4, 3)),
+                   64: ((128, 64, 4, 3), (128, 64, 4, 2), (128, 128, 8, 2))}  # fmt: skip
+        for cfg in configs[d]:
             tiles = with_tiles(base, *cfg)
             for mode in (fast_attend.LAZY, fast_attend.NONE):
                 fn = lambda: fast_attend.attend(q, k_cache, v_cache, meta, tables, QUERIES, 0.1, mode, False, False,  # noqa: E731
@@ -437,8 +438,8 @@ def sweep() -> list[dict]:
         base = fast_attend.plan(HEADS, KV_HEADS, 128, BLOCK, DTYPE, q.device, True, batch * KV_HEADS, tk)
         nbytes = 2 * batch * tk * KV_HEADS * 128 * 2
         sms = torch.cuda.get_device_properties(0).multi_processor_count
-        for block_n, warps, stages in ((64, 4, 3), (64, 4, 4), (128, 4, 3), (128, 8, 3), (32, 4, 4), (64, 2, 4)):
-            for per_sm in (2, 4, 8):
+        for block_n, warps, stages in ((128, 4, 3), (128, 4, 2), (64, 4, 3)):
+            for per_sm in (4, 8):
                 splits = max(1, min(triton.cdiv(per_sm * sms, batch * KV_HEADS), tk // block_n // 4))
                 tiles = with_tiles(base, 16, block_n, warps, stages, splits)
                 for mode in (fast_attend.LAZY, fast_attend.NONE):

@@ -4,8 +4,9 @@ Run: ``python benchmarks/plot_kernels.py benchmarks/results/kernels_h100.json``.
 
 Writes ``benchmarks/results/<name>.png`` (prefill throughput and decode bandwidth, one
 line per provider) and ``docs/benchmarks/kernels.md`` (the tables, every target with its
-verdict, the method). Nothing on the page is typed by hand: rerun this script after
-committing a new result file.
+verdict, the method). No figure on the page is typed by hand: rerun this script after
+committing a new result file. The analysis of the figures (why a target is missed) is
+prose in ``benchmarks/results/<name>.notes.md``, appended to the page when present.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ def _cell(value, fmt, parity) -> str:
     return format(value, fmt) + (" (parity FAIL)" if parity is False else "")
 
 
-def page(result: dict, name: str, png: str) -> str:
+def page(result: dict, name: str, png: str, notes: str | None) -> str:
     env, ceil = result["environment"], result["ceilings"]
     lines = [
         "# Kernels (H100)",
@@ -133,9 +134,8 @@ def page(result: dict, name: str, png: str) -> str:
             v = r["tb_per_s"].get(n)
             cells.append("n/a" if v is None else _cell(v, ".2f", r["parity"].get(n)) + f" ({v / ceil['copy_tb_per_s']:.0%})")
         lines.append(f"| {r['batch']} | {r['Tk']} | " + " | ".join(cells) + " |")
-    notes = result.get("notes")
     if notes:
-        lines += ["", "## What the numbers say", ""] + [f"* {n}" for n in notes]
+        lines += ["", notes.strip()]
     lines.append("")
     return "\n".join(lines)
 
@@ -148,7 +148,9 @@ def main() -> None:
     result = json.loads(args.result.read_text())
     png = args.result.with_suffix(".png")
     plot(result, png)
-    args.page.write_text(page(result, args.result.stem, png.name))
+    notes_path = args.result.with_suffix(".notes.md")
+    notes = notes_path.read_text() if notes_path.exists() else None
+    args.page.write_text(page(result, args.result.stem, png.name, notes))
     print(f"wrote {png} and {args.page}")
 
 

@@ -77,12 +77,12 @@ LN2 = 0.6931471805599453
 @triton.jit
 def _rotated_query(
     q_rows,
+    qp_rows,
     d,
     row_ok,
     d_ok,
     n_tok,
     freq,
-    partner,
     mscale,
     qk_scale,
     BLOCK_Q: tl.constexpr,
@@ -93,16 +93,19 @@ def _rotated_query(
 ):
     """The query tile ``m R(n) q · qk_scale`` in the dot dtype, ``[BLOCK_M, DP]``.
 
-    Reloads the pre-RoPE query (and its partner channels) from memory rather than
-    keeping a float32 copy in registers: it is called once per distinct shift, and the
-    tile is hot in L1/L2. Angles are computed per token (``n_tok [BLOCK_Q, 1]``) and
-    broadcast over the ``GP`` heads of the group, so trigonometry costs ``1/G`` of the
-    tile.
+    Reloads the pre-RoPE query from memory rather than keeping a float32 copy in
+    registers: it is called once per run of equal shifts, and the tile is hot in L1/L2.
+    The partner channels come from ``qp_rows``, a copy of the query with its channels
+    permuted on the host (``q[..., partner]``), so both loads are contiguous and
+    vectorised — a per-element gather would need an address per element, and those
+    addresses alone overflow the register file. Angles are computed per token
+    (``n_tok [BLOCK_Q, 1]``) and broadcast over the ``GP`` heads of the group, so
+    trigonometry costs ``1/G`` of the tile.
     """
     mask = row_ok[:, None] & d_ok[None, :]
     x = tl.load(q_rows[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32)
     if ROTATE:
-        xp = tl.load(q_rows[:, None] + partner, mask=mask, other=0.0).to(tl.float32)
+        xp = tl.load(qp_rows[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32)
         cos, sin = rope_cos_sin(n_tok, freq)  # exact reduction, fast/rope.py
         cos = tl.reshape(tl.broadcast_to(cos[:, None, :], (BLOCK_Q, GP, DP)), (BLOCK_Q * GP, DP))
         sin = tl.reshape(tl.broadcast_to(sin[:, None, :], (BLOCK_Q, GP, DP)), (BLOCK_Q * GP, DP))
@@ -189,6 +192,7 @@ def _key_tile(
 def _attention_kernel(
     # tensors
     q_ptr,
+    qp_ptr,
     k_ptr,
     v_ptr,
     out_ptr,
@@ -210,6 +214,8 @@ def _attention_kernel(
     qk_scale,
     stride_qt,
     stride_qh,
+    stride_pt,
+    stride_ph,
     stride_kn,
     stride_ks,
     stride_kh,
@@ -258,6 +264,7 @@ def _attention_kernel(
     row_ok = (tok < num_q) & (g < G)
     head = kv_head * G + g
     q_rows = q_ptr + (q_lo + tok).to(tl.int64) * stride_qt + head * stride_qh
+    qp_rows = qp_ptr + (q_lo + tok).to(tl.int64) * stride_pt + head * stride_ph
     d = tl.arange(0, DP)
     d_ok = d < D
     freq = tl.load(freq_ptr + d)[None, :]
@@ -284,10 +291,10 @@ def _attention_kernel(
     if MODE == 0:
         q = tl.zeros([BLOCK_M, DP], dtype=DOT_DTYPE)  # set at the start of each run
     elif MODE == 1:
-        q = _rotated_query(q_rows, d, row_ok, d_ok, q_pos_tok, freq, partner, mscale, qk_scale,
+        q = _rotated_query(q_rows, qp_rows, d, row_ok, d_ok, q_pos_tok, freq, mscale, qk_scale,
                            BLOCK_Q, GP, DP, True, DOT_DTYPE)  # fmt: skip
     else:
-        q = _rotated_query(q_rows, d, row_ok, d_ok, q_pos_tok, freq, partner, mscale, qk_scale,
+        q = _rotated_query(q_rows, qp_rows, d, row_ok, d_ok, q_pos_tok, freq, mscale, qk_scale,
                            BLOCK_Q, GP, DP, False, DOT_DTYPE)  # fmt: skip
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -301,7 +308,7 @@ def _attention_kernel(
             shift = tl.load(block_shift_ptr + meta + b)
             run_end = _shift_run_end(block_shift_ptr + meta, b, shift, block_hi, 64)
             # Eq. (8): the query at p − δ, once for the whole run.
-            q = _rotated_query(q_rows, d, row_ok, d_ok, q_pos_tok - shift.to(tl.int64), freq, partner, mscale,
+            q = _rotated_query(q_rows, qp_rows, d, row_ok, d_ok, q_pos_tok - shift.to(tl.int64), freq, mscale,
                                qk_scale, BLOCK_Q, GP, DP, True, DOT_DTYPE)  # fmt: skip
         else:
             run_end = block_hi
@@ -428,9 +435,11 @@ def plan(
         # Small tiles under the interpreter: the tests then cross many tile boundaries.
         block_m, block_n = 16, 16
     elif decode:
-        block_m, block_n = 16, 32 if wide else 64
+        block_m, block_n = 16, 32 if wide else 128
+    elif wide:
+        block_m, block_n = 64, 32
     else:
-        block_m, block_n = (64, 32) if wide else (128, 64)
+        block_m, block_n = 128, 128 if dp == 128 else 64
     if decode:
         gp, block_q = max(16, triton.next_power_of_2(g)), 1
     else:
@@ -445,8 +454,9 @@ def plan(
     elif decode:
         splits = 2 if max_key_slots > 2 * block_n else 1  # exercise the merge under the interpreter
     rows = block_q * gp
+    # From a sweep on the H100 (benchmarks/kernels.py --sweep), bf16, S = 64.
     num_warps = 8 if rows * dp >= 128 * 128 else 4
-    num_stages = 2 if wide else 3
+    num_stages = 2 if wide or (not decode and dp == 128) else 3
     return Plan(block_q, gp, block_n, dp, splits, num_warps, num_stages)
 
 
@@ -497,13 +507,15 @@ def attend(
     else:
         dest, dest_lse = out, lse
         stride_op = 0
+    # The query with its channels permuted to their rotation partners (see _rotated_query).
+    q_partner = q.index_select(-1, tables.partner[:d].long()) if mode != NONE else q
     grid = (triton.cdiv(max_queries, pl.block_q), b, hkv * pl.splits)
     _attention_kernel[grid](
-        q, k_cache, v_cache, dest, dest_lse,
+        q, q_partner, k_cache, v_cache, dest, dest_lse,
         *meta,
         tables.freq, tables.partner, tables.mscale,
         scale * LOG2E,
-        q.stride(0), q.stride(1),
+        q.stride(0), q.stride(1), q_partner.stride(0), q_partner.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         dest.stride(0), dest.stride(1), stride_op,

@@ -23,6 +23,14 @@ from . import buffers
 from .rope import RopeTables, rotate_tile
 from .rounding import emulate_rtne, round_to
 
+
+def _dot_dtype(dtype: torch.dtype, device: torch.device):
+    """The permutation product's dtype: the cache's, except float32 for bfloat16 under
+    the interpreter (whose bfloat16 products are wrong)."""
+    if dtype == torch.bfloat16 and device.type == "cpu":
+        return tl.float32
+    return {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}[dtype]
+
 __all__ = ["write_kv_kernel", "scatter_kv", "materialise"]
 
 
@@ -126,6 +134,7 @@ def _materialise_kernel(
     stride_oh,
     BLOCK_S: tl.constexpr,
     DP: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
     EMULATE_RTNE: tl.constexpr,
 ):
     """One program: logical block ``i`` of request ``r``, one KV head, to block ``r·M + i``.
@@ -144,10 +153,14 @@ def _materialise_kernel(
     d = tl.arange(0, DP)
     mask = (o < blen)[:, None] & (d < D)[None, :]
     k_rows = k_ptr + phys * stride_kn + o * stride_ks + h * stride_kh
-    partner = tl.load(partner_ptr + d)[None, :]
+    k_in = tl.load(k_rows[:, None] + d[None, :], mask=mask, other=0.0)
+    # The partner channels by a product with a permutation matrix, P[a, b] = (partner[b] == a):
+    # exact (one term of weight 1 per output), and it keeps the load contiguous where a
+    # gather would need one address per element.
+    perm = (d[:, None] == tl.load(partner_ptr + d)[None, :]).to(DOT_DTYPE)
+    kp = tl.dot(k_in.to(DOT_DTYPE), perm, input_precision="ieee")
+    k = k_in.to(tl.float32)
     freq = tl.load(freq_ptr + d)[None, :]
-    k = tl.load(k_rows[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32)
-    kp = tl.load(k_rows[:, None] + partner, mask=mask, other=0.0).to(tl.float32)
     n = tl.zeros([BLOCK_S, 1], tl.int64) + shift
     k = rotate_tile(k, kp, n, freq, 1.0)
     v = tl.load(v_ptr + phys * stride_vn + (o * stride_vs + h * stride_vh)[:, None] + d[None, :], mask=mask, other=0.0)
@@ -187,7 +200,8 @@ def materialise(
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         k_out.stride(0), k_out.stride(1), k_out.stride(2),
-        BLOCK_S=max(16, triton.next_power_of_2(s)), DP=dp, EMULATE_RTNE=emulate_rtne(dtype, k_cache.device),
+        BLOCK_S=max(16, triton.next_power_of_2(s)), DP=dp, DOT_DTYPE=_dot_dtype(k_cache.dtype, k_cache.device),
+        EMULATE_RTNE=emulate_rtne(dtype, k_cache.device),
     )  # fmt: skip
     table = torch.arange(b * m, dtype=torch.int32, device=k_cache.device).view(b, m)
     copied = meta._replace(block_table=table, block_shift=torch.zeros_like(meta.block_shift))
