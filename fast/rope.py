@@ -17,7 +17,10 @@ float32 conversion and one multiplication by ``2π / 2^64`` give the angle in
 from rounding ``F_i`` (``≤ 2^-34`` turns even at ``|n| = 2^31``): about 4e-7 rad at
 every position. The host computes ``F_i`` once per configuration from the reference's
 float64 ``θ_i`` (:func:`lazyattention.reference.inverse_frequencies`) with exact
-rational arithmetic.
+rational arithmetic. The kernels go one step further (:func:`rope_cos_sin`): they take
+the nearest quarter turn off in integers too, convert only the remainder in
+``[−π/4, π/4)``, and evaluate cos and sin there with short polynomials — no libdevice
+call, no branch.
 
 **Per-channel tables.** The kernels rotate a whole ``[rows, D]`` tile with two loads
 (the tile and its *partner* channels) and one fused multiply-add per element:
@@ -46,7 +49,7 @@ import triton.language as tl
 
 from ..reference.rope import MAX_POSITION, RopeConfig, inverse_frequencies
 
-__all__ = ["RopeTables", "rope_tables", "kernel_angles", "check_int_positions"]
+__all__ = ["RopeTables", "rope_tables", "kernel_angles", "kernel_cos_sin", "check_int_positions"]
 
 # 2π to 60 significant digits: enough that rounding f_i · 2^64 is exact to the last bit.
 _TWO_PI = 2 * Fraction("3.14159265358979323846264338327950288419716939937510582097494")
@@ -137,6 +140,14 @@ def check_int_positions(positions: torch.Tensor, what: str) -> None:
 def rope_cos_sin(n, freq):
     """cos and sin of the angle ``n · F`` (eq. 3), reduced exactly modulo one turn.
 
+    The reduction stays in integers to the end (Cody–Waite, with an exact split): the
+    int64 product is the angle in fixed-point turns (it wraps modulo ``2^64`` = one
+    turn); rounding it to the nearest quarter turn gives the quadrant ``k`` and a
+    remainder in ``[−π/4, π/4)``, the only part converted to float32. Short Taylor
+    polynomials then give sin and cos of the remainder to ~1e-7, and the quadrant
+    swaps and negates them. No libdevice call: its general ``cosf``/``sinf`` carry a
+    large-argument path whose local memory and registers cost the kernels dearly.
+
     Args:
         n: int64 ``[rows, 1]`` rotation amounts (``p − δ`` for deferred encoding).
         freq: int64 ``[1, DP]`` signed fixed-point turns (:class:`RopeTables`.freq).
@@ -144,10 +155,16 @@ def rope_cos_sin(n, freq):
     Returns:
         float32 ``[rows, DP]`` cos and sin.
     """
-    # int64 multiplication wraps modulo 2^64: that *is* the reduction to one turn.
-    turns = n * freq
-    angle = turns.to(tl.float32) * 3.4061215800865545e-19  # 2π / 2^64 (TURN_TO_RADIANS)
-    return tl.cos(angle), tl.sin(angle)
+    turns = n * freq  # wraps modulo 2^64: the reduction to one turn, exact
+    k = (turns + (1 << 61)) >> 62  # nearest quarter turn, in [-2, 1]
+    r = (turns - (k << 62)).to(tl.float32) * 3.4061215800865545e-19  # 2π / 2^64: r in [-π/4, π/4)
+    r2 = r * r
+    sin_r = r * (1.0 + r2 * (-1.0 / 6 + r2 * (1.0 / 120 + r2 * (-1.0 / 5040 + r2 * (1.0 / 362880)))))
+    cos_r = 1.0 + r2 * (-0.5 + r2 * (1.0 / 24 + r2 * (-1.0 / 720 + r2 * (1.0 / 40320 + r2 * (-1.0 / 3628800)))))
+    quadrant = k & 3  # angle = quadrant · π/2 + r
+    cos = tl.where(quadrant == 0, cos_r, tl.where(quadrant == 1, -sin_r, tl.where(quadrant == 2, -cos_r, sin_r)))
+    sin = tl.where(quadrant == 0, sin_r, tl.where(quadrant == 1, cos_r, tl.where(quadrant == 2, -sin_r, -cos_r)))
+    return cos, sin
 
 
 @triton.jit
@@ -165,36 +182,51 @@ def rotate_tile(x, x_partner, n, freq, mscale):
 
 
 @triton.jit
-def _angles_kernel(pos_ptr, freq_ptr, out_ptr, T, BLOCK_T: tl.constexpr, DP: tl.constexpr):
-    """Write ``angle[t, d] = n_t · F[d]`` in radians (for tests of the reduction)."""
+def _angles_kernel(pos_ptr, freq_ptr, out_ptr, T, BLOCK_T: tl.constexpr, DP: tl.constexpr, WHAT: tl.constexpr):
+    """Write, for tests, ``n_t · F[d]`` in radians (``WHAT=0``), or its cos (1) or sin (2)
+    as the kernels compute them."""
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     d = tl.arange(0, DP)
     n = tl.load(pos_ptr + t, mask=t < T, other=0).to(tl.int64)
     freq = tl.load(freq_ptr + d)
-    turns = n[:, None] * freq[None, :]
-    angle = turns.to(tl.float32) * 3.4061215800865545e-19
-    tl.store(out_ptr + t[:, None] * DP + d[None, :], angle, mask=(t < T)[:, None])
+    if WHAT == 0:
+        turns = n[:, None] * freq[None, :]
+        value = turns.to(tl.float32) * 3.4061215800865545e-19
+    else:
+        cos, sin = rope_cos_sin(n[:, None], freq[None, :])
+        value = cos if WHAT == 1 else sin
+    tl.store(out_ptr + t[:, None] * DP + d[None, :], value, mask=(t < T)[:, None])
+
+
+def _run_angles(positions: torch.Tensor, rope: RopeConfig, what: int) -> torch.Tensor:
+    if positions.is_floating_point() or positions.dim() != 1:
+        raise ValueError(f"positions must be a 1-D integer tensor, got {positions.dtype} {tuple(positions.shape)}")
+    dp = triton.next_power_of_2(rope.head_dim)
+    tables = rope_tables(rope, max(16, dp), positions.device)
+    out = torch.empty(positions.shape[0], tables.freq.shape[0], dtype=torch.float32, device=positions.device)
+    block_t = 16
+    _angles_kernel[(triton.cdiv(positions.shape[0], block_t),)](
+        positions.to(torch.int64), tables.freq, out, positions.shape[0], BLOCK_T=block_t, DP=tables.freq.shape[0],
+        WHAT=what,
+    )  # fmt: skip
+    # One column per frequency, with the positive sign: the second channel of each pair.
+    half = rope.rotary_dim // 2
+    cols = [half + i if rope.style == "neox" else 2 * i + 1 for i in range(half)]
+    return out[:, cols]
 
 
 def kernel_angles(positions: torch.Tensor, rope: RopeConfig) -> torch.Tensor:
-    """The kernels' angles ``n · θ_i`` in radians, ``[T, F]`` float32 — for testing.
+    """The kernels' fixed-point angles ``n · θ_i`` in radians, ``[T, F]`` float32 — for tests.
 
-    Runs the same reduction the attention kernels use, so tests can compare it with
-    :func:`lazyattention.reference.rope_angles` at any position, e.g. near ``2^31``.
+    Compare with :func:`lazyattention.reference.rope_angles` at any position, e.g. near
+    ``2^31``.
 
     Args:
         positions: ``[T]`` integers, any sign.
     """
-    if positions.is_floating_point() or positions.dim() != 1:
-        raise ValueError(f"positions must be a 1-D integer tensor, got {positions.dtype} {tuple(positions.shape)}")
-    dp = triton.next_power_of_2(rope.head_dim)
-    tables = rope_tables(rope, dp, positions.device)
-    out = torch.empty(positions.shape[0], dp, dtype=torch.float32, device=positions.device)
-    block_t = 16
-    _angles_kernel[(triton.cdiv(positions.shape[0], block_t),)](
-        positions.to(torch.int64), tables.freq, out, positions.shape[0], BLOCK_T=block_t, DP=dp
-    )
-    # Undo the per-channel sign and layout: one column per frequency, positive sign.
-    half = rope.rotary_dim // 2
-    cols = [half + i if rope.style == "neox" else 2 * i + 1 for i in range(half)]
-    return out[:, cols]
+    return _run_angles(positions, rope, 0)
+
+
+def kernel_cos_sin(positions: torch.Tensor, rope: RopeConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cos and sin the kernels rotate by (:func:`rope_cos_sin`), each ``[T, F]``."""
+    return _run_angles(positions, rope, 1), _run_angles(positions, rope, 2)

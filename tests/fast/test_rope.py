@@ -7,7 +7,7 @@ import torch
 from hypothesis import example, given, note, settings, target
 from hypothesis import strategies as st
 
-from lazyattention.fast.rope import kernel_angles
+from lazyattention.fast.rope import kernel_angles, kernel_cos_sin
 from lazyattention.reference import RopeConfig, YarnScaling, rope_angles
 from tests.strategies import rope_configs
 
@@ -38,6 +38,22 @@ def test_kernel_angles_match_float64_reference(rope, seed):
     err = wrapped_error(ours, rope_angles(positions, rope))
     target(err, label="angle error (rad)")
     assert err <= ANGLE_TOLERANCE, f"angle error {err:.3e} rad > {ANGLE_TOLERANCE:.0e}"
+
+
+@settings(max_examples=examples(8, 30))
+@example(rope=RopeConfig(head_dim=128, base=500_000.0), seed=0)
+@given(rope=rope_configs(), seed=st.integers(0, 2**32 - 1))
+def test_kernel_cos_sin_match_float64(rope, seed):
+    """The cos and sin the kernels rotate by: integer quadrant reduction + polynomials."""
+    note(f"rope={rope} seed={seed}")
+    gen = torch.Generator().manual_seed(seed)
+    random = torch.randint(-(2**31) + 1, 2**31 - 1, (48,), generator=gen, dtype=torch.int64)
+    positions = torch.cat([torch.tensor(EDGES, dtype=torch.int64), random])
+    cos, sin = kernel_cos_sin(positions.to(DEVICE), rope)
+    angles = rope_angles(positions, rope)
+    err = max(float((cos.double().cpu() - angles.cos()).abs().max()), float((sin.double().cpu() - angles.sin()).abs().max()))
+    target(err, label="cos/sin error")
+    assert err <= ANGLE_TOLERANCE, f"cos/sin error {err:.3e} > {ANGLE_TOLERANCE:.0e}"
 
 
 def test_naive_float32_angles_would_fail():
