@@ -76,11 +76,8 @@ LN2 = 0.6931471805599453
 
 @triton.jit
 def _rotated_query(
-    q_rows,
-    qp_rows,
-    d,
-    row_ok,
-    d_ok,
+    x,
+    xp,
     n_tok,
     freq,
     mscale,
@@ -93,23 +90,21 @@ def _rotated_query(
 ):
     """The query tile ``m R(n) q · qk_scale`` in the dot dtype, ``[BLOCK_M, DP]``.
 
-    Reloads the pre-RoPE query from memory rather than keeping a float32 copy in
-    registers: it is called once per run of equal shifts, and the tile is hot in L1/L2.
-    The partner channels come from ``qp_rows``, a copy of the query with its channels
-    permuted on the host (``q[..., partner]``), so both loads are contiguous and
-    vectorised — a per-element gather would need an address per element, and those
-    addresses alone overflow the register file. Angles are computed per token
-    (``n_tok [BLOCK_Q, 1]``) and broadcast over the ``GP`` heads of the group, so
-    trigonometry costs ``1/G`` of the tile.
+    ``x`` is the pre-RoPE query tile and ``xp`` the same tile read from a copy of the
+    query whose channels were permuted to their rotation partners on the host
+    (``q[..., partner]``): both loads are contiguous and vectorised, where a gather of the
+    partner channels would need one address per element, and those addresses alone
+    overflow the register file. The callers reload both from memory at each run rather
+    than keep a float32 copy in registers: a run starts rarely, and the tile is hot in
+    L1/L2. Angles are computed per token (``n_tok [BLOCK_Q, 1]``) and broadcast over the
+    ``GP`` heads of the group, so trigonometry costs ``1/G`` of the tile.
     """
-    mask = row_ok[:, None] & d_ok[None, :]
-    x = tl.load(q_rows[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32)
+    x = x.to(tl.float32)
     if ROTATE:
-        xp = tl.load(qp_rows[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32)
         cos, sin = rope_cos_sin(n_tok, freq)  # exact reduction, fast/rope.py
         cos = tl.reshape(tl.broadcast_to(cos[:, None, :], (BLOCK_Q, GP, DP)), (BLOCK_Q * GP, DP))
         sin = tl.reshape(tl.broadcast_to(sin[:, None, :], (BLOCK_Q, GP, DP)), (BLOCK_Q * GP, DP))
-        x = (x * cos + xp * sin) * mscale
+        x = (x * cos + xp.to(tl.float32) * sin) * mscale
     return (x * qk_scale).to(DOT_DTYPE)
 
 
@@ -288,14 +283,13 @@ def _attention_kernel(
     block_hi = tl.minimum(block_lo + blocks_per_split, end_block)
 
     # ---- the query, rotated here unless it depends on the run's shift (LAZY)
+    q_mask = row_ok[:, None] & d_ok[None, :]
     if MODE == 0:
         q = tl.zeros([BLOCK_M, DP], dtype=DOT_DTYPE)  # set at the start of each run
-    elif MODE == 1:
-        q = _rotated_query(q_rows, qp_rows, d, row_ok, d_ok, q_pos_tok, freq, mscale, qk_scale,
-                           BLOCK_Q, GP, DP, True, DOT_DTYPE)  # fmt: skip
     else:
-        q = _rotated_query(q_rows, qp_rows, d, row_ok, d_ok, q_pos_tok, freq, mscale, qk_scale,
-                           BLOCK_Q, GP, DP, False, DOT_DTYPE)  # fmt: skip
+        x = tl.load(q_rows[:, None] + d[None, :], mask=q_mask, other=0.0)
+        xp = tl.load(qp_rows[:, None] + d[None, :], mask=q_mask, other=0.0)
+        q = _rotated_query(x, xp, q_pos_tok, freq, mscale, qk_scale, BLOCK_Q, GP, DP, MODE == 1, DOT_DTYPE)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -305,11 +299,15 @@ def _attention_kernel(
     b = block_lo
     while b < block_hi:
         if MODE == 0:
+            # The query loads go first: they do not depend on the shift, so their
+            # latency overlaps that of the shift loads and the scan.
+            x = tl.load(q_rows[:, None] + d[None, :], mask=q_mask, other=0.0)
+            xp = tl.load(qp_rows[:, None] + d[None, :], mask=q_mask, other=0.0)
             shift = tl.load(block_shift_ptr + meta + b)
             run_end = _shift_run_end(block_shift_ptr + meta, b, shift, block_hi, 64)
             # Eq. (8): the query at p − δ, once for the whole run.
-            q = _rotated_query(q_rows, qp_rows, d, row_ok, d_ok, q_pos_tok - shift.to(tl.int64), freq, mscale,
-                               qk_scale, BLOCK_Q, GP, DP, True, DOT_DTYPE)  # fmt: skip
+            q = _rotated_query(x, xp, q_pos_tok - shift.to(tl.int64), freq, mscale, qk_scale,
+                               BLOCK_Q, GP, DP, True, DOT_DTYPE)  # fmt: skip
         else:
             run_end = block_hi
         for j0 in range(b * S, run_end * S, BLOCK_N):

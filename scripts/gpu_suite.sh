@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The fast path's GPU suite, in one call on a CUDA machine (the lent H100):
 #   1. the tests in tests/fast, compiled, at realistic shapes (LAZYATTN_GPU_SUITE=1:
-#      head dim 128, thousands of tokens, batch 16+), spread over 8 pytest workers;
+#      head dim 128, thousands of tokens, batch 16+), spread over 16 pytest workers;
 #   2. the kernel benchmark (benchmarks/kernels.py), which checks parity first.
 # Everything is written under $OUT (default ./.out): nvidia-smi.txt, env.txt,
 # tests.log, junit.xml, bench.log, kernels.json. A short table is printed last.
@@ -19,14 +19,14 @@ $PY -c 'import torch, triton; print("torch", torch.__version__, "triton", triton
     | tee "$OUT/env.txt"
 
 start=$(date +%s)
-LAZYATTN_GPU_SUITE=1 timeout "${TEST_TIMEOUT:-330}" $PY -m pytest tests/fast -q -p no:warnings -n "${WORKERS:-8}" \
+LAZYATTN_GPU_SUITE=1 timeout "${TEST_TIMEOUT:-360}" $PY -m pytest tests/fast -q -p no:warnings -n "${WORKERS:-16}" --durations=5 \
     --junitxml="$OUT/junit.xml" >"$OUT/tests.log" 2>&1
 tests_rc=$?
 tests_s=$(($(date +%s) - start))
-grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests.log" | tail -n 30
+grep -E "^(FAILED|ERROR)|passed|failed|s call" "$OUT/tests.log" | tail -n 30
 
 start=$(date +%s)
-timeout "${BENCH_TIMEOUT:-240}" $PY benchmarks/kernels.py --out "$OUT/kernels.json" ${BENCH_ARGS:-} >"$OUT/bench.log" 2>&1
+timeout "${BENCH_TIMEOUT:-200}" $PY benchmarks/kernels.py --out "$OUT/kernels.json" ${BENCH_ARGS:-} >"$OUT/bench.log" 2>&1
 bench_rc=$?
 bench_s=$(($(date +%s) - start))
 tail -n 45 "$OUT/bench.log"
