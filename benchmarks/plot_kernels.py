@@ -89,6 +89,9 @@ def page(result: dict, name: str, png: str, notes: str | None) -> str:
         f"computation (SDPA flash; a float32 PyTorch softmax for decode): max |diff| ≤ "
         f"{result['parity_tolerance']}. A provider that fails shows *parity FAIL* and counts for no target.",
         "",
+        *([f"The same call ran the fast-path tests compiled, at realistic shapes "
+           f"(`{result['gpu_tests']['command']}`): **{result['gpu_tests']['result']}**.", ""]
+          if result.get("gpu_tests") else []),
         "## Targets",
         "",
         "| target | verdict | worst measured | where |",
