@@ -58,7 +58,7 @@ def check(name, case, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("name", ["lazy_prefill", "raw_prefill", "eager_attention"])
-@settings(max_examples=examples(5, 6))
+@settings(max_examples=examples(15, 6))
 @given(case=fast_cases())
 def test_prefill_within_tolerance(name, dtype, case):
     note(case.describe())
@@ -67,7 +67,7 @@ def test_prefill_within_tolerance(name, dtype, case):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("name", ["lazy_decode", "raw_decode", "eager_attention"])
-@settings(max_examples=examples(5, 6))
+@settings(max_examples=examples(15, 6))
 @given(case=fast_cases(decode=True))
 def test_decode_within_tolerance(name, dtype, case):
     note(case.describe())
@@ -82,7 +82,7 @@ def test_pinned_edges(name, edge):
     check(name, EDGES[edge], dtype)
 
 
-@settings(max_examples=examples(4, 4))
+@settings(max_examples=examples(10, 4))
 @example(case=EDGES["past_65536"])
 @given(case=fast_cases())
 def test_lazy_equals_eager_of_the_fast_path(case):

@@ -16,7 +16,7 @@ F64 = torch.float64
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@settings(max_examples=examples(6, 20))
+@settings(max_examples=examples(15, 20))
 @example(rope=RopeConfig(head_dim=64), rotate=True, tokens=1, block_size=1, start=2**20, seed=0)
 @example(rope=RopeConfig(head_dim=96, rotary_dim=32, style="interleaved"), rotate=False, tokens=9, block_size=4,
          start=0, seed=1)  # fmt: skip
@@ -56,7 +56,7 @@ def test_write_kv_matches_reference(dtype, rope, rotate, tokens, block_size, sta
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@settings(max_examples=examples(6, 20))
+@settings(max_examples=examples(15, 20))
 @given(tokens=st.integers(1, 20), heads=st.integers(1, 4), d=st.sampled_from((64, 80, 128)), empty=st.booleans(),
        seed=st.integers(0, 2**32 - 1))  # fmt: skip
 def test_merge_attention_matches_reference(dtype, tokens, heads, d, empty, seed):

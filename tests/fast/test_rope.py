@@ -25,7 +25,7 @@ def wrapped_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return float((torch.remainder(diff + math.pi, 2 * math.pi) - math.pi).abs().max())
 
 
-@settings(max_examples=examples(10, 40))
+@settings(max_examples=examples(25, 40))
 @example(rope=RopeConfig(head_dim=128, base=500_000.0), seed=0)
 @example(rope=RopeConfig(head_dim=80, rotary_dim=32, style="interleaved", scaling=YarnScaling(8.0, 4096)), seed=1)
 @given(rope=rope_configs(), seed=st.integers(0, 2**32 - 1))
@@ -40,7 +40,7 @@ def test_kernel_angles_match_float64_reference(rope, seed):
     assert err <= ANGLE_TOLERANCE, f"angle error {err:.3e} rad > {ANGLE_TOLERANCE:.0e}"
 
 
-@settings(max_examples=examples(8, 30))
+@settings(max_examples=examples(25, 30))
 @example(rope=RopeConfig(head_dim=128, base=500_000.0), seed=0)
 @given(rope=rope_configs(), seed=st.integers(0, 2**32 - 1))
 def test_kernel_cos_sin_match_float64(rope, seed):
