@@ -342,28 +342,31 @@ def _headline_items(name: str, data: dict) -> list[dict]:
 
 
 def headline_table() -> str:
-    """Every result file's headline figures, with the file's device and date.
+    """Every result file's headline figures: one table per file, under its device and date.
 
     Convention for ``benchmarks/results/*.json``: a top-level ``"headline"`` list (or a
     ``"targets"`` list, see :func:`_headline_items`), and the run's ``"device"`` and
     ``"date"`` (top level or one level down).
     """
-    rows = []
+    blocks = []
     for name, data in _load_results():
+        rows = []
         for item in _headline_items(name, data):
             target = item.get("target", "")
-            verdict = {True: "PASS", False: "MISS"}.get(item.get("pass"), "")
-            rows.append(
-                f"| {item['name']} | {_fmt(item['value'])} {item.get('unit', '')} | {target} {verdict} | "
-                f"{describe_device(data)} | {_date(data)} | `{name}` |"
+            verdict = {True: "PASS", False: "**MISS**"}.get(item.get("pass"), "")
+            measured = f"{_fmt(item['value'])} {item.get('unit', '')}".strip()
+            rows.append(f"| {item['name']} | {measured} | {f'{target} ' if target else ''}{verdict} |")
+        if rows:
+            blocks.append(
+                f"From `benchmarks/results/{name}`, measured on **{describe_device(data)}**, {_date(data)}:\n\n"
+                "| figure | measured | verdict |\n|---|---|---|\n" + "\n".join(rows)
             )
-    if not rows:
+    if not blocks:
         return (
             "*Not yet measured.* No committed file under `benchmarks/results/` carries headline "
             "figures yet; this table fills itself in from those files when they land."
         )
-    head = "| figure | measured | target | device | date | file |\n|---|---|---|---|---|---|"
-    return head + "\n" + "\n".join(rows)
+    return "\n\n".join(blocks)
 
 
 def results_table() -> str:

@@ -322,8 +322,10 @@ def test_headline_figures_come_from_result_files(monkeypatch, tmp_path: Path):
         ' "targets": [{"target": "decode >= 85% of copy bandwidth", "pass": false, "worst": 0.81, "where": "B=16"}]}'
     )
     table = hooks.headline_table()
-    assert "| TTFT p50 block/lazy | 1.52 x |  PASS | NVIDIA H100 80GB HBM3 | 2026-11-24 | `engine.json` |" in table
-    assert "decode >= 85% of copy bandwidth (worst at B=16) | 0.81" in table and "MISS | NVIDIA H100 |" in table
+    assert "From `benchmarks/results/engine.json`, measured on **NVIDIA H100 80GB HBM3**, 2026-11-24" in table
+    assert "| TTFT p50 block/lazy | 1.52 x | PASS |" in table
+    assert "measured on **NVIDIA H100**, 2026-11-24T01:00:00+00:00" in table
+    assert "| decode >= 85% of copy bandwidth (worst at B=16) | 0.81 | **MISS** |" in table
     assert "torch 2.13.0" in hooks.results_table()
 
     assert "No plot" in hooks.plots_markdown()
