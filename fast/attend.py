@@ -6,8 +6,7 @@ walks that request's cached blocks (segments first, own tokens last) and keeps a
 softmax (eq. 11). What changes between the functions is a compile-time ``MODE``:
 
 * ``LAZY`` (eq. 8): keys as stored; the *query* tile is rotated by ``p − δ`` from the
-  pre-RoPE query, and only when a key tile's shift ``δ`` differs from the previous
-  tile's — once per distinct shift, never per key.
+  pre-RoPE query, once per run of blocks with equal shift ``δ``, never per key.
 * ``RAW`` (eq. 10): keys stored unrotated; every key tile is rotated at its logical
   positions (the ablation), the query once at its own position.
 * ``NONE``: no rotation at all — the same kernel with RoPE switched off, the baseline
@@ -39,8 +38,8 @@ segment block (``i < num_segment_blocks``) or its logical position is ``<=`` the
 query's. Own blocks wholly after a tile's last query are never visited.
 
 **Decode** uses the same kernel with ``BLOCK_Q = 1`` and splits each request's blocks
-among ``splits`` programs (flash-decoding): each writes an unnormalised partial
-``(o, lse)``, and :func:`_merge_kernel` combines them by log-sum-exp (eq. 12).
+among ``splits`` programs (flash-decoding): each writes the attention over its own keys
+and their log-sum-exp, and :func:`_merge_kernel` combines the parts (eq. 12).
 
 Shape alphabet: ``B`` requests, ``H`` heads, ``Hkv`` KV heads, ``G = H / Hkv``, ``Tq``
 query tokens, ``D`` head dim (``DP`` padded to a power of two), ``N`` blocks,
@@ -67,8 +66,7 @@ LAZY = 0
 RAW = 1
 NONE = 2
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+LOG2E = 1.4426950408889634  # the kernel works in base 2: scores carry scale · log2(e)
 
 
 # --------------------------------------------------------------------------- device code
@@ -324,6 +322,7 @@ def _attention_kernel(
     out_rows = (q_lo + tok).to(tl.int64) * stride_ot + head * stride_oh
     lse_rows = (q_lo + tok).to(tl.int64) * stride_lt + head * stride_lh
     has_keys = l_i > 0.0
+    # lse in natural log (eq. 11): the running max and sum are base 2, hence the ln 2.
     lse = tl.where(has_keys, (m_i + tl.log2(tl.where(has_keys, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
     if SPLIT:
