@@ -39,7 +39,6 @@ Shape alphabet: ``D`` head dim, ``DP`` its power-of-two padding, ``R`` rotary di
 from __future__ import annotations
 
 import functools
-import math
 from fractions import Fraction
 from typing import NamedTuple
 
@@ -54,9 +53,6 @@ __all__ = ["RopeTables", "rope_tables", "kernel_angles", "kernel_cos_sin", "chec
 # 2π to 60 significant digits: enough that rounding f_i · 2^64 is exact to the last bit.
 _TWO_PI = 2 * Fraction("3.14159265358979323846264338327950288419716939937510582097494")
 _TWO_64 = 1 << 64
-
-#: Multiply a signed fixed-point turn (int64) converted to float32 by this to get radians.
-TURN_TO_RADIANS = 2.0 * math.pi / 2.0**64
 
 
 class RopeTables(NamedTuple):
@@ -191,7 +187,7 @@ def _angles_kernel(pos_ptr, freq_ptr, out_ptr, T, BLOCK_T: tl.constexpr, DP: tl.
     freq = tl.load(freq_ptr + d)
     if WHAT == 0:
         turns = n[:, None] * freq[None, :]
-        value = turns.to(tl.float32) * 3.4061215800865545e-19
+        value = turns.to(tl.float32) * 3.4061215800865545e-19  # 2π / 2^64
     else:
         cos, sin = rope_cos_sin(n[:, None], freq[None, :])
         value = cos if WHAT == 1 else sin
