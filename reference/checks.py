@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from .layout import Layout
-from .rope import RopeConfig
+from .rope import MAX_POSITION, RopeConfig
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -102,7 +102,9 @@ def check_write_inputs(
         raise ValueError(f"slots must lie in [0, {capacity}), got range [{int(slots.min())}, {int(slots.max())}]")
     if slots.numel() != torch.unique(slots).numel():
         raise ValueError("slots must be distinct: two tokens written to one slot")
-    if positions.numel() and int(positions.min()) < 0:
-        raise ValueError(f"positions must be non-negative, got {int(positions.min())}")
+    if positions.numel() and not (0 <= int(positions.min()) and int(positions.max()) < MAX_POSITION):
+        raise ValueError(
+            f"positions must lie in [0, {MAX_POSITION}), got range [{int(positions.min())}, {int(positions.max())}]"
+        )
     if rope is not None and rope.head_dim != k.shape[2]:
         raise ValueError(f"rope.head_dim={rope.head_dim} but k has D={k.shape[2]}")

@@ -106,7 +106,8 @@ BAD_WRITES = [
     (lambda k, v, kc, vc, sl, p: (k, v, kc, vc, sl + 3, p), ValueError, r"slots must lie in \[0, 8\)"),
     (lambda k, v, kc, vc, sl, p: (k, v, kc, vc, sl - 1, p), ValueError, r"got range \[-1, 4\]"),
     (lambda k, v, kc, vc, sl, p: (k, v, kc, vc, torch.tensor([0, 1, 1]), p), ValueError, "slots must be distinct"),
-    (lambda k, v, kc, vc, sl, p: (k, v, kc, vc, sl, p - 1), ValueError, "positions must be non-negative, got -1"),
+    (lambda k, v, kc, vc, sl, p: (k, v, kc, vc, sl, p - 1), ValueError, r"positions must lie in \[0, 2147483647\), got range \[-1, "),
+    (lambda k, v, kc, vc, sl, p: (k, v, kc, vc, sl, p + 2**31 - 3), ValueError, r"positions must lie in \[0, 2147483647\)"),
     (lambda k, v, kc, vc, sl, p: (k.numpy(), v, kc, vc, sl, p), TypeError, "k must be a torch.Tensor"),
 ]
 
