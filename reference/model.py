@@ -28,7 +28,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -37,7 +37,7 @@ from torch import nn
 from . import attention as reference_ops
 from .cache import PagedKVCache
 from .layout import Layout, Placement, RequestLayout
-from .rope import RopeConfig, rotate
+from .rope import RopeConfig
 
 __all__ = [
     "SUPPORTED_ARCHITECTURES",
@@ -313,7 +313,7 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
         ops.write_kv(k, v, k_cache, v_cache, step.slots, step.positions, None if step.raw else rope)
         if step.copy_src is not None and step.copy_src.numel():
-            _copy_rerotated(k_cache, v_cache, step, rope)
+            _copy_rerotated(k_cache, v_cache, step, rope, ops)
         out = torch.empty_like(q)
         p = step.num_prefill
         if step.prefill is not None:
@@ -325,13 +325,26 @@ class Attention(nn.Module):
         return self.o_proj(out.reshape(t, -1))
 
 
-def _copy_rerotated(k_cache, v_cache, step: StepInputs, rope: RopeConfig) -> None:
+def _copy_rerotated(k_cache, v_cache, step: StepInputs, rope: RopeConfig, ops) -> None:
     """Block-Attention's re-encoding: copy cached K/V to request-owned slots, keys
-    re-rotated by ``δ`` (eq. 9: ``R(δ) k_stored`` is the key at its logical position)."""
+    re-rotated by ``δ`` (eq. 9: ``R(δ) k_stored`` is the key at its logical position).
+
+    The re-rotation goes through the backend's own cache write (a fused rotate-and-
+    scatter kernel on the fast path), so the baseline pays a gather and one kernel per
+    layer, as an optimised Block-Attention would, not an unfused PyTorch rotation.
+    """
     n, s, hkv, d = k_cache.shape
-    k_flat, v_flat = k_cache.view(n * s, hkv, d), v_cache.view(n * s, hkv, d)
-    k_flat[step.copy_dst] = rotate(k_flat[step.copy_src], step.copy_shift, rope)
-    v_flat[step.copy_dst] = v_flat[step.copy_src]
+    k_src = k_cache.view(n * s, hkv, d)[step.copy_src]
+    v_src = v_cache.view(n * s, hkv, d)[step.copy_src]
+    ops.write_kv(k_src, v_src, k_cache, v_cache, step.copy_dst, step.copy_shift, _rotation_only(rope))
+
+
+def _rotation_only(rope: RopeConfig) -> RopeConfig:
+    """The same frequencies with attention factor 1: ``apply_rope`` with it is the pure
+    rotation ``R(δ)`` (eq. 3), which is what re-rotating an encoded key needs (eq. 9)."""
+    if rope.attention_scaling == 1.0:
+        return rope
+    return replace(rope, scaling=replace(rope.scaling, attention_factor=1.0))
 
 
 class MLP(nn.Module):

@@ -17,6 +17,7 @@ import math
 import os
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -314,3 +315,18 @@ def test_fast_backend_serves_like_the_reference():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     result = subprocess.run([sys.executable, "-c", FAST_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+
+
+def test_block_attention_rerotates_without_the_yarn_attention_factor():
+    """Re-rotating an encoded key is a pure rotation R(δ) (eq. 9): YaRN's attention
+    factor, already in the stored key, must not be applied twice."""
+    from lazyattention.reference.rope import RopeConfig, YarnScaling
+
+    rope = RopeConfig(head_dim=16, scaling=YarnScaling(factor=4.0, original_max_position=64))
+    assert rope.attention_scaling != 1.0
+    model = Model(replace(ModelConfig.tiny(), rope=rope)).init_random(0, std=0.1).to(torch.float64)
+    g = torch.Generator().manual_seed(0)
+    docs = [torch.randint(1, 256, (n,), generator=g).tolist() for n in (37, 16, 20)]
+    report = quality_check(model, [([1, 2, 3], docs), ([4], docs[::-1])], max_new_tokens=4)
+    assert report.lazy_vs_block_logits <= 1e-9
+    assert report.lazy_vs_block_agreement == 1.0
