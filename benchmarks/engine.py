@@ -24,7 +24,9 @@ measured:
    Llama-3.2-1B-shaped model with random bf16 weights (shapes set the
    cost; weights do not) serves the workload under every strategy: Zipf skews at a
    fixed KV budget, then KV budgets at skew 1. All requests arrive at once (an offline
-   burst): TTFT includes the queueing, throughput is the makespan's.
+   burst): TTFT includes the queueing, throughput is the makespan's. The whole sweep
+   is repeated ``--repeats`` times; tables, plot and targets use the median of the
+   repeats per point, and each target also records its value in every repeat.
 4. **Targets** (issue 4): under skew lazy beats block_attention by >= 1.37x TTFT p50
    and >= 1.40x throughput; on the uniform workload lazy never loses (TTFT and
    throughput); at the tightest budget lazy's hit ratio >= every position-aware
@@ -37,6 +39,7 @@ import argparse
 import datetime
 import json
 import math
+import statistics
 import sys
 import time
 from dataclasses import asdict, replace
@@ -107,6 +110,25 @@ def quality(model, workload, dtypes) -> list[dict]:
         out.append(asdict(quality_check(model.to(dtype), requests, max_new_tokens=8)))
     model.to(original)
     return out
+
+
+MEDIAN_FIELDS = ("ttft_p50", "ttft_p99", "tpot_mean", "makespan", "requests_per_s", "tokens_per_s", "hit_ratio", "bytes_copied",
+                 "peak_blocks")
+
+
+def medians(runs: list[dict]) -> list[dict]:
+    """One row per (sweep, alpha, budget, strategy): the median of its repeats."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in runs:
+        groups.setdefault((r["sweep"], r["alpha"], r["budget_fraction"], r["strategy"]), []).append(r)
+    rows = []
+    for group in groups.values():
+        row = {k: v for k, v in group[0].items() if k != "repeat"}
+        for key in MEDIAN_FIELDS:
+            row[key] = statistics.median(r[key] for r in group)
+        row["repeats"] = len(group)
+        rows.append(row)
+    return rows
 
 
 def targets(runs: list[dict], parity_passed: bool) -> list[dict]:
@@ -181,6 +203,7 @@ def main(argv=None) -> int:
     p.add_argument("--budget", type=float, default=1.0, help="KV budget of the skew sweep")
     p.add_argument("--max-num-seqs", type=int, default=16)
     p.add_argument("--max-batch-tokens", type=int, default=8192)
+    p.add_argument("--repeats", type=int, default=3, help="times the whole sweep is run (medians are reported)")
     p.add_argument("--max-seconds", type=float, default=420.0, help="stop the sweep (marked incomplete) after this")
     args = p.parse_args(argv)
 
@@ -227,7 +250,8 @@ def main(argv=None) -> int:
     runs = result["runs"] = []
     base_requests = workload.requests  # warm-up: the whole first workload, untimed, per strategy
     plan = [("skew", float(a)) for a in args.alphas.split(",")] + [("budget", float(f)) for f in args.budgets.split(",")]
-    for i, (sweep, value) in enumerate(plan):
+    plan = [(rep, sweep, value) for rep in range(args.repeats) for sweep, value in plan]
+    for i, (rep, sweep, value) in enumerate(plan):
         if time.perf_counter() - start > args.max_seconds:
             _log(f"stopping: over --max-seconds {args.max_seconds}")
             break
@@ -235,6 +259,8 @@ def main(argv=None) -> int:
         new = run_sweep(model, base, alphas, budgets, block_size=16, max_num_seqs=args.max_num_seqs,
                         max_batch_tokens=args.max_batch_tokens, skew=1.0, budget=args.budget,
                         warmup=len(base_requests) if i == 0 else 0)
+        for r in new:
+            r["repeat"] = rep
         runs += new
         _log(format_table([{**r, "ttft_p50": r["ttft_p50"] * 1e3, "ttft_p99": r["ttft_p99"] * 1e3} for r in new],
                           [("sweep", "sweep", ""), ("alpha", "alpha", "g"), ("budget_fraction", "budget", "g"),
@@ -245,12 +271,19 @@ def main(argv=None) -> int:
         save()
     else:
         result["complete"] = True
-    result["targets"] = targets(runs, result["parity"]["passed"])
+    result["medians"] = medians(runs)
+    result["targets"] = targets(result["medians"], result["parity"]["passed"])
+    # the same targets in each repeat alone: the spread behind the medians
+    per_repeat = [{u["target"]: u["value"] for u in targets([r for r in runs if r["repeat"] == rep], True)}
+                  for rep in sorted({r["repeat"] for r in runs})]
+    for t in result["targets"]:
+        t["per_repeat"] = [values[t["target"]] for values in per_repeat if t["target"] in values]
     result["headline"] = headline(result["targets"], args.backend)
     for t in result["targets"]:
-        _log(f"{t['mark']:>5}  {t['target']}: {t['value']:.3f}")
+        spread = ", ".join(f"{v:.3f}" for v in t["per_repeat"])
+        _log(f"{t['mark']:>5}  {t['target']}: {t['value']:.3f} (median; repeats: {spread})")
     save()
-    plot_sweep(runs, out / f"{name}.png",
+    plot_sweep(result["medians"], out / f"{name}.png",
                f"{model_name} ({result['dtype']}), {args.backend} backend, {result['environment']['device_name']}")
     _log(f"wrote {out / (name + '.json')} and {out / (name + '.png')} in {time.perf_counter() - start:.0f} s")
     return 0
