@@ -119,6 +119,7 @@ class Layout:
         self.block_size = block_size
         for r, req in enumerate(self.requests):
             self._check_request(r, req)
+        self._max_block = max((b for req in self.requests for p in (*req.segments, req.own) for b in p.blocks), default=-1)
         self._metadata: dict[torch.device, BlockMetadata] = {}
 
     # ------------------------------------------------------------------ validation
@@ -146,7 +147,14 @@ class Layout:
 
     def check_cache(self, num_physical_blocks: int, allocated=None) -> None:
         """Raise ``ValueError`` if a block id is outside ``[0, num_physical_blocks)``
-        or, when ``allocated`` (a predicate on block ids) is given, not allocated."""
+        or, when ``allocated`` (a predicate on block ids) is given, not allocated.
+
+        Every attention call runs this, once per layer: without a predicate it is one
+        comparison against the largest block id (found once, at construction), and the
+        walk over the blocks happens only to name the culprit.
+        """
+        if allocated is None and self._max_block < num_physical_blocks:
+            return
         for r, req in enumerate(self.requests):
             for name, p in [*((f"segment {d}", s) for d, s in enumerate(req.segments)), ("own tokens", req.own)]:
                 for b in p.blocks:
