@@ -96,32 +96,30 @@ def test_eager_equals_a_naive_per_token_definition(case):
     target(assert_close(out, expected, None, F64, "eager vs naive definition"), label="error vs naive")
 
 
-@pin_edges
-@given(case=cases())
-def test_prefill_lazy_raw_eager_agree_in_fp64(case):
+def _check_lazy_raw_eager_agree(case, decode: bool) -> None:
+    """lazy == raw == eager in fp64 (outputs and LSE); the search climbs the worst error."""
     note(case.describe())
-    results = run_all(build(case, F64), case.rope, decode=False)
+    kind = "decode" if decode else "prefill"
+    results = run_all(build(case, F64), case.rope, decode=decode)
     out_e, lse_e = results["eager"]
     worst = 0.0
     for name in ("lazy", "raw"):
         out, lse = results[name]
-        worst = max(worst, assert_close(out, out_e, None, F64, f"{name}_prefill out"))
-        assert_close(lse, lse_e, None, F64, f"{name}_prefill lse")
-    target(worst, label="fp64 prefill error vs eager")
+        worst = max(worst, assert_close(out, out_e, None, F64, f"{name}_{kind} out"))
+        assert_close(lse, lse_e, None, F64, f"{name}_{kind} lse")
+    target(worst, label=f"fp64 {kind} error vs eager")
+
+
+@pin_edges
+@given(case=cases())
+def test_prefill_lazy_raw_eager_agree_in_fp64(case):
+    _check_lazy_raw_eager_agree(case, decode=False)
 
 
 @pin_edges
 @given(case=cases(decode=True))
 def test_decode_lazy_raw_eager_agree_in_fp64(case):
-    note(case.describe())
-    results = run_all(build(case, F64), case.rope, decode=True)
-    out_e, lse_e = results["eager"]
-    worst = 0.0
-    for name in ("lazy", "raw"):
-        out, lse = results[name]
-        worst = max(worst, assert_close(out, out_e, None, F64, f"{name}_decode out"))
-        assert_close(lse, lse_e, None, F64, f"{name}_decode lse")
-    target(worst, label="fp64 decode error vs eager")
+    _check_lazy_raw_eager_agree(case, decode=True)
 
 
 @given(case=cases(decode=True))

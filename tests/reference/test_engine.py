@@ -32,14 +32,7 @@ from lazyattention.reference.tolerance import assert_close
 VOCAB = 64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny matmuls here gain nothing from threads, and on a shared 2-core machine
-    thread hand-offs cost ~100x the arithmetic; restored after the module."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _model(dtype=torch.float64, seed=0, num_layers=1) -> Model:
