@@ -10,7 +10,9 @@ block size ``S = 64``; every time is the median of many timed runs after warm-up
   a 2 GiB ``copy_``) and a bf16 8192³ matrix product.
 * **Prefill** (``B = 2`` requests, ``Tq = 1024`` own query tokens each after segments
   of ``L`` tokens up to ``Tk`` keys; head dim 128 and 64). Providers: ``lazy``
-  (``fast.lazy_prefill``), ``norot`` (the same kernel with the rotation switched off),
+  (the kernels of ``fast.lazy_prefill``, launched as ``norot`` is, without the public
+  function's host-side input checks; ``public_api_same`` records that both give the
+  same bits), ``norot`` (the same kernel with the rotation switched off),
   ``raw`` (``fast.raw_prefill``, keys rotated in the kernel), ``sdpa_flash`` and
   ``sdpa_cudnn`` (PyTorch SDPA on contiguous, pre-rotated keys, KV heads expanded,
   bottom-right causal mask = segments visible + own tokens causal), ``materialise``
@@ -82,14 +84,14 @@ def bench(fn) -> float:
 # --------------------------------------------------------------------------- inputs
 
 
-def make_layout(batch: int, segment_lengths: list[int], own: int, queries: int) -> Layout:
+def make_layout(batch: int, segment_lengths: list[int], own: int, queries: int, block: int = BLOCK) -> Layout:
     """``batch`` requests, each with its own blocks: segments stored at 0 and placed back
     to back (shift = start), then ``own`` tokens stored where they are placed."""
     requests, next_block = [], 0
 
     def blocks(length):
         nonlocal next_block
-        n = math.ceil(length / BLOCK)
+        n = math.ceil(length / block)
         next_block += n
         return tuple(range(next_block - n, next_block))
 
@@ -99,12 +101,12 @@ def make_layout(batch: int, segment_lengths: list[int], own: int, queries: int) 
             segments.append(Placement(blocks(length), length, start))
             start += length
         requests.append(RequestLayout(tuple(segments), Placement(blocks(own), own, start, start), queries))
-    return Layout(requests, BLOCK)
+    return Layout(requests, block)
 
 
 def make_cache(layout: Layout, head_dim: int, gen: torch.Generator):
     n = max(max(p.blocks) for req in layout.requests for p in (*req.segments, req.own)) + 1
-    shape = (n, BLOCK, KV_HEADS, head_dim)
+    shape = (n, layout.block_size, KV_HEADS, head_dim)
     k = torch.randn(shape, generator=gen, device="cuda", dtype=DTYPE)
     v = torch.randn(shape, generator=gen, device="cuda", dtype=DTYPE)
     return k, v
@@ -193,7 +195,7 @@ def prefill_row(head_dim: int, tk: int, seg: int, gen: torch.Generator) -> dict:
         return fast_attend.attend(q, kc, vc, m, tables, QUERIES, scale, fast_attend.LAZY, False, False)[0]
 
     providers = {
-        "lazy": (lambda: fast.lazy_prefill(q, k_cache, v_cache, layout, rope), expected),
+        "lazy": (ours(fast_attend.LAZY), expected),
         "norot": (ours(fast_attend.NONE), norot_expected()),
         "raw": (lambda: fast.raw_prefill(q, k_cache, v_cache, layout, rope), raw_expected()),
         "materialise": (block_attention, expected),
@@ -201,7 +203,9 @@ def prefill_row(head_dim: int, tk: int, seg: int, gen: torch.Generator) -> dict:
         "sdpa_cudnn": (lambda: cudnn().transpose(1, 2), expected.view(layout.batch_size, -1, HEADS, head_dim)),
     }
     row = {"head_dim": head_dim, "Tk": tk, "segment": seg, "segments": n_seg, "Tq": QUERIES,
-           "batch": layout.batch_size, "flops": flops, "ms": {}, "parity": {}, "max_diff": {}}  # fmt: skip
+           "batch": layout.batch_size, "flops": flops, "ms": {}, "parity": {}, "max_diff": {},
+           "public_api_same": bool(torch.equal(fast.lazy_prefill(q, k_cache, v_cache, layout, rope),
+                                               ours(fast_attend.LAZY)()))}  # fmt: skip
     for name, (fn, want) in providers.items():
         try:
             out = fn()
@@ -265,13 +269,15 @@ def decode_row(batch: int, tk: int, gen: torch.Generator) -> dict:
         return ours(fast_attend.LAZY, kc, vc, m)()
 
     providers = {
-        "lazy": (lambda: fast.lazy_decode(q, k_cache, v_cache, layout, rope), expected),
+        "lazy": (ours(fast_attend.LAZY), expected),
         "norot": (ours(fast_attend.NONE), norot_expected),
         "raw": (lambda: fast.raw_decode(q, k_cache, v_cache, layout, rope), raw_expected),
         "materialise": (materialised, expected),
     }
     del k_log
-    row = {"batch": batch, "Tk": tk, "bytes": nbytes, "ms": {}, "parity": {}, "max_diff": {}}
+    row = {"batch": batch, "Tk": tk, "bytes": nbytes, "ms": {}, "parity": {}, "max_diff": {},
+           "public_api_same": bool(torch.equal(fast.lazy_decode(q, k_cache, v_cache, layout, rope),
+                                               ours(fast_attend.LAZY)()))}  # fmt: skip
     for name, (fn, want) in providers.items():
         try:
             out = fn()
@@ -393,41 +399,54 @@ def print_table(result: dict) -> None:
 
 
 def with_tiles(base: fast_attend.Plan, block_m: int, block_n: int, warps: int, stages: int,
-               splits: int | None = None) -> fast_attend.Plan:
-    """``base`` with other tile sizes."""
+               splits: int | None = None, tma: bool = True) -> fast_attend.Plan:
+    """``base`` with other tile sizes (``tma=False`` forces the row-gather key loads)."""
     block_q = max(1, block_m // base.gp) if base.block_q > 1 or block_m > base.gp else 1
     return base._replace(block_q=block_q, block_n=block_n, num_warps=warps, num_stages=stages,
-                         splits=splits or base.splits)  # fmt: skip
+                         splits=splits or base.splits, tma=tma)  # fmt: skip
+
+
+def _timed(rows: list, fn, **row) -> None:
+    try:
+        row["ms"] = bench(fn)
+    except Exception as exc:
+        row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+    rows.append(row)
+    print(row, flush=True)
 
 
 def sweep() -> list[dict]:
-    """Time a few tile configurations of the lazy and no-rotation kernels (tuning aid)."""
+    """Time tile configurations and key-load paths of the lazy and no-rotation kernels,
+    next to SDPA flash on the same prefill shapes (tuning aid)."""
     gen = torch.Generator(device="cuda").manual_seed(0)
     rows = []
-    for d, tk, seg in ((128, 16384, 512), (64, 16384, 512)):
-        layout = make_layout(2, [seg] * ((tk - QUERIES) // seg), QUERIES, QUERIES)
+    prefill_configs = [(128, 64, 8, 2, True), (128, 64, 8, 3, True), (128, 64, 4, 3, True), (64, 64, 4, 3, True),
+                       (128, 128, 8, 2, True), (128, 128, 8, 3, True), (128, 128, 8, 2, False)]  # fmt: skip
+    for d, tk, seg, block in ((128, 16384, 512, 64), (128, 16384, 4096, 128), (64, 16384, 512, 64)):
+        layout = make_layout(2, [seg] * ((tk - QUERIES) // seg), QUERIES, QUERIES, block)
         rope = RopeConfig(head_dim=d, base=500_000.0)
         tables = rope_tables(rope, max(16, triton.next_power_of_2(d)), torch.device("cuda"))
         k_cache, v_cache = make_cache(layout, d, gen)
         q = torch.randn(layout.num_queries, HEADS, d, generator=gen, device="cuda", dtype=DTYPE)
         meta = layout.metadata("cuda")
-        base = fast_attend.plan(HEADS, KV_HEADS, d, BLOCK, DTYPE, q.device, False, 0, 0)
+        base = fast_attend.plan(HEADS, KV_HEADS, d, block, DTYPE, q.device, False, 0, 0)
         flops = 4 * HEADS * d * 2 * (QUERIES * (tk - QUERIES) + QUERIES * (QUERIES + 1) / 2)
-        configs = {128: ((128, 128, 8, 2), (128, 64, 8, 2), (64, 64, 4, 3)),
-                   64: ((128, 64, 4, 3), (128, 64, 4, 2), (128, 128, 8, 2))}  # fmt: skip
-        for cfg in configs[d]:
-            tiles = with_tiles(base, *cfg)
+        shape = {"kind": "prefill", "D": d, "Tk": tk, "segment": seg, "S": block, "flops": flops}
+        k_log, v_log = logical_keys(k_cache, v_cache, layout, rope, tables)
+        qs, ks, vs = sdpa_inputs(q, k_log, v_log, layout, rope)
+        _timed(rows, sdpa("flash", qs, ks, vs, 0.1), **shape, provider="sdpa_flash")
+        del k_log, v_log, qs, ks, vs
+        for cfg in prefill_configs:
+            if block % cfg[1] and cfg[4]:
+                continue
+            tiles = with_tiles(base, *cfg[:4], tma=cfg[4])
             for mode in (fast_attend.LAZY, fast_attend.NONE):
                 fn = lambda: fast_attend.attend(q, k_cache, v_cache, meta, tables, QUERIES, 0.1, mode, False, False,  # noqa: E731
                                                 tiles)  # fmt: skip
-                try:
-                    ms = bench(fn)
-                    rows.append({"kind": "prefill", "D": d, "cfg": cfg, "mode": mode, "tflops": flops / ms / 1e9})
-                except Exception as exc:
-                    rows.append({"kind": "prefill", "D": d, "cfg": cfg, "mode": mode, "error": str(exc)[:200]})
-                print(rows[-1], flush=True)
-    for batch, tk in ((16, 16384), (64, 4096)):
-        docs = [DOC_DECODE] * ((tk - OWN_DECODE) // DOC_DECODE)
+                _timed(rows, fn, **shape, cfg=cfg, mode=mode)
+    for batch, tk, doc in ((16, 16384, DOC_DECODE), (16, 16384, 4096), (64, 4096, DOC_DECODE),
+                           (256, 4096, DOC_DECODE), (1, 65536, DOC_DECODE)):  # fmt: skip
+        docs = [doc] * ((tk - OWN_DECODE) // doc)
         docs.append(tk - OWN_DECODE - sum(docs))
         layout = make_layout(batch, [x for x in docs if x], OWN_DECODE, 1)
         rope = RopeConfig(head_dim=128, base=500_000.0)
@@ -438,22 +457,33 @@ def sweep() -> list[dict]:
         base = fast_attend.plan(HEADS, KV_HEADS, 128, BLOCK, DTYPE, q.device, True, batch * KV_HEADS, tk)
         nbytes = 2 * batch * tk * KV_HEADS * 128 * 2
         sms = torch.cuda.get_device_properties(0).multi_processor_count
-        for block_n, warps, stages in ((128, 4, 3), (128, 4, 2), (64, 4, 3)):
-            for per_sm in (4, 8):
-                splits = max(1, min(triton.cdiv(per_sm * sms, batch * KV_HEADS), tk // block_n // 4))
-                tiles = with_tiles(base, 16, block_n, warps, stages, splits)
+        for block_n, warps, stages, tma in ((64, 4, 2, True), (64, 4, 3, True), (64, 4, 4, True), (32, 4, 4, True),
+                                            (128, 4, 3, False)):  # fmt: skip
+            for per_sm in (4,):
+                splits = max(1, min(triton.cdiv(per_sm * sms, batch * KV_HEADS), tk // block_n // 4, 64))
+                tiles = with_tiles(base, 16, block_n, warps, stages, splits, tma)
                 for mode in (fast_attend.LAZY, fast_attend.NONE):
                     fn = lambda: fast_attend.attend(q, k_cache, v_cache, meta, tables, 1, 0.1, mode, True, False,  # noqa: E731
                                                     tiles)  # fmt: skip
-                    try:
-                        ms = bench(fn)
-                        rows.append({"kind": "decode", "B": batch, "Tk": tk, "cfg": (block_n, warps, stages, splits),
-                                     "mode": mode, "tb_per_s": nbytes / ms / 1e9})  # fmt: skip
-                    except Exception as exc:
-                        rows.append({"kind": "decode", "cfg": (block_n, warps, stages, splits), "error": str(exc)[:200]})
-                    print(rows[-1], flush=True)
+                    _timed(rows, fn, kind="decode", B=batch, Tk=tk, doc=doc, bytes=nbytes,
+                           cfg=(block_n, warps, stages, splits, tma), mode=mode)  # fmt: skip
     rows.append({"kind": "compiled", "kernels": compiled_report()})
     return rows
+
+
+def print_sweep(rows: list[dict]) -> None:
+    """The sweep as two short tables: prefill TFLOP/s and decode TB/s per configuration."""
+    for r in rows:
+        if r["kind"] == "prefill":
+            rate = f"{r['flops'] / r['ms'] / 1e9:7.1f} TFLOP/s" if "ms" in r else r.get("error", "")[:60]
+            what = r.get("provider") or f"{['lazy', 'raw', 'norot'][r['mode']]:5} {r['cfg']}"
+            print(f"prefill D={r['D']} seg={r['segment']} S={r['S']}  {what:32} {rate}")
+        elif r["kind"] == "decode":
+            rate = f"{r['bytes'] / r['ms'] / 1e9:6.2f} TB/s" if "ms" in r else r.get("error", "")[:60]
+            print(f"decode B={r['B']:3} Tk={r['Tk']:5} doc={r['doc']:4}  {['lazy', 'raw', 'norot'][r['mode']]:5} {str(r['cfg']):26} {rate}")
+        else:
+            for k in r["kernels"]:
+                print("compiled", k)
 
 
 def compiled_report() -> list[dict]:
@@ -467,6 +497,7 @@ def compiled_report() -> list[dict]:
                 out.append({
                     "key": str(key)[-160:], "regs": kernel.n_regs, "spills": kernel.n_spills,
                     "async_copies": ttgir.count("async_copy_global_to_local"),
+                    "tma_copies": ttgir.count("async_tma_copy_global_to_local"),
                     "wgmma": ttgir.count("warp_group_dot"), "dots": ttgir.count("tt.dot"),
                 })  # fmt: skip
     except Exception as exc:  # diagnostics only
@@ -483,8 +514,10 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/kernels.py needs a CUDA device")
     if args.sweep:
+        rows = sweep()
         with open(args.out, "w") as f:
-            json.dump(sweep(), f, indent=1)
+            json.dump(rows, f, indent=1)
+        print_sweep(rows)
         return
     gen = torch.Generator(device="cuda").manual_seed(0)
     result = {"environment": environment(), "ceilings": ceilings(), "dtype": "bfloat16",

@@ -54,6 +54,7 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..reference.layout import BlockMetadata
 from . import buffers
@@ -73,48 +74,78 @@ LOG2E = 1.4426950408889634  # the kernel works in base 2: scores carry scale · 
 
 
 @triton.jit
-def _rotated_query(
-    x,
-    xp,
-    n_tok,
-    freq,
-    mscale,
+def _query_kernel(
+    q_ptr,
+    y_ptr,
+    query_start_ptr,
+    cu_queries_ptr,
+    freq_ptr,
+    partner_ptr,
+    mscale_ptr,
     qk_scale,
-    BLOCK_Q: tl.constexpr,
+    stride_qt,
+    stride_qh,
+    stride_yw,
+    stride_yh,
+    stride_yt,
+    G,
+    D,
+    BLOCK_T: tl.constexpr,
     GP: tl.constexpr,
     DP: tl.constexpr,
     ROTATE: tl.constexpr,
-    DOT_DTYPE: tl.constexpr,
+    PARTNER: tl.constexpr,
 ):
-    """The query tile ``m R(n) q · qk_scale`` in the dot dtype, ``[BLOCK_M, DP]``.
+    """The scaled query at its own position, ``y = m R(p) q · qk_scale`` in float32,
+    laid out ``[W, Hkv, Tq, GP, DP]`` so that a query tile of the attention kernel
+    (``BLOCK_Q`` tokens × the ``GP`` heads of one group) is one contiguous box for a
+    bulk tensor copy. Padded heads ``g ≥ G`` and channels ``d ≥ D`` are written as 0.
 
-    ``x`` is the pre-RoPE query tile and ``xp`` the same tile read from a copy of the
-    query whose channels were permuted to their rotation partners on the host
-    (``q[..., partner]``): both loads are contiguous and vectorised, where a gather of the
-    partner channels would need one address per element, and those addresses alone
-    overflow the register file. The callers reload both from memory at each run rather
-    than keep a float32 copy in registers: a run starts rarely, and the tile is hot in
-    L1/L2. Angles are computed per token (``n_tok [BLOCK_Q, 1]``) and broadcast over the
-    ``GP`` heads of the group, so trigonometry costs ``1/G`` of the tile.
+    With ``PARTNER`` also ``w = 1``: ``y`` read at the partner channels,
+    ``y[partner(d)]``, so the attention kernel can rotate ``y`` further by ``−δ`` with two
+    contiguous loads. Since ``F[partner(d)] = −F[d]`` (``fast/rope.py``),
+    ``y[partner(d)] = m (x[partner(d)] cos(n F[d]) − x[d] sin(n F[d]))``.
+    Grid ``(token tiles, B, Hkv)``.
     """
-    x = x.to(tl.float32)
+    r = tl.program_id(1)
+    kv_head = tl.program_id(2)
+    rows = tl.arange(0, BLOCK_T * GP)
+    tok = tl.program_id(0) * BLOCK_T + rows // GP
+    g = rows % GP
+    q_lo = tl.load(cu_queries_ptr + r)
+    num_q = tl.load(cu_queries_ptr + r + 1) - q_lo
+    tok_ok = tok < num_q
+    row_ok = tok_ok & (g < G)
+    d = tl.arange(0, DP)
+    mask = row_ok[:, None] & (d < D)[None, :]
+    t = (q_lo + tok).to(tl.int64)
+    src = q_ptr + t[:, None] * stride_qt + (kv_head * G + g)[:, None] * stride_qh
+    x = tl.load(src + d[None, :], mask=mask, other=0.0).to(tl.float32)
+    dst = y_ptr + kv_head * stride_yh + t[:, None] * stride_yt + g[:, None] * DP + d[None, :]
     if ROTATE:
-        cos, sin = rope_cos_sin(n_tok, freq)  # exact reduction, fast/rope.py
-        cos = tl.reshape(tl.broadcast_to(cos[:, None, :], (BLOCK_Q, GP, DP)), (BLOCK_Q * GP, DP))
-        sin = tl.reshape(tl.broadcast_to(sin[:, None, :], (BLOCK_Q, GP, DP)), (BLOCK_Q * GP, DP))
-        x = (x * cos + xp.to(tl.float32) * sin) * mscale
-    return (x * qk_scale).to(DOT_DTYPE)
+        freq = tl.load(freq_ptr + d)[None, :]
+        partner = tl.load(partner_ptr + d)[None, :]
+        scale = tl.load(mscale_ptr + d)[None, :] * qk_scale
+        xp = tl.load(src + partner, mask=mask, other=0.0).to(tl.float32)
+        n = (tl.load(query_start_ptr + r) + tok).to(tl.int64)[:, None]
+        cos, sin = rope_cos_sin(n, freq)  # exact reduction, fast/rope.py
+        tl.store(dst, (x * cos + xp * sin) * scale, mask=tok_ok[:, None])
+        if PARTNER:
+            tl.store(dst + stride_yw, (xp * cos - x * sin) * scale, mask=tok_ok[:, None])
+    else:
+        tl.store(dst, x * qk_scale, mask=tok_ok[:, None])
 
 
 @triton.jit
-def _softmax_update(s, v, m_i, l_i, acc, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+def _softmax_update(s, v, m_i, l_i, acc, MASKED: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     """One step of the online softmax (eq. 11) in base 2; ``s`` already masked.
 
-    Rows that have seen no visible key yet keep ``m = −inf``; their exponentials are
-    taken against 0 so that no ``−inf − (−inf)`` NaN appears.
+    In a masked tile, rows that have seen no visible key yet keep ``m = −inf``; their
+    exponentials are taken against 0 so that no ``−inf − (−inf)`` NaN appears. An
+    unmasked tile gives every row a finite score, so it skips that guard.
     """
     m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new) if MASKED else m_new
     p = tl.exp2(s - m_use[:, None])
     alpha = tl.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
@@ -123,71 +154,95 @@ def _softmax_update(s, v, m_i, l_i, acc, DOT_DTYPE: tl.constexpr, PRECISION: tl.
 
 
 @triton.jit
-def _shift_run_end(shift_row, i, shift, end_block, SCAN: tl.constexpr):
-    """First block after ``i`` whose shift differs from ``shift`` (or ``end_block``).
+def _run_end(shift_row, len_row, b, end_block, S: tl.constexpr, BY_SHIFT: tl.constexpr, SCAN: tl.constexpr):
+    """The run that starts at block ``b``: ``(end block, shift, valid slots of its last block)``.
 
-    Scans ``SCAN`` blocks' shifts per step, so a segment of many blocks costs a few
-    vector loads, not one dependent load per block.
+    A run ends before the first block whose shift differs (``BY_SHIFT``), or after the
+    first partly filled block, or at ``end_block``: every block of a run but its last is
+    then full, so the run's valid slots are one contiguous range. Scans ``SCAN`` blocks
+    per step, so a segment of many blocks costs a few vector loads, not one dependent load
+    per block; the last block's length comes out of the same loads.
     """
+    shift = tl.load(shift_row + b)
     run_end = end_block
-    k = i + 1
+    last_len = S
+    k = b
     while k < run_end:
         idx = k + tl.arange(0, SCAN)
-        sh = tl.load(shift_row + idx, mask=idx < run_end, other=shift)
-        run_end = tl.minimum(run_end, tl.min(tl.where(sh != shift, idx, run_end), 0))
+        inside = idx < run_end
+        length = tl.load(len_row + idx, mask=inside, other=S)
+        stop = tl.where(length < S, idx + 1, run_end)
+        if BY_SHIFT:
+            sh = tl.load(shift_row + idx, mask=inside, other=shift)
+            stop = tl.minimum(stop, tl.where(sh != shift, idx, run_end))
+        run_end = tl.minimum(run_end, tl.min(stop, 0))
+        # A block before this chunk that ends the run is full (a partial one stops it).
+        last_len = tl.where(run_end - 1 >= k, tl.sum(tl.where(idx == run_end - 1, length, 0), 0), last_len)
         k += SCAN
-    return run_end
+    return run_end, shift, last_len
 
 
 @triton.jit
 def _key_tile(
-    q, m_i, l_i, acc, j0, slot_end,
-    k_ptr, v_ptr, block_table_row, block_pos_row, block_len_row,
-    num_seg, q_pos, q_pos_min, kv_head, d, d_ok, freq, partner, mscale,
+    q, m_i, l_i, acc, j0, valid_end, own_slot0, own_start, q_pos,
+    k_ptr, v_ptr, k_desc, v_desc, table_row, pos_row, kv_head, d, d_ok, freq, partner, mscale,
     stride_kn, stride_ks, stride_kh, stride_vn, stride_vs, stride_vh,
-    S: tl.constexpr, BLOCK_N: tl.constexpr, MODE: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    S: tl.constexpr, BLOCK_N: tl.constexpr, DP: tl.constexpr, MODE: tl.constexpr, MASKED: tl.constexpr,
+    TMA: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """One key tile: slots ``j0 .. j0 + BLOCK_N`` of a run ending at slot ``slot_end``.
+    """One key tile: slots ``j0 .. j0 + BLOCK_N`` of the current run.
 
-    Every key of the tile has the run's shift, whose rotation is already in ``q``.
-    Masks are applied only when the tile needs them: a slot past the run or past its
-    block's valid length, or an own key after some query of the tile (eq. 7).
+    ``TMA``: the tile lies in one block (``S % BLOCK_N == 0``); one read of the block
+    table, then a bulk tensor copy of ``[BLOCK_N, D]`` keys and values. Otherwise each row
+    gathers its own block's physical id (a tile may straddle blocks).
+
+    ``MASKED`` (eq. 7): only the run's last tiles are masked — slots past the run's valid
+    end (``valid_end``), and own keys after some query of the tile (the own key in slot
+    ``j ≥ own_slot0`` is at position ``own_start + j − own_slot0``). The tiles before
+    need no mask at all: every slot is valid and visible to every query.
     """
     j = j0 + tl.arange(0, BLOCK_N)
-    i = j // S  # the request's block of each slot
-    o = j % S
-    in_run = j < slot_end
-    phys = tl.load(block_table_row + i, mask=in_run, other=0).to(tl.int64)
-    blen = tl.load(block_len_row + i, mask=in_run, other=0)
-    kpos = tl.load(block_pos_row + i, mask=in_run, other=0) + o  # logical positions
-    valid = in_run & (o < blen)
-    kv_mask = valid[:, None] & d_ok[None, :]
-    k_rows = k_ptr + phys * stride_kn + o * stride_ks + kv_head * stride_kh
-    v_rows = v_ptr + phys * stride_vn + o * stride_vs + kv_head * stride_vh
-    k = tl.load(k_rows[:, None] + d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(v_rows[:, None] + d[None, :], mask=kv_mask, other=0.0)
-    if MODE == 1:
-        # Raw cache (eq. 10): rotate every key at its logical position, m R(pos) k.
-        kp = tl.load(k_rows[:, None] + partner, mask=kv_mask, other=0.0).to(tl.float32)
-        k = rotate_tile(k.to(tl.float32), kp, kpos.to(tl.int64)[:, None], freq, mscale)
+    valid = j < valid_end
+    if TMA:
+        row = tl.load(table_row + j0 // S).to(tl.int32) * S + j0 % S
+        k = k_desc.load([row, kv_head * DP])
+        v = v_desc.load([row, kv_head * DP])
+        if MASKED:
+            v = tl.where(valid[:, None], v, 0.0)  # slots past the end may hold anything
+    else:
+        i = j // S
+        o = j % S
+        if MASKED:
+            phys = tl.load(table_row + i, mask=valid, other=0).to(tl.int64)
+            kv_mask = valid[:, None] & d_ok[None, :]
+        else:
+            phys = tl.load(table_row + i).to(tl.int64)
+            kv_mask = d_ok[None, :]
+        k_rows = k_ptr + phys * stride_kn + o * stride_ks + kv_head * stride_kh
+        v_rows = v_ptr + phys * stride_vn + o * stride_vs + kv_head * stride_vh
+        k = tl.load(k_rows[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_rows[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        if MODE == 1:
+            # Raw cache (eq. 10): rotate every key at its logical position, m R(pos) k.
+            kpos = tl.load(pos_row + i, mask=valid, other=0) + o
+            kp = tl.load(k_rows[:, None] + partner, mask=kv_mask, other=0.0).to(tl.float32)
+            k = rotate_tile(k.to(tl.float32), kp, kpos.to(tl.int64)[:, None], freq, mscale)
     s = tl.dot(q, tl.trans(k.to(DOT_DTYPE)), input_precision=PRECISION)
-    is_seg = i < num_seg
-    all_valid = tl.min(valid.to(tl.int32), 0) > 0
-    latest_own = tl.max(tl.where(is_seg, -1, kpos), 0)
-    if not (all_valid & (latest_own <= q_pos_min)):
-        visible = valid[None, :] & (is_seg[None, :] | (kpos[None, :] <= q_pos[:, None]))  # eq. (7)
+    if MASKED:
+        own_pos = own_start + (j - own_slot0)
+        visible = valid[None, :] & ((j < own_slot0)[None, :] | (own_pos[None, :] <= q_pos[:, None]))  # eq. (7)
         s = tl.where(visible, s, float("-inf"))
-    return _softmax_update(s, v, m_i, l_i, acc, DOT_DTYPE, PRECISION)
+    return _softmax_update(s, v, m_i, l_i, acc, MASKED, DOT_DTYPE, PRECISION)
 
 
 @triton.jit(do_not_specialize=["G", "D", "blocks_per_split", "splits"])
 def _attention_kernel(
     # tensors
-    q_ptr,
-    qp_ptr,
+    y_desc,
     k_ptr,
     v_ptr,
+    k_desc,
+    v_desc,
     out_ptr,
     lse_ptr,
     # BlockMetadata, [B, M] and [B] / [B + 1] int32
@@ -204,11 +259,8 @@ def _attention_kernel(
     partner_ptr,
     mscale_ptr,
     # scalars
-    qk_scale,
-    stride_qt,
-    stride_qh,
-    stride_pt,
-    stride_ph,
+    y_rows_per_w,
+    Tq,
     stride_kn,
     stride_ks,
     stride_kh,
@@ -232,6 +284,7 @@ def _attention_kernel(
     DP: tl.constexpr,
     S: tl.constexpr,
     MODE: tl.constexpr,
+    TMA: tl.constexpr,
     SPLIT: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -256,19 +309,19 @@ def _attention_kernel(
     g = rows % GP
     row_ok = (tok < num_q) & (g < G)
     head = kv_head * G + g
-    q_rows = q_ptr + (q_lo + tok).to(tl.int64) * stride_qt + head * stride_qh
-    qp_rows = qp_ptr + (q_lo + tok).to(tl.int64) * stride_pt + head * stride_ph
+    # First row of this tile in the [W · Hkv · Tq · GP, DP] view of y (_query_kernel).
+    y_row = (kv_head * Tq + q_lo + q_tile * BLOCK_Q) * GP
     d = tl.arange(0, DP)
     d_ok = d < D
-    freq = tl.load(freq_ptr + d)[None, :]
+    freq_1d = tl.load(freq_ptr + d)
+    freq = freq_1d[None, :]
     partner = tl.load(partner_ptr + d)[None, :]
     mscale = tl.load(mscale_ptr + d)[None, :]
 
-    # Positions: int32 for masks (the layout keeps them below 2^31), int64 for angles.
+    # Positions (int32: the layout keeps them below 2^31).
     q_first = tl.load(query_start_ptr + r)
     q_pos = q_first + tok  # [BLOCK_M]
-    q_pos_min = q_first + q_tile * BLOCK_Q
-    q_pos_tok = (q_first.to(tl.int64) + q_tile * BLOCK_Q + tl.arange(0, BLOCK_Q))[:, None]  # [BLOCK_Q, 1]
+    first_q_pos = q_first + q_tile * BLOCK_Q
     last_q_pos = q_first + tl.minimum(num_q, (q_tile + 1) * BLOCK_Q) - 1
 
     # ---- which blocks this tile needs: all segment blocks, own blocks up to the last query
@@ -276,45 +329,61 @@ def _attention_kernel(
     num_seg = tl.load(num_segment_blocks_ptr + r)
     num_blk = tl.load(num_blocks_ptr + r)
     own_start = tl.load(block_pos_ptr + meta + num_seg)
+    own_slot0 = num_seg * S
     end_block = num_seg + tl.minimum(num_blk - num_seg, (last_q_pos - own_start) // S + 1)
     block_lo = split * blocks_per_split  # decode: this program's share of the blocks
     block_hi = tl.minimum(block_lo + blocks_per_split, end_block)
+    # Own slots before `visible_to_all` are visible to every query of the tile, those
+    # from `visible_to_none` on to none (eq. 7).
+    visible_to_all = own_slot0 + (first_q_pos - own_start) + 1
+    visible_to_none = own_slot0 + (last_q_pos - own_start) + 1
 
-    # ---- the query, rotated here unless it depends on the run's shift (LAZY)
-    q_mask = row_ok[:, None] & d_ok[None, :]
+    # ---- the query, already scaled and rotated at its own position (_query_kernel)
     if MODE == 0:
         q = tl.zeros([BLOCK_M, DP], dtype=DOT_DTYPE)  # set at the start of each run
     else:
-        x = tl.load(q_rows[:, None] + d[None, :], mask=q_mask, other=0.0)
-        xp = tl.load(qp_rows[:, None] + d[None, :], mask=q_mask, other=0.0)
-        q = _rotated_query(x, xp, q_pos_tok, freq, mscale, qk_scale, BLOCK_Q, GP, DP, MODE == 1, DOT_DTYPE)
+        q = y_desc.load([y_row, 0]).to(DOT_DTYPE)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, DP], tl.float32)
 
-    # ---- runs of blocks with one shift; key tiles inside each run
+    # ---- runs of blocks; unmasked key tiles, then the run's masked last tiles
     b = block_lo
     while b < block_hi:
         if MODE == 0:
-            # The query loads go first: they do not depend on the shift, so their
-            # latency overlaps that of the shift loads and the scan.
-            x = tl.load(q_rows[:, None] + d[None, :], mask=q_mask, other=0.0)
-            xp = tl.load(qp_rows[:, None] + d[None, :], mask=q_mask, other=0.0)
-            shift = tl.load(block_shift_ptr + meta + b)
-            run_end = _shift_run_end(block_shift_ptr + meta, b, shift, block_hi, 64)
-            # Eq. (8): the query at p − δ, once for the whole run.
-            q = _rotated_query(x, xp, q_pos_tok - shift.to(tl.int64), freq, mscale, qk_scale,
-                               BLOCK_Q, GP, DP, True, DOT_DTYPE)  # fmt: skip
-        else:
-            run_end = block_hi
-        for j0 in range(b * S, run_end * S, BLOCK_N):
+            # y and its partner channels are reloaded at each run (hot in L2) by bulk
+            # tensor copies: kept in registers through the key loop, or loaded through
+            # a [BLOCK_M, DP] tile of 64-bit pointers, they made the compiler spill.
+            # They go first, so that their latency overlaps the run's scan.
+            y = y_desc.load([y_row, 0])
+            yp = y_desc.load([y_row + y_rows_per_w, 0])
+        run_end, shift, last_len = _run_end(block_shift_ptr + meta, block_len_ptr + meta, b, block_hi, S,
+                                            MODE == 0, 64)  # fmt: skip
+        if MODE == 0:
+            # Eq. (8) as R(p − δ) = R(−δ) R(p): one [DP] angle vector for the whole run.
+            cos, sin = rope_cos_sin(tl.zeros([1], tl.int64) - shift.to(tl.int64), freq_1d)
+            q = (y * cos[None, :] + yp * sin[None, :]).to(DOT_DTYPE)
+        run_lo = b * S
+        valid_end = (run_end - 1) * S + last_len
+        tile_end = tl.minimum(valid_end, visible_to_none)
+        safe_end = tl.minimum(valid_end, visible_to_all)
+        safe_end = tl.maximum(run_lo, run_lo + (safe_end - run_lo) // BLOCK_N * BLOCK_N)
+        for j0 in range(run_lo, safe_end, BLOCK_N):
             m_i, l_i, acc = _key_tile(
-                q, m_i, l_i, acc, j0, run_end * S,
-                k_ptr, v_ptr, block_table_ptr + meta, block_pos_ptr + meta, block_len_ptr + meta,
-                num_seg, q_pos, q_pos_min, kv_head, d, d_ok, freq, partner, mscale,
+                q, m_i, l_i, acc, j0, valid_end, own_slot0, own_start, q_pos,
+                k_ptr, v_ptr, k_desc, v_desc, block_table_ptr + meta, block_pos_ptr + meta,
+                kv_head, d, d_ok, freq, partner, mscale,
                 stride_kn, stride_ks, stride_kh, stride_vn, stride_vs, stride_vh,
-                S, BLOCK_N, MODE, DOT_DTYPE, PRECISION,
+                S, BLOCK_N, DP, MODE, False, TMA, DOT_DTYPE, PRECISION,
+            )  # fmt: skip
+        for j0 in range(safe_end, tile_end, BLOCK_N):
+            m_i, l_i, acc = _key_tile(
+                q, m_i, l_i, acc, j0, valid_end, own_slot0, own_start, q_pos,
+                k_ptr, v_ptr, k_desc, v_desc, block_table_ptr + meta, block_pos_ptr + meta,
+                kv_head, d, d_ok, freq, partner, mscale,
+                stride_kn, stride_ks, stride_kh, stride_vn, stride_vs, stride_vh,
+                S, BLOCK_N, DP, MODE, True, TMA, DOT_DTYPE, PRECISION,
             )  # fmt: skip
         b = run_end
 
@@ -396,6 +465,7 @@ class Plan(NamedTuple):
     splits: int
     num_warps: int
     num_stages: int
+    tma: bool
 
 
 def _dot_dtype(dtype: torch.dtype, device: torch.device):
@@ -419,6 +489,9 @@ def plan(
 ) -> Plan:
     """Choose tiles for one call.
 
+    Key tiles are bulk tensor copies (``tma``) when a tile fits in one block
+    (``S % BLOCK_N == 0``) and the head dim needs no padding; row gathers otherwise.
+
     Args:
         work_items: programs before splitting (decode: ``B · Hkv``).
         max_key_slots: longest request's blocks times the block size, an upper bound of
@@ -428,15 +501,25 @@ def plan(
     dp = max(16, triton.next_power_of_2(head_dim))
     interpret = device.type == "cpu"
     wide = dtype == torch.float32 or dp > 128
+    # (BLOCK_M rows, BLOCK_N keys, warps, stages), from sweeps on the H100
+    # (benchmarks/kernels.py --sweep, results/sweep_h100.json), bf16.
     if interpret:
         # Small tiles under the interpreter: the tests then cross many tile boundaries.
-        block_m, block_n = 16, 16
+        tiles = (16, 16, 4, 1)
     elif decode:
-        block_m, block_n = 16, 32 if wide else 128
+        tiles = (16, 32, 4, 2) if wide else (16, 64, 4, 4) if block_size % 64 == 0 else (16, 128, 4, 3)
     elif wide:
-        block_m, block_n = 64, 32
+        tiles = (64, 32, 4, 2)
+    elif dp <= 64:
+        tiles = (128, 64, 4, 3) if block_size % 64 == 0 else (128, 64, 4, 2)
+    elif block_size % 128 == 0:
+        tiles = (128, 128, 8, 3)
+    elif block_size % 64 == 0:
+        tiles = (64, 64, 4, 3)
     else:
-        block_m, block_n = 128, 128 if dp == 128 else 64
+        tiles = (128, 128, 8, 2)  # row gathers: a key tile spans several blocks
+    block_m, block_n, num_warps, num_stages = tiles
+    tma = block_size % block_n == 0 and dp == head_dim
     if decode:
         gp, block_q = max(16, triton.next_power_of_2(g)), 1
     else:
@@ -446,15 +529,26 @@ def plan(
     if decode and not interpret:
         # Flash-decoding: about four programs per SM, at least 4 key tiles per split.
         sms = torch.cuda.get_device_properties(device).multi_processor_count
-        tiles = triton.cdiv(max_key_slots, block_n)
-        splits = max(1, min(triton.cdiv(4 * sms, max(1, work_items)), tiles // 4, 64))
+        key_tiles = triton.cdiv(max_key_slots, block_n)
+        splits = max(1, min(triton.cdiv(4 * sms, max(1, work_items)), key_tiles // 4, 64))
     elif decode:
         splits = 2 if max_key_slots > 2 * block_n else 1  # exercise the merge under the interpreter
-    rows = block_q * gp
-    # From a sweep on the H100 (benchmarks/kernels.py --sweep), bf16, S = 64.
-    num_warps = 8 if rows * dp >= 128 * 128 else 4
-    num_stages = 2 if wide or (not decode and dp == 128) else 3
-    return Plan(block_q, gp, block_n, dp, splits, num_warps, num_stages)
+    return Plan(block_q, gp, block_n, dp, splits, num_warps, num_stages, tma)
+
+
+def _cache_descriptors(k_cache: torch.Tensor, v_cache: torch.Tensor, pl: Plan):
+    """Tensor descriptors of the caches seen as ``[N·S, Hkv·D]`` matrices with
+    ``[BLOCK_N, D]`` boxes, or ``(None, None)`` when the caches cannot be seen so
+    (not contiguous, or not 16-byte aligned) and the kernel gathers rows instead."""
+    n, s, hkv, d = k_cache.shape
+    shape, strides = [n * s, hkv * d], [hkv * d, 1]
+    fits = all(
+        c.is_contiguous() and c.data_ptr() % 16 == 0 and (hkv * d * c.element_size()) % 16 == 0
+        for c in (k_cache, v_cache)
+    )
+    if not (pl.tma and fits and n > 0):
+        return None, None
+    return tuple(TensorDescriptor(c, shape, strides, [pl.block_n, pl.dp]) for c in (k_cache, v_cache))
 
 
 def attend(
@@ -470,7 +564,8 @@ def attend(
     return_lse: bool,
     tiles: Plan | None = None,
 ):
-    """Launch the attention kernel (and the merge when decode splits the keys).
+    """Launch the attention kernel (after the query kernel, and before the merge when
+    decode splits the keys).
 
     Args:
         q: ``[Tq, H, D]`` pre-RoPE queries (``Tq = B`` for decode).
@@ -493,6 +588,9 @@ def attend(
     pl = tiles or plan(h, hkv, d, s, q.dtype, q.device, decode, b * hkv, m * s)
     if tables.freq.shape[0] != pl.dp:
         raise ValueError(f"rope tables padded to {tables.freq.shape[0]} channels, the plan needs {pl.dp}")
+    if mode == RAW:
+        pl = pl._replace(tma=False)  # the raw keys' partner channels are gathered anyway
+    k_desc, v_desc = _cache_descriptors(k_cache, v_cache, pl)
     out = buffers.empty((tq, h, d), q.dtype, q.device)
     lse = buffers.empty((tq, h), torch.float32, q.device)
     blocks_per_split = triton.cdiv(m, pl.splits)
@@ -504,15 +602,15 @@ def attend(
     else:
         dest, dest_lse = out, lse
         stride_op = 0
-    # The query with its channels permuted to their rotation partners (see _rotated_query).
-    q_partner = q.index_select(-1, tables.partner[:d].long()) if mode != NONE else q
+    y = _scaled_query(q, meta, tables, max_queries, scale * LOG2E, mode, hkv, pl.gp)
+    y_rows_per_w = hkv * tq * pl.gp
+    y_desc = TensorDescriptor(y, [y.shape[0] * y_rows_per_w, pl.dp], [pl.dp, 1], [pl.block_q * pl.gp, pl.dp])
     grid = (triton.cdiv(max_queries, pl.block_q), b, hkv * pl.splits)
     _attention_kernel[grid](
-        q, q_partner, k_cache, v_cache, dest, dest_lse,
+        y_desc, k_cache, v_cache, k_desc, v_desc, dest, dest_lse,
         *meta,
         tables.freq, tables.partner, tables.mscale,
-        scale * LOG2E,
-        q.stride(0), q.stride(1), q_partner.stride(0), q_partner.stride(1),
+        y_rows_per_w, tq,
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         dest.stride(0), dest.stride(1), stride_op,
@@ -520,7 +618,7 @@ def attend(
         meta.block_table.stride(0),
         h // hkv, d, blocks_per_split, pl.splits,
         BLOCK_Q=pl.block_q, GP=pl.gp, BLOCK_N=pl.block_n, DP=pl.dp, S=s,
-        MODE=mode, SPLIT=pl.splits > 1,
+        MODE=mode, TMA=k_desc is not None, SPLIT=pl.splits > 1,
         DOT_DTYPE=_dot_dtype(q.dtype, q.device),
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         WRITE_LSE=return_lse or pl.splits > 1,
@@ -530,6 +628,23 @@ def attend(
     if pl.splits > 1:
         merge_partials(part, part_lse, out, lse)
     return out, (lse if return_lse else None)
+
+
+def _scaled_query(q, meta: BlockMetadata, tables: RopeTables, max_queries: int, qk_scale: float, mode: int,
+                  num_kv_heads: int, gp: int):  # fmt: skip
+    """``y [W, Hkv, Tq, GP, DP]`` float32 from :func:`_query_kernel`: ``W = 2`` (the query
+    and its partner channels) for :data:`LAZY`, 1 otherwise."""
+    tq, h, d = q.shape
+    dp = tables.freq.shape[0]
+    y = buffers.empty((2 if mode == LAZY else 1, num_kv_heads, tq, gp, dp), torch.float32, q.device)
+    block_t = max(1, 64 // gp)
+    grid = (triton.cdiv(max_queries, block_t), meta.cu_queries.shape[0] - 1, num_kv_heads)
+    _query_kernel[grid](
+        q, y, meta.query_start, meta.cu_queries, tables.freq, tables.partner, tables.mscale, qk_scale,
+        q.stride(0), q.stride(1), y.stride(0), y.stride(1), y.stride(2), h // num_kv_heads, d,
+        BLOCK_T=block_t, GP=gp, DP=dp, ROTATE=mode != NONE, PARTNER=mode == LAZY,
+    )  # fmt: skip
+    return y
 
 
 def merge_partials(part: torch.Tensor, part_lse: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> None:
