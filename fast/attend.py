@@ -5,8 +5,8 @@ mirrors ``reference/attention.py``: a program takes a tile of one request's quer
 walks that request's cached blocks (segments first, own tokens last) and keeps an online
 softmax (eq. 11). What changes between the functions is a compile-time ``MODE``:
 
-* ``LAZY`` (eq. 8): keys as stored; the *query* tile is rotated by ``p − δ`` from the
-  pre-RoPE query, once per run of blocks with equal shift ``δ``, never per key.
+* ``LAZY`` (eq. 8): keys as stored; the *query* tile is rotated by ``p − δ``, once per
+  run of blocks with equal shift ``δ``, never per key.
 * ``RAW`` (eq. 10): keys stored unrotated; every key tile is rotated at its logical
   positions (the ablation), the query once at its own position.
 * ``NONE``: no rotation at all — the same kernel with RoPE switched off, the baseline
@@ -16,26 +16,40 @@ The eager/materialise path (eq. 9) re-rotates the keys into a fresh cache with e
 shift 0 (``fast/cache.py``) and then runs ``LAZY``: with ``δ = 0``, ``R(p − δ) q`` is
 exactly the query at its own position.
 
+**The query, rotated in two steps.** ``R(p − δ) = R(−δ) R(p)``. A first small kernel
+(:func:`_query_kernel`) writes ``y = m R(p) q · scale`` in float32 for every query, and
+``y`` read at the partner channels; at the start of a run the attention kernel then
+needs only cos and sin of one ``[D]`` vector of angles ``−δ·θ`` to rotate the whole tile,
+``q = y·cos + y_partner·sin`` — the per-token trigonometry is done once per query, not
+once per run.
+
 **Tiles.** Grid ``(query tiles, B, Hkv · splits)``. GQA is packed into the M dimension
 (:func:`plan`): row ``r`` of a ``[BLOCK_M, DP]`` query tile is query token
 ``r // GP`` and head ``r % GP`` of the KV head's group of ``G = H / Hkv`` heads, so a key
 tile, loaded once, serves the whole group. ``GP`` is ``G`` padded to a power of two (at
-least 16 for decode, where ``BLOCK_Q = 1``); padded rows are masked.
+least 16 for decode, where ``BLOCK_Q = 1``); padded rows are zero and never stored.
+``y`` is laid out ``[Hkv, Tq, GP, D]`` so that a query tile is one contiguous box.
 
-**Key tiles over paged blocks, in runs of equal shift.** A request's blocks are walked
-in *runs*: maximal ranges of consecutive blocks with one shift ``δ`` (a segment; the own
-tokens). At the start of a run the query tile is rotated by ``p − δ`` (eq. 8) from the
-pre-RoPE query — once per run, never per key — and an inner loop walks the run's slots
-``[first·S, end·S)`` in key tiles of ``BLOCK_N`` slots, whatever the block size: slot
-``j`` is token ``o = j mod S`` of block ``i = j // S`` (each row gathers its block's
-physical id), valid while ``o < block_len[i]`` and ``j`` is inside the run. That inner
-loop holds nothing but loads, two matrix products and the softmax update, so the
-compiler software-pipelines it. Runs are found with a vector scan of the block shifts
-(:func:`_shift_run_end`).
+**Bulk tensor copies.** On Hopper, key, value and query tiles arrive by TMA
+(``TensorDescriptor``): the caches are seen as ``[N·S, Hkv·D]`` matrices and a key tile
+of ``BLOCK_N`` slots inside one block is one ``[BLOCK_N, D]`` box at row
+``block_table[i]·S + offset``. That needs ``S % BLOCK_N == 0`` and an unpadded head dim;
+otherwise (small or odd blocks, head dims 80 or 96) each row of a key tile gathers its
+own block's physical id through pointers — the same results, slower. Loading ``y``
+through a ``[BLOCK_M, D]`` tile of 64-bit pointers once per run made the compiler spill
+over a kilobyte per thread; the descriptor load does not.
 
-**Masks** (eq. 7): a key is visible when it is a valid slot and either belongs to a
-segment block (``i < num_segment_blocks``) or its logical position is ``<=`` the
-query's. Own blocks wholly after a tile's last query are never visited.
+**Key tiles over paged blocks, in runs.** A request's blocks are walked in *runs*:
+maximal ranges of consecutive blocks with one shift ``δ`` that end after the first
+partly filled block (:func:`_run_end`, a vector scan of 64 blocks' shifts and lengths at
+a time). Every block of a run but its last is therefore full, and the run's valid slots
+are one contiguous range ``[first·S, valid_end)``. At the start of a run the query tile
+is rotated (above); then a first loop walks the key tiles that need **no mask** —
+every slot valid and visible to every query of the tile — and a second loop the run's
+last tiles, which do (eq. 7): slots past ``valid_end`` (which may hold anything: their
+values are zeroed), and own keys after some query of the tile. Each loop holds nothing
+but loads, two matrix products and the softmax update, so the compiler
+software-pipelines it. Own blocks wholly after a tile's last query are never visited.
 
 **Decode** uses the same kernel with ``BLOCK_Q = 1`` and splits each request's blocks
 among ``splits`` programs (flash-decoding): each writes the attention over its own keys
@@ -176,8 +190,11 @@ def _run_end(shift_row, len_row, b, end_block, S: tl.constexpr, BY_SHIFT: tl.con
             sh = tl.load(shift_row + idx, mask=inside, other=shift)
             stop = tl.minimum(stop, tl.where(sh != shift, idx, run_end))
         run_end = tl.minimum(run_end, tl.min(stop, 0))
-        # A block before this chunk that ends the run is full (a partial one stops it).
-        last_len = tl.where(run_end - 1 >= k, tl.sum(tl.where(idx == run_end - 1, length, 0), 0), last_len)
+        # The last block's length, once the run's end is known to lie in this chunk. A
+        # run that ends at the chunk's start ended on a full block (a partial one stops
+        # the run), which `last_len = S` already says.
+        ends_here = (run_end - 1 >= k) & (run_end - 1 < k + SCAN)
+        last_len = tl.where(ends_here, tl.sum(tl.where(idx == run_end - 1, length, 0), 0), last_len)
         k += SCAN
     return run_end, shift, last_len
 

@@ -100,6 +100,19 @@ def test_causal_diagonal_across_tiles(name, block_size):
     check(name, case, torch.float16)
 
 
+@pytest.mark.parametrize("decode", [False, True], ids=["prefill", "decode"])
+@pytest.mark.parametrize("name", ["lazy", "raw"])
+def test_runs_of_exactly_the_scan_width(name, decode):
+    """Segments of 63, 64, 65 and 128 one-token blocks: the run scan reads 64 blocks'
+    shifts at a time, and a run that ends exactly at a chunk boundary once lost its
+    last block (found on the H100 by the benchmark's parity check)."""
+    docs = (DocSpec(63), DocSpec(64), DocSpec(65), DocSpec(128))
+    segments = (SegmentSpec(1, 0), SegmentSpec(3, 70), SegmentSpec(0, 200), SegmentSpec(2, 300))
+    request = RequestSpec(segments, 4, 400, 400, 1 if decode else 4)
+    case = Case(docs, (request,), 1, 2, 1, RopeConfig(head_dim=64), seed=5)
+    check(f"{name}_{'decode' if decode else 'prefill'}", case, torch.bfloat16)
+
+
 @settings(max_examples=examples(10, 4))
 @example(case=EDGES["past_65536"])
 @given(case=fast_cases())
