@@ -83,13 +83,13 @@ def page(result: dict, name: str, png: str, notes: str | None) -> str:
         f"Measured ceilings on that device: copy bandwidth **{ceil['copy_tb_per_s']:.2f} TB/s** "
         f"(bytes read + written), bf16 matrix product **{ceil['bf16_matmul_tflops']:.0f} TFLOP/s**.",
         "",
-        f"Every time is the median of many timed runs after warm-up (`triton.testing.do_bench`). "
+        f"Every time is the median of many timed runs after warm-up (`triton.testing.do_bench`; decode from CUDA-graph replays, `do_bench_cudagraph`, so that the three launches' Python overhead is not what is timed). "
         f"bf16, {result['heads']} query heads over {result['kv_heads']} KV heads, block size "
         f"{result['block_size']}. Before timing, every provider's output is compared with an independent "
         f"computation (SDPA flash; a float32 PyTorch softmax for decode): max |diff| ≤ "
         f"{result['parity_tolerance']}. A provider that fails shows *parity FAIL* and counts for no target.",
         "",
-        *([f"The same call ran the fast-path tests compiled, at realistic shapes "
+        *([f"The fast-path tests ran compiled on the same device type, at realistic shapes "
            f"(`{result['gpu_tests']['command']}`): **{result['gpu_tests']['result']}**.", ""]
           if result.get("gpu_tests") else []),
         "## Targets",
