@@ -123,53 +123,71 @@ print("row -> (token, head in group):", list(zip((rows // plan.gp).tolist(), (ro
 assert plan.block_q * plan.gp >= 16  # the matrix units want at least 16 rows
 
 # %% [markdown]
-# ## 4. Shift runs and key tiles
+# ## 4. The query in two rotations, shift runs and key tiles
 #
-# The program walks the request's blocks in **runs**: maximal ranges of consecutive blocks
-# with one shift — a whole segment, then the own tokens. At the start of a run it rotates
-# the query once, `m R(p − δ) q`, from the pre-RoPE query (reloaded from memory, it is hot
-# in cache); then an inner loop walks the run's slots in key tiles of `BLOCK_N`, whatever
-# the block size: slot `j` is token `j mod S` of block `j // S`, and each row of the tile
-# gathers its own block's physical id. That inner loop holds only loads, two matrix
-# products and the online-softmax update, which the compiler software-pipelines.
+# Before the attention kernel, a small kernel rotates every query once at its own
+# position, `y = m R(p) q · scale` (float32), and stores `y` read at the partner channels
+# too. Since $R(p - \delta) = R(-\delta)\,R(p)$, the attention kernel then rotates a
+# whole query tile for a shift $\delta$ with the cos and sin of **one** vector of angles
+# $-\delta\,\theta_i$: `q = y·cos + y_partner·sin`.
 #
-# Here is that walk, replayed in Python for the program that holds request 0's *last*
-# query tile, with the GPU's `BLOCK_N = 64` (a tile spans four 16-token blocks) and with
-# `BLOCK_N = 16` (one block per tile).
+# The program walks the request's blocks in **runs**: maximal ranges of consecutive
+# blocks with one shift that end after the first partly filled block — in practice a
+# whole segment, then the own tokens. Every block of a run but its last is then full, so
+# the run's valid slots are one contiguous range. At the start of a run the query tile is
+# rotated (above); then one loop walks the key tiles that need **no mask** (every slot
+# valid and visible to every query of the tile), and a second loop the run's last tiles,
+# which do: slots past the run's valid end, and own keys after some query of the tile
+# (causal, eq. 7). Each loop holds only loads, two matrix products and the online-softmax
+# update, which the compiler software-pipelines.
+#
+# A key tile of `BLOCK_N` slots that lies inside one block (`S % BLOCK_N == 0`) arrives
+# by one bulk tensor copy (TMA on Hopper); otherwise each row of the tile gathers its own
+# block's physical id. Here is the walk, replayed in Python for the program that holds
+# request 0's *last* query tile (4 tokens × the 4 heads of a group), with `BLOCK_N = 16`
+# (one block per tile, as under the interpreter) and `BLOCK_N = 64` (a tile spans four
+# 16-token blocks).
 
 # %%
-def replay(meta, r, block_n, q_last):
-    """The runs and key tiles one program visits: (shift, first slot, slots) per tile."""
+def replay(meta, r, block_n, first_q, last_q):
+    """The runs one program visits: (shift, unmasked tiles, masked tiles), tiles as first slots."""
     num_seg, num_blk = int(meta.num_segment_blocks[r]), int(meta.num_blocks[r])
     own_start = int(meta.block_pos[r, num_seg])
-    end_block = num_seg + min(num_blk - num_seg, (q_last - own_start) // S + 1)
+    end_block = num_seg + min(num_blk - num_seg, (last_q - own_start) // S + 1)
+    visible_to_all = num_seg * S + first_q - own_start + 1  # own slots before: seen by every query
+    visible_to_none = num_seg * S + last_q - own_start + 1  # own slots from here: seen by none
     runs, b = [], 0
     while b < end_block:
-        shift = int(meta.block_shift[r, b])
-        end = b
+        shift, end = int(meta.block_shift[r, b]), b
         while end < end_block and int(meta.block_shift[r, end]) == shift:
             end += 1
-        tiles = [(j0, min(block_n, end * S - j0)) for j0 in range(b * S, end * S, block_n)]
-        runs.append((shift, tiles))
+            if int(meta.block_len[r, end - 1]) < S:  # a partly filled block ends the run
+                break
+        valid_end = (end - 1) * S + int(meta.block_len[r, end - 1])
+        safe = min(valid_end, visible_to_all)
+        safe = max(b * S, b * S + (safe - b * S) // block_n * block_n)
+        unmasked = list(range(b * S, safe, block_n))
+        masked = list(range(safe, min(valid_end, visible_to_none), block_n))
+        runs.append((shift, unmasked, masked))
         b = end
     return runs
 
 
-q_last = int(meta.query_start[0]) + 23
-for block_n in (64, 16):
-    runs = replay(meta, 0, block_n, q_last)
-    print(f"BLOCK_N={block_n}: {len(runs)} runs (= query rotations), {sum(len(t) for _, t in runs)} key tiles")
-    for shift, tiles in runs:
-        print(f"   shift {shift:>6}: tiles (first slot, slots) {tiles}")
+first_q, last_q = int(meta.query_start[0]) + 20, int(meta.query_start[0]) + 23
+for block_n in (16, 64):
+    runs = replay(meta, 0, block_n, first_q, last_q)
+    print(f"BLOCK_N={block_n}: {len(runs)} runs (= query rotations)")
+    for shift, unmasked, masked in runs:
+        print(f"   shift {shift:>6}: unmasked tiles at slots {unmasked}, masked tiles at slots {masked}")
     # Three runs (B, A, own tokens): three rotations, whatever the tiling.
     assert len(runs) == 3
 
 # %% [markdown]
-# **Masks** (eq. 7) are applied only where a tile needs them: slots past the run's end
-# (a tile is cut at the run's last block), a block's invalid tail (document A's last
-# block holds 8 of 16 tokens — those slots hold NaN here, and a kernel that read them
-# would return NaN), and own keys after some query of the tile (causal).
-# Own blocks wholly after the tile's last query are never visited.
+# With 16-slot tiles the segments' full blocks need no mask; each segment's partly
+# filled last block (B's holds 4 of 16 tokens, A's 8 — those slots hold NaN here, and a
+# kernel that read them unmasked would return NaN) and the own tokens on the diagonal
+# do. With 64-slot tiles every tile here is a run's last. Own blocks wholly after the
+# tile's last query are never visited.
 #
 # ## 5. The kernel against the reference
 #
