@@ -519,7 +519,7 @@ def plan(
     interpret = device.type == "cpu"
     wide = dtype == torch.float32 or dp > 128
     # (BLOCK_M rows, BLOCK_N keys, warps, stages), from sweeps on the H100
-    # (benchmarks/kernels.py --sweep, results/sweep_h100.json), bf16.
+    # (benchmarks/kernels.py --sweep, benchmarks/sweeps/kernels_h100.json), bf16.
     if interpret:
         # Small tiles under the interpreter: the tests then cross many tile boundaries.
         tiles = (16, 16, 4, 1)
