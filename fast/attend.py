@@ -73,7 +73,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from ..reference.layout import BlockMetadata
 from . import buffers
 from .rope import RopeTables, rope_cos_sin, rotate_tile
-from .rounding import emulate_rtne, round_to
+from .rounding import dot_dtype, emulate_rtne, round_to
 
 __all__ = ["LAZY", "RAW", "NONE", "Plan", "plan", "attend", "merge_partials"]
 
@@ -485,14 +485,6 @@ class Plan(NamedTuple):
     tma: bool
 
 
-def _dot_dtype(dtype: torch.dtype, device: torch.device):
-    """Triton dtype of the matrix products: the input dtype, except bf16 under the
-    interpreter, whose bf16 arithmetic is wrong upstream (products are done in fp32)."""
-    if dtype == torch.bfloat16:
-        return tl.float32 if device.type == "cpu" else tl.bfloat16
-    return {torch.float16: tl.float16, torch.float32: tl.float32}[dtype]
-
-
 def plan(
     num_heads: int,
     num_kv_heads: int,
@@ -636,7 +628,7 @@ def attend(
         h // hkv, d, blocks_per_split, pl.splits,
         BLOCK_Q=pl.block_q, GP=pl.gp, BLOCK_N=pl.block_n, DP=pl.dp, S=s,
         MODE=mode, TMA=k_desc is not None, SPLIT=pl.splits > 1,
-        DOT_DTYPE=_dot_dtype(q.dtype, q.device),
+        DOT_DTYPE=dot_dtype(q.dtype, q.device),
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         WRITE_LSE=return_lse or pl.splits > 1,
         EMULATE_RTNE=emulate_rtne(dest.dtype, q.device),

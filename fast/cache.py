@@ -21,15 +21,7 @@ import triton.language as tl
 from ..reference.layout import BlockMetadata
 from . import buffers
 from .rope import RopeTables, rotate_tile
-from .rounding import emulate_rtne, round_to
-
-
-def _dot_dtype(dtype: torch.dtype, device: torch.device):
-    """The permutation product's dtype: the cache's, except float32 for bfloat16 under
-    the interpreter (whose bfloat16 products are wrong)."""
-    if dtype == torch.bfloat16 and device.type == "cpu":
-        return tl.float32
-    return {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}[dtype]
+from .rounding import dot_dtype, emulate_rtne, round_to
 
 __all__ = ["write_kv_kernel", "scatter_kv", "materialise"]
 
@@ -200,7 +192,7 @@ def materialise(
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         k_out.stride(0), k_out.stride(1), k_out.stride(2),
-        BLOCK_S=max(16, triton.next_power_of_2(s)), DP=dp, DOT_DTYPE=_dot_dtype(k_cache.dtype, k_cache.device),
+        BLOCK_S=max(16, triton.next_power_of_2(s)), DP=dp, DOT_DTYPE=dot_dtype(k_cache.dtype, k_cache.device),
         EMULATE_RTNE=emulate_rtne(dtype, k_cache.device),
     )  # fmt: skip
     table = torch.arange(b * m, dtype=torch.int32, device=k_cache.device).view(b, m)
