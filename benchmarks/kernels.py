@@ -112,6 +112,16 @@ def make_layout(batch: int, segment_lengths: list[int], own: int, queries: int, 
     return Layout(requests, block)
 
 
+def decode_layout(batch: int, tk: int, doc: int = DOC_DECODE) -> Layout:
+    """``batch`` decode requests of ``tk`` keys: documents of ``doc`` tokens back to back
+    (the last one shorter if ``doc`` does not divide), then ``OWN_DECODE`` own tokens."""
+    docs = [doc] * ((tk - OWN_DECODE) // doc)
+    rest = tk - OWN_DECODE - sum(docs)
+    if rest:
+        docs.append(rest)
+    return make_layout(batch, docs, OWN_DECODE, 1)
+
+
 def make_cache(layout: Layout, head_dim: int, gen: torch.Generator):
     n = max(max(p.blocks) for req in layout.requests for p in (*req.segments, req.own)) + 1
     shape = (n, layout.block_size, KV_HEADS, head_dim)
@@ -236,11 +246,7 @@ def prefill_row(head_dim: int, tk: int, seg: int, gen: torch.Generator) -> dict:
 
 
 def decode_row(batch: int, tk: int, gen: torch.Generator) -> dict:
-    docs = [DOC_DECODE] * ((tk - OWN_DECODE) // DOC_DECODE)
-    rest = tk - OWN_DECODE - sum(docs)
-    if rest:
-        docs.append(rest)
-    layout = make_layout(batch, docs, OWN_DECODE, 1)
+    layout = decode_layout(batch, tk)
     head_dim = 128
     rope = RopeConfig(head_dim=head_dim, base=500_000.0)
     tables = rope_tables(rope, head_dim, torch.device("cuda"))
@@ -454,9 +460,7 @@ def sweep() -> list[dict]:
                 _timed(rows, fn, **shape, cfg=cfg, mode=mode)
     for batch, tk, doc in ((16, 16384, DOC_DECODE), (16, 16384, 4096), (64, 4096, DOC_DECODE),
                            (256, 4096, DOC_DECODE), (1, 65536, DOC_DECODE)):  # fmt: skip
-        docs = [doc] * ((tk - OWN_DECODE) // doc)
-        docs.append(tk - OWN_DECODE - sum(docs))
-        layout = make_layout(batch, [x for x in docs if x], OWN_DECODE, 1)
+        layout = decode_layout(batch, tk, doc)
         rope = RopeConfig(head_dim=128, base=500_000.0)
         tables = rope_tables(rope, 128, torch.device("cuda"))
         k_cache, v_cache = make_cache(layout, 128, gen)
