@@ -97,8 +97,16 @@ def parity_gate(backend: str, device: str) -> dict:
             tokens = all(a.output == r.output for a, r in zip(actual, reference))
             ok = err <= bound and (tokens or dtype != torch.float32)
             passed &= ok
-            rows.append({"strategy": strategy, "dtype": str(dtype).removeprefix("torch."), "error": err,
-                         "bound": bound, "tokens_equal": tokens, "passed": ok})
+            rows.append(
+                {
+                    "strategy": strategy,
+                    "dtype": str(dtype).removeprefix("torch."),
+                    "error": err,
+                    "bound": bound,
+                    "tokens_equal": tokens,
+                    "passed": ok,
+                }
+            )
     return {"backend": backend, "passed": passed, "rows": rows}
 
 
@@ -113,8 +121,17 @@ def quality(model, workload, dtypes) -> list[dict]:
     return out
 
 
-MEDIAN_FIELDS = ("ttft_p50", "ttft_p99", "tpot_mean", "makespan", "requests_per_s", "tokens_per_s", "hit_ratio", "bytes_copied",
-                 "peak_blocks")
+MEDIAN_FIELDS = (
+    "ttft_p50",
+    "ttft_p99",
+    "tpot_mean",
+    "makespan",
+    "requests_per_s",
+    "tokens_per_s",
+    "hit_ratio",
+    "bytes_copied",
+    "peak_blocks",
+)
 
 
 def medians(runs: list[dict]) -> list[dict]:
@@ -149,18 +166,38 @@ def targets(runs: list[dict], parity_passed: bool) -> list[dict]:
         if lazy and block and top > 0:
             ttft = block["ttft_p50"] / lazy["ttft_p50"]
             tput = lazy["requests_per_s"] / block["requests_per_s"]
-            out.append({"target": f"skew alpha={top:g}: TTFT p50 block/lazy >= {TARGET_TTFT}", "value": ttft,
-                        "pass": ttft >= TARGET_TTFT})
-            out.append({"target": f"skew alpha={top:g}: throughput lazy/block >= {TARGET_THROUGHPUT}", "value": tput,
-                        "pass": tput >= TARGET_THROUGHPUT})
+            out.append(
+                {
+                    "target": f"skew alpha={top:g}: TTFT p50 block/lazy >= {TARGET_TTFT}",
+                    "value": ttft,
+                    "pass": ttft >= TARGET_TTFT,
+                }
+            )
+            out.append(
+                {
+                    "target": f"skew alpha={top:g}: throughput lazy/block >= {TARGET_THROUGHPUT}",
+                    "value": tput,
+                    "pass": tput >= TARGET_THROUGHPUT,
+                }
+            )
         lazy, block = pick("skew", "alpha", low, "lazy"), pick("skew", "alpha", low, "block_attention")
         if lazy and block and low == 0:
             ttft = block["ttft_p50"] / lazy["ttft_p50"]
             tput = lazy["requests_per_s"] / block["requests_per_s"]
-            out.append({"target": "uniform alpha=0: lazy never loses on TTFT p50 (block/lazy >= 1)", "value": ttft,
-                        "pass": ttft >= 1.0})
-            out.append({"target": "uniform alpha=0: lazy never loses on throughput (lazy/block >= 1)", "value": tput,
-                        "pass": tput >= 1.0})
+            out.append(
+                {
+                    "target": "uniform alpha=0: lazy never loses on TTFT p50 (block/lazy >= 1)",
+                    "value": ttft,
+                    "pass": ttft >= 1.0,
+                }
+            )
+            out.append(
+                {
+                    "target": "uniform alpha=0: lazy never loses on throughput (lazy/block >= 1)",
+                    "value": tput,
+                    "pass": tput >= 1.0,
+                }
+            )
     budgets = sorted({r["budget_fraction"] for r in runs if r["sweep"] == "budget"})
     if budgets:
         tight = budgets[0]
@@ -168,10 +205,14 @@ def targets(runs: list[dict], parity_passed: bool) -> list[dict]:
         others = [pick("budget", "budget_fraction", tight, s) for s in POSITION_AWARE]
         if lazy and all(others):
             best = max(o["hit_ratio"] for o in others)
-            out.append({"target": f"tight budget {tight:g}: lazy hit ratio minus the best position-aware "
-                                  "strategy's (>= 0)",
-                        "value": lazy["hit_ratio"] - best, "pass": lazy["hit_ratio"] >= best,
-                        "detail": {o["strategy"]: o["hit_ratio"] for o in others} | {"lazy": lazy["hit_ratio"]}})
+            out.append(
+                {
+                    "target": f"tight budget {tight:g}: lazy hit ratio minus the best position-aware strategy's (>= 0)",
+                    "value": lazy["hit_ratio"] - best,
+                    "pass": lazy["hit_ratio"] >= best,
+                    "detail": {o["strategy"]: o["hit_ratio"] for o in others} | {"lazy": lazy["hit_ratio"]},
+                }
+            )
     for t in out:
         t["mark"] = "PASS" if t["pass"] and parity_passed else ("MISS (parity failed)" if t["pass"] else "MISS")
     return out
@@ -180,8 +221,13 @@ def targets(runs: list[dict], parity_passed: bool) -> list[dict]:
 def headline(marked: list[dict], backend: str) -> list[dict]:
     """The targets in the docs' headline format (``name``, ``value``, ``unit``, ``pass``)."""
     return [
-        {"name": f"engine ({backend}): {t['target']}", "value": round(t["value"], 3),
-         "unit": "" if "hit ratio" in t["target"] else "x", "target": "", "pass": t["mark"] == "PASS"}
+        {
+            "name": f"engine ({backend}): {t['target']}",
+            "value": round(t["value"], 3),
+            "unit": "" if "hit ratio" in t["target"] else "x",
+            "target": "",
+            "pass": t["mark"] == "PASS",
+        }
         for t in marked
     ]
 
@@ -211,25 +257,45 @@ def main(argv=None) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.tiny:
         model_name, dtype = "tiny", torch.float32
-        base = WorkloadConfig(num_requests=12, num_documents=8, doc_len_mean=40, docs_per_request=3, query_len=8,
-                              output_len=4, vocab_size=256)
+        base = WorkloadConfig(
+            num_requests=12,
+            num_documents=8,
+            doc_len_mean=40,
+            docs_per_request=3,
+            query_len=8,
+            output_len=4,
+            vocab_size=256,
+        )
     else:
         model_name, dtype = "llama3-1b", torch.bfloat16
-        base = WorkloadConfig(num_requests=args.requests, num_documents=args.documents, doc_len_mean=args.doc_len,
-                              doc_len_min=16, doc_len_max=4 * args.doc_len, docs_per_request=args.docs_per_request,
-                              query_len=args.query_len, output_len=args.output_len, vocab_size=128256)
+        base = WorkloadConfig(
+            num_requests=args.requests,
+            num_documents=args.documents,
+            doc_len_mean=args.doc_len,
+            doc_len_min=16,
+            doc_len_max=4 * args.doc_len,
+            docs_per_request=args.docs_per_request,
+            query_len=args.query_len,
+            output_len=args.output_len,
+            vocab_size=128256,
+        )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = args.name or f"engine_{args.backend}"
     start = time.perf_counter()
     env = environment(device, args.backend)
-    result = {"device": env["device_name"], "date": datetime.date.today().isoformat(),
-              "versions": {k: env[k] for k in ("python", "torch", "triton", "lazyattention") if k in env},
-              "environment": env, "model": model_name,
-              "dtype": str(dtype).removeprefix("torch."),
-              "workload": {k: (None if isinstance(v, float) and math.isinf(v) else v) for k, v in asdict(base).items()},
-              "engine": {"block_size": 16, "max_num_seqs": args.max_num_seqs, "max_batch_tokens": args.max_batch_tokens},
-              "arrivals": "offline burst: every request arrives at t=0", "complete": False}
+    result = {
+        "device": env["device_name"],
+        "date": datetime.date.today().isoformat(),
+        "versions": {k: env[k] for k in ("python", "torch", "triton", "lazyattention") if k in env},
+        "environment": env,
+        "model": model_name,
+        "dtype": str(dtype).removeprefix("torch."),
+        "workload": {k: (None if isinstance(v, float) and math.isinf(v) else v) for k, v in asdict(base).items()},
+        "engine": {"block_size": 16, "max_num_seqs": args.max_num_seqs, "max_batch_tokens": args.max_batch_tokens},
+        "arrivals": "offline burst: every request arrives at t=0",
+        "complete": False,
+    }
 
     def save():
         result["seconds"] = time.perf_counter() - start
@@ -242,41 +308,75 @@ def main(argv=None) -> int:
     model = _build_model(model_name, args.backend, dtype, device, seed=0)
     workload = make_workload(replace(base, zipf_alpha=1.0))
     result["quality"] = quality(model, workload, (torch.bfloat16, torch.float32) if not args.tiny else (torch.float32,))
-    _log(format_table(result["quality"], [("dtype", "dtype", ""), ("lazy_vs_block_logits", "lazy-block", ".2e"),
-                                          ("lazy_vs_block_agreement", "agree", ".2f"),
-                                          ("lazy_vs_full_logits", "lazy-full", ".2e"),
-                                          ("lazy_vs_full_agreement", "agree", ".2f"),
-                                          ("block_vs_full_logits", "block-full", ".2e")]))
+    _log(
+        format_table(
+            result["quality"],
+            [
+                ("dtype", "dtype", ""),
+                ("lazy_vs_block_logits", "lazy-block", ".2e"),
+                ("lazy_vs_block_agreement", "agree", ".2f"),
+                ("lazy_vs_full_logits", "lazy-full", ".2e"),
+                ("lazy_vs_full_agreement", "agree", ".2f"),
+                ("block_vs_full_logits", "block-full", ".2e"),
+            ],
+        )
+    )
     save()
     runs = result["runs"] = []
     base_requests = workload.requests  # warm-up: the whole first workload, untimed, per strategy
-    plan = [("skew", float(a)) for a in args.alphas.split(",")] + [("budget", float(f)) for f in args.budgets.split(",")]
+    plan = [("skew", float(a)) for a in args.alphas.split(",")] + [
+        ("budget", float(f)) for f in args.budgets.split(",")
+    ]
     plan = [(rep, sweep, value) for rep in range(args.repeats) for sweep, value in plan]
     for i, (rep, sweep, value) in enumerate(plan):
         if time.perf_counter() - start > args.max_seconds:
             _log(f"stopping: over --max-seconds {args.max_seconds}")
             break
         alphas, budgets = ([value], []) if sweep == "skew" else ([], [value])
-        new = run_sweep(model, base, alphas, budgets, block_size=16, max_num_seqs=args.max_num_seqs,
-                        max_batch_tokens=args.max_batch_tokens, skew=1.0, budget=args.budget,
-                        warmup=len(base_requests) if i == 0 else 0)
+        new = run_sweep(
+            model,
+            base,
+            alphas,
+            budgets,
+            block_size=16,
+            max_num_seqs=args.max_num_seqs,
+            max_batch_tokens=args.max_batch_tokens,
+            skew=1.0,
+            budget=args.budget,
+            warmup=len(base_requests) if i == 0 else 0,
+        )
         for r in new:
             r["repeat"] = rep
         runs += new
-        _log(format_table([{**r, "ttft_p50": r["ttft_p50"] * 1e3, "ttft_p99": r["ttft_p99"] * 1e3} for r in new],
-                          [("sweep", "sweep", ""), ("alpha", "alpha", "g"), ("budget_fraction", "budget", "g"),
-                           ("strategy", "strategy", ""), ("num_blocks", "blocks", "d"), ("ttft_p50", "TTFT p50 ms", ".1f"),
-                           ("ttft_p99", "TTFT p99 ms", ".1f"), ("requests_per_s", "req/s", ".2f"),
-                           ("tokens_per_s", "tok/s", ".0f"), ("hit_ratio", "hit", ".2f"),
-                           ("bytes_copied", "bytes copied", ".3g"), ("peak_blocks", "peak", "d")]))
+        _log(
+            format_table(
+                [{**r, "ttft_p50": r["ttft_p50"] * 1e3, "ttft_p99": r["ttft_p99"] * 1e3} for r in new],
+                [
+                    ("sweep", "sweep", ""),
+                    ("alpha", "alpha", "g"),
+                    ("budget_fraction", "budget", "g"),
+                    ("strategy", "strategy", ""),
+                    ("num_blocks", "blocks", "d"),
+                    ("ttft_p50", "TTFT p50 ms", ".1f"),
+                    ("ttft_p99", "TTFT p99 ms", ".1f"),
+                    ("requests_per_s", "req/s", ".2f"),
+                    ("tokens_per_s", "tok/s", ".0f"),
+                    ("hit_ratio", "hit", ".2f"),
+                    ("bytes_copied", "bytes copied", ".3g"),
+                    ("peak_blocks", "peak", "d"),
+                ],
+            )
+        )
         save()
     else:
         result["complete"] = True
     result["medians"] = medians(runs)
     result["targets"] = targets(result["medians"], result["parity"]["passed"])
     # the same targets in each repeat alone: the spread behind the medians
-    per_repeat = [{u["target"]: u["value"] for u in targets([r for r in runs if r["repeat"] == rep], True)}
-                  for rep in sorted({r["repeat"] for r in runs})]
+    per_repeat = [
+        {u["target"]: u["value"] for u in targets([r for r in runs if r["repeat"] == rep], True)}
+        for rep in sorted({r["repeat"] for r in runs})
+    ]
     for t in result["targets"]:
         t["per_repeat"] = [values[t["target"]] for values in per_repeat if t["target"] in values]
     result["headline"] = headline(result["targets"], args.backend)
@@ -284,8 +384,11 @@ def main(argv=None) -> int:
         spread = ", ".join(f"{v:.3f}" for v in t["per_repeat"])
         _log(f"{t['mark']:>5}  {t['target']}: {t['value']:.3f} (median; repeats: {spread})")
     save()
-    plot_sweep(result["medians"], out / f"{name}.png",
-               f"{model_name} ({result['dtype']}), {args.backend} backend, {result['environment']['device_name']}")
+    plot_sweep(
+        result["medians"],
+        out / f"{name}.png",
+        f"{model_name} ({result['dtype']}), {args.backend} backend, {result['environment']['device_name']}",
+    )
     _log(f"wrote {out / (name + '.json')} and {out / (name + '.png')} in {time.perf_counter() - start:.0f} s")
     return 0
 

@@ -90,7 +90,10 @@ def page(result: dict, name: str, notes: str | None) -> str:
     ]
     rows = result["parity"].get("rows", [])
     if rows:
-        lines += ["| strategy | dtype | max error | bound | greedy tokens equal | verdict |", "|---|---|---|---|---|---|"]
+        lines += [
+            "| strategy | dtype | max error | bound | greedy tokens equal | verdict |",
+            "|---|---|---|---|---|---|",
+        ]
     else:
         lines.append(f"*No gate: {result['parity'].get('note', 'no parity rows recorded')}.*")
     for row in rows:
@@ -125,7 +128,8 @@ def page(result: dict, name: str, notes: str | None) -> str:
         *_table(skew, ("alpha", "α")),
         "",
         f"**Against the KV budget** (α = {budget[0]['alpha']:g}; budget as a fraction of the document pool):"
-        if budget else "",
+        if budget
+        else "",
         "",
         *_table(budget, ("budget_fraction", "budget")),
         "",

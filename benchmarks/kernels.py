@@ -68,10 +68,7 @@ PREFILL_GRID = [  # (head dim, Tk, segment length L)
     for tk, seg in ((4096, 512), (4096, 3072), (16384, 512), (16384, 4096), (32768, 512), (32768, 4096))
 ]
 DECODE_GRID = [  # (B, Tk) with B · Tk ≤ 2^22 tokens (16 GiB of bf16 K and V)
-    (b, tk)
-    for b in (1, 16, 64, 256)
-    for tk in (1024, 4096, 16384, 65536)
-    if b * tk <= 2**22
+    (b, tk) for b in (1, 16, 64, 256) for tk in (1024, 4096, 16384, 65536) if b * tk <= 2**22
 ]
 QUERIES = 1024
 OWN_DECODE = 64
@@ -316,7 +313,10 @@ def ceilings() -> dict:
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     mm_ms = bench(lambda: a @ a)
     del x, y, a
-    return {"copy_tb_per_s": 2 * 2**30 / (copy_ms * 1e-3) / 1e12, "bf16_matmul_tflops": 2 * 8192**3 / (mm_ms * 1e-3) / 1e12}
+    return {
+        "copy_tb_per_s": 2 * 2**30 / (copy_ms * 1e-3) / 1e12,
+        "bf16_matmul_tflops": 2 * 8192**3 / (mm_ms * 1e-3) / 1e12,
+    }
 
 
 def ok(row, name):
@@ -347,8 +347,14 @@ def targets(result: dict) -> list[dict]:
     ratios = [((r["ms"]["lazy"] / r["ms"]["sdpa_flash"]) if ok(r, "lazy") and r["ms"]["sdpa_flash"] else math.inf, r)
               for r in result["prefill"]]  # fmt: skip
     w = max(ratios, key=lambda x: x[0])
-    out.append({"target": "prefill at least as fast as SDPA flash (time ratio <= 1)",
-                "pass": all(x <= 1.0 for x, _ in ratios), "worst": w[0], "where": _where("prefill", w[1])})
+    out.append(
+        {
+            "target": "prefill at least as fast as SDPA flash (time ratio <= 1)",
+            "pass": all(x <= 1.0 for x, _ in ratios),
+            "worst": w[0],
+            "where": _where("prefill", w[1]),
+        }
+    )
     for kind in ("prefill", "decode"):
         rows = result[kind]
         ratios = []
@@ -356,8 +362,14 @@ def targets(result: dict) -> list[dict]:
             base = [r["ms"][k] for k in ("materialise", "materialise_sdpa") if ok(r, k)]
             ratios.append(((r["ms"]["lazy"] / min(base)) if ok(r, "lazy") and base else math.inf, r))
         w = max(ratios, key=lambda x: x[0])
-        out.append({"target": f"{kind}: lazy faster than materialise at every size (time ratio < 1)",
-                    "pass": all(x < 1.0 for x, _ in ratios), "worst": w[0], "where": _where(kind, w[1])})
+        out.append(
+            {
+                "target": f"{kind}: lazy faster than materialise at every size (time ratio < 1)",
+                "pass": all(x < 1.0 for x, _ in ratios),
+                "worst": w[0],
+                "where": _where(kind, w[1]),
+            }
+        )
     for t in out:  # a failed or missing measurement is "n/a", never a number
         if t["worst"] is not None and not math.isfinite(t["worst"]):
             t["worst"] = None
@@ -404,16 +416,25 @@ def print_table(result: dict) -> None:
     print("decode TB/s (frac of copy)   " + " ".join(f"{n:>10}" for n in names))
     for r in result["decode"]:
         copy_bw = result["ceilings"]["copy_tb_per_s"]
-        cells = [f"{r['tb_per_s'][n]:5.2f}({r['tb_per_s'][n] / copy_bw:4.0%})" if r["tb_per_s"][n] else f"{'-':>11}"
-                 for n in names]
+        cells = [
+            f"{r['tb_per_s'][n]:5.2f}({r['tb_per_s'][n] / copy_bw:4.0%})" if r["tb_per_s"][n] else f"{'-':>11}"
+            for n in names
+        ]
         print(f"B={r['batch']:3d} Tk={r['Tk']:5d} " + " ".join(cells))
     for t in result["targets"]:
         worst = "n/a" if t["worst"] is None else f"{t['worst']:.3f}"
         print(f"{'PASS' if t['pass'] else 'MISS'}  {t['target']}: worst {worst} at {t['where']}")
 
 
-def with_tiles(base: fast_attend.Plan, block_m: int, block_n: int, warps: int, stages: int,
-               splits: int | None = None, tma: bool = True) -> fast_attend.Plan:
+def with_tiles(
+    base: fast_attend.Plan,
+    block_m: int,
+    block_n: int,
+    warps: int,
+    stages: int,
+    splits: int | None = None,
+    tma: bool = True,
+) -> fast_attend.Plan:
     """``base`` with other tile sizes (``tma=False`` forces the row-gather key loads)."""
     block_q = max(1, block_m // base.gp) if base.block_q > 1 or block_m > base.gp else 1
     return base._replace(block_q=block_q, block_n=block_n, num_warps=warps, num_stages=stages,
@@ -492,7 +513,9 @@ def print_sweep(rows: list[dict]) -> None:
             print(f"prefill D={r['D']} seg={r['segment']} S={r['S']}  {what:32} {rate}")
         elif r["kind"] == "decode":
             rate = f"{r['bytes'] / r['ms'] / 1e9:6.2f} TB/s" if "ms" in r else r.get("error", "")[:60]
-            print(f"decode B={r['B']:3} Tk={r['Tk']:5} doc={r['doc']:4}  {['lazy', 'raw', 'norot'][r['mode']]:5} {str(r['cfg']):26} {rate}")
+            print(
+                f"decode B={r['B']:3} Tk={r['Tk']:5} doc={r['doc']:4}  {['lazy', 'raw', 'norot'][r['mode']]:5} {str(r['cfg']):26} {rate}"
+            )
         else:
             for k in r["kernels"]:
                 print("compiled", k)

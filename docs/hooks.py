@@ -216,7 +216,10 @@ def reference_api_markdown() -> str:
     import lazyattention.reference as ref  # the docs build needs the package installed
 
     public = list(ref.__all__)
-    parts = [REFERENCE_INTRO, "::: lazyattention.reference\n    options:\n      members: false\n      show_root_heading: false"]
+    parts = [
+        REFERENCE_INTRO,
+        "::: lazyattention.reference\n    options:\n      members: false\n      show_root_heading: false",
+    ]
     placed: set[str] = set()
     for title, module in REFERENCE_SECTIONS:
         names = static_all(ROOT / "reference" / f"{module}.py")
@@ -336,8 +339,9 @@ def _headline_items(name: str, data: dict) -> list[dict]:
             continue
         value = item.get("value", item.get("worst"))
         where = f" (worst at {item['where']})" if item.get("where") else ""
-        items.append({"name": f"{item['target']}{where}", "value": "n/a" if value is None else value,
-                      "pass": item["pass"]})
+        items.append(
+            {"name": f"{item['target']}{where}", "value": "n/a" if value is None else value, "pass": item["pass"]}
+        )
     return items
 
 

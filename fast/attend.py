@@ -464,8 +464,9 @@ def _merge_kernel(
     )
     out = tl.sum(parts * w[:, None], 0) / tl.where(total > 0.0, total, 1.0)
     lse = tl.where(total > 0.0, top + tl.log(total), float("-inf"))
-    tl.store(out_ptr + t * stride_ot + h * stride_oh + d, round_to(out, out_ptr.dtype.element_ty, EMULATE_RTNE),
-             mask=d < D)
+    tl.store(
+        out_ptr + t * stride_ot + h * stride_oh + d, round_to(out, out_ptr.dtype.element_ty, EMULATE_RTNE), mask=d < D
+    )
     tl.store(lse_ptr + t * stride_rt + h * stride_rh, lse)
 
 

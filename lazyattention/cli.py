@@ -118,14 +118,25 @@ def _semantics_demo(ops, device: str, seed: int) -> float:
         n = -(-lengths[name] // S)
         blocks[name] = tuple(range(next_block, next_block + n))
         slots = torch.arange(lengths[name]) + next_block * S
-        ops.write_kv(k.to(device), v.to(device), shared_k, shared_v, slots.to(device), torch.arange(lengths[name]).to(device), rope)
+        ops.write_kv(
+            k.to(device),
+            v.to(device),
+            shared_k,
+            shared_v,
+            slots.to(device),
+            torch.arange(lengths[name]).to(device),
+            rope,
+        )
         next_block += n
     own_block0 = next_block
 
     def request(order: tuple[str, ...], first: int, mode: str):
         """Lazy: read the shared cache. Eager: a fresh cache with keys rotated where they sit."""
-        k_cache, v_cache = (shared_k.clone(), shared_v.clone()) if mode == "lazy" else (
-            torch.zeros_like(shared_k), torch.zeros_like(shared_v))
+        k_cache, v_cache = (
+            (shared_k.clone(), shared_v.clone())
+            if mode == "lazy"
+            else (torch.zeros_like(shared_k), torch.zeros_like(shared_v))
+        )
         segments, pos = [], first
         for name in order:
             if mode == "lazy":
@@ -133,14 +144,28 @@ def _semantics_demo(ops, device: str, seed: int) -> float:
             else:
                 slots = torch.arange(lengths[name]) + blocks[name][0] * S
                 k, v = kv[name]
-                ops.write_kv(k.to(device), v.to(device), k_cache, v_cache, slots.to(device),
-                             torch.arange(lengths[name]).to(device) + pos, rope)
+                ops.write_kv(
+                    k.to(device),
+                    v.to(device),
+                    k_cache,
+                    v_cache,
+                    slots.to(device),
+                    torch.arange(lengths[name]).to(device) + pos,
+                    rope,
+                )
                 segments.append(Placement(blocks[name], lengths[name], start=pos, stored_start=pos))
             pos += lengths[name]
         own = Placement((own_block0,), q_len, start=pos, stored_start=pos)
         own_slots = torch.arange(q_len) + own_block0 * S
-        ops.write_kv(k_own.to(device), v_own.to(device), k_cache, v_cache, own_slots.to(device),
-                     torch.arange(q_len).to(device) + pos, rope)
+        ops.write_kv(
+            k_own.to(device),
+            v_own.to(device),
+            k_cache,
+            v_cache,
+            own_slots.to(device),
+            torch.arange(q_len).to(device) + pos,
+            rope,
+        )
         layout = Layout([RequestLayout(tuple(segments), own, num_queries=q_len)], S)
         return ops.lazy_prefill(q, k_cache, v_cache, layout, rope)
 
@@ -148,17 +173,43 @@ def _semantics_demo(ops, device: str, seed: int) -> float:
     _say("   documents A (11 tokens) and B (6 tokens) are written once, keys rotated at 0..L-1;")
     _say("   eager RoPE writes them again, keys rotated at their logical positions.\n")
     rows, worst = [], 0.0
-    cases = [(("A",), 0), (("A",), 5), (("A", "B"), 0), (("B", "A"), 0), (("B", "A"), 1000),
-             (("A", "B"), 70_000), (("B", "A"), 2**20)]
+    cases = [
+        (("A",), 0),
+        (("A",), 5),
+        (("A", "B"), 0),
+        (("B", "A"), 0),
+        (("B", "A"), 1000),
+        (("A", "B"), 70_000),
+        (("B", "A"), 2**20),
+    ]
     for order, first in cases:
         lazy, eager = request(order, first, "lazy"), request(order, first, "eager")
         diff = float((lazy.float() - eager.float()).abs().max())
         worst = max(worst, diff)
-        rows.append({"order": " ".join(order), "first": first, "lazy": f"{float(lazy[0, 0, 0]):+.6f}",
-                     "eager": f"{float(eager[0, 0, 0]):+.6f}", "diff": diff})
-    _say(format_table(rows, [("order", "order", ""), ("first", "starts at", "d"), ("lazy", "lazy out[0,0,0]", ""),
-                             ("eager", "eager out[0,0,0]", ""), ("diff", "max |lazy - eager|", ".2e")]))
-    _say(f"\n   largest difference over all placements: {worst:.2e} (float32 rounding; the cached copy was never rewritten)\n")
+        rows.append(
+            {
+                "order": " ".join(order),
+                "first": first,
+                "lazy": f"{float(lazy[0, 0, 0]):+.6f}",
+                "eager": f"{float(eager[0, 0, 0]):+.6f}",
+                "diff": diff,
+            }
+        )
+    _say(
+        format_table(
+            rows,
+            [
+                ("order", "order", ""),
+                ("first", "starts at", "d"),
+                ("lazy", "lazy out[0,0,0]", ""),
+                ("eager", "eager out[0,0,0]", ""),
+                ("diff", "max |lazy - eager|", ".2e"),
+            ],
+        )
+    )
+    _say(
+        f"\n   largest difference over all placements: {worst:.2e} (float32 rounding; the cached copy was never rewritten)\n"
+    )
     return worst
 
 
@@ -181,21 +232,37 @@ def _reuse_demo(model, seed: int) -> None:
             engine.run_until_done()
             out[name] = req
         lazy, block = out["lazy"], out["block_attention"]
-        rows.append({
-            "order": " ".join(order),
-            "hits": f"{lazy.hits}/{lazy.lookups}",
-            "lazy": " ".join(map(str, lazy.output)),
-            "block": " ".join(map(str, block.output)),
-            "diff": float((lazy.first_logits - block.first_logits).abs().max()),
-        })
+        rows.append(
+            {
+                "order": " ".join(order),
+                "hits": f"{lazy.hits}/{lazy.lookups}",
+                "lazy": " ".join(map(str, lazy.output)),
+                "block": " ".join(map(str, block.output)),
+                "diff": float((lazy.first_logits - block.first_logits).abs().max()),
+            }
+        )
         _say(f"   served documents {' '.join(order)}")
     _say()
-    _say(format_table(rows, [("order", "documents", ""), ("hits", "cache hits", ""), ("lazy", "lazy tokens", ""),
-                             ("block", "block_attention tokens", ""), ("diff", "max |d logit|", ".1e")]))
+    _say(
+        format_table(
+            rows,
+            [
+                ("order", "documents", ""),
+                ("hits", "cache hits", ""),
+                ("lazy", "lazy tokens", ""),
+                ("block", "block_attention tokens", ""),
+                ("diff", "max |d logit|", ".1e"),
+            ],
+        )
+    )
     lz, bl = engines["lazy"].stats, engines["block_attention"].stats
-    _say(f"\n   lazy: {lz.segment_prefill_tokens} document tokens prefilled once, 0 bytes copied, peak {lz.peak_blocks} blocks")
-    _say(f"   block_attention: same prefills, {bl.bytes_copied / 1e3:.1f} kB copied and re-rotated, "
-         f"peak {bl.peak_blocks} blocks\n")
+    _say(
+        f"\n   lazy: {lz.segment_prefill_tokens} document tokens prefilled once, 0 bytes copied, peak {lz.peak_blocks} blocks"
+    )
+    _say(
+        f"   block_attention: same prefills, {bl.bytes_copied / 1e3:.1f} kB copied and re-rotated, "
+        f"peak {bl.peak_blocks} blocks\n"
+    )
 
 
 def _quality_demo(model, seed: int) -> list[dict]:
@@ -205,20 +272,32 @@ def _quality_demo(model, seed: int) -> list[dict]:
     g = torch.Generator().manual_seed(seed + 1)
     vocab = model.cfg.vocab_size
     docs = [torch.randint(1, vocab, (n,), generator=g).tolist() for n in (30, 17, 44)]
-    requests = [(torch.randint(1, vocab, (5,), generator=g).tolist(), [docs[i] for i in order])
-                for order in ((0, 1, 2), (2, 0), (1, 2, 0))]
+    requests = [
+        (torch.randint(1, vocab, (5,), generator=g).tolist(), [docs[i] for i in order])
+        for order in ((0, 1, 2), (2, 0), (1, 2, 0))
+    ]
     _say("3. Quality: first-token logits and greedy tokens, lazy vs block_attention vs full attention")
     rows = []
     for dtype in (torch.float32, torch.bfloat16):
         report = quality_check(model.to(dtype), requests, max_new_tokens=6)
         rows.append(asdict(report))
     model.to(torch.float32)
-    _say(format_table(rows, [("dtype", "dtype", ""), ("lazy_vs_block_logits", "lazy-block logits", ".2e"),
-                             ("lazy_vs_block_agreement", "lazy=block tokens", ".2f"),
-                             ("lazy_vs_full_logits", "lazy-full logits", ".2e"),
-                             ("lazy_vs_full_agreement", "lazy=full tokens", ".2f")]))
+    _say(
+        format_table(
+            rows,
+            [
+                ("dtype", "dtype", ""),
+                ("lazy_vs_block_logits", "lazy-block logits", ".2e"),
+                ("lazy_vs_block_agreement", "lazy=block tokens", ".2f"),
+                ("lazy_vs_full_logits", "lazy-full logits", ".2e"),
+                ("lazy_vs_full_agreement", "lazy=full tokens", ".2f"),
+            ],
+        )
+    )
     _say("   lazy and block_attention compute one function (documents encoded apart): they differ by rounding;")
-    _say("   full attention lets documents see each other, a different function (a random model is not tuned for it).\n")
+    _say(
+        "   full attention lets documents see each other, a different function (a random model is not tuned for it).\n"
+    )
     return rows
 
 
@@ -226,15 +305,34 @@ def _strategies_demo(model, seed: int) -> list[dict]:
     """Section 4: every strategy on one small Zipf workload."""
     from lazyattention.reference.workload import WorkloadConfig, make_workload
 
-    cfg = WorkloadConfig(num_requests=24, num_documents=12, doc_len_mean=48, docs_per_request=3,
-                         zipf_alpha=1.0, query_len=8, output_len=4, vocab_size=model.cfg.vocab_size, seed=seed)
+    cfg = WorkloadConfig(
+        num_requests=24,
+        num_documents=12,
+        doc_len_mean=48,
+        docs_per_request=3,
+        zipf_alpha=1.0,
+        query_len=8,
+        output_len=4,
+        vocab_size=model.cfg.vocab_size,
+        seed=seed,
+    )
     _say("4. Every strategy on a uniform (alpha=0) and a skewed (alpha=1) workload: 24 requests,")
     _say("   3 of 12 documents each, a KV budget of 0.75x the document pool")
-    runs = run_sweep(model, cfg, alphas=[0.0, 1.0], budgets=[], budget=0.75, block_size=16, max_num_seqs=8,
-                     progress=_progress_printer())
+    runs = run_sweep(
+        model,
+        cfg,
+        alphas=[0.0, 1.0],
+        budgets=[],
+        budget=0.75,
+        block_size=16,
+        max_num_seqs=8,
+        progress=_progress_printer(),
+    )
     _say()
     _say(format_table([_display(r) for r in runs], [("alpha", "alpha", "g"), *METRIC_COLUMNS]))
-    _say("   (a CPU and a tiny model: the table shows the mechanics; speed is measured on a GPU by `lazyattention bench`)\n")
+    _say(
+        "   (a CPU and a tiny model: the table shows the mechanics; speed is measured on a GPU by `lazyattention bench`)\n"
+    )
     return runs
 
 
@@ -280,8 +378,20 @@ def _min_blocks(workload, strategies, block_size: int) -> int:
     )
 
 
-def run_sweep(model, base, alphas, budgets, block_size=16, max_num_seqs=16, max_batch_tokens=4096,
-              strategies=None, skew=1.0, budget=1.0, progress=None, warmup: int = 2) -> list[dict]:
+def run_sweep(
+    model,
+    base,
+    alphas,
+    budgets,
+    block_size=16,
+    max_num_seqs=16,
+    max_batch_tokens=4096,
+    strategies=None,
+    skew=1.0,
+    budget=1.0,
+    progress=None,
+    warmup: int = 2,
+) -> list[dict]:
     """Serve workloads drawn from ``base`` under every strategy.
 
     Two sweeps share one table: popularity skew ``α`` in ``alphas`` at budget
@@ -315,11 +425,18 @@ def run_sweep(model, base, alphas, budgets, block_size=16, max_num_seqs=16, max_
                     warm.add_request(spec.query, workload.request_documents(spec), spec.max_new_tokens)
                 warm.run_until_done()
                 warmed.add(strategy)
-            engine = Engine(model, strategy, num_blocks=num_blocks, block_size=block_size,
-                            max_num_seqs=max_num_seqs, max_batch_tokens=max_batch_tokens)
+            engine = Engine(
+                model,
+                strategy,
+                num_blocks=num_blocks,
+                block_size=block_size,
+                max_num_seqs=max_num_seqs,
+                max_batch_tokens=max_batch_tokens,
+            )
             label = f"{sweep}: alpha={alpha:g} budget={fraction:g} {strategy}"
-            metrics = run_workload(engine, workload,
-                                   None if progress is None else (lambda d, t, label=label: progress(label, d, t)))
+            metrics = run_workload(
+                engine, workload, None if progress is None else (lambda d, t, label=label: progress(label, d, t))
+            )
             engine.check_invariants()
             runs.append({"sweep": sweep, "alpha": alpha, "budget_fraction": fraction, **metrics.as_dict()})
     return runs
@@ -333,8 +450,9 @@ def plot_sweep(runs: list[dict], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, 2, figsize=(10, 7), constrained_layout=True)
-    for col, (sweep, xkey, xlabel) in enumerate((("skew", "alpha", "Zipf skew α"),
-                                                 ("budget", "budget_fraction", "KV budget (× document pool)"))):
+    for col, (sweep, xkey, xlabel) in enumerate(
+        (("skew", "alpha", "Zipf skew α"), ("budget", "budget_fraction", "KV budget (× document pool)"))
+    ):
         chosen = [r for r in runs if r["sweep"] == sweep]
         for strategy in dict.fromkeys(r["strategy"] for r in chosen):
             rs = sorted((r for r in chosen if r["strategy"] == strategy), key=lambda r: r[xkey])
@@ -353,8 +471,13 @@ def environment(device: str, backend: str) -> dict:
     """Device and versions, saved with every result."""
     import lazyattention
 
-    env = {"python": platform.python_version(), "torch": torch.__version__, "lazyattention": lazyattention.__version__,
-           "backend": backend, "device": device}
+    env = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "lazyattention": lazyattention.__version__,
+        "backend": backend,
+        "device": device,
+    }
     if device.startswith("cuda"):
         env["device_name"] = torch.cuda.get_device_name()
     else:
@@ -374,17 +497,32 @@ def bench(args) -> int:
     _cpu_threads(device, args.model)
     model = _build_model(args.model, args.backend, dtype, device, args.seed)
     base = WorkloadConfig(
-        num_requests=args.requests, num_documents=args.documents, doc_len_mean=args.doc_len,
-        doc_len_max=max(args.doc_len * 4, args.doc_len), docs_per_request=args.docs_per_request,
-        query_len=args.query_len, output_len=args.output_len, rate=args.rate,
-        vocab_size=model.cfg.vocab_size, seed=args.seed,
+        num_requests=args.requests,
+        num_documents=args.documents,
+        doc_len_mean=args.doc_len,
+        doc_len_max=max(args.doc_len * 4, args.doc_len),
+        docs_per_request=args.docs_per_request,
+        query_len=args.query_len,
+        output_len=args.output_len,
+        rate=args.rate,
+        vocab_size=model.cfg.vocab_size,
+        seed=args.seed,
     )
     _say(f"lazyattention bench: model={args.model} backend={args.backend} device={device} dtype={args.dtype}")
     start = time.perf_counter()
-    runs = run_sweep(model, base, args.alphas, args.budgets, block_size=args.block_size,
-                     max_num_seqs=args.max_num_seqs, max_batch_tokens=args.max_batch_tokens,
-                     strategies=args.strategies, skew=args.skew, budget=args.budget,
-                     progress=_progress_printer() if not args.quiet else None)
+    runs = run_sweep(
+        model,
+        base,
+        args.alphas,
+        args.budgets,
+        block_size=args.block_size,
+        max_num_seqs=args.max_num_seqs,
+        max_batch_tokens=args.max_batch_tokens,
+        strategies=args.strategies,
+        skew=args.skew,
+        budget=args.budget,
+        progress=_progress_printer() if not args.quiet else None,
+    )
     for sweep in ("skew", "budget"):
         chosen = [_display(r) for r in runs if r["sweep"] == sweep]
         key, head = ("alpha", "alpha") if sweep == "skew" else ("budget_fraction", "budget")
@@ -397,14 +535,19 @@ def bench(args) -> int:
         "model": args.model,
         "dtype": args.dtype,
         "workload": {k: (None if isinstance(v, float) and math.isinf(v) else v) for k, v in asdict(base).items()},
-        "engine": {"block_size": args.block_size, "max_num_seqs": args.max_num_seqs,
-                   "max_batch_tokens": args.max_batch_tokens},
+        "engine": {
+            "block_size": args.block_size,
+            "max_num_seqs": args.max_num_seqs,
+            "max_batch_tokens": args.max_batch_tokens,
+        },
         "seconds": time.perf_counter() - start,
         "runs": runs,
     }
     name = args.name
     (out / f"{name}.json").write_text(json.dumps(result, indent=1))
-    plot_sweep(runs, out / f"{name}.png", f"{args.model}, {args.backend} backend, {result['environment']['device_name']}")
+    plot_sweep(
+        runs, out / f"{name}.png", f"{args.model}, {args.backend} backend, {result['environment']['device_name']}"
+    )
     _say(f"\nwrote {out / (name + '.json')} and {out / (name + '.png')} in {result['seconds']:.1f} s")
     return 0
 
@@ -425,18 +568,28 @@ def _strategy_list(text: str) -> list[str]:
     names = [x for x in text.split(",") if x]
     bad = [n for n in names if n not in STRATEGIES]
     if bad or not names:
-        raise argparse.ArgumentTypeError(f"unknown strategy {bad[0] if bad else text!r}; choose from {', '.join(STRATEGIES)}")
+        raise argparse.ArgumentTypeError(
+            f"unknown strategy {bad[0] if bad else text!r}; choose from {', '.join(STRATEGIES)}"
+        )
     return names
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lazyattention", description="Deferred positional encoding for KV-cache reuse.")
+    parser = argparse.ArgumentParser(
+        prog="lazyattention", description="Deferred positional encoding for KV-cache reuse."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, help_text in (("demo", "show the semantics, document reuse and the strategies side by side"),
-                            ("bench", "run the workload under every strategy; write a table, JSON and a plot")):
+    for name, help_text in (
+        ("demo", "show the semantics, document reuse and the strategies side by side"),
+        ("bench", "run the workload under every strategy; write a table, JSON and a plot"),
+    ):
         p = sub.add_parser(name, help=help_text, description=help_text)
-        p.add_argument("--backend", choices=("reference", "fast"), default="reference",
-                       help="attention backend (fast = Triton, needs a GPU)")
+        p.add_argument(
+            "--backend",
+            choices=("reference", "fast"),
+            default="reference",
+            help="attention backend (fast = Triton, needs a GPU)",
+        )
         p.add_argument("--device", default=None, help="torch device (default: cuda for fast, cpu for reference)")
         p.add_argument("--seed", type=int, default=0)
     p = sub.choices["bench"]
@@ -450,7 +603,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-len", type=int, default=4)
     p.add_argument("--rate", type=float, default=math.inf, help="Poisson arrivals per second (inf: all at once)")
     p.add_argument("--alphas", type=_floats, default=[0.0, 1.0], help="Zipf skews of the skew sweep")
-    p.add_argument("--budgets", type=_floats, default=[0.5, 1.0], help="KV budgets (× document pool) of the budget sweep")
+    p.add_argument(
+        "--budgets", type=_floats, default=[0.5, 1.0], help="KV budgets (× document pool) of the budget sweep"
+    )
     p.add_argument("--skew", type=float, default=1.0, help="Zipf skew of the budget sweep")
     p.add_argument("--budget", type=float, default=1.0, help="KV budget of the skew sweep")
     p.add_argument("--block-size", type=int, default=16)

@@ -89,14 +89,18 @@ def check_write_inputs(
     if k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
         raise ValueError(f"caches must be [N, S, Hkv, D] and equal, got {tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
     if k.shape[1:] != k_cache.shape[2:]:
-        raise ValueError(f"k is [T, {k.shape[1]}, {k.shape[2]}] but the cache holds [.., {k_cache.shape[2]}, {k_cache.shape[3]}]")
+        raise ValueError(
+            f"k is [T, {k.shape[1]}, {k.shape[2]}] but the cache holds [.., {k_cache.shape[2]}, {k_cache.shape[3]}]"
+        )
     if k.dtype != k_cache.dtype or v.dtype != v_cache.dtype:
         raise TypeError(f"dtype mismatch: k {k.dtype} / cache {k_cache.dtype}, v {v.dtype} / cache {v_cache.dtype}")
     if len({t.device for t in (k, v, k_cache, v_cache, slots, positions)}) != 1:
         raise ValueError("k, v, caches, slots and positions must be on one device")
     for name, t in (("slots", slots), ("positions", positions)):
         if t.dtype not in (torch.int32, torch.int64) or t.shape != (k.shape[0],):
-            raise ValueError(f"{name} must be an int32/int64 tensor of shape [{k.shape[0]}], got {t.dtype} {tuple(t.shape)}")
+            raise ValueError(
+                f"{name} must be an int32/int64 tensor of shape [{k.shape[0]}], got {t.dtype} {tuple(t.shape)}"
+            )
     capacity = k_cache.shape[0] * k_cache.shape[1]
     if slots.numel() and (int(slots.min()) < 0 or int(slots.max()) >= capacity):
         raise ValueError(f"slots must lie in [0, {capacity}), got range [{int(slots.min())}, {int(slots.max())}]")

@@ -281,8 +281,7 @@ class Engine:
         in_use = {seg.key: seg for req in self.running for seg in req.entries}
         segment_blocks = self.store.num_evictable_blocks + sum(len(seg.blocks) for seg in in_use.values())
         assert self.pool.num_used == segment_blocks + len(held), (
-            f"pool leak: {self.pool.num_used} used, {segment_blocks} in cached segments, "
-            f"{len(held)} held by requests"
+            f"pool leak: {self.pool.num_used} used, {segment_blocks} in cached segments, {len(held)} held by requests"
         )
         for req in self.running:
             for seg in req.entries:
@@ -358,7 +357,9 @@ class Engine:
         """What the request's queries read besides their own tokens."""
         lengths = [len(d) for d in req.documents]
         if self.strategy in ("lazy", "raw_cache"):  # in place, shift δ = start (eq. 6)
-            return [Placement(s.blocks, n, start=a, stored_start=0) for s, n, a in zip(req.entries, lengths, req.starts)]
+            return [
+                Placement(s.blocks, n, start=a, stored_start=0) for s, n, a in zip(req.entries, lengths, req.starts)
+            ]
         if self.strategy == "block_attention":  # request-owned copies, stored at their logical starts
             out, i = [], 0
             for n, a in zip(lengths, req.starts):

@@ -119,7 +119,9 @@ class Layout:
         self.block_size = block_size
         for r, req in enumerate(self.requests):
             self._check_request(r, req)
-        self._max_block = max((b for req in self.requests for p in (*req.segments, req.own) for b in p.blocks), default=-1)
+        self._max_block = max(
+            (b for req in self.requests for p in (*req.segments, req.own) for b in p.blocks), default=-1
+        )
         self._metadata: dict[torch.device, BlockMetadata] = {}
 
     # ------------------------------------------------------------------ validation
@@ -129,9 +131,7 @@ class Layout:
         check_positions(p.stored_start, p.length, f"{what} (stored)")
         need = math.ceil(p.length / self.block_size)
         if len(p.blocks) != need:
-            raise ValueError(
-                f"{what}: {p.length} tokens need {need} blocks of {self.block_size}, got {len(p.blocks)}"
-            )
+            raise ValueError(f"{what}: {p.length} tokens need {need} blocks of {self.block_size}, got {len(p.blocks)}")
         for b in p.blocks:
             if not isinstance(b, int) or b < 0:
                 raise ValueError(f"{what}: block id {b!r} is not a non-negative int")
@@ -178,9 +178,7 @@ class Layout:
 
     def query_positions(self) -> torch.Tensor:
         """``[Tq]`` int64 logical positions of all queries, request by request."""
-        return torch.cat(
-            [torch.arange(req.num_queries, dtype=torch.int64) + req.query_start for req in self.requests]
-        )
+        return torch.cat([torch.arange(req.num_queries, dtype=torch.int64) + req.query_start for req in self.requests])
 
     def own_slots(self, r: int, first: int = 0) -> torch.Tensor:
         """Slots ``block * S + offset`` of request ``r``'s own tokens ``first..length-1``."""

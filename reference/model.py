@@ -500,8 +500,10 @@ def load_model(
         expected.discard("lm_head.weight")
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
-        raise ValueError(f"checkpoint in {folder} does not match a {cfg.model_type} model: "
-                         f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise ValueError(
+            f"checkpoint in {folder} does not match a {cfg.model_type} model: "
+            f"missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     model.load_state_dict(state, strict=False)
     target = dtype or next(iter(state.values())).dtype
     return model.to(device=device, dtype=target).eval()

@@ -122,9 +122,7 @@ class RopeConfig:
         if self.head_dim <= 0 or self.head_dim % 2:
             raise ValueError(f"head_dim must be a positive even number, got {self.head_dim}")
         if not (0 < self.rotary_dim <= self.head_dim) or self.rotary_dim % 2:
-            raise ValueError(
-                f"rotary_dim must be even and in (0, head_dim={self.head_dim}], got {self.rotary_dim}"
-            )
+            raise ValueError(f"rotary_dim must be even and in (0, head_dim={self.head_dim}], got {self.rotary_dim}")
         if self.style not in ("neox", "interleaved"):
             raise ValueError(f"style must be 'neox' or 'interleaved', got {self.style!r}")
         if self.base <= 1.0:
@@ -235,9 +233,7 @@ def _llama3(theta: torch.Tensor, s: Llama3Scaling) -> torch.Tensor:
     low_freq_wavelength = s.original_max_position / s.low_freq_factor
     high_freq_wavelength = s.original_max_position / s.high_freq_factor
     scaled = torch.where(wavelength > low_freq_wavelength, theta / s.factor, theta)
-    smooth = (s.original_max_position / wavelength - s.low_freq_factor) / (
-        s.high_freq_factor - s.low_freq_factor
-    )
+    smooth = (s.original_max_position / wavelength - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
     blended = (1 - smooth) * scaled / s.factor + smooth * scaled
     is_medium = (wavelength >= high_freq_wavelength) & (wavelength <= low_freq_wavelength)
     return torch.where(is_medium, blended, scaled)

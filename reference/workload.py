@@ -222,7 +222,9 @@ def run_workload(engine: Engine, workload: Workload, progress=None) -> Metrics:
         while pending and pending[0].arrival <= now:
             spec = pending.popleft()
             served.append(
-                engine.add_request(spec.query, workload.request_documents(spec), spec.max_new_tokens, start + spec.arrival)
+                engine.add_request(
+                    spec.query, workload.request_documents(spec), spec.max_new_tokens, start + spec.arrival
+                )
             )
         if not engine.has_work():
             time.sleep(max(0.0, pending[0].arrival - now))

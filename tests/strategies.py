@@ -389,4 +389,3 @@ def build(
     layout = Layout(requests, S)
     q = randn(layout.num_queries, h, d)
     return Built(layout, q, k_cache, raw_k_cache, v_cache, doc_blocks, keys, values)
-

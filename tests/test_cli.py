@@ -29,9 +29,28 @@ def test_demo_runs_and_shows_every_part(capsys):
 
 
 def test_bench_writes_table_json_and_plot(tmp_path, capsys):
-    args = ["bench", "--requests", "6", "--documents", "4", "--doc-len", "12", "--docs-per-request", "2",
-            "--query-len", "3", "--output-len", "2", "--alphas", "0,1", "--budgets", "0.5", "--out", str(tmp_path),
-            "--quiet"]
+    args = [
+        "bench",
+        "--requests",
+        "6",
+        "--documents",
+        "4",
+        "--doc-len",
+        "12",
+        "--docs-per-request",
+        "2",
+        "--query-len",
+        "3",
+        "--output-len",
+        "2",
+        "--alphas",
+        "0,1",
+        "--budgets",
+        "0.5",
+        "--out",
+        str(tmp_path),
+        "--quiet",
+    ]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "vs skew" in out and "vs budget" in out

@@ -102,6 +102,7 @@ assert composition_error < 1e-9
 # stored rotated at one position (say its position inside a document, starting at 0)
 # and used at another: rotate the *query* by the difference instead.
 
+
 # %%
 def score(q, a, k, b, rope):
     """``<R(a) q, R(b) k>`` for ``q, k [T, D]`` and integer positions ``a, b [T]``."""

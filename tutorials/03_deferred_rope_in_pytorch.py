@@ -133,9 +133,7 @@ lazy_by_hand = torch.einsum("hqk,khd->qhd", probs, stored_v)  # [Tq, H, D]
 # %%
 logical_k = la.rotate(stored_k, shift, rope)  # R(δ) k_stored: a copy, as Block-Attention makes
 eager_scores = torch.einsum("qhd,khd->hqk", la.apply_rope(q, q_pos, rope), logical_k) * scale
-eager_by_hand = torch.einsum(
-    "hqk,khd->qhd", eager_scores.masked_fill(~visible, float("-inf")).softmax(-1), stored_v
-)
+eager_by_hand = torch.einsum("hqk,khd->qhd", eager_scores.masked_fill(~visible, float("-inf")).softmax(-1), stored_v)
 
 from_scratch_k = la.apply_rope(torch.cat([k_b, k_a, k_own]), k_pos, rope).repeat_interleave(H // HKV, dim=1)
 assert torch.allclose(logical_k, from_scratch_k, atol=1e-12)  # R(δ) R(j) = R(start + j)

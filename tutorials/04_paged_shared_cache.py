@@ -150,9 +150,7 @@ for r, req in enumerate(requests):
 # distinct physical blocks behind them.
 
 # %%
-segment_blocks = [
-    meta.block_table[r, : int(meta.num_segment_blocks[r])].tolist() for r in range(layout.batch_size)
-]
+segment_blocks = [meta.block_table[r, : int(meta.num_segment_blocks[r])].tolist() for r in range(layout.batch_size)]
 read = sum(len(row) for row in segment_blocks)
 distinct = len({b for row in segment_blocks for b in row})
 print(

@@ -148,6 +148,7 @@ assert plan.block_q * plan.gp >= 16  # the matrix units want at least 16 rows
 # (one block per tile, as under the interpreter) and `BLOCK_N = 64` (a tile spans four
 # 16-token blocks).
 
+
 # %%
 def replay(meta, r, block_n, first_q, last_q):
     """The runs one program visits: (shift, unmasked tiles, masked tiles), tiles as first slots."""
@@ -219,8 +220,13 @@ decode_layout = ref.Layout([ref.RequestLayout(req.segments, req.own, 1) for req 
 qd = torch.randn(2, H, D, dtype=torch.float64, generator=generator).to(dtype).double()
 d_args = (qd, k_cache, v_cache, decode_layout, rope)
 decoded = fast.lazy_decode(*(x.to(dtype).to(device) if isinstance(x, torch.Tensor) else x for x in d_args))
-assert_close(decoded, ref.eager_attention(*d_args), ref.lazy_decode(qd.to(dtype), k_cache.to(dtype), v_cache.to(dtype),
-                                                                    decode_layout, rope), dtype, "fast.lazy_decode")
+assert_close(
+    decoded,
+    ref.eager_attention(*d_args),
+    ref.lazy_decode(qd.to(dtype), k_cache.to(dtype), v_cache.to(dtype), decode_layout, rope),
+    dtype,
+    "fast.lazy_decode",
+)
 print("eager and decode agree too")
 
 # %% [markdown]

@@ -71,8 +71,10 @@ for strategy in STRATEGIES:
     e = Engine(model, strategy, num_blocks=64, block_size=16)
     outputs = [e.generate(q, documents=d, max_new_tokens=5) for q, d in requests]
     rows[strategy] = (outputs, e.stats)
-    print(f"{strategy:>16}: hits {e.stats.hits}/{e.stats.lookups}, {e.stats.forward_tokens} tokens through the model, "
-          f"copied {e.stats.bytes_copied / 1e3:.0f} kB, peak {e.stats.peak_blocks} blocks")
+    print(
+        f"{strategy:>16}: hits {e.stats.hits}/{e.stats.lookups}, {e.stats.forward_tokens} tokens through the model, "
+        f"copied {e.stats.bytes_copied / 1e3:.0f} kB, peak {e.stats.peak_blocks} blocks"
+    )
 
 assert rows["lazy"][0] == rows["block_attention"][0] == rows["raw_cache"][0]
 assert rows["prefix_cache"][0] == rows["recompute"][0]  # both are ordinary full attention
@@ -108,8 +110,18 @@ assert reports[0].lazy_vs_full_logits > 100 * reports[0].lazy_vs_block_logits
 alphas = [0.0, 1.0] if SMALL else [0.0, 0.5, 1.0, 1.5]
 results = {s: [] for s in STRATEGIES}
 for alpha in alphas:
-    w = make_workload(WorkloadConfig(num_requests=16 if SMALL else 32, num_documents=10, doc_len_mean=40,
-                                     docs_per_request=3, zipf_alpha=alpha, query_len=6, output_len=3, seed=1))
+    w = make_workload(
+        WorkloadConfig(
+            num_requests=16 if SMALL else 32,
+            num_documents=10,
+            doc_len_mean=40,
+            docs_per_request=3,
+            zipf_alpha=alpha,
+            query_len=6,
+            output_len=3,
+            seed=1,
+        )
+    )
     for strategy in STRATEGIES:
         m = run_workload(Engine(model, strategy, num_blocks=24, block_size=16, max_num_seqs=4), w)
         results[strategy].append(m)

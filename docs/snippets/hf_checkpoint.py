@@ -8,8 +8,14 @@ from lazyattention.reference.model import load_model
 
 # A stand-in for a downloaded checkpoint: a tiny random Llama, saved the usual way.
 folder = tempfile.mkdtemp()
-config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
-                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+config = LlamaConfig(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
 LlamaForCausalLM(config).save_pretrained(folder)  # config.json + model.safetensors
 
 model = load_model(folder, backend="reference", dtype=torch.float32)

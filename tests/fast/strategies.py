@@ -58,7 +58,9 @@ def realistic_cases(draw, decode: bool = False) -> Case:
         if not packed:
             segments.reverse()  # placed out of order
         own = draw(st.integers(16, 300))
-        requests.append(RequestSpec(tuple(segments), own, position, position, 1 if decode else draw(st.integers(1, own))))
+        requests.append(
+            RequestSpec(tuple(segments), own, position, position, 1 if decode else draw(st.integers(1, own)))
+        )
     heads = draw(st.sampled_from(((32, 8), (28, 4))))
     rope = RopeConfig(
         head_dim=128,
@@ -67,8 +69,15 @@ def realistic_cases(draw, decode: bool = False) -> Case:
         style=draw(st.sampled_from(("neox", "interleaved"))),
         scaling=draw(scalings()),
     )
-    return Case(docs, tuple(requests), draw(st.sampled_from((16, 64, 128))), heads[0], heads[1], rope,
-                seed=draw(st.integers(0, 2**32 - 1)))
+    return Case(
+        docs,
+        tuple(requests),
+        draw(st.sampled_from((16, 64, 128))),
+        heads[0],
+        heads[1],
+        rope,
+        seed=draw(st.integers(0, 2**32 - 1)),
+    )
 
 
 def fast_cases(decode: bool = False) -> st.SearchStrategy[Case]:
@@ -96,9 +105,13 @@ def fast_edge_cases() -> dict[str, Case]:
         ),
         # A block larger than the key tile: several tiles of one block, one shift.
         "block_larger_than_tile": one(
-            [DocSpec(37), DocSpec(5)], [(1, 100), (0, 3)], 4, 140, 40, (4, 2),
+            [DocSpec(37), DocSpec(5)],
+            [(1, 100), (0, 3)],
+            4,
+            140,
+            40,
+            (4, 2),
             RopeConfig(head_dim=80, rotary_dim=32, style="interleaved"),
         ),
         "head_dim_256": one([DocSpec(7)], [(0, 65_540)], 2, 65_600, 3, (4, 1), RopeConfig(head_dim=256)),
     }
-

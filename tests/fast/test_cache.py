@@ -42,7 +42,9 @@ def test_write_kv_matches_reference(dtype, rope, rotate, tokens, block_size, sta
     def run(module, dt):
         kc = torch.full((blocks, block_size, hkv, d), float("nan"), dtype=dt, device=DEVICE)
         vc = torch.full_like(kc, float("nan"))
-        module.write_kv(k64.to(dt).to(DEVICE), v64.to(dt).to(DEVICE), kc, vc, slots.to(DEVICE), positions.to(DEVICE), spec)
+        module.write_kv(
+            k64.to(dt).to(DEVICE), v64.to(dt).to(DEVICE), kc, vc, slots.to(DEVICE), positions.to(DEVICE), spec
+        )
         return kc, vc
 
     (kc, vc), (rk, rv), (ok, ov) = run(fast, dtype), run(reference, dtype), run(reference, F64)
@@ -75,4 +77,6 @@ def test_merge_attention_matches_reference(dtype, tokens, heads, d, empty, seed)
     assert_close(out, want_out, ref_out, dtype, "merge out")
     finite = torch.isfinite(want_lse)
     assert torch.equal(torch.isfinite(lse).cpu(), finite.cpu())
-    assert_close(lse[finite.to(lse.device)], want_lse[finite], ref_lse[finite.to(lse.device)], torch.float32, "merge lse")
+    assert_close(
+        lse[finite.to(lse.device)], want_lse[finite], ref_lse[finite.to(lse.device)], torch.float32, "merge lse"
+    )

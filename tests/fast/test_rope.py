@@ -51,7 +51,9 @@ def test_kernel_cos_sin_match_float64(rope, seed):
     positions = torch.cat([torch.tensor(EDGES, dtype=torch.int64), random])
     cos, sin = kernel_cos_sin(positions.to(DEVICE), rope)
     angles = rope_angles(positions, rope)
-    err = max(float((cos.double().cpu() - angles.cos()).abs().max()), float((sin.double().cpu() - angles.sin()).abs().max()))
+    err = max(
+        float((cos.double().cpu() - angles.cos()).abs().max()), float((sin.double().cpu() - angles.sin()).abs().max())
+    )
     target(err, label="cos/sin error")
     assert err <= ANGLE_TOLERANCE, f"cos/sin error {err:.3e} > {ANGLE_TOLERANCE:.0e}"
 

@@ -49,8 +49,14 @@ BAD_PREFILL = [
     (lambda q, k, v: (q, k, v[:3]), PREFILL, ROPE, None, ValueError, "v_cache shape"),
     (lambda q, k, v: (q[..., :6], k, v), PREFILL, ROPE, None, ValueError, "head dim mismatch: q has D=6"),
     (lambda q, k, v: (q, k, v), PREFILL, RopeConfig(head_dim=16), None, ValueError, "rope.head_dim=16"),
-    (lambda q, k, v: (q[:, :1].expand(2, 3, D), k.expand(N, S, 2, D), v.expand(N, S, 2, D)),
-     PREFILL, ROPE, None, ValueError, "H=3 must be a multiple of KV heads Hkv=2"),
+    (
+        lambda q, k, v: (q[:, :1].expand(2, 3, D), k.expand(N, S, 2, D), v.expand(N, S, 2, D)),
+        PREFILL,
+        ROPE,
+        None,
+        ValueError,
+        "H=3 must be a multiple of KV heads Hkv=2",
+    ),
     (lambda q, k, v: (q, k[:, :1], v[:, :1]), PREFILL, ROPE, None, ValueError, "cache block size 1 != layout"),
     (lambda q, k, v: (q[:1], k, v), PREFILL, ROPE, None, ValueError, "q has 1 rows but there are 2 query tokens"),
     (lambda q, k, v: (q.double(), k, v), PREFILL, ROPE, None, TypeError, "dtype mismatch"),
@@ -106,8 +112,16 @@ BAD_WRITES = [
     (lambda k, v, kc, vc, sl, p: (k, v, kc, vc, sl + 3, p), ValueError, r"slots must lie in \[0, 8\)"),
     (lambda k, v, kc, vc, sl, p: (k, v, kc, vc, sl - 1, p), ValueError, r"got range \[-1, 4\]"),
     (lambda k, v, kc, vc, sl, p: (k, v, kc, vc, torch.tensor([0, 1, 1]), p), ValueError, "slots must be distinct"),
-    (lambda k, v, kc, vc, sl, p: (k, v, kc, vc, sl, p - 1), ValueError, r"positions must lie in \[0, 2147483647\), got range \[-1, "),
-    (lambda k, v, kc, vc, sl, p: (k, v, kc, vc, sl, p + 2**31 - 3), ValueError, r"positions must lie in \[0, 2147483647\)"),
+    (
+        lambda k, v, kc, vc, sl, p: (k, v, kc, vc, sl, p - 1),
+        ValueError,
+        r"positions must lie in \[0, 2147483647\), got range \[-1, ",
+    ),
+    (
+        lambda k, v, kc, vc, sl, p: (k, v, kc, vc, sl, p + 2**31 - 3),
+        ValueError,
+        r"positions must lie in \[0, 2147483647\)",
+    ),
     (lambda k, v, kc, vc, sl, p: (k.numpy(), v, kc, vc, sl, p), TypeError, "k must be a torch.Tensor"),
 ]
 

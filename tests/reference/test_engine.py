@@ -82,15 +82,42 @@ def _serve_alone(strategy, block_size, query, docs, new):
 
 
 @given(case=streams())
-@example(case={"strategy": "lazy", "block_size": 4, "slack": 0, "max_num_seqs": 2, "max_batch_tokens": 8,
-               "doc_lengths": [5, 0, 9], "requests": [([0, 1, 2], 2, 2, 0), ([2, 0], 1, 3, 1), ([1], 3, 1, 1)],
-               "seed": 0})
-@example(case={"strategy": "block_attention", "block_size": 1, "slack": 0, "max_num_seqs": 4,
-               "max_batch_tokens": 1, "doc_lengths": [3, 3], "requests": [([0, 1], 1, 2, 0), ([1, 0], 1, 2, 0)],
-               "seed": 1})
-@example(case={"strategy": "prefix_cache", "block_size": 2, "slack": 1, "max_num_seqs": 3, "max_batch_tokens": 64,
-               "doc_lengths": [4, 6], "requests": [([0, 1], 2, 2, 0), ([0, 1], 1, 1, 2), ([1, 0], 1, 1, 2)],
-               "seed": 2})
+@example(
+    case={
+        "strategy": "lazy",
+        "block_size": 4,
+        "slack": 0,
+        "max_num_seqs": 2,
+        "max_batch_tokens": 8,
+        "doc_lengths": [5, 0, 9],
+        "requests": [([0, 1, 2], 2, 2, 0), ([2, 0], 1, 3, 1), ([1], 3, 1, 1)],
+        "seed": 0,
+    }
+)
+@example(
+    case={
+        "strategy": "block_attention",
+        "block_size": 1,
+        "slack": 0,
+        "max_num_seqs": 4,
+        "max_batch_tokens": 1,
+        "doc_lengths": [3, 3],
+        "requests": [([0, 1], 1, 2, 0), ([1, 0], 1, 2, 0)],
+        "seed": 1,
+    }
+)
+@example(
+    case={
+        "strategy": "prefix_cache",
+        "block_size": 2,
+        "slack": 1,
+        "max_num_seqs": 3,
+        "max_batch_tokens": 64,
+        "doc_lengths": [4, 6],
+        "requests": [([0, 1], 2, 2, 0), ([0, 1], 1, 1, 2), ([1, 0], 1, 1, 2)],
+        "seed": 2,
+    }
+)
 def test_random_request_streams(case):
     note(case)
     stream = sorted(case["requests"], key=lambda r: r[3])  # in arrival order
@@ -100,8 +127,15 @@ def test_random_request_streams(case):
     arrivals = [step for *_, step in stream]
     s = case["block_size"]
     biggest = max(blocks_needed(case["strategy"], s, q, d, n) for q, d, n in reqs)
-    engine = Engine(MODEL64, case["strategy"], num_blocks=biggest + case["slack"], block_size=s,
-                    max_num_seqs=case["max_num_seqs"], max_batch_tokens=case["max_batch_tokens"], keep_logits=True)
+    engine = Engine(
+        MODEL64,
+        case["strategy"],
+        num_blocks=biggest + case["slack"],
+        block_size=s,
+        max_num_seqs=case["max_num_seqs"],
+        max_batch_tokens=case["max_batch_tokens"],
+        keep_logits=True,
+    )
     served = []
     steps = 0
     while len(served) < len(reqs) or engine.has_work():
@@ -118,8 +152,12 @@ def test_random_request_streams(case):
     for req, (q, d, n) in zip(served, reqs):
         alone = _serve_alone(case["strategy"], s, q, d, n)
         assert req.output == alone.output, f"request {req.id}: batched {req.output} != alone {alone.output}"
-        worst = max(worst, assert_close(req.first_logits, alone.first_logits, None, torch.float64,
-                                        f"request {req.id} first-token logits"))
+        worst = max(
+            worst,
+            assert_close(
+                req.first_logits, alone.first_logits, None, torch.float64, f"request {req.id} first-token logits"
+            ),
+        )
     target(worst, label="batched vs alone logits")
 
 
@@ -247,7 +285,8 @@ def test_tensor_inputs_are_accepted():
     docs = _docs(seed=7)
     as_lists = Engine(MODEL64, "lazy", num_blocks=64, block_size=4).generate([1, 2], docs, 3)
     as_tensors = Engine(MODEL64, "lazy", num_blocks=64, block_size=4).generate(
-        torch.tensor([1, 2]), [torch.tensor(d) for d in docs], 3)
+        torch.tensor([1, 2]), [torch.tensor(d) for d in docs], 3
+    )
     assert as_lists == as_tensors
 
 

@@ -53,8 +53,16 @@ ARCHITECTURES = {
     "llama3-scaling": (
         LlamaConfig,
         LlamaForCausalLM,
-        {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                          "original_max_position_embeddings": 32}, "rope_theta": 500000.0},
+        {
+            "rope_scaling": {
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 32,
+            },
+            "rope_theta": 500000.0,
+        },
     ),
     "llama-yarn": (
         LlamaConfig,

@@ -39,9 +39,19 @@ def test_zipf_probabilities():
 )
 def test_workload_structure(num_documents, k, alpha, rate, seed):
     k = min(k, num_documents)
-    cfg = WorkloadConfig(num_requests=20, num_documents=num_documents, doc_len_mean=30, doc_len_sigma=0.8,
-                         doc_len_min=4, doc_len_max=60, docs_per_request=k, zipf_alpha=alpha, rate=rate,
-                         vocab_size=50, seed=seed)
+    cfg = WorkloadConfig(
+        num_requests=20,
+        num_documents=num_documents,
+        doc_len_mean=30,
+        doc_len_sigma=0.8,
+        doc_len_min=4,
+        doc_len_max=60,
+        docs_per_request=k,
+        zipf_alpha=alpha,
+        rate=rate,
+        vocab_size=50,
+        seed=seed,
+    )
     note(cfg)
     w = make_workload(cfg)
     assert w == make_workload(cfg), "a seed fixes the workload"
@@ -108,8 +118,18 @@ def test_summarize_computes_the_metrics_as_defined():
 @pytest.mark.parametrize("strategy", ["lazy", "block_attention", "recompute"])
 def test_run_workload_serves_everything(strategy):
     model = Model(ModelConfig.tiny(vocab_size=64, num_layers=1)).init_random(0)
-    w = make_workload(WorkloadConfig(num_requests=10, num_documents=4, doc_len_mean=12, docs_per_request=2,
-                                     query_len=3, output_len=2, rate=2000.0, vocab_size=64))
+    w = make_workload(
+        WorkloadConfig(
+            num_requests=10,
+            num_documents=4,
+            doc_len_mean=12,
+            docs_per_request=2,
+            query_len=3,
+            output_len=2,
+            rate=2000.0,
+            vocab_size=64,
+        )
+    )
     engine = Engine(model, strategy, num_blocks=40, block_size=4, max_num_seqs=3)
     calls = []
     m = run_workload(engine, w, progress=lambda done, total: calls.append((done, total)))
