@@ -18,7 +18,7 @@ measured:
    dtype) in float32 and bfloat16, and the greedy tokens must agree in float32. A
    backend that fails gets no speed-up reported: the targets are marked ``MISS
    (parity failed)``.
-2. **Quality.** :func:`~lazyattention.reference.engine.quality_check` on the benchmark
+2. **Quality.** :func:`~lazyattention.serving.engine.quality_check` on the benchmark
    model per dtype: lazy vs Block-Attention vs full attention.
 3. **Sweep.** After an untimed warm-up (every strategy serves a whole workload once,
    so that Triton's kernel specialisations are compiled before any timing), a
@@ -48,11 +48,13 @@ from pathlib import Path
 
 import torch
 
-from lazyattention.cli import _build_model, environment, format_table, plot_sweep, run_sweep
-from lazyattention.reference.engine import STRATEGIES, Engine, quality_check
-from lazyattention.reference.model import Model, ModelConfig
+from lazyattention.serving.model import random_model
+from lazyattention.serving.sweep import environment, format_table, plot_sweep, run_sweep
+from lazyattention.serving.engine import STRATEGIES, Engine
+from lazyattention.serving.quality import quality_check
+from lazyattention.serving.model import Model, ModelConfig
 from lazyattention.reference.tolerance import error, tolerance
-from lazyattention.reference.workload import WorkloadConfig, make_workload
+from lazyattention.serving.workload import WorkloadConfig, make_workload
 
 TARGET_TTFT = 1.37
 TARGET_THROUGHPUT = 1.40
@@ -305,7 +307,7 @@ def main(argv=None) -> int:
     result["parity"] = parity_gate(args.backend, device)
     _log(f"parity gate: {'passed' if result['parity']['passed'] else 'FAILED'} ({time.perf_counter() - start:.0f} s)")
     save()
-    model = _build_model(model_name, args.backend, dtype, device, seed=0)
+    model = random_model(model_name, args.backend, dtype, device, seed=0)
     workload = make_workload(replace(base, zipf_alpha=1.0))
     result["quality"] = quality(model, workload, (torch.bfloat16, torch.float32) if not args.tiny else (torch.float32,))
     _log(

@@ -65,7 +65,7 @@ def page(result: dict, name: str, notes: str | None) -> str:
         "The paper's system claim: under skewed document popularity, LazyAttention lowers",
         "time-to-first-token **1.37×** and raises throughput **1.40×** over Block-Attention. This",
         "page measures it in this project's engine, every strategy served by the same code",
-        "(`lazyattention.reference.engine.Engine`), written by `benchmarks/engine.py`.",
+        "(`lazyattention.serving.engine.Engine`), written by `benchmarks/engine.py`.",
         "",
         f"* **Device**: {result['device']}; torch {versions.get('torch')}, Triton {versions.get('triton')}; "
         f"backend `{result['environment']['backend']}`; {result['date']}.",

@@ -70,7 +70,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from ..reference.layout import BlockMetadata
+from lazyattention.reference.layout import BlockMetadata
 from . import buffers
 from .rope import RopeTables, rope_cos_sin, rotate_tile
 from .rounding import dot_dtype, emulate_rtne, round_to

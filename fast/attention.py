@@ -24,9 +24,9 @@ import os
 import torch
 import triton
 
-from ..reference.checks import check_attention_inputs, check_write_inputs
-from ..reference.layout import Layout
-from ..reference.rope import RopeConfig
+from lazyattention.reference.checks import check_attention_inputs, check_write_inputs
+from lazyattention.reference.layout import Layout
+from lazyattention.reference.rope import RopeConfig
 from . import attend as _attend
 from . import buffers
 from .cache import materialise, scatter_kv

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference.layout import BlockMetadata
+from lazyattention.reference.layout import BlockMetadata
 from . import buffers
 from .rope import RopeTables, rotate_tile
 from .rounding import dot_dtype, emulate_rtne, round_to

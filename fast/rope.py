@@ -46,7 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference.rope import MAX_POSITION, RopeConfig, inverse_frequencies
+from lazyattention.reference.rope import MAX_POSITION, RopeConfig, inverse_frequencies
 
 __all__ = ["RopeTables", "rope_tables", "kernel_angles", "kernel_cos_sin", "check_int_positions"]
 

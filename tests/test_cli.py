@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lazyattention.cli import main
-from lazyattention.reference.engine import STRATEGIES
+from lazyattention.serving.engine import STRATEGIES
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

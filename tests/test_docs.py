@@ -352,7 +352,7 @@ def test_drifted_api_names_are_caught(monkeypatch, tmp_path: Path, caplog):
 
     with caplog.at_level("WARNING", logger="mkdocs.hooks.lazyattention"):
         hooks.check_api_names("see `lazyattention.reference.lazy_prefil`", "page.md")
-        hooks.check_api_names("see `lazyattention.reference.engine.Engin`", "page.md")
+        hooks.check_api_names("see `lazyattention.serving.engine.Engin`", "page.md")
         hooks.link_api_names("`RopeConfig.attention_scale`\n```python\n`RopeConfig.inside_code`\n```", "page.md")
     messages = [r.getMessage() for r in caplog.records]
     assert len(messages) == 3, messages

@@ -27,9 +27,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
 
-from lazyattention.reference.engine import STRATEGIES, Engine, quality_check
-from lazyattention.reference.model import Model, ModelConfig
-from lazyattention.reference.workload import WorkloadConfig, make_workload, run_workload
+from lazyattention.serving.engine import STRATEGIES, Engine
+from lazyattention.serving.quality import quality_check
+from lazyattention.serving.model import Model, ModelConfig
+from lazyattention.serving.workload import WorkloadConfig, make_workload, run_workload
 
 SMALL = os.environ.get("LAZYATTENTION_TUTORIAL_SMALL") == "1"
 torch.set_num_threads(1)  # tiny matmuls: threads would only add overhead

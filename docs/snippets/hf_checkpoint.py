@@ -3,8 +3,8 @@ import tempfile
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from lazyattention.reference.engine import Engine
-from lazyattention.reference.model import load_model
+from lazyattention.serving.engine import Engine
+from lazyattention.serving.model import load_model
 
 # A stand-in for a downloaded checkpoint: a tiny random Llama, saved the usual way.
 folder = tempfile.mkdtemp()

@@ -25,8 +25,9 @@ from hypothesis import example, given, note, target
 from hypothesis import strategies as st
 
 from lazyattention.reference.cache import content_key
-from lazyattention.reference.engine import STRATEGIES, Engine, blocks_needed, quality_check
-from lazyattention.reference.model import Model, ModelConfig
+from lazyattention.serving.engine import STRATEGIES, Engine, blocks_needed
+from lazyattention.serving.quality import quality_check
+from lazyattention.serving.model import Model, ModelConfig
 from lazyattention.reference.tolerance import assert_close
 
 VOCAB = 64
@@ -302,8 +303,8 @@ def test_quality_check_reports_rounding_only_between_lazy_and_block_attention():
 
 FAST_SCRIPT = """
 import torch
-from lazyattention.reference.engine import STRATEGIES, Engine
-from lazyattention.reference.model import Model, ModelConfig
+from lazyattention.serving.engine import STRATEGIES, Engine
+from lazyattention.serving.model import Model, ModelConfig
 from lazyattention.reference.tolerance import assert_close
 
 torch.set_num_threads(1)

@@ -2,7 +2,7 @@
 
 A request is ``[document_0] … [document_{n-1}] [query]`` followed by generated
 tokens (DESIGN §2). The engine caches documents by content hash in a
-:class:`~lazyattention.reference.cache.SegmentStore` over a fixed KV budget of
+:class:`~lazyattention.reference.SegmentStore` over a fixed KV budget of
 ``num_blocks`` paged blocks, and every step runs **one** model forward over a batch of
 
 * *segment prefills* — a missing document encoded alone (its own causal attention),
@@ -48,11 +48,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .cache import BlockPool, OutOfBlocks, Segment, SegmentStore, content_key
-from .layout import Layout, Placement, RequestLayout
+from lazyattention.reference.cache import BlockPool, OutOfBlocks, Segment, SegmentStore, content_key
+from lazyattention.reference.layout import Layout, Placement, RequestLayout
+
 from .model import Model, StepInputs
 
-__all__ = ["STRATEGIES", "Request", "EngineStats", "Engine", "QualityReport", "blocks_needed", "quality_check"]
+__all__ = ["STRATEGIES", "Request", "EngineStats", "Engine", "blocks_needed"]
 
 #: The reuse strategies, all served by the same :class:`Engine`.
 STRATEGIES = ("lazy", "block_attention", "prefix_cache", "recompute", "raw_cache")
@@ -137,7 +138,7 @@ class Engine:
         keep_logits: keep each request's first-token logits (quality checks).
 
     Example:
-        >>> from lazyattention.reference.model import Model, ModelConfig
+        >>> from lazyattention.serving.model import Model, ModelConfig
         >>> engine = Engine(Model(ModelConfig.tiny()).init_random(0), "lazy", num_blocks=32)
         >>> doc = [5, 6, 7, 8, 9]
         >>> a = engine.generate([1, 2], documents=[doc], max_new_tokens=3)
@@ -534,64 +535,3 @@ def _token_list(tokens, what: str, vocab_size: int) -> list[int]:
         bad = lo if lo < 0 else hi
         raise ValueError(f"{what}: token id {bad} is outside the vocabulary [0, {vocab_size})")
     return t.tolist()
-
-
-# --------------------------------------------------------------------------- quality
-
-
-@dataclass
-class QualityReport:
-    """Lazy vs Block-Attention vs full attention on the same requests, one dtype.
-
-    ``*_logits`` are the largest absolute first-token logit differences over the
-    requests; ``*_agreement`` the fraction of greedy tokens equal at the same index.
-    """
-
-    dtype: str
-    requests: int
-    lazy_vs_block_logits: float
-    lazy_vs_full_logits: float
-    block_vs_full_logits: float
-    lazy_vs_block_agreement: float
-    lazy_vs_full_agreement: float
-    block_vs_full_agreement: float
-
-
-def quality_check(model: Model, requests, max_new_tokens: int = 8, block_size: int = 16) -> QualityReport:
-    """Run each ``(query, documents)`` alone under ``lazy``, ``block_attention`` and
-    ``recompute`` (full causal attention over the concatenated sequence) and compare.
-
-    Documents are first prefilled in an earlier request at another offset, so the
-    ``lazy`` and ``block_attention`` runs really reuse cached K/V at a new position.
-    """
-    runs = {}
-    filler = [0] * 3
-    tokens = sum(len(q) + sum(len(d) for d in docs) + len(docs) * block_size for q, docs in requests)
-    budget = 3 * (tokens // block_size + len(requests) * 2) + 8  # room for everything: no eviction
-    for strategy in ("lazy", "block_attention", "recompute"):
-        engine = Engine(model, strategy, num_blocks=budget, block_size=block_size, keep_logits=True)
-        outs = []
-        for query, docs in requests:
-            engine.generate(query, [filler, *reversed(docs)], 1)  # cache the documents at other offsets
-            req = engine.add_request(query, docs, max_new_tokens)
-            engine.run_until_done()
-            outs.append(req)
-        runs[strategy] = outs
-
-    def logit_diff(a, b):
-        return max(float((x.first_logits - y.first_logits).abs().max()) for x, y in zip(runs[a], runs[b]))
-
-    def agreement(a, b):
-        same = sum(sum(p == q for p, q in zip(x.output, y.output)) for x, y in zip(runs[a], runs[b]))
-        return same / sum(len(x.output) for x in runs[a])
-
-    return QualityReport(
-        dtype=str(model.dtype).removeprefix("torch."),
-        requests=len(requests),
-        lazy_vs_block_logits=logit_diff("lazy", "block_attention"),
-        lazy_vs_full_logits=logit_diff("lazy", "recompute"),
-        block_vs_full_logits=logit_diff("block_attention", "recompute"),
-        lazy_vs_block_agreement=agreement("lazy", "block_attention"),
-        lazy_vs_full_agreement=agreement("lazy", "recompute"),
-        block_vs_full_agreement=agreement("block_attention", "recompute"),
-    )

@@ -10,9 +10,9 @@ import torch
 from hypothesis import given, note
 from hypothesis import strategies as st
 
-from lazyattention.reference.engine import Engine, Request
-from lazyattention.reference.model import Model, ModelConfig
-from lazyattention.reference.workload import (
+from lazyattention.serving.engine import Engine, Request
+from lazyattention.serving.model import Model, ModelConfig
+from lazyattention.serving.workload import (
     WorkloadConfig,
     make_workload,
     run_workload,

@@ -12,7 +12,7 @@ and load from the same code. What is particular here is only the attention layer
   query by ``p − δ`` per block shift (eq. 8) and never touch a cached key.
 
 So the model never knows where a document sits in a request: the
-:class:`~lazyattention.reference.layout.Layout` of the step says it.
+:class:`~lazyattention.reference.Layout` of the step says it.
 
 ``backend="reference"`` uses :mod:`lazyattention.reference`; ``backend="fast"``
 imports :mod:`lazyattention.fast` (Triton) when — and only when — it is chosen, and
@@ -34,10 +34,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import attention as reference_ops
-from .cache import PagedKVCache
-from .layout import Layout, Placement, RequestLayout
-from .rope import RopeConfig
+from lazyattention.reference import attention as reference_ops
+from lazyattention.reference.cache import PagedKVCache
+from lazyattention.reference.layout import Layout, Placement, RequestLayout
+from lazyattention.reference.rope import RopeConfig
 
 __all__ = [
     "SUPPORTED_ARCHITECTURES",
@@ -47,6 +47,8 @@ __all__ = [
     "attention_backend",
     "load_model",
     "load_tokenizer",
+    "MODEL_SHAPES",
+    "random_model",
 ]
 
 #: ``model_type`` values of ``config.json`` this loader understands.
@@ -455,6 +457,20 @@ class Model(nn.Module):
         layout = Layout([RequestLayout((), own, num_queries=t)], block_size)
         positions = torch.arange(t, device=self.device)
         return self.forward(token_ids, cache, StepInputs(slots=positions, positions=positions, prefill=layout))
+
+
+#: The named random-weight shapes of the demo and the benchmarks.
+MODEL_SHAPES = {"tiny": ModelConfig.tiny, "llama3-1b": ModelConfig.llama3_1b}
+
+
+def random_model(name: str, backend: str, dtype: torch.dtype, device: str | torch.device, seed: int) -> Model:
+    """A model of the named shape (:data:`MODEL_SHAPES`) with seeded random weights.
+
+    The weights are drawn on the CPU, so every device gets the same model.
+    """
+    if name not in MODEL_SHAPES:
+        raise ValueError(f"unknown model shape {name!r}; choose one of {', '.join(MODEL_SHAPES)}")
+    return Model(MODEL_SHAPES[name](), backend=backend).init_random(seed).to(device=device, dtype=dtype).eval()
 
 
 # --------------------------------------------------------------------------- loading

@@ -32,8 +32,8 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from lazyattention.reference.engine import Engine
-from lazyattention.reference.model import Model, ModelConfig, attention_backend, load_model, load_tokenizer
+from lazyattention.serving.engine import Engine
+from lazyattention.serving.model import Model, ModelConfig, attention_backend, load_model, load_tokenizer
 from lazyattention.reference.rope import Llama3Scaling, YarnScaling
 from lazyattention.reference.tolerance import assert_close
 
@@ -169,8 +169,8 @@ def test_backends(monkeypatch):
 
 def test_model_modules_never_import_triton():
     code = (
-        "import sys; import lazyattention.reference.model, lazyattention.reference.engine, "
-        "lazyattention.reference.workload, lazyattention.cli; "
+        "import sys; import lazyattention.serving.model, lazyattention.serving.engine, "
+        "lazyattention.serving.workload, lazyattention.cli; "
         "assert 'triton' not in sys.modules, sorted(m for m in sys.modules if 'triton' in m)"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

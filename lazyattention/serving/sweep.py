@@ -1,0 +1,173 @@
+"""The engine sweep: every strategy over popularity skews and KV budgets.
+
+:func:`run_sweep` serves workloads drawn from one configuration under every strategy
+and returns one row of metrics per run; :func:`plot_sweep` draws TTFT and throughput
+against skew and against budget; :func:`format_table` prints rows as text.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+__all__ = ["METRIC_COLUMNS", "display_units", "environment", "format_table", "plot_sweep", "run_sweep"]
+
+
+def format_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
+    """Rows as a fixed-width text table; ``columns`` are ``(key, header, format)``."""
+    cells = [[h for _, h, _ in columns]]
+    for row in rows:
+        cells.append([format(row[k], f) if isinstance(row[k], (int, float)) else str(row[k]) for k, _, f in columns])
+    widths = [max(len(c[i]) for c in cells) for i in range(len(columns))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+METRIC_COLUMNS = [
+    ("strategy", "strategy", ""),
+    ("num_blocks", "blocks", "d"),
+    ("ttft_p50", "TTFT p50 ms", ".1f"),
+    ("ttft_p99", "TTFT p99 ms", ".1f"),
+    ("tpot_mean", "TPOT ms", ".2f"),
+    ("requests_per_s", "req/s", ".2f"),
+    ("tokens_per_s", "tok/s", ".0f"),
+    ("hit_ratio", "hit ratio", ".2f"),
+    ("bytes_copied", "MB copied", ".2f"),
+    ("peak_blocks", "peak blocks", "d"),
+]
+
+
+def display_units(m: dict) -> dict:
+    """Metrics in display units: milliseconds and megabytes."""
+    out = dict(m)
+    for k in ("ttft_p50", "ttft_p99", "tpot_mean"):
+        out[k] = m[k] * 1e3
+    out["bytes_copied"] = m["bytes_copied"] / 1e6
+    return out
+
+
+def _min_blocks(workload, strategies, block_size: int) -> int:
+    """The smallest budget in which every request fits alone under every strategy."""
+    from lazyattention.serving.engine import blocks_needed
+
+    return max(
+        blocks_needed(s, block_size, r.query, workload.request_documents(r), r.max_new_tokens)
+        for r in workload.requests
+        for s in strategies
+    )
+
+
+def run_sweep(
+    model,
+    base,
+    alphas,
+    budgets,
+    block_size=16,
+    max_num_seqs=16,
+    max_batch_tokens=4096,
+    strategies=None,
+    skew=1.0,
+    budget=1.0,
+    progress=None,
+    warmup: int = 2,
+) -> list[dict]:
+    """Serve workloads drawn from ``base`` under every strategy.
+
+    Two sweeps share one table: popularity skew ``α`` in ``alphas`` at budget
+    fraction ``budget``, and budget fraction in ``budgets`` at skew ``skew``. A budget
+    fraction ``f`` means ``ceil(f ×`` the blocks the whole document pool needs ``)``,
+    raised to the smallest budget in which every request fits alone (recorded as
+    ``num_blocks``). Each strategy first serves the first ``warmup`` requests of the
+    first workload untimed, on an engine of its own (kernel compilation — Triton
+    specialises kernels on argument values, so a GPU run wants the whole workload
+    here — and allocator growth).
+
+    Returns:
+        one dict per run: the :class:`Metrics` fields plus ``sweep``, ``alpha``,
+        ``budget_fraction``.
+    """
+    from lazyattention.serving.engine import STRATEGIES, Engine
+    from lazyattention.serving.workload import make_workload, run_workload
+
+    strategies = list(strategies or STRATEGIES)
+    plan = [("skew", a, budget) for a in alphas] + [("budget", skew, f) for f in budgets]
+    runs = []
+    warmed = set() if warmup > 0 else set(strategies)
+    for sweep, alpha, fraction in plan:
+        workload = make_workload(replace(base, zipf_alpha=alpha))
+        pool_blocks = sum(-(-len(d) // block_size) for d in workload.documents)
+        num_blocks = max(math.ceil(fraction * pool_blocks), _min_blocks(workload, strategies, block_size))
+        for strategy in strategies:
+            if strategy not in warmed:  # compile kernels, fill allocators: not timed
+                warm = Engine(model, strategy, num_blocks=num_blocks, block_size=block_size, max_num_seqs=max_num_seqs)
+                for spec in workload.requests[:warmup]:
+                    warm.add_request(spec.query, workload.request_documents(spec), spec.max_new_tokens)
+                warm.run_until_done()
+                warmed.add(strategy)
+            engine = Engine(
+                model,
+                strategy,
+                num_blocks=num_blocks,
+                block_size=block_size,
+                max_num_seqs=max_num_seqs,
+                max_batch_tokens=max_batch_tokens,
+            )
+            label = f"{sweep}: alpha={alpha:g} budget={fraction:g} {strategy}"
+            metrics = run_workload(
+                engine, workload, None if progress is None else (lambda d, t, label=label: progress(label, d, t))
+            )
+            engine.check_invariants()
+            runs.append({"sweep": sweep, "alpha": alpha, "budget_fraction": fraction, **metrics.as_dict()})
+    return runs
+
+
+def plot_sweep(runs: list[dict], path: Path, title: str) -> None:
+    """TTFT p50 and throughput vs skew and vs KV budget, one line per strategy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7), constrained_layout=True)
+    for col, (sweep, xkey, xlabel) in enumerate(
+        (("skew", "alpha", "Zipf skew α"), ("budget", "budget_fraction", "KV budget (× document pool)"))
+    ):
+        chosen = [r for r in runs if r["sweep"] == sweep]
+        for strategy in dict.fromkeys(r["strategy"] for r in chosen):
+            rs = sorted((r for r in chosen if r["strategy"] == strategy), key=lambda r: r[xkey])
+            xs = [r[xkey] for r in rs]
+            axes[0, col].plot(xs, [r["ttft_p50"] * 1e3 for r in rs], marker="o", label=strategy)
+            axes[1, col].plot(xs, [r["requests_per_s"] for r in rs], marker="o", label=strategy)
+        axes[0, col].set(xlabel=xlabel, ylabel="TTFT p50 (ms)", title=f"TTFT vs {sweep}")
+        axes[1, col].set(xlabel=xlabel, ylabel="throughput (requests/s)", title=f"throughput vs {sweep}")
+    axes[0, 0].legend()
+    fig.suptitle(title)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def environment(device: str, backend: str) -> dict:
+    """Device and versions, saved with every result."""
+    import lazyattention
+
+    env = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "lazyattention": lazyattention.__version__,
+        "backend": backend,
+        "device": device,
+    }
+    if device.startswith("cuda"):
+        env["device_name"] = torch.cuda.get_device_name()
+    else:
+        env["device_name"] = platform.processor() or platform.machine()
+    if backend == "fast":
+        import triton
+
+        env["triton"] = triton.__version__
+    return env
