@@ -52,6 +52,7 @@ from lazyattention.reference.cache import BlockPool, OutOfBlocks, Segment, Segme
 from lazyattention.reference.layout import Layout, Placement, RequestLayout
 
 from .model import Model, StepInputs
+from .runner import ModelRunner
 
 __all__ = ["STRATEGIES", "Request", "EngineStats", "Engine", "blocks_needed"]
 
@@ -168,6 +169,7 @@ class Engine:
         self.pool = BlockPool(num_blocks)
         self.store = SegmentStore(self.pool, block_size)
         self.cache = model.new_cache(num_blocks, block_size)
+        self.runner = ModelRunner(model, self.cache)
         self.max_batch_tokens = max_batch_tokens
         self.max_num_seqs = max_num_seqs
         self.keep_logits = keep_logits
@@ -452,21 +454,20 @@ class Engine:
             write([req.output[-1]], own, first=n - 1)
             logit_rows.append(len(ids) - 1)
 
-        device = self.model.device
-        step = StepInputs(
-            slots=torch.cat(slots).to(device),
-            positions=torch.cat(positions).to(device),
+        step = StepInputs(  # host tensors: the runner moves the step to the device
+            slots=torch.cat(slots),
+            positions=torch.cat(positions),
             prefill=Layout(entries, s) if entries else None,
             decode=Layout(decode_entries, s) if decode_entries else None,
             raw=self.strategy == "raw_cache",
-            logit_rows=torch.tensor(logit_rows, device=device),
+            logit_rows=torch.tensor(logit_rows),
         )
         if copy_src:
-            step.copy_src = torch.cat(copy_src).to(device)
-            step.copy_dst = torch.cat(copy_dst).to(device)
-            step.copy_shift = torch.cat(copy_shift).to(device)
+            step.copy_src = torch.cat(copy_src)
+            step.copy_dst = torch.cat(copy_dst)
+            step.copy_shift = torch.cat(copy_shift)
             self.stats.bytes_copied += step.copy_src.numel() * self.cache.bytes_per_block // s
-        logits = self.model(torch.tensor(ids, device=device), self.cache, step)
+        logits = self.runner.run(torch.tensor(ids), step)
         next_tokens = logits.argmax(-1).tolist()  # .tolist() synchronises the device
         now = time.perf_counter()
         self.stats.forward_tokens += len(ids)

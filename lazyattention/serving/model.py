@@ -276,6 +276,24 @@ class StepInputs:
                 f"[{self.num_prefill + num_decode}] (prefill queries + decode requests)"
             )
 
+    def to(self, device: torch.device | str) -> StepInputs:
+        """The same step with every tensor on ``device`` (layouts are device-free)."""
+
+        def move(t):
+            return None if t is None else t.to(device, non_blocking=True)
+
+        return StepInputs(
+            slots=move(self.slots),
+            positions=move(self.positions),
+            prefill=self.prefill,
+            decode=self.decode,
+            raw=self.raw,
+            copy_src=move(self.copy_src),
+            copy_dst=move(self.copy_dst),
+            copy_shift=move(self.copy_shift),
+            logit_rows=move(self.logit_rows),
+        )
+
 
 # --------------------------------------------------------------------------- layers
 
