@@ -101,13 +101,12 @@ class Scheduler:
         batch, jobs, tokens = Batch(), {}, 0
         while self.waiting and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
-            cost = req.num_own + self._missing_tokens(req, jobs)
+            cost, blocks = self._cost(req)
             if batch.prefills and tokens + cost > self.max_batch_tokens:
                 break
-            try:
-                self._acquire(req, jobs)
-            except OutOfBlocks:
+            if blocks > self.pool.num_free + self.store.num_evictable_blocks:
                 break  # FIFO: wait until running requests give blocks back
+            self._acquire(req, jobs)
             tokens += cost
             self.waiting.popleft()
             self.running.append(req)
@@ -116,41 +115,57 @@ class Scheduler:
         batch.segment_prefills = list(jobs.values())
         return batch
 
-    def _missing_tokens(self, req: Request, jobs: dict) -> int:
-        """Tokens of ``req``'s documents that are neither cached nor prefilled this step."""
-        missing = {}
-        for d, key in enumerate(self.strategy.segment_keys(req.documents)):  # key d: document d's
-            if key not in self.store and key not in jobs:
+    def _cost(self, req: Request) -> tuple[int, int]:
+        """``(tokens, blocks)`` admitting ``req`` adds to this step: its own tokens and
+        the documents neither cached nor prefilled this step; blocks for those, for its
+        copies, and the unreferenced cached documents it pins (evictable until then).
+        Exact, so an admission that passes the check cannot run short."""
+        missing, pinned = {}, {}
+        for d, key in enumerate(self.strategy.segment_keys(req.documents)):  # key d is document d's
+            seg = self.store.get(key)
+            if seg is None:
                 missing[key] = len(req.documents[d])
-        return sum(missing.values())
+            elif seg.refs == 0:
+                pinned[key] = len(seg.blocks)
+        s = self.block_size
+        blocks = (
+            sum(ceil_div(n, s) for n in missing.values())
+            + sum(pinned.values())
+            + self.strategy.copy_blocks(req.documents, s)
+            + ceil_div(req.num_own, s)
+        )
+        return req.num_own + sum(missing.values()), blocks
 
     def _acquire(self, req: Request, jobs: dict[str, SegmentPrefill]) -> None:
-        """Take every segment and block ``req``'s prefill needs, or nothing at all."""
+        """Take every segment and block ``req``'s prefill needs, or nothing at all
+        (:class:`OutOfBlocks`). Cached documents are taken first, so that allocating
+        a missing one never evicts another this request is about to reuse."""
+        keys = self.strategy.segment_keys(req.documents)
         first = req.preemptions == 0  # hits count once per request
+        found = {}
         try:
-            sources, start = [], 0
-            for d, key in enumerate(self.strategy.segment_keys(req.documents)):
-                doc = req.documents[d]
-                seg, hit = self.store.acquire(key=key, length=len(doc))
-                req.entries.append(seg)
-                stored = self.strategy.stored_start(start)
-                if not hit and doc:
-                    context = tuple(sources) if self.strategy.reads_prefix() else ()
-                    jobs[key] = SegmentPrefill(seg, doc, Placement(seg.blocks, len(doc), stored, stored), context)
-                elif not hit:
-                    self.store.seal(seg)  # empty: nothing to compute
-                if first and doc:
-                    req.lookups += 1
-                    req.hits += hit
-                sources.append(Placement(seg.blocks, len(doc), start=start, stored_start=stored))
-                start += len(doc)
+            for d in sorted(range(len(keys)), key=lambda d: keys[d] not in self.store):
+                found[d] = self.store.acquire(key=keys[d], length=len(req.documents[d]))
+                req.entries.append(found[d][0])
             req.copy_blocks = self.store.allocate(self.strategy.copy_blocks(req.documents, self.block_size))
             req.own_blocks = self.store.allocate(ceil_div(req.num_own, self.block_size))
         except OutOfBlocks:
-            if first:
-                req.hits = req.lookups = 0
-            self._release(req, jobs)
+            self._release(req)
             raise
+        sources, start = [], 0
+        for d, key in enumerate(keys):
+            doc, (seg, hit) = req.documents[d], found[d]
+            stored = self.strategy.stored_start(start)
+            if not hit and doc:
+                context = tuple(sources) if self.strategy.reads_prefix() else ()
+                jobs[key] = SegmentPrefill(seg, doc, Placement(seg.blocks, len(doc), stored, stored), context)
+            elif not hit:
+                self.store.seal(seg)  # empty: nothing to compute
+            if first and doc:
+                req.lookups += 1
+                req.hits += hit
+            sources.append(Placement(seg.blocks, len(doc), start=start, stored_start=stored))
+            start += len(doc)
         pairs = self.strategy.placements(sources, req.copy_blocks)
         req.sources = [source for source, _ in pairs]
         req.placements = [read for _, read in pairs]
@@ -221,12 +236,9 @@ class Scheduler:
             )
         req.status = RequestStatus.ABORTED
 
-    def _release(self, req: Request, jobs: dict[str, SegmentPrefill] | None = None) -> None:
-        """Give back every segment reference and block ``req`` holds. A segment prefill
-        of this step (``jobs``) whose last holder this was is dropped with it."""
+    def _release(self, req: Request) -> None:
+        """Give back every segment reference and block ``req`` holds."""
         for seg in req.entries:
             self.store.release(seg)
         self.pool.release(req.own_blocks + req.copy_blocks)
         req.entries, req.sources, req.placements, req.own_blocks, req.copy_blocks = [], [], [], [], []
-        for key in [k for k, job in (jobs or {}).items() if self.store.get(k) is not job.segment]:
-            del jobs[key]

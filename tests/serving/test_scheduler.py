@@ -132,3 +132,20 @@ def test_abort_leaves_a_shared_document_and_the_other_request_intact(strategy):
     assert b.output == _serve_alone(strategy, 2, *B[:2], 5).output
     assert engine.stats.segment_prefill_tokens == len(DOC)  # never prefilled again
     assert engine.pool.num_used == engine.store.num_evictable_blocks
+
+
+def test_a_request_that_must_wait_evicts_nothing():
+    """Admission is checked before anything is taken: a request that does not fit yet
+    leaves the cached documents of others where they are."""
+    d1, d2, big = [5, 6, 7, 8], [9, 10, 11, 12], list(range(20, 32))
+    engine = Engine(MODEL64, "lazy", num_blocks=12, block_size=2)
+    engine.generate([1], [d1], 1)
+    engine.generate([1], [d2], 1)  # d1 and d2 cached, unreferenced: 4 evictable blocks
+    running = engine.add_request([2], [big], 3)  # 6 + 1 blocks
+    engine.step()
+    waiting = engine.add_request([3], [big[:8], [40, 41]], 3)  # 4 + 1 + 1 blocks: 1 free + 4 evictable is short
+    engine.step()
+    assert waiting.status is RequestStatus.WAITING and running.status is RequestStatus.RUNNING
+    assert content_key(d1) in engine.store and content_key(d2) in engine.store
+    engine.run_until_done()
+    assert waiting.done and engine.stats.preemptions == 0
