@@ -149,3 +149,14 @@ def test_a_request_that_must_wait_evicts_nothing():
     assert content_key(d1) in engine.store and content_key(d2) in engine.store
     engine.run_until_done()
     assert waiting.done and engine.stats.preemptions == 0
+
+
+def test_a_preempted_request_whose_document_was_evicted_prefills_it_again():
+    long = ([1, 2], [], 8)  # its own tokens grow to 5 blocks of 2
+    short = ([3], [[31, 32, 33, 34]], 4)
+    engine = _tight_engine("lazy", long, short)  # 6 blocks: both fit only until `long` grows
+    a, b = engine.add_request(*long), engine.add_request(*short)
+    _run_checked(engine, [])
+    assert b.preemptions == 1 and a.preemptions == 0
+    assert engine.stats.segment_prefill_tokens == 2 * 4  # evicted while `short` waited, prefilled again
+    assert b.output == _serve_alone("lazy", 2, *short).output and a.output == _serve_alone("lazy", 2, *long).output
