@@ -67,8 +67,8 @@ def write_kv(
     Args:
         k: ``[T, Hkv, D]`` pre-RoPE keys.
         v: ``[T, Hkv, D]`` values.
-        k_cache: ``[N, S, Hkv, D]``, written at ``slots``.
-        v_cache: ``[N, S, Hkv, D]``, written at ``slots``.
+        k_cache: ``[N, S, Hkv, D]`` (any strides), written at ``slots``.
+        v_cache: ``[N, S, Hkv, D]`` (any strides), written at ``slots``.
         slots: ``[T]`` flat slot indices ``block * S + offset``, distinct.
         positions: ``[T]`` stored positions of the tokens.
         rope: the model's RoPE, or ``None`` for unrotated keys.

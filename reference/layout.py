@@ -11,7 +11,9 @@ A request is ``[segment_0] … [segment_{n-1}] [own tokens]`` (DESIGN §2):
   ``start + j``. Its *shift* is ``δ = start - stored_start`` (eq. 6). Starts are
   free: reordered, gapped and overlapping segments are all valid.
 * the request's own tokens are one more :class:`Placement`, attended causally; its
-  last ``num_queries`` tokens are the queries of this call.
+  last ``num_queries`` tokens are the queries of this call. They are written, so
+  their blocks must be none of the blocks the request's segments read (segments may
+  share blocks with each other: they are only read).
 
 Masks (eq. 7): a query sees every token of every segment, and the own tokens at or
 before its own position. Segment tokens among themselves are not this layout's
