@@ -16,7 +16,7 @@ from .attention import (
     write_kv,
 )
 from .cache import BlockPool, CacheError, OutOfBlocks, PagedKVCache, Segment, SegmentStore, content_key
-from .layout import BlockMetadata, Layout, Placement, RequestLayout
+from .layout import BlockMetadata, Layout, Placement, RequestLayout, ceil_div
 from .rope import (
     MAX_POSITION,
     LinearScaling,
@@ -63,6 +63,7 @@ __all__ = [
     "YarnScaling",
     "apply_rope",
     "assert_close",
+    "ceil_div",
     "content_key",
     "inverse_frequencies",
     "rope_angles",

@@ -67,17 +67,23 @@ def write_kv(
     Args:
         k: ``[T, Hkv, D]`` pre-RoPE keys.
         v: ``[T, Hkv, D]`` values.
-        k_cache: ``[N, S, Hkv, D]``, written at ``slots``.
-        v_cache: ``[N, S, Hkv, D]``, written at ``slots``.
+        k_cache: ``[N, S, Hkv, D]`` (any strides), written at ``slots``.
+        v_cache: ``[N, S, Hkv, D]`` (any strides), written at ``slots``.
         slots: ``[T]`` flat slot indices ``block * S + offset``, distinct.
         positions: ``[T]`` stored positions of the tokens.
         rope: the model's RoPE, or ``None`` for unrotated keys.
     """
     check_write_inputs(k, v, k_cache, v_cache, slots, positions, rope)
     stored = apply_rope(k, positions, rope) if rope is not None else k
-    n, s, hkv, d = k_cache.shape
-    k_cache.view(n * s, hkv, d)[slots.long()] = stored
-    v_cache.view(n * s, hkv, d)[slots.long()] = v
+    block, offset = _block_offset(slots.long(), k_cache.shape[1])
+    k_cache[block, offset] = stored
+    v_cache[block, offset] = v
+
+
+def _block_offset(slots: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Slot ``block * S + offset`` → ``(block, offset)``: indexing ``cache[block, offset]``
+    works for a cache of any strides (a flattening ``view`` needs a contiguous one)."""
+    return slots // block_size, slots % block_size
 
 
 # --------------------------------------------------------------------------- one request
@@ -90,16 +96,12 @@ def _gather(req: RequestLayout, cache: torch.Tensor, block_size: int):
         ``tokens [Tk, Hkv, D]`` as stored, ``shift [Tk]`` (δ per token),
         ``pos [Tk]`` logical positions, ``is_own [Tk]`` bool.
     """
-    n, s, hkv, d = cache.shape
-    flat = cache.view(n * s, hkv, d)
     parts, shifts, positions, own_flags = [], [], [], []
     for p, is_own in [*((seg, False) for seg in req.segments), (req.own, True)]:
-        j = torch.arange(p.length, dtype=torch.int64)
-        blocks = torch.tensor(p.blocks, dtype=torch.int64).reshape(-1)
-        slots = blocks[j // block_size] * block_size + j % block_size
-        parts.append(flat[slots.to(cache.device)])
+        block, offset = _block_offset(p.slots(block_size).to(cache.device), block_size)
+        parts.append(cache[block, offset])
         shifts.append(torch.full((p.length,), p.shift, dtype=torch.int64))
-        positions.append(j + p.start)
+        positions.append(torch.arange(p.length, dtype=torch.int64) + p.start)
         own_flags.append(torch.full((p.length,), is_own))
     dev = cache.device
     return (

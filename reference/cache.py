@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .layout import ceil_div
+
 __all__ = ["CacheError", "OutOfBlocks", "BlockPool", "Segment", "SegmentStore", "PagedKVCache", "content_key"]
 
 
@@ -159,7 +161,7 @@ class SegmentStore:
         return key in self._segments
 
     def blocks_needed(self, length: int) -> int:
-        return -(-length // self.block_size)
+        return ceil_div(length, self.block_size)
 
     @property
     def num_evictable_blocks(self) -> int:

@@ -11,7 +11,9 @@ A request is ``[segment_0] … [segment_{n-1}] [own tokens]`` (DESIGN §2):
   ``start + j``. Its *shift* is ``δ = start - stored_start`` (eq. 6). Starts are
   free: reordered, gapped and overlapping segments are all valid.
 * the request's own tokens are one more :class:`Placement`, attended causally; its
-  last ``num_queries`` tokens are the queries of this call.
+  last ``num_queries`` tokens are the queries of this call. They are written, so
+  their blocks must be none of the blocks the request's segments read (segments may
+  share blocks with each other: they are only read).
 
 Masks (eq. 7): a query sees every token of every segment, and the own tokens at or
 before its own position. Segment tokens among themselves are not this layout's
@@ -23,7 +25,6 @@ Shape alphabet: ``B`` requests, ``M`` blocks per request (padded), ``S`` block s
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -31,7 +32,13 @@ import torch
 
 from .rope import check_positions
 
-__all__ = ["Placement", "RequestLayout", "Layout", "BlockMetadata"]
+__all__ = ["ceil_div", "Placement", "RequestLayout", "Layout", "BlockMetadata"]
+
+
+def ceil_div(a: int, b: int) -> int:
+    """``⌈a / b⌉`` for non-negative ints, exactly (no float): e.g. the blocks of ``b``
+    tokens that ``a`` tokens need."""
+    return -(-a // b)
 
 
 @dataclass(frozen=True)
@@ -56,6 +63,13 @@ class Placement:
     def shift(self) -> int:
         """``δ = start - stored_start`` (eq. 6)."""
         return self.start - self.stored_start
+
+    def slots(self, block_size: int, first: int = 0) -> torch.Tensor:
+        """``[length - first]`` int64 cache slots ``block * S + offset`` of tokens
+        ``first..length-1``: token ``j`` lives at offset ``j % S`` of ``blocks[j // S]``."""
+        j = torch.arange(first, self.length, dtype=torch.int64)
+        blocks = torch.tensor(self.blocks, dtype=torch.int64).reshape(-1)
+        return blocks[j // block_size] * block_size + j % block_size
 
 
 @dataclass(frozen=True)
@@ -129,7 +143,7 @@ class Layout:
     def _check_placement(self, what: str, p: Placement) -> None:
         check_positions(p.start, p.length, what)
         check_positions(p.stored_start, p.length, f"{what} (stored)")
-        need = math.ceil(p.length / self.block_size)
+        need = ceil_div(p.length, self.block_size)
         if len(p.blocks) != need:
             raise ValueError(f"{what}: {p.length} tokens need {need} blocks of {self.block_size}, got {len(p.blocks)}")
         for b in p.blocks:
@@ -144,6 +158,16 @@ class Layout:
             raise ValueError(
                 f"request {r}: num_queries must be in [1, own length {req.own.length}], got {req.num_queries}"
             )
+        # Own tokens are written while the segments are read: one physical block must
+        # not be both. (Segments may share blocks among themselves: they are read-only.)
+        own = set(req.own.blocks)
+        for d, seg in enumerate(req.segments):
+            for b in seg.blocks:
+                if b in own:
+                    raise ValueError(
+                        f"request {r}: own tokens are written into block {b}, which segment {d} reads; "
+                        "a request's own blocks must be disjoint from its segments' blocks"
+                    )
 
     def check_cache(self, num_physical_blocks: int, allocated=None) -> None:
         """Raise ``ValueError`` if a block id is outside ``[0, num_physical_blocks)``
@@ -181,11 +205,9 @@ class Layout:
         return torch.cat([torch.arange(req.num_queries, dtype=torch.int64) + req.query_start for req in self.requests])
 
     def own_slots(self, r: int, first: int = 0) -> torch.Tensor:
-        """Slots ``block * S + offset`` of request ``r``'s own tokens ``first..length-1``."""
-        own = self.requests[r].own
-        j = torch.arange(first, own.length, dtype=torch.int64)
-        blocks = torch.tensor(own.blocks, dtype=torch.int64)
-        return blocks[j // self.block_size] * self.block_size + j % self.block_size
+        """Slots ``block * S + offset`` of request ``r``'s own tokens ``first..length-1``
+        (:meth:`Placement.slots`)."""
+        return self.requests[r].own.slots(self.block_size, first)
 
     def metadata(self, device: torch.device | str = "cpu") -> BlockMetadata:
         """The per-block tensors of :class:`BlockMetadata` on ``device`` (cached)."""

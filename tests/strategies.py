@@ -25,7 +25,6 @@ tokens of the batch, ``D`` head dim, ``N`` physical blocks, ``S`` block size.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +39,7 @@ from lazyattention.reference import (
     RequestLayout,
     RopeConfig,
     YarnScaling,
+    ceil_div,
     write_kv,
 )
 
@@ -340,7 +340,7 @@ def build(
         return x.to(dtype).to(device)
 
     def blocks_for(length):
-        return math.ceil(length / S)
+        return ceil_div(length, S)
 
     total = (
         sum(blocks_for(doc.length) for doc in case.docs)
@@ -363,9 +363,8 @@ def build(
 
     def write(name, blocks, length, stored_start):
         k, v = randn(length, hkv, d), randn(length, hkv, d)
-        j = torch.arange(length, dtype=torch.int64)
-        slots = (torch.tensor(blocks, dtype=torch.int64).reshape(-1)[j // S] * S + j % S).to(device)
-        pos = (j + stored_start).to(device)
+        slots = Placement(blocks, length, stored_start, stored_start).slots(S).to(device)
+        pos = (torch.arange(length, dtype=torch.int64) + stored_start).to(device)
         write_kv(k, v, k_cache, v_cache, slots, pos, case.rope)
         write_kv(k, v, raw_k_cache, v_cache, slots, pos, None)
         keys[name], values[name] = k, v

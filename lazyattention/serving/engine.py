@@ -1,18 +1,26 @@
 """A small serving engine: document-aware generation with continuous batching.
 
-A request is ``[document_0] … [document_{n-1}] [query]`` followed by generated
-tokens (DESIGN §2). The engine caches documents by content hash in a
-:class:`~lazyattention.reference.SegmentStore` over a fixed KV budget of
-``num_blocks`` paged blocks, and every step runs **one** model forward over a batch of
+A request is ``[document_0] … [document_{n-1}] [query]`` followed by generated tokens
+(DESIGN §2). The engine caches documents by content in a
+:class:`~lazyattention.reference.SegmentStore` over a fixed KV budget of ``num_blocks``
+paged blocks of ``block_size`` tokens. One concern per file:
 
-* *segment prefills* — a missing document encoded alone (its own causal attention),
-* *request prefills* — a request's query tokens over its documents,
-* *decodes* — one new token per running request,
+* :mod:`~lazyattention.serving.request`: a request and its state;
+* :mod:`~lazyattention.serving.strategies`: what is cached, under which key, where it is
+  stored, what is copied (the table below);
+* :mod:`~lazyattention.serving.scheduler`: admission, blocks on demand, preemption: which
+  requests run in the next step;
+* this module: the step. It asks the scheduler for a batch, builds the step's
+  :class:`~lazyattention.serving.model.StepInputs` on the host, has the
+  :class:`~lazyattention.serving.runner.ModelRunner` run it, and applies the tokens.
 
-in that order inside each layer (every new K/V is written before any attention of the
-layer reads it), so a document and the request that needs it can share a step.
-
-Strategies, one engine, so comparisons are apples to apples:
+A step is a **prefill step** — segment prefills (a missing document encoded alone) and
+request prefills (a request's own tokens over its documents, a resumed request's
+included), plus Block-Attention's copies — or a **decode step**: one token per running
+request, and nothing else (the decode layout, slots, positions and logit rows only, so
+it can be captured and replayed per batch size). In a prefill step every new K/V of a
+layer is written before any attention of the layer reads it, so a document and the
+request that needs it share a step.
 
 =================== ========================================================================
 ``lazy``            documents cached once at stored positions ``0..L-1``, read in place at
@@ -26,76 +34,38 @@ Strategies, one engine, so comparisons are apples to apples:
 ``recompute``       ordinary causal attention over the whole sequence, nothing reused.
 =================== ========================================================================
 
-``lazy``, ``raw_cache`` and ``block_attention`` compute one function (documents encoded
-block-diagonally); ``prefix_cache`` and ``recompute`` compute ordinary full attention.
-
-Budget: a request is admitted only when every block it will ever need (its documents,
-copies, own tokens up to ``max_new_tokens``) can be held at once, evicting unreferenced
-cached documents (least recently used first) if needed. Admission is FIFO. So no running
-request ever runs short (no preemption needed), and a request that could not fit even
-in an empty cache is refused when it is added, with an error naming the budget.
+Budget and preemption (vLLM's policy; details in :mod:`~lazyattention.serving.scheduler`):
+a request is admitted, first come first served, when its documents, its copies and the
+blocks of its prompt fit, evicting unreferenced cached documents (least recently used
+first) if needed; its own blocks then grow as it decodes. Prefill has priority over
+decode. When a decoding request finds no block, the most recently admitted running
+request is preempted (it gives back everything and waits at the front of the queue;
+re-admitted, it recomputes its own tokens and continues). A request that could not fit
+even in an empty cache is refused when it is added, with an error naming the budget.
+:meth:`Engine.abort` drops a request and gives back what it holds.
 
 Decoding is greedy (argmax), so a request's output depends only on its inputs and the
-strategy, never on what else shares its batch — the engine's tests check exactly that.
+strategy, never on what else shares its batch or whether it was preempted — the
+engine's tests check exactly that.
 """
 
 from __future__ import annotations
 
-import hashlib
 import time
-from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from lazyattention.reference.cache import BlockPool, OutOfBlocks, Segment, SegmentStore, content_key
+from lazyattention.reference.cache import BlockPool, SegmentStore
 from lazyattention.reference.layout import Layout, Placement, RequestLayout
 
 from .model import Model, StepInputs
+from .request import Request, RequestStatus
 from .runner import ModelRunner
+from .scheduler import Batch, Scheduler
+from .strategies import STRATEGIES, Strategy, blocks_needed, get_strategy
 
 __all__ = ["STRATEGIES", "Request", "EngineStats", "Engine", "blocks_needed"]
-
-#: The reuse strategies, all served by the same :class:`Engine`.
-STRATEGIES = ("lazy", "block_attention", "prefix_cache", "recompute", "raw_cache")
-
-
-@dataclass
-class Request:
-    """One request and everything the engine records about it.
-
-    ``query`` and each document are lists of token ids; ``output`` fills with the
-    generated ids. Times are ``time.perf_counter()`` seconds (device synchronised).
-    """
-
-    id: int
-    query: list[int]
-    documents: list[list[int]]
-    max_new_tokens: int
-    arrival: float
-    output: list[int] = field(default_factory=list)
-    first_token_time: float | None = None
-    finish_time: float | None = None
-    hits: int = 0  # documents whose K/V was found cached (counted once per request)
-    lookups: int = 0  # non-empty documents looked up
-    first_logits: torch.Tensor | None = None  # [V] float32, when the engine keeps them
-    # bookkeeping of the strategy
-    starts: list[int] = field(default_factory=list)  # logical start of each document
-    own_start: int = 0  # logical position of the first own token
-    own_prefix: int = 0  # own tokens before the query (the documents under ``recompute``)
-    entries: list[Segment] = field(default_factory=list)  # cache entries this request holds
-    placements: list[Placement] = field(default_factory=list)  # what its queries read
-    own_blocks: list[int] = field(default_factory=list)
-    copy_blocks: list[int] = field(default_factory=list)
-    prefilled: bool = False
-
-    @property
-    def document_tokens(self) -> int:
-        return sum(len(d) for d in self.documents)
-
-    @property
-    def done(self) -> bool:
-        return len(self.output) >= self.max_new_tokens
 
 
 @dataclass
@@ -103,26 +73,19 @@ class EngineStats:
     """Counters over an engine's lifetime."""
 
     steps: int = 0
+    decode_steps: int = 0  # steps that only decoded (the rest prefilled)
     forward_tokens: int = 0  # tokens through the model (segment + request prefills + decodes)
     segment_prefill_tokens: int = 0
     bytes_copied: int = 0  # K/V bytes written by Block-Attention re-encoding, all layers
     peak_blocks: int = 0  # most blocks allocated at once (cached documents included)
     hits: int = 0
     lookups: int = 0
+    preemptions: int = 0  # times a running request gave its blocks back to let others decode
+    aborts: int = 0
 
     @property
     def hit_ratio(self) -> float:
         return self.hits / self.lookups if self.lookups else 0.0
-
-
-@dataclass
-class _SegmentJob:
-    """A cache entry whose K/V still has to be computed (a segment prefill)."""
-
-    segment: Segment
-    tokens: list[int]
-    start: int  # stored = logical position of its first token
-    context: tuple[Placement, ...]  # what its tokens read besides themselves (prefix_cache)
 
 
 class Engine:
@@ -130,12 +93,13 @@ class Engine:
 
     Args:
         model: the decoder (its dtype and device are the cache's).
-        strategy: one of :data:`STRATEGIES`.
+        strategy: a :class:`~lazyattention.serving.strategies.Strategy`, or the name of
+            one (:data:`STRATEGIES`).
         num_blocks: the KV budget ``N`` in blocks of ``block_size`` tokens.
         block_size: ``S``.
         max_batch_tokens: prefill tokens per step (a single request larger than this
             still runs, alone).
-        max_num_seqs: requests admitted at once.
+        max_num_seqs: requests running at once.
         keep_logits: keep each request's first-token logits (quality checks).
 
     Example:
@@ -151,34 +115,39 @@ class Engine:
     def __init__(
         self,
         model: Model,
-        strategy: str = "lazy",
+        strategy: str | Strategy = "lazy",
         num_blocks: int = 256,
         block_size: int = 16,
         max_batch_tokens: int = 4096,
         max_num_seqs: int = 32,
         keep_logits: bool = False,
     ):
-        if strategy not in STRATEGIES:
-            raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+        self.strategy = get_strategy(strategy)
         for name, value in (("max_batch_tokens", max_batch_tokens), ("max_num_seqs", max_num_seqs)):
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         self.model = model
-        self.strategy = strategy
         self.block_size = block_size
         self.pool = BlockPool(num_blocks)
         self.store = SegmentStore(self.pool, block_size)
         self.cache = model.new_cache(num_blocks, block_size)
         self.runner = ModelRunner(model, self.cache)
-        self.max_batch_tokens = max_batch_tokens
-        self.max_num_seqs = max_num_seqs
+        self.scheduler = Scheduler(self.strategy, self.store, max_num_seqs, max_batch_tokens)
         self.keep_logits = keep_logits
         self.stats = EngineStats()
-        self.waiting: deque[Request] = deque()
-        self.running: list[Request] = []
         self.finished: list[Request] = []
-        self._jobs: dict[str, _SegmentJob] = {}
+        self._requests: dict[int, Request] = {}  # waiting and running, by id
         self._next_id = 0
+
+    @property
+    def waiting(self):
+        """Requests waiting for admission, in order (preempted ones at the front)."""
+        return self.scheduler.waiting
+
+    @property
+    def running(self) -> list[Request]:
+        """Admitted requests, in admission order."""
+        return self.scheduler.running
 
     # ------------------------------------------------------------------ public
 
@@ -204,6 +173,20 @@ class Engine:
         docs = [_token_list(d, f"document {i}", vocab) for i, d in enumerate(documents)]
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+        total = sum(map(len, docs)) + len(query) + max_new_tokens
+        window = self.model.cfg.sliding_window
+        if window is not None and total > window:
+            raise ValueError(
+                f"request spans {total} tokens, more than the model's sliding window {window}; "
+                "sliding-window attention is not implemented"
+            )
+        need = self.strategy.blocks_needed(self.block_size, query, docs, max_new_tokens)
+        if need > self.pool.num_blocks:
+            raise ValueError(
+                f"request needs {need} KV blocks under strategy {self.strategy.name!r} "
+                f"({sum(map(len, docs))} document tokens, {len(query)} query tokens, {max_new_tokens} new) "
+                f"but the KV budget is {self.pool.num_blocks} blocks of {self.block_size}"
+            )
         req = Request(
             id=self._next_id,
             query=query,
@@ -211,43 +194,51 @@ class Engine:
             max_new_tokens=max_new_tokens,
             arrival=time.perf_counter() if arrival is None else arrival,
         )
-        total = req.document_tokens + len(query) + max_new_tokens
-        window = self.model.cfg.sliding_window
-        if window is not None and total > window:
-            raise ValueError(
-                f"request spans {total} tokens, more than the model's sliding window {window}; "
-                "sliding-window attention is not implemented"
-            )
-        need = self.blocks_needed(req)
-        if need > self.pool.num_blocks:
-            raise ValueError(
-                f"request needs {need} KV blocks under strategy {self.strategy!r} "
-                f"({req.document_tokens} document tokens, {len(query)} query tokens, {max_new_tokens} new) "
-                f"but the KV budget is {self.pool.num_blocks} blocks of {self.block_size}"
-            )
         self._next_id += 1
-        self.waiting.append(req)
+        self._requests[req.id] = req
+        self.scheduler.add(req)
+        return req
+
+    def abort(self, request: Request | int) -> Request:
+        """Drop a waiting or running request (the object or its id) and give back its
+        blocks and segment references; segments other requests use stay as they are.
+
+        Raises:
+            ValueError: the request is unknown to this engine, finished or already aborted.
+        """
+        req = self._requests.get(request.id if isinstance(request, Request) else request)
+        if req is None or (isinstance(request, Request) and req is not request):
+            what = request.status.value if isinstance(request, Request) else "unknown"
+            rid = request.id if isinstance(request, Request) else request
+            raise ValueError(f"cannot abort request {rid!r}: it is not waiting or running here ({what})")
+        self.scheduler.abort(req)
+        del self._requests[req.id]
+        self.stats.aborts += 1
         return req
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
     def step(self) -> list[Request]:
-        """Admit what fits, run one batched forward, return the requests that finished."""
-        self._admit()
-        if not self.running:
+        """Run one prefill or decode step; return the requests that finished."""
+        batch = self.scheduler.schedule()
+        self.stats.preemptions += len(batch.preempted)
+        for req in batch.prefills:
+            if req.preemptions == 0:  # hits count once per request, at its first admission
+                self.stats.hits += req.hits
+                self.stats.lookups += req.lookups
+        if not batch:
+            if self.has_work():  # cannot happen: every request fits the budget alone
+                raise RuntimeError(f"no request can run: {len(self.waiting)} waiting, {len(self.running)} running")
             return []
-        jobs, prefills = self._schedule_prefills()
-        decodes = [r for r in self.running if r.prefilled]
-        self._forward(jobs, prefills, decodes)
+        self.stats.peak_blocks = max(self.stats.peak_blocks, self.pool.num_used)
+        ids, step = self._prefill_inputs(batch) if batch.prefills else self._decode_inputs(batch.decodes)
+        logits = self.runner.run(ids, step)
+        next_tokens = logits.argmax(-1).tolist()  # .tolist() synchronises the device
         self.stats.steps += 1
-        done = [r for r in self.running if r.prefilled and r.done]
-        for req in done:
-            self._release(req)
-            req.finish_time = time.perf_counter()
-            self.running.remove(req)
-            self.finished.append(req)
-        return done
+        self.stats.decode_steps += not batch.prefills
+        self.stats.forward_tokens += len(ids)
+        return self._apply(batch, next_tokens, logits)
 
     def run_until_done(self) -> list[Request]:
         """Step until every queued request finished; return them in finishing order."""
@@ -265,13 +256,13 @@ class Engine:
         """
         req = self.add_request(query_ids, documents, max_new_tokens)
         while not req.done:
-            if not self.has_work():
-                raise RuntimeError(f"request {req.id} was lost")  # cannot happen: a bug if it does
             self.step()
         return list(req.output)
 
     def check_invariants(self) -> None:
-        """Raise ``AssertionError`` if pool, store and requests disagree (for tests)."""
+        """Raise ``AssertionError`` if pool, store and requests disagree (for tests):
+        every block accounted for exactly once per holder, nothing a running request
+        reads evicted or freed, nothing held by a request that is not running."""
         self.store.check_invariants()
         held: dict[int, int] = {}
         for req in self.running:
@@ -280,246 +271,97 @@ class Engine:
         for b, n in held.items():
             assert self.pool.refcount(b) == n, f"request block {b}: refcount {self.pool.refcount(b)} != {n}"
             assert self.store.writable(b), f"request block {b} belongs to a sealed segment"
-        # every referenced segment is held by a running request (waiting ones hold nothing)
         in_use = {seg.key: seg for req in self.running for seg in req.entries}
         segment_blocks = self.store.num_evictable_blocks + sum(len(seg.blocks) for seg in in_use.values())
         assert self.pool.num_used == segment_blocks + len(held), (
             f"pool leak: {self.pool.num_used} used, {segment_blocks} in cached segments, {len(held)} held by requests"
         )
         for req in self.running:
+            assert req.status is RequestStatus.RUNNING
             for seg in req.entries:
                 assert self.store.get(seg.key) is seg and seg.refs > 0, f"request {req.id} lost segment {seg.key[:12]}"
-        for key, job in self._jobs.items():
-            assert self.store.get(key) is job.segment and not job.segment.sealed
-
-    # ------------------------------------------------------------------ budget and admission
-
-    def _own_blocks_needed(self, req: Request) -> int:
-        return _own_blocks(self.strategy, self.block_size, len(req.query), req.document_tokens, req.max_new_tokens)
-
-    def blocks_needed(self, req: Request) -> int:
-        """Blocks ``req`` needs at once under this strategy with nothing else cached
-        (see :func:`blocks_needed`)."""
-        return blocks_needed(self.strategy, self.block_size, req.query, req.documents, req.max_new_tokens)
-
-    def _admit(self) -> None:
-        while self.waiting and len(self.running) < self.max_num_seqs:
-            req = self.waiting[0]
-            try:
-                self._acquire(req)
-            except OutOfBlocks:
-                break  # FIFO: wait until running requests release blocks
-            self.waiting.popleft()
-            self.running.append(req)
-            self.stats.hits += req.hits
-            self.stats.lookups += req.lookups
-            self.stats.peak_blocks = max(self.stats.peak_blocks, self.pool.num_used)
-
-    def _acquire(self, req: Request) -> None:
-        """Take every cache entry and block the request needs, or nothing at all."""
-        req.starts, pos = [], 0
-        for d in req.documents:
-            req.starts.append(pos)
-            pos += len(d)
-        req.own_start = 0 if self.strategy == "recompute" else pos
-        req.own_prefix = pos if self.strategy == "recompute" else 0
-        req.hits = req.lookups = 0
-        try:
-            if self.strategy in ("lazy", "raw_cache", "block_attention"):
-                for doc in req.documents:
-                    self._acquire_entry(req, doc, key=content_key(doc), start=0, context=())
-            elif self.strategy == "prefix_cache":
-                chain = "prefix"  # the key of a document names the whole token prefix it ends
-                for doc, start in zip(req.documents, req.starts):
-                    if doc:
-                        chain = hashlib.sha256(f"{chain}/{content_key(doc)}".encode()).hexdigest()
-                    key = chain if doc else content_key([])
-                    self._acquire_entry(req, doc, key=key, start=start, context=tuple(req.placements))
-            if self.strategy == "block_attention":
-                req.copy_blocks = self.store.allocate(sum(self.store.blocks_needed(len(d)) for d in req.documents))
-            req.own_blocks = self.store.allocate(self._own_blocks_needed(req))
-        except OutOfBlocks:
-            self._release(req)
-            raise
-        req.placements = self._placements(req)
-
-    def _acquire_entry(self, req: Request, tokens: list[int], key: str, start: int, context) -> None:
-        seg, hit = self.store.acquire(key=key, length=len(tokens))
-        req.entries.append(seg)
-        req.placements.append(Placement(seg.blocks, len(tokens), start=start, stored_start=start))
-        if tokens:
-            req.lookups += 1
-            req.hits += hit
-        if not hit:
-            if tokens:
-                self._jobs[key] = _SegmentJob(seg, tokens, start, context)
-            else:
-                self.store.seal(seg)  # nothing to compute
-
-    def _placements(self, req: Request) -> list[Placement]:
-        """What the request's queries read besides their own tokens."""
-        lengths = [len(d) for d in req.documents]
-        if self.strategy in ("lazy", "raw_cache"):  # in place, shift δ = start (eq. 6)
-            return [
-                Placement(s.blocks, n, start=a, stored_start=0) for s, n, a in zip(req.entries, lengths, req.starts)
-            ]
-        if self.strategy == "block_attention":  # request-owned copies, stored at their logical starts
-            out, i = [], 0
-            for n, a in zip(lengths, req.starts):
-                k = self.store.blocks_needed(n)
-                out.append(Placement(tuple(req.copy_blocks[i : i + k]), n, start=a, stored_start=a))
-                i += k
-            return out
-        if self.strategy == "prefix_cache":
-            return list(req.placements)
-        return []
-
-    def _release(self, req: Request) -> None:
-        """Give back everything the request holds (after finishing, or a failed admission)."""
-        for seg in req.entries:
-            self.store.release(seg)
-            job = self._jobs.get(seg.key)
-            if job is not None and self.store.get(seg.key) is not job.segment:
-                del self._jobs[seg.key]  # its only holder left before it was computed
-        self.pool.release(req.own_blocks + req.copy_blocks)
-        req.entries, req.own_blocks, req.copy_blocks, req.placements = [], [], [], []
-
-    # ------------------------------------------------------------------ scheduling
-
-    def _pending_jobs(self, req: Request) -> list[_SegmentJob]:
-        return [self._jobs[s.key] for s in req.entries if s.key in self._jobs]
-
-    def _schedule_prefills(self):
-        """FIFO: request prefills (with the segment prefills they need) within the token budget."""
-        jobs: dict[str, _SegmentJob] = {}
-        prefills: list[Request] = []
-        used = 0
-        for req in self.running:
-            if req.prefilled:
-                continue
-            new_jobs = [j for j in self._pending_jobs(req) if j.segment.key not in jobs]
-            docs = req.document_tokens if self.strategy == "recompute" else 0
-            cost = sum(len(j.tokens) for j in new_jobs) + len(req.query) + docs
-            if prefills and used + cost > self.max_batch_tokens:
-                break
-            used += cost
-            prefills.append(req)
-            for j in new_jobs:
-                jobs[j.segment.key] = j
-        return list(jobs.values()), prefills
+            readable = {b for seg in req.entries for b in seg.blocks} | set(req.copy_blocks)
+            for p in req.placements:
+                assert set(p.blocks) <= readable, f"request {req.id} reads blocks it does not hold: {p.blocks}"
+            assert len(req.own_blocks) * self.block_size >= req.num_own - 1, f"request {req.id}: own blocks short"
+        for req in self.waiting:
+            assert req.status is RequestStatus.WAITING and not (req.entries or req.own_blocks or req.copy_blocks)
+        assert set(self._requests) == {r.id for r in (*self.waiting, *self.running)}
 
     # ------------------------------------------------------------------ the step
 
-    def _forward(self, jobs: list[_SegmentJob], prefills: list[Request], decodes: list[Request]) -> None:
+    def _prefill_inputs(self, batch: Batch) -> tuple[torch.Tensor, StepInputs]:
+        """Segment prefills, then request prefills (own tokens, copies)."""
         s = self.block_size
-        ids: list[int] = []
-        slots: list[torch.Tensor] = []
-        positions: list[torch.Tensor] = []
-        entries: list[RequestLayout] = []
-        logit_rows: list[int] = []
-        copy_src, copy_dst, copy_shift = [], [], []
+        ids, slots, positions, entries, logit_rows, copies = [], [], [], [], [], []
 
-        def write(tokens, placement: Placement, first: int = 0):
-            """Queue tokens ``first..`` of ``placement`` for writing; return how many."""
-            j = torch.arange(first, placement.length)
-            blocks = torch.tensor(placement.blocks, dtype=torch.int64)
-            slots.append(blocks[j // s] * s + j % s)
-            positions.append(j + placement.stored_start)
+        def write(tokens: list[int], own: Placement, context: tuple[Placement, ...]) -> None:
+            entries.append(RequestLayout(context, own, num_queries=own.length))
+            slots.append(own.slots(s))
+            positions.append(torch.arange(own.length) + own.stored_start)
             ids.extend(tokens)
-            return placement.length - first
 
-        for job in jobs:  # documents encoded alone (prefix_cache: after their prefix)
-            seg = job.segment
-            own = Placement(seg.blocks, len(job.tokens), start=job.start, stored_start=job.start)
-            entries.append(RequestLayout(job.context, own, num_queries=write(job.tokens, own)))
+        for job in batch.segment_prefills:  # documents encoded alone (prefix_cache: after their prefix)
+            write(job.tokens, job.placement, job.context)
             self.stats.segment_prefill_tokens += len(job.tokens)
-        for req in prefills:
-            tokens = (sum(req.documents, []) if self.strategy == "recompute" else []) + req.query
-            own = self._own_placement(req, len(tokens))
-            entries.append(RequestLayout(tuple(req.placements), own, num_queries=write(tokens, own)))
+        for req in batch.prefills:
+            write(req.own_tokens, req.own_placement(s), tuple(req.placements))
             logit_rows.append(len(ids) - 1)
-            if self.strategy == "block_attention":
-                for seg, copy in zip(req.entries, req.placements):
-                    j = torch.arange(copy.length)
-                    src = torch.tensor(seg.blocks, dtype=torch.int64)
-                    dst = torch.tensor(copy.blocks, dtype=torch.int64)
-                    copy_src.append(src[j // s] * s + j % s)
-                    copy_dst.append(dst[j // s] * s + j % s)
-                    copy_shift.append(torch.full((copy.length,), copy.start, dtype=torch.int64))
-        decode_entries = []
-        for req in decodes:
-            n = req.own_prefix + len(req.query) + len(req.output)
-            own = self._own_placement(req, n)
-            decode_entries.append(RequestLayout(tuple(req.placements), own, num_queries=1))
-            write([req.output[-1]], own, first=n - 1)
-            logit_rows.append(len(ids) - 1)
-
+            copies += [(src, dst) for src, dst in zip(req.sources, req.placements, strict=True) if src != dst]
         step = StepInputs(  # host tensors: the runner moves the step to the device
             slots=torch.cat(slots),
             positions=torch.cat(positions),
-            prefill=Layout(entries, s) if entries else None,
-            decode=Layout(decode_entries, s) if decode_entries else None,
-            raw=self.strategy == "raw_cache",
+            prefill=Layout(entries, s),
+            raw=self.strategy.raw,
             logit_rows=torch.tensor(logit_rows),
         )
-        if copy_src:
-            step.copy_src = torch.cat(copy_src)
-            step.copy_dst = torch.cat(copy_dst)
-            step.copy_shift = torch.cat(copy_shift)
+        if copies:  # Block-Attention: copy into the request's blocks, re-rotated (eq. 9)
+            step.copy_src = torch.cat([src.slots(s) for src, _ in copies])
+            step.copy_dst = torch.cat([dst.slots(s) for _, dst in copies])
+            step.copy_shift = torch.cat(
+                [torch.full((dst.length,), dst.stored_start - src.stored_start) for src, dst in copies]
+            )
             self.stats.bytes_copied += step.copy_src.numel() * self.cache.bytes_per_block // s
-        logits = self.runner.run(torch.tensor(ids), step)
-        next_tokens = logits.argmax(-1).tolist()  # .tolist() synchronises the device
+        return torch.tensor(ids), step
+
+    def _decode_inputs(self, decodes: list[Request]) -> tuple[torch.Tensor, StepInputs]:
+        """One token per request: its last output, written at its next own slot."""
+        s = self.block_size
+        entries, slots, positions = [], [], []
+        for req in decodes:
+            own = req.own_placement(s)
+            entries.append(RequestLayout(tuple(req.placements), own, num_queries=1))
+            slots.append(own.slots(s, first=own.length - 1))
+            positions.append(own.stored_start + own.length - 1)
+        step = StepInputs(
+            slots=torch.cat(slots),
+            positions=torch.tensor(positions),
+            decode=Layout(entries, s),
+            raw=self.strategy.raw,
+            logit_rows=torch.arange(len(decodes)),
+        )
+        return torch.tensor([req.output[-1] for req in decodes]), step
+
+    def _apply(self, batch: Batch, next_tokens: list[int], logits: torch.Tensor) -> list[Request]:
         now = time.perf_counter()
-        self.stats.forward_tokens += len(ids)
-
-        for job in jobs:
+        for job in batch.segment_prefills:
             self.store.seal(job.segment)
-            del self._jobs[job.segment.key]
-        for i, req in enumerate(prefills):
-            req.prefilled = True
-            req.first_token_time = now
-            req.output.append(next_tokens[i])
-            if self.keep_logits:
-                req.first_logits = logits[i].cpu()
-            if self.strategy == "block_attention":
-                # the request reads its own copies from now on: the originals may be evicted
-                for seg in req.entries:
-                    self.store.release(seg)
-                req.entries = []
-        for i, req in enumerate(decodes):
-            req.output.append(next_tokens[len(prefills) + i])
-
-    def _own_placement(self, req: Request, length: int) -> Placement:
-        """The request's own tokens ``0..length-1``, stored where they sit (shift 0)."""
-        k = self.store.blocks_needed(length)
-        return Placement(tuple(req.own_blocks[:k]), length, start=req.own_start, stored_start=req.own_start)
-
-
-def _own_blocks(strategy: str, block_size: int, query_len: int, document_tokens: int, max_new_tokens: int) -> int:
-    written = query_len + max_new_tokens - 1  # the last generated token is never fed back
-    if strategy == "recompute":
-        written += document_tokens  # the documents are the request's own tokens
-    return -(-written // block_size)
-
-
-def blocks_needed(strategy: str, block_size: int, query, documents, max_new_tokens: int) -> int:
-    """KV blocks one request needs at once under ``strategy`` with nothing else cached:
-    its documents (each distinct one once; ``prefix_cache`` keys them by prefix),
-    Block-Attention's per-request copies, and its own tokens up to ``max_new_tokens``.
-    An engine refuses a request that needs more than its whole budget."""
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
-    documents = [list(d) for d in documents]
-
-    def blocks(d) -> int:
-        return -(-len(d) // block_size)
-
-    need = _own_blocks(strategy, block_size, len(query), sum(map(len, documents)), max_new_tokens)
-    if strategy in ("lazy", "raw_cache", "block_attention"):
-        need += sum(blocks(d) for d in {content_key(d): d for d in documents}.values())
-    if strategy in ("block_attention", "prefix_cache"):
-        need += sum(blocks(d) for d in documents)
-    return need
+        for i, req in enumerate(batch.prefills):
+            if req.first_token_time is None:  # not a resumed request
+                req.first_token_time = now
+                if self.keep_logits:
+                    req.first_logits = logits[i].cpu()
+            self.scheduler.prefilled(req)
+        done = []
+        for req, token in zip(batch.prefills + batch.decodes, next_tokens, strict=True):
+            req.output.append(token)
+            if req.done:
+                self.scheduler.finish(req)
+                del self._requests[req.id]
+                req.finish_time = now
+                self.finished.append(req)
+                done.append(req)
+        return done
 
 
 def _token_list(tokens, what: str, vocab_size: int) -> list[int]:

@@ -55,10 +55,12 @@ def quality_check(model: Model, requests, max_new_tokens: int = 8, block_size: i
         runs[strategy] = outs
 
     def logit_diff(a, b):
-        return max(float((x.first_logits - y.first_logits).abs().max()) for x, y in zip(runs[a], runs[b]))
+        return max(float((x.first_logits - y.first_logits).abs().max()) for x, y in zip(runs[a], runs[b], strict=True))
 
     def agreement(a, b):
-        same = sum(sum(p == q for p, q in zip(x.output, y.output)) for x, y in zip(runs[a], runs[b]))
+        same = sum(
+            sum(p == q for p, q in zip(x.output, y.output, strict=True)) for x, y in zip(runs[a], runs[b], strict=True)
+        )
         return same / sum(len(x.output) for x in runs[a])
 
     return QualityReport(

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from lazyattention.reference.layout import ceil_div
+
 __all__ = ["METRIC_COLUMNS", "display_units", "environment", "format_table", "plot_sweep", "run_sweep"]
 
 
@@ -100,7 +102,7 @@ def run_sweep(
     warmed = set() if warmup > 0 else set(strategies)
     for sweep, alpha, fraction in plan:
         workload = make_workload(replace(base, zipf_alpha=alpha))
-        pool_blocks = sum(-(-len(d) // block_size) for d in workload.documents)
+        pool_blocks = sum(ceil_div(len(d), block_size) for d in workload.documents)
         num_blocks = max(math.ceil(fraction * pool_blocks), _min_blocks(workload, strategies, block_size))
         for strategy in strategies:
             if strategy not in warmed:  # compile kernels, fill allocators: not timed

@@ -183,7 +183,7 @@ def summarize(engine: Engine, requests: list[Request], start: float) -> Metrics:
     makespan = max(r.finish_time for r in requests) - start
     tokens = sum(r.document_tokens + len(r.query) + len(r.output) for r in requests)
     return Metrics(
-        strategy=engine.strategy,
+        strategy=engine.strategy.name,
         num_blocks=engine.pool.num_blocks,
         requests=len(requests),
         ttft_p50=_percentile(ttft, 0.5),

@@ -12,6 +12,8 @@ in float64 on the very same rounded inputs), with the eager run in that dtype as
 reference.
 """
 
+from dataclasses import replace
+
 import pytest
 import torch
 from hypothesis import example, given, note, target
@@ -24,6 +26,7 @@ from lazyattention.reference import (
     lazy_prefill,
     raw_decode,
     raw_prefill,
+    write_kv,
 )
 from tests.strategies import Built, Case, build, cases, edge_cases
 
@@ -78,7 +81,7 @@ def naive_attention(case: Case, inputs: Built) -> torch.Tensor:
                 visible = [j for j, o in enumerate(own_index) if o <= i]
                 scores = torch.stack([q[h] @ k[j, h // group] for j in visible]) / rope.head_dim**0.5
                 weights = torch.softmax(scores, dim=0)
-                heads.append(sum(w * v[j, h // group] for w, j in zip(weights, visible)))
+                heads.append(sum(w * v[j, h // group] for w, j in zip(weights, visible, strict=True)))
             outs.append(torch.stack(heads))
             row += 1
     return torch.stack(outs)
@@ -163,3 +166,42 @@ def test_explicit_scale_is_used():
     expected = eager_attention(2.0 * inputs.q, *args)
     assert_close(doubled, expected, None, F64, "scale")
     assert not torch.allclose(doubled, lazy_prefill(inputs.q, *args))
+
+
+def _strided(cache: torch.Tensor) -> torch.Tensor:
+    """The same values in an ``[N, S, Hkv, D]`` view with other strides: stored as
+    ``[Hkv, S, N, 2D]``, permuted back and strided, so neither blocks nor elements are
+    adjacent (a flattening ``view`` of it fails)."""
+    n, s, hkv, d = cache.shape
+    out = cache.new_empty(hkv, s, n, 2 * d).permute(2, 1, 0, 3)[..., ::2]
+    out.copy_(cache)
+    assert not out.is_contiguous() and out.shape == cache.shape
+    return out
+
+
+@example(case=EDGES["not_multiple_of_block"])
+@given(case=cases(max_requests=2))
+def test_a_cache_of_any_strides_gives_the_contiguous_result(case):
+    """A non-contiguous cache (another layout in memory, same ``[N, S, Hkv, D]`` values)
+    is read and written exactly as the contiguous one."""
+    note(case.describe())
+    inputs = build(case, torch.float32)
+    strided = replace(
+        inputs,
+        k_cache=_strided(inputs.k_cache),
+        raw_k_cache=_strided(inputs.raw_k_cache),
+        v_cache=_strided(inputs.v_cache),
+    )
+    expected, got = run_all(inputs, case.rope, decode=False), run_all(strided, case.rope, decode=False)
+    for name in expected:
+        assert torch.equal(got[name][0], expected[name][0]), name
+    g = torch.Generator().manual_seed(case.seed)
+    capacity = inputs.k_cache.shape[0] * case.block_size
+    t = min(3, capacity)
+    k, v = torch.randn(2, t, *inputs.k_cache.shape[2:], generator=g)
+    slots = torch.randperm(capacity, generator=g)[:t]
+    positions = torch.arange(t) + 7
+    for caches in ((inputs.k_cache, inputs.v_cache), (strided.k_cache, strided.v_cache)):
+        write_kv(k, v, *caches, slots, positions, case.rope)
+    for name in ("k_cache", "v_cache"):  # bit for bit, the unwritten NaN poison included
+        torch.testing.assert_close(getattr(strided, name), getattr(inputs, name), rtol=0, atol=0, equal_nan=True)

@@ -5,7 +5,7 @@ import pytest
 import torch
 from hypothesis import given, note
 
-from lazyattention.reference import MAX_POSITION, BlockPool, Layout, Placement, RequestLayout
+from lazyattention.reference import MAX_POSITION, BlockPool, Layout, Placement, RequestLayout, ceil_div
 from tests.strategies import build, cases
 
 
@@ -44,7 +44,9 @@ def test_own_slots_address_the_own_blocks(case):
     S = layout.block_size
     for r, req in enumerate(layout.requests):
         slots = layout.own_slots(r).tolist()
-        assert slots == [req.own.blocks[j // S] * S + j % S for j in range(req.own.length)]
+        assert slots == [req.own.blocks[j // S] * S + j % S for j in range(req.own.length)]  # the definition
+        for seg in req.segments:
+            assert seg.slots(S).tolist() == [seg.blocks[j // S] * S + j % S for j in range(seg.length)]
         assert layout.own_slots(r, first=req.own.length - 1).tolist() == slots[-1:]
 
 
@@ -66,7 +68,7 @@ def test_metadata_is_cached_per_device():
 
 
 def own(length=2, start=0, blocks=None, stored_start=None, block_size=2):
-    blocks = tuple(range(-(-length // block_size))) if blocks is None else blocks
+    blocks = tuple(range(ceil_div(length, block_size))) if blocks is None else blocks
     return Placement(blocks, length, start, start if stored_start is None else stored_start)
 
 
@@ -93,6 +95,24 @@ def own(length=2, start=0, blocks=None, stored_start=None, block_size=2):
 def test_invalid_layouts_are_rejected(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+def test_own_tokens_may_not_be_written_into_a_block_a_segment_reads():
+    """The own tokens are written while the segments are read: a shared block would be
+    overwritten under its readers. Segments may share blocks among themselves."""
+    doc = Placement((3, 4), 4, start=0)
+    again = Placement((4,), 2, start=9, stored_start=2)  # a block of doc, read-only: fine
+    Layout([RequestLayout((doc, again), Placement((5,), 2, 4), 1)], block_size=2)
+    mine = RequestLayout((), Placement((7,), 1, 0), 1)
+    clash = RequestLayout((again, doc), Placement((5, 3), 3, 4), 1)
+    with pytest.raises(ValueError, match=r"request 1: own tokens are written into block 3, which segment 1 reads"):
+        Layout([mine, clash], block_size=2)
+
+
+@pytest.mark.parametrize("n", [0, 1, 5, 16, 17])
+@pytest.mark.parametrize("b", [1, 4, 16])
+def test_ceil_div(n, b):
+    assert ceil_div(n, b) == len(range(0, n, b)) and ceil_div(n, b) * b >= n > (ceil_div(n, b) - 1) * b
 
 
 def test_check_cache_rejects_blocks_outside_the_cache_and_freed_blocks():

@@ -22,6 +22,7 @@ from lazyattention.reference import (
     RopeConfig,
     YarnScaling,
     assert_close,
+    ceil_div,
     eager_attention,
     lazy_decode,
     lazy_prefill,
@@ -106,7 +107,7 @@ class TinyStack:
             stored_positions: ``[T]`` positions their keys are rotated at.
         """
         t, d = hidden.shape[0], self.rope.head_dim
-        for (wq, wk, wv, wo), (k_cache, v_cache) in zip(self.layers, caches):
+        for (wq, wk, wv, wo), (k_cache, v_cache) in zip(self.layers, caches, strict=True):
             q = (hidden @ wq).view(t, self.h, d)
             k = (hidden @ wk).view(t, self.hkv, d)
             v = (hidden @ wv).view(t, self.hkv, d)
@@ -140,12 +141,11 @@ def test_segment_encoded_at_zero_and_placed_at_s_equals_encoded_at_s(rope, seg_l
     stack = TinyStack(rope, gen)
     doc = torch.randn(seg_len, 16, generator=gen, dtype=F64)
     query = torch.randn(query_len, 16, generator=gen, dtype=F64)
-    nb_doc, nb_query = -(-seg_len // block_size), -(-query_len // block_size)
+    nb_doc, nb_query = ceil_div(seg_len, block_size), ceil_div(query_len, block_size)
     doc_blocks, query_blocks = tuple(range(nb_doc)), tuple(range(nb_doc, nb_doc + nb_query))
 
     def slots(blocks, n):
-        j = torch.arange(n)
-        return torch.tensor(blocks)[j // block_size] * block_size + j % block_size
+        return Placement(blocks, n, 0).slots(block_size)
 
     def run(stored_at):
         """Encode the document alone with keys stored at ``stored_at``, then run the
@@ -185,8 +185,8 @@ def with_segments(req: RequestLayout, segments) -> RequestLayout:
 @example(case=EDGES["past_65536"])
 @given(case=cases(decode=True))
 def test_decode_split_segments_and_lse_merge_equals_whole(case):
-    """Decode: the query sees all own tokens, so a segment ``dup`` over the own blocks
-    (same blocks, same positions) is exactly the own part; hence
+    """Decode: the query sees all own tokens, so a segment ``dup`` over a copy of the
+    own blocks (same K/V, same positions) is exactly the own part; hence
 
         merge(attend(S1 + own), attend(S2 + own)) == attend(S1 + S2 + dup + own)
 
@@ -196,15 +196,24 @@ def test_decode_split_segments_and_lse_merge_equals_whole(case):
     note(case.describe())
     inputs = build(case, F64)
     layout, rope = inputs.layout, case.rope
-    halves, wholes = ([], []), []
+    halves, wholes, copied = ([], []), [], []
+    n = inputs.k_cache.shape[0]
     for r, req in enumerate(layout.requests):
         cut = len(req.segments) // 2 if not r % 2 else len(req.segments)  # one side may be empty
         s1, s2 = req.segments[:cut], req.segments[cut:]
         halves[0].append(with_segments(req, s1))
         halves[1].append(with_segments(req, s2))
-        dup = req.own  # a segment placement over the own tokens, at the same shift
+        # a segment over a copy of the own blocks, at the same shift (a layout may not
+        # read as a segment the blocks it writes its own tokens into)
+        dup = replace(req.own, blocks=tuple(range(n + len(copied), n + len(copied) + len(req.own.blocks))))
+        copied += req.own.blocks
         wholes.append(with_segments(req, (*s1, *s2, dup)))
-    args = (inputs.q, inputs.k_cache, inputs.v_cache)
+    idx = torch.tensor(copied, dtype=torch.int64)
+    args = (
+        inputs.q,
+        torch.cat([inputs.k_cache, inputs.k_cache[idx]]),
+        torch.cat([inputs.v_cache, inputs.v_cache[idx]]),
+    )
     a = lazy_decode(*args, Layout(halves[0], layout.block_size), rope, return_lse=True)
     b = lazy_decode(*args, Layout(halves[1], layout.block_size), rope, return_lse=True)
     whole, whole_lse = eager_attention(*args, Layout(wholes, layout.block_size), rope, return_lse=True)
@@ -224,7 +233,9 @@ def test_prefill_split_segments_and_lse_merge(case):
     layout, rope = inputs.layout, case.rope
     cuts = [len(req.segments) // 2 for req in layout.requests]
     parts = [
-        Layout([with_segments(req, segs(req, c)) for req, c in zip(layout.requests, cuts)], layout.block_size)
+        Layout(
+            [with_segments(req, segs(req, c)) for req, c in zip(layout.requests, cuts, strict=True)], layout.block_size
+        )
         for segs in (lambda req, c: req.segments[:c], lambda req, c: req.segments[c:], lambda req, c: ())
     ]
     args = (inputs.q, inputs.k_cache, inputs.v_cache)
