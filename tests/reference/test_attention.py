@@ -78,7 +78,7 @@ def naive_attention(case: Case, inputs: Built) -> torch.Tensor:
                 visible = [j for j, o in enumerate(own_index) if o <= i]
                 scores = torch.stack([q[h] @ k[j, h // group] for j in visible]) / rope.head_dim**0.5
                 weights = torch.softmax(scores, dim=0)
-                heads.append(sum(w * v[j, h // group] for w, j in zip(weights, visible)))
+                heads.append(sum(w * v[j, h // group] for w, j in zip(weights, visible, strict=True)))
             outs.append(torch.stack(heads))
             row += 1
     return torch.stack(outs)

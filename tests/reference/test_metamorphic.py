@@ -106,7 +106,7 @@ class TinyStack:
             stored_positions: ``[T]`` positions their keys are rotated at.
         """
         t, d = hidden.shape[0], self.rope.head_dim
-        for (wq, wk, wv, wo), (k_cache, v_cache) in zip(self.layers, caches):
+        for (wq, wk, wv, wo), (k_cache, v_cache) in zip(self.layers, caches, strict=True):
             q = (hidden @ wq).view(t, self.h, d)
             k = (hidden @ wk).view(t, self.hkv, d)
             v = (hidden @ wv).view(t, self.hkv, d)
@@ -224,7 +224,9 @@ def test_prefill_split_segments_and_lse_merge(case):
     layout, rope = inputs.layout, case.rope
     cuts = [len(req.segments) // 2 for req in layout.requests]
     parts = [
-        Layout([with_segments(req, segs(req, c)) for req, c in zip(layout.requests, cuts)], layout.block_size)
+        Layout(
+            [with_segments(req, segs(req, c)) for req, c in zip(layout.requests, cuts, strict=True)], layout.block_size
+        )
         for segs in (lambda req, c: req.segments[:c], lambda req, c: req.segments[c:], lambda req, c: ())
     ]
     args = (inputs.q, inputs.k_cache, inputs.v_cache)
