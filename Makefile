@@ -17,7 +17,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet --index-url $(TORCH_INDEX) torch==2.13.0
+	$(BIN)/pip install --quiet --no-deps --index-url $(TORCH_INDEX) torch==2.13.0  # its dependencies come from PyPI next
 	$(BIN)/pip install --quiet -e ".[dev,docs]"
 	touch $(STAMP)
 

@@ -22,8 +22,11 @@ import os
 import re
 import sys
 
+import torch
+
 import lazyattention
 from lazyattention.bench import DTYPES, output_paths, run_bench
+from lazyattention.demo import run_demo
 from lazyattention.serving.engine import STRATEGIES
 from lazyattention.serving.model import MODEL_SHAPES
 
@@ -205,8 +208,6 @@ def _fail(command: str, message: str):
 
 def _resolve_device(command: str, backend: str, device: str | None) -> str:
     """The device to run on: ``--device``, or the backend's default; refuse what cannot run."""
-    import torch
-
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     on_cpu_hint = "set TRITON_INTERPRET=1 and pass --device cpu to run its kernels on the CPU (slowly)"
     if backend == "fast" and importlib.util.find_spec("triton") is None:
@@ -265,8 +266,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         if args.command == "demo":
-            from lazyattention.demo import run_demo
-
             return run_demo(args.backend, args.device, args.seed)
         params = {k: v for k, v in vars(args).items() if k in BENCH_DEFAULTS}
         run_bench(**params, progress=not args.quiet)
