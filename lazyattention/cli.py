@@ -47,7 +47,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows ``(default: ...)`` except where there is none to show (flags, ``None``)."""
 
     def _get_help_string(self, action):
-        if action.default in (None, False) or action.default is argparse.SUPPRESS:
+        if action.default is None or action.default is False or action.default is argparse.SUPPRESS:
             return action.help
         return super()._get_help_string(action)
 
@@ -157,42 +157,72 @@ def build_parser() -> argparse.ArgumentParser:
             default=None,
             help="cpu, cuda or cuda:N (default: cpu, but cuda for --backend fast unless TRITON_INTERPRET=1)",
         )
-        p.add_argument("--seed", type=_integer(0), default=0, help="seeds the weights and the data")
+        p.add_argument("--seed", type=_integer(0), metavar="N", default=0, help="seeds the weights and the data")
 
     d = BENCH_DEFAULTS
     p = sub.choices["bench"]
     positive = _integer(1)
     p.add_argument("--model", choices=tuple(MODEL_SHAPES), default=d["model"], help="random-weight model shape")
-    p.add_argument("--dtype", choices=tuple(DTYPES), default=d["dtype"])
-    p.add_argument("--requests", type=positive, default=d["requests"], help="requests per workload")
-    p.add_argument("--documents", type=positive, default=d["documents"], help="documents in the pool")
-    p.add_argument("--doc-len", type=positive, default=d["doc_len"], help="mean document length in tokens")
-    p.add_argument("--docs-per-request", type=positive, default=d["docs_per_request"])
-    p.add_argument("--query-len", type=positive, default=d["query_len"], help="query tokens per request")
-    p.add_argument("--output-len", type=positive, default=d["output_len"], help="generated tokens per request")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default=d["dtype"], help="weights and KV cache dtype")
+    p.add_argument("--requests", type=positive, metavar="N", default=d["requests"], help="requests per workload")
+    p.add_argument("--documents", type=positive, metavar="N", default=d["documents"], help="documents in the pool")
+    p.add_argument("--doc-len", type=positive, metavar="N", default=d["doc_len"], help="mean document length in tokens")
+    p.add_argument(
+        "--docs-per-request",
+        type=positive,
+        metavar="N",
+        default=d["docs_per_request"],
+        help="distinct documents per request",
+    )
+    p.add_argument("--query-len", type=positive, metavar="N", default=d["query_len"], help="query tokens per request")
+    p.add_argument(
+        "--output-len", type=positive, metavar="N", default=d["output_len"], help="generated tokens per request"
+    )
     p.add_argument(
         "--rate",
         type=_number(positive=True, allow_inf=True),
+        metavar="X",
         default=str(d["rate"]),
         help="Poisson arrivals per second (inf: all at once)",
     )
-    p.add_argument("--alphas", type=_numbers(positive=False), default=_csv(d["alphas"]), help="Zipf skews to sweep")
+    p.add_argument(
+        "--alphas",
+        type=_numbers(positive=False),
+        metavar="X,...",
+        default=_csv(d["alphas"]),
+        help="Zipf skews to sweep",
+    )
     p.add_argument(
         "--budgets",
         type=_numbers(positive=True),
+        metavar="X,...",
         default=_csv(d["budgets"]),
         help="KV budgets to sweep, as fractions of the document pool",
     )
-    p.add_argument("--skew", type=_number(positive=False), default=d["skew"], help="Zipf skew of the budget sweep")
-    p.add_argument("--budget", type=_number(positive=True), default=d["budget"], help="KV budget of the skew sweep")
-    p.add_argument("--block-size", type=positive, default=d["block_size"], help="tokens per KV block")
-    p.add_argument("--max-num-seqs", type=positive, default=d["max_num_seqs"], help="requests running at once")
     p.add_argument(
-        "--max-batch-tokens", type=positive, default=d["max_batch_tokens"], help="prefill tokens per engine step"
+        "--skew", type=_number(positive=False), metavar="X", default=d["skew"], help="Zipf skew of the budget sweep"
     )
-    p.add_argument("--strategies", type=_strategies, default=None, help="comma-separated (default: all)")
-    p.add_argument("--out", default=d["out"], help="folder for the JSON and the plot")
-    p.add_argument("--name", type=_file_stem, default=d["name"], help="file name stem of the JSON and the plot")
+    p.add_argument(
+        "--budget", type=_number(positive=True), metavar="X", default=d["budget"], help="KV budget of the skew sweep"
+    )
+    p.add_argument("--block-size", type=positive, metavar="N", default=d["block_size"], help="tokens per KV block")
+    p.add_argument(
+        "--max-num-seqs", type=positive, metavar="N", default=d["max_num_seqs"], help="requests running at once"
+    )
+    p.add_argument(
+        "--max-batch-tokens",
+        type=positive,
+        metavar="N",
+        default=d["max_batch_tokens"],
+        help="prefill tokens per engine step",
+    )
+    p.add_argument(
+        "--strategies", type=_strategies, metavar="NAME,...", default=None, help="comma-separated (default: all)"
+    )
+    p.add_argument("--out", metavar="FOLDER", default=d["out"], help="folder for the JSON and the plot")
+    p.add_argument(
+        "--name", type=_file_stem, metavar="STEM", default=d["name"], help="file name stem of the JSON and the plot"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
