@@ -18,7 +18,7 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 ROOT = Path(__file__).resolve().parent.parent
 PREFILL = ("lazy", "norot", "raw", "sdpa_flash", "sdpa_cudnn", "materialise", "materialise_sdpa")
@@ -82,7 +82,9 @@ def page(result: dict, name: str, png: str, notes: str | None) -> str:
         f"Measured ceilings on that device: copy bandwidth **{ceil['copy_tb_per_s']:.2f} TB/s** "
         f"(bytes read + written), bf16 matrix product **{ceil['bf16_matmul_tflops']:.0f} TFLOP/s**.",
         "",
-        f"Every time is the median of many timed runs after warm-up (`triton.testing.do_bench`; decode from CUDA-graph replays, `do_bench_cudagraph`, so that the three launches' Python overhead is not what is timed). "
+        "Every time is the median of many timed runs after warm-up (`triton.testing.do_bench`; decode from "
+        "CUDA-graph replays, `do_bench_cudagraph`, so that the three launches' Python overhead is not what is "
+        "timed). "
         f"bf16, {result['heads']} query heads over {result['kv_heads']} KV heads, block size "
         f"{result['block_size']}. Before timing, every provider's output is compared with an independent "
         f"computation (SDPA flash; a float32 PyTorch softmax for decode): max |diff| ≤ "

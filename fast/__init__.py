@@ -11,6 +11,11 @@ tests run without a GPU. Unsupported cases (float64, other devices) raise and na
 the case; nothing falls back to the reference.
 """
 
+try:
+    import triton  # noqa: F401  (the kernels below need it; say how to get it)
+except ImportError as exc:
+    raise ImportError("lazyattention.fast needs Triton: pip install lazyattention[fast]") from exc
+
 from .attention import (
     eager_attention,
     lazy_decode,

@@ -1,185 +1,311 @@
-"""The ``lazyattention`` command: ``demo`` and ``bench``.
+"""The ``lazyattention`` command: parse and check the flags, then dispatch.
 
-``lazyattention demo`` shows, on a CPU in about a minute:
+``lazyattention demo`` runs :func:`lazyattention.demo.run_demo`; ``lazyattention bench``
+runs :func:`lazyattention.bench.run_bench` (whose signature holds the defaults shown by
+``--help``). This module only parses, checks and dispatches. Every bad value is
+reported before any work starts, as one line that names the flag and the value, with
+exit code 2::
 
-1. the reference semantics: a document cached once (keys rotated at ``0..L-1``) and
-   read at several offsets and in several orders, side by side with eager RoPE (keys
-   rotated where they sit), with the largest difference;
-2. a tiny random Llama-shaped model serving requests that reuse documents in
-   different orders, ``lazy`` beside ``block_attention``;
-3. the quality check per dtype (lazy vs Block-Attention vs full attention);
-4. every strategy on a small Zipf workload, side by side.
+    lazyattention bench: error: argument --block-size: must be an integer >= 1, got '0'
 
-``lazyattention bench`` runs the workload under every strategy over a sweep of
-popularity skews and KV budgets, prints a table, and writes ``engine.json`` and
-``engine.png`` (TTFT and throughput vs skew and vs budget) to ``--out``.
+An error raised deeper down (a ``ValueError`` or ``RuntimeError`` of the library) is
+printed the same way; anything else is a bug and shows its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import importlib.util
+import inspect
 import math
+import os
+import re
 import sys
-import time
-from dataclasses import asdict
-from pathlib import Path
 
 import torch
 
-from lazyattention.demo import _cpu_threads, _say, progress_printer
-from lazyattention.serving.model import random_model
-from lazyattention.serving.sweep import METRIC_COLUMNS, display_units, environment, format_table, plot_sweep, run_sweep
+import lazyattention
+from lazyattention.bench import DTYPES, output_paths, run_bench
+from lazyattention.demo import run_demo
+from lazyattention.serving.engine import STRATEGIES
+from lazyattention.serving.model import MODEL_SHAPES
 
-__all__ = ["main", "build_parser"]
+__all__ = ["build_parser", "main", "parse_args"]
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def _default_device(backend: str) -> str:
-    return "cuda" if backend == "fast" else "cpu"
-
-
-def demo(args) -> int:
-    from lazyattention.demo import run_demo
-
-    return run_demo(args.backend, args.device or _default_device(args.backend), args.seed)
+#: ``run_bench``'s defaults, shown by ``lazyattention bench --help``.
+BENCH_DEFAULTS = {k: p.default for k, p in inspect.signature(run_bench).parameters.items()}
 
 
-def bench(args) -> int:
-    from lazyattention.serving.workload import WorkloadConfig
+class _Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are one line: ``<prog>: error: <message>``."""
 
-    device = args.device or _default_device(args.backend)
-    dtype = DTYPES[args.dtype]
-    _cpu_threads(device, args.model)
-    model = random_model(args.model, args.backend, dtype, device, args.seed)
-    base = WorkloadConfig(
-        num_requests=args.requests,
-        num_documents=args.documents,
-        doc_len_mean=args.doc_len,
-        doc_len_max=max(args.doc_len * 4, args.doc_len),
-        docs_per_request=args.docs_per_request,
-        query_len=args.query_len,
-        output_len=args.output_len,
-        rate=args.rate,
-        vocab_size=model.cfg.vocab_size,
-        seed=args.seed,
-    )
-    _say(f"lazyattention bench: model={args.model} backend={args.backend} device={device} dtype={args.dtype}")
-    start = time.perf_counter()
-    runs = run_sweep(
-        model,
-        base,
-        args.alphas,
-        args.budgets,
-        block_size=args.block_size,
-        max_num_seqs=args.max_num_seqs,
-        max_batch_tokens=args.max_batch_tokens,
-        strategies=args.strategies,
-        skew=args.skew,
-        budget=args.budget,
-        progress=progress_printer() if not args.quiet else None,
-    )
-    for sweep in ("skew", "budget"):
-        chosen = [display_units(r) for r in runs if r["sweep"] == sweep]
-        key, head = ("alpha", "alpha") if sweep == "skew" else ("budget_fraction", "budget")
-        _say(f"\nvs {sweep}:")
-        _say(format_table(chosen, [(key, head, "g"), *METRIC_COLUMNS]))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    result = {
-        "environment": environment(device, args.backend),
-        "model": args.model,
-        "dtype": args.dtype,
-        "workload": {k: (None if isinstance(v, float) and math.isinf(v) else v) for k, v in asdict(base).items()},
-        "engine": {
-            "block_size": args.block_size,
-            "max_num_seqs": args.max_num_seqs,
-            "max_batch_tokens": args.max_batch_tokens,
-        },
-        "seconds": time.perf_counter() - start,
-        "runs": runs,
-    }
-    name = args.name
-    (out / f"{name}.json").write_text(json.dumps(result, indent=1))
-    plot_sweep(
-        runs, out / f"{name}.png", f"{args.model}, {args.backend} backend, {result['environment']['device_name']}"
-    )
-    _say(f"\nwrote {out / (name + '.json')} and {out / (name + '.png')} in {result['seconds']:.1f} s")
-    return 0
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _floats(text: str) -> list[float]:
-    try:
-        return [float(x) for x in text.split(",") if x]
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from exc
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows ``(default: ...)`` except where there is none to show (flags, ``None``)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
 
 
-def _strategy_list(text: str) -> list[str]:
-    from lazyattention.serving.engine import STRATEGIES
+# --------------------------------------------------------------------------- value types
 
-    names = [x for x in text.split(",") if x]
+
+def _integer(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _number(positive: bool, allow_inf: bool = False):
+    """A float that is > 0 (``positive``) or >= 0, finite unless ``allow_inf``."""
+    bound = "> 0" if positive else ">= 0"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if math.isnan(value) or (math.isinf(value) and not allow_inf) or value < 0 or (positive and value == 0):
+            raise argparse.ArgumentTypeError(f"must be a {'' if allow_inf else 'finite '}number {bound}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _numbers(positive: bool):
+    """A non-empty comma-separated list of finite numbers, each > 0 or >= 0."""
+    one = _number(positive)
+
+    def parse(text: str) -> list[float]:
+        items = [x.strip() for x in text.split(",")]
+        if not text.strip() or any(not x for x in items):
+            raise argparse.ArgumentTypeError(f"expected comma-separated numbers (at least one), got {text!r}")
+        try:
+            return [one(x) for x in items]
+        except argparse.ArgumentTypeError as exc:
+            raise argparse.ArgumentTypeError(
+                str(exc) if len(items) == 1 else f"every value {exc} (in {text!r})"
+            ) from None
+
+    return parse
+
+
+def _strategies(text: str) -> list[str]:
+    names = [x.strip() for x in text.split(",")]
     bad = [n for n in names if n not in STRATEGIES]
-    if bad or not names:
+    if bad:
         raise argparse.ArgumentTypeError(
-            f"unknown strategy {bad[0] if bad else text!r}; choose from {', '.join(STRATEGIES)}"
+            f"unknown strategy {bad[0]!r} in {text!r}; choose from {', '.join(STRATEGIES)}"
         )
     return names
 
 
+def _device(text: str) -> str:
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
+    return text
+
+
+def _file_stem(text: str) -> str:
+    if not text or "/" in text or os.sep in text or text in (".", ".."):
+        raise argparse.ArgumentTypeError(f"expected a file name stem without a folder, got {text!r}")
+    return text
+
+
+def _csv(values) -> str:
+    return ",".join(f"{v:g}" for v in values)
+
+
+# --------------------------------------------------------------------------- the parser
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="lazyattention", description="Deferred positional encoding for KV-cache reuse."
+    parser = _Parser(
+        prog="lazyattention",
+        description="Deferred positional encoding for KV-cache reuse.",
+        formatter_class=_HelpFormatter,
     )
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {lazyattention.__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,bench}")
     for name, help_text in (
         ("demo", "show the semantics, document reuse and the strategies side by side"),
         ("bench", "run the workload under every strategy; write a table, JSON and a plot"),
     ):
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=_HelpFormatter)
         p.add_argument(
             "--backend",
             choices=("reference", "fast"),
             default="reference",
-            help="attention backend (fast = Triton, needs a GPU)",
+            help="attention backend: the PyTorch definition, or the Triton kernels (a CUDA GPU, or "
+            "TRITON_INTERPRET=1 with --device cpu)",
         )
-        p.add_argument("--device", default=None, help="torch device (default: cuda for fast, cpu for reference)")
-        p.add_argument("--seed", type=int, default=0)
+        p.add_argument(
+            "--device",
+            type=_device,
+            default=None,
+            help="cpu, cuda or cuda:N (default: cpu, but cuda for --backend fast unless TRITON_INTERPRET=1)",
+        )
+        p.add_argument("--seed", type=_integer(0), metavar="N", default=0, help="seeds the weights and the data")
+
+    d = BENCH_DEFAULTS
     p = sub.choices["bench"]
-    p.add_argument("--model", choices=("tiny", "llama3-1b"), default="tiny", help="random-weight model shape")
-    p.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
-    p.add_argument("--requests", type=int, default=24)
-    p.add_argument("--documents", type=int, default=12)
-    p.add_argument("--doc-len", type=int, default=48, help="mean document length in tokens")
-    p.add_argument("--docs-per-request", type=int, default=3)
-    p.add_argument("--query-len", type=int, default=8)
-    p.add_argument("--output-len", type=int, default=4)
-    p.add_argument("--rate", type=float, default=math.inf, help="Poisson arrivals per second (inf: all at once)")
-    p.add_argument("--alphas", type=_floats, default=[0.0, 1.0], help="Zipf skews of the skew sweep")
+    positive = _integer(1)
+    p.add_argument("--model", choices=tuple(MODEL_SHAPES), default=d["model"], help="random-weight model shape")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default=d["dtype"], help="weights and KV cache dtype")
+    p.add_argument("--requests", type=positive, metavar="N", default=d["requests"], help="requests per workload")
+    p.add_argument("--documents", type=positive, metavar="N", default=d["documents"], help="documents in the pool")
+    p.add_argument("--doc-len", type=positive, metavar="N", default=d["doc_len"], help="mean document length in tokens")
     p.add_argument(
-        "--budgets", type=_floats, default=[0.5, 1.0], help="KV budgets (× document pool) of the budget sweep"
+        "--docs-per-request",
+        type=positive,
+        metavar="N",
+        default=d["docs_per_request"],
+        help="distinct documents per request",
     )
-    p.add_argument("--skew", type=float, default=1.0, help="Zipf skew of the budget sweep")
-    p.add_argument("--budget", type=float, default=1.0, help="KV budget of the skew sweep")
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--max-num-seqs", type=int, default=8)
-    p.add_argument("--max-batch-tokens", type=int, default=4096)
-    p.add_argument("--strategies", type=_strategy_list, default=None, help="comma-separated (default: all)")
-    p.add_argument("--out", default="bench-out", help="folder for the JSON and the plot")
-    p.add_argument("--name", default="engine", help="file name stem of the JSON and the plot")
-    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.add_argument("--query-len", type=positive, metavar="N", default=d["query_len"], help="query tokens per request")
+    p.add_argument(
+        "--output-len", type=positive, metavar="N", default=d["output_len"], help="generated tokens per request"
+    )
+    p.add_argument(
+        "--rate",
+        type=_number(positive=True, allow_inf=True),
+        metavar="X",
+        default=str(d["rate"]),
+        help="Poisson arrivals per second (inf: all at once)",
+    )
+    p.add_argument(
+        "--alphas",
+        type=_numbers(positive=False),
+        metavar="X,...",
+        default=_csv(d["alphas"]),
+        help="Zipf skews to sweep",
+    )
+    p.add_argument(
+        "--budgets",
+        type=_numbers(positive=True),
+        metavar="X,...",
+        default=_csv(d["budgets"]),
+        help="KV budgets to sweep, as fractions of the document pool",
+    )
+    p.add_argument(
+        "--skew", type=_number(positive=False), metavar="X", default=d["skew"], help="Zipf skew of the budget sweep"
+    )
+    p.add_argument(
+        "--budget", type=_number(positive=True), metavar="X", default=d["budget"], help="KV budget of the skew sweep"
+    )
+    p.add_argument("--block-size", type=positive, metavar="N", default=d["block_size"], help="tokens per KV block")
+    p.add_argument(
+        "--max-num-seqs", type=positive, metavar="N", default=d["max_num_seqs"], help="requests running at once"
+    )
+    p.add_argument(
+        "--max-batch-tokens",
+        type=positive,
+        metavar="N",
+        default=d["max_batch_tokens"],
+        help="prefill tokens per engine step",
+    )
+    p.add_argument(
+        "--strategies", type=_strategies, metavar="NAME,...", default=None, help="comma-separated (default: all)"
+    )
+    p.add_argument("--out", metavar="FOLDER", default=d["out"], help="folder for the JSON and the plot")
+    p.add_argument(
+        "--name", type=_file_stem, metavar="STEM", default=d["name"], help="file name stem of the JSON and the plot"
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _fail(command: str, message: str):
+    """Exit as argparse does on a bad value: one line, exit code 2."""
+    print(f"lazyattention {command}: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _resolve_device(command: str, backend: str, device: str | None) -> str:
+    """The device to run on: ``--device``, or the backend's default; refuse what cannot run."""
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    on_cpu_hint = "set TRITON_INTERPRET=1 and pass --device cpu to run its kernels on the CPU (slowly)"
+    if backend == "fast" and importlib.util.find_spec("triton") is None:
+        _fail(
+            command, "argument --backend: 'fast' needs Triton, which is not installed: pip install lazyattention[fast]"
+        )
+    if device is None:
+        if backend != "fast" or interpret:
+            return "cpu"
+        if not torch.cuda.is_available():
+            _fail(command, f"argument --backend: 'fast' needs a CUDA GPU and this machine has none; {on_cpu_hint}")
+        return "cuda"
+    if device.startswith("cuda"):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(device.partition(":")[2] or 0)
+        if count == 0:
+            _fail(command, f"argument --device: {device!r}, but this machine has no CUDA device; use --device cpu")
+        if index >= count:
+            _fail(
+                command,
+                f"argument --device: {device!r}, but this machine has {count} CUDA device(s): cuda:0..{count - 1}",
+            )
+    elif backend == "fast" and not interpret:
+        _fail(
+            command,
+            "argument --device: 'cpu' with --backend fast runs the Triton kernels under the interpreter; "
+            "set TRITON_INTERPRET=1 to do that, or use --backend reference",
+        )
+    return device
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse and check ``argv``; on a bad value print one line and exit with code 2.
+
+    The returned namespace has ``device`` resolved (never ``None``) and, for ``bench``,
+    ``strategies`` filled in.
+    """
+    args = build_parser().parse_args(argv)
+    args.device = _resolve_device(args.command, args.backend, args.device)
+    if args.command == "bench":
+        if args.docs_per_request > args.documents:
+            _fail(
+                "bench",
+                f"argument --docs-per-request: {args.docs_per_request} is more than --documents {args.documents}",
+            )
+        args.strategies = args.strategies or list(STRATEGIES)
+        try:
+            output_paths(args.out, args.name)
+        except ValueError as exc:
+            _fail("bench", f"argument --out: {exc}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``lazyattention`` console script."""
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
-        return demo(args) if args.command == "demo" else bench(args)
-    except (RuntimeError, ValueError) as exc:
+        if args.command == "demo":
+            return run_demo(args.backend, args.device, args.seed)
+        params = {k: v for k, v in vars(args).items() if k in BENCH_DEFAULTS}
+        run_bench(**params, progress=not args.quiet)
+        return 0
+    except (RuntimeError, ValueError, OSError) as exc:
         print(f"lazyattention {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"lazyattention {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

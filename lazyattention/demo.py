@@ -16,21 +16,12 @@ from dataclasses import asdict
 
 import torch
 
+from lazyattention.console import cpu_threads_for
+from lazyattention.console import say as _say
 from lazyattention.serving.model import attention_backend, random_model
 from lazyattention.serving.sweep import METRIC_COLUMNS, display_units, format_table, run_sweep
 
 __all__ = ["run_demo"]
-
-
-def _say(text: str = "") -> None:
-    print(text, flush=True)
-
-
-def _cpu_threads(device: str, model_name: str) -> None:
-    """The tiny model's matmuls are far too small for intra-op threads: on a CPU they
-    only add hand-off cost (about 100x on a loaded 2-core machine), so use one."""
-    if device == "cpu" and model_name == "tiny":
-        torch.set_num_threads(1)
 
 
 def _semantics_demo(ops, device: str, seed: int) -> float:
@@ -145,7 +136,8 @@ def _semantics_demo(ops, device: str, seed: int) -> float:
         )
     )
     _say(
-        f"\n   largest difference over all placements: {worst:.2e} (float32 rounding; the cached copy was never rewritten)\n"
+        f"\n   largest difference over all placements: {worst:.2e} "
+        "(float32 rounding; the cached copy was never rewritten)\n"
     )
     return worst
 
@@ -162,7 +154,7 @@ def _reuse_demo(model, seed: int) -> None:
     _say("2. A tiny random Llama-shaped model serves requests that reuse documents in new orders")
     engines = {s: Engine(model, s, num_blocks=64, block_size=16, keep_logits=True) for s in ("lazy", "block_attention")}
     rows = []
-    for order, query in zip(orders, queries):
+    for order, query in zip(orders, queries, strict=True):
         out = {}
         for name, engine in engines.items():
             req = engine.add_request(query, [docs[d] for d in order], max_new_tokens=6)
@@ -194,7 +186,8 @@ def _reuse_demo(model, seed: int) -> None:
     )
     lz, bl = engines["lazy"].stats, engines["block_attention"].stats
     _say(
-        f"\n   lazy: {lz.segment_prefill_tokens} document tokens prefilled once, 0 bytes copied, peak {lz.peak_blocks} blocks"
+        f"\n   lazy: {lz.segment_prefill_tokens} document tokens prefilled once, 0 bytes copied, "
+        f"peak {lz.peak_blocks} blocks"
     )
     _say(
         f"   block_attention: same prefills, {bl.bytes_copied / 1e3:.1f} kB copied and re-rotated, "
@@ -268,7 +261,8 @@ def _strategies_demo(model, seed: int) -> list[dict]:
     _say()
     _say(format_table([display_units(r) for r in runs], [("alpha", "alpha", "g"), *METRIC_COLUMNS]))
     _say(
-        "   (a CPU and a tiny model: the table shows the mechanics; speed is measured on a GPU by `lazyattention bench`)\n"
+        "   (a CPU and a tiny model: the table shows the mechanics; "
+        "speed is measured on a GPU by `lazyattention bench`)\n"
     )
     return runs
 
@@ -287,7 +281,7 @@ def progress_printer():
 
 def run_demo(backend: str, device: str, seed: int = 0) -> int:
     """Run the four sections on ``device`` with the chosen attention backend."""
-    _cpu_threads(device, "tiny")
+    cpu_threads_for("tiny", device)
     start = time.perf_counter()
     _say(f"lazyattention demo: backend={backend}, device={device}\n")
     _semantics_demo(attention_backend(backend), device, seed)

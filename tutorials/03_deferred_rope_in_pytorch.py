@@ -200,7 +200,7 @@ for dtype in (torch.float32, torch.bfloat16):
         dtype,
         name=f"lazy_prefill {dtype}",
     )
-    print(f"{str(dtype):15s} lazy_prefill max error vs the float64 oracle: {err:.1e}")
+    print(f"{dtype!s:15s} lazy_prefill max error vs the float64 oracle: {err:.1e}")
 
 # %% [markdown]
 # ## Every RoPE variant

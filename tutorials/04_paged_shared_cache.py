@@ -70,10 +70,10 @@ def get_segment(name: str) -> la.Segment:
 # %%
 placements = {0: [("manual", 0)], 1: [("faq", 0), ("manual", 9)], 2: [("manual", 1000)]}
 requests, taken, own_blocks, own_kv = [], [], [], []
-for r, docs in placements.items():
+for docs in placements.values():
     segments = [get_segment(name) for name, _ in docs]  # one reference each, for this request
     taken.append(segments)
-    segs = [la.Placement(seg.blocks, seg.length, start) for seg, (_, start) in zip(segments, docs)]
+    segs = [la.Placement(seg.blocks, seg.length, start) for seg, (_, start) in zip(segments, docs, strict=True)]
     blocks = tuple(store.allocate(1))  # the request's own block
     own_start = docs[-1][1] + len(documents[docs[-1][0]])
     own = la.Placement(blocks, length=4, start=own_start, stored_start=own_start)
@@ -127,7 +127,7 @@ for r, req in enumerate(requests):
     kc = torch.zeros(8, S, HKV, D, dtype=f64)
     vc = torch.zeros_like(kc)
     private, next_block = [], 0
-    for (name, start), placement in zip(placements[r], req.segments):
+    for (name, start), placement in zip(placements[r], req.segments, strict=True):
         k, v = kv_of[name]
         blocks = tuple(range(next_block, next_block + len(placement.blocks)))
         next_block += len(blocks)

@@ -68,8 +68,10 @@ for p in POSITIONS:
     ANGLE_ERRORS.append(
         {
             "position": p,
-            "naive float32 p·θ, max error (rad)": max(wrapped_error(a, e) for a, e in zip(naive, exact)),
-            "reference rope_angles, max error (rad)": max(wrapped_error(a, e) for a, e in zip(careful, exact)),
+            "naive float32 p·θ, max error (rad)": max(wrapped_error(a, e) for a, e in zip(naive, exact, strict=True)),
+            "reference rope_angles, max error (rad)": max(
+                wrapped_error(a, e) for a, e in zip(careful, exact, strict=True)
+            ),
         }
     )
 for row in ANGLE_ERRORS:
@@ -120,7 +122,7 @@ for row in SCORE_ERRORS:
 
 eager_err = [row["eager, float32 angles: max score error"] for row in SCORE_ERRORS]
 lazy_err = [row["lazy, float32 angles: max score error"] for row in SCORE_ERRORS]
-assert all(lz <= eg * (1 + 1e-6) for lz, eg in zip(lazy_err, eager_err))  # lazy never worse
+assert all(lz <= eg * (1 + 1e-6) for lz, eg in zip(lazy_err, eager_err, strict=True))  # lazy never worse
 assert max(lazy_err) < 1.5 * min(lazy_err)  # and flat: it never sees the offset
 assert eager_err[-1] > 100 * lazy_err[-1]  # eager, at 2^24: hopeless
 

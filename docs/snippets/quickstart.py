@@ -1,10 +1,9 @@
 import torch
 
-# The layout types are shared by both backends.
-from lazyattention.reference import Layout, Placement, RequestLayout, RopeConfig
-
 import lazyattention.reference as la  # attention, defined in pure PyTorch
-# import lazyattention.fast as la     # Triton kernels, same names and signatures
+from lazyattention.reference import Layout, Placement, RequestLayout, RopeConfig  # layout types of both backends
+
+# import lazyattention.fast as la     # instead of the first import: Triton kernels, same names and signatures
 
 torch.set_default_device("cuda" if torch.cuda.is_available() else "cpu")
 S, H, HKV, D = 16, 8, 2, 64  # block size, query heads, KV heads, head dim

@@ -16,7 +16,16 @@ import torch
 
 from lazyattention.reference.layout import ceil_div
 
-__all__ = ["METRIC_COLUMNS", "display_units", "environment", "format_table", "plot_sweep", "run_sweep"]
+__all__ = [
+    "METRIC_COLUMNS",
+    "display_units",
+    "environment",
+    "format_table",
+    "plot_sweep",
+    "run_sweep",
+    "sweep_size",
+    "writable_paths",
+]
 
 
 def format_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
@@ -25,7 +34,7 @@ def format_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
     for row in rows:
         cells.append([format(row[k], f) if isinstance(row[k], (int, float)) else str(row[k]) for k, _, f in columns])
     widths = [max(len(c[i]) for c in cells) for i in range(len(columns))]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in cells]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(line, widths, strict=True)) for line in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
@@ -89,6 +98,11 @@ def run_sweep(
     specialises kernels on argument values, so a GPU run wants the whole workload
     here — and allocator growth).
 
+    ``progress``, when given, is called as ``progress(label, done, total)`` after every
+    engine step of every run and of every warm-up (``done`` of ``total`` requests
+    finished; the label names the run, or ``"warm-up: <strategy>"``), so a caller can
+    show progress; :func:`sweep_size` says how many labels a sweep reports.
+
     Returns:
         one dict per run: the :class:`Metrics` fields plus ``sweep``, ``alpha``,
         ``budget_fraction``.
@@ -107,9 +121,14 @@ def run_sweep(
         for strategy in strategies:
             if strategy not in warmed:  # compile kernels, fill allocators: not timed
                 warm = Engine(model, strategy, num_blocks=num_blocks, block_size=block_size, max_num_seqs=max_num_seqs)
-                for spec in workload.requests[:warmup]:
+                specs = workload.requests[:warmup]
+                for spec in specs:
                     warm.add_request(spec.query, workload.request_documents(spec), spec.max_new_tokens)
-                warm.run_until_done()
+                served = 0
+                while warm.has_work():
+                    served += len(warm.step())
+                    if progress is not None:
+                        progress(f"warm-up: {strategy}", served, len(specs))
                 warmed.add(strategy)
             engine = Engine(
                 model,
@@ -126,6 +145,39 @@ def run_sweep(
             engine.check_invariants()
             runs.append({"sweep": sweep, "alpha": alpha, "budget_fraction": fraction, **metrics.as_dict()})
     return runs
+
+
+def sweep_size(alphas, budgets, strategies, warmup: int = 2) -> int:
+    """How many runs :func:`run_sweep` reports to ``progress``: one per sweep point and
+    strategy, plus one warm-up per strategy."""
+    return len(strategies) * (len(alphas) + len(budgets) + (warmup > 0))
+
+
+def writable_paths(folder: str | Path, names: list[str]) -> list[Path]:
+    """``folder / name`` for every name, after checking that each can be written.
+
+    Creates ``folder`` (and its parents) and opens each file for appending (a file that
+    did not exist is removed again), so a sweep fails before it starts, not after.
+
+    Raises:
+        ValueError: naming the path that cannot be created or written, and why.
+    """
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"cannot create the folder {str(folder)!r} ({exc.strerror or exc})") from exc
+    paths = [folder / name for name in names]
+    for path in paths:
+        existed = path.exists()
+        try:
+            with open(path, "a"):
+                pass
+        except OSError as exc:
+            raise ValueError(f"cannot write {str(path)!r} ({exc.strerror or exc})") from exc
+        if not existed:
+            path.unlink()
+    return paths
 
 
 def plot_sweep(runs: list[dict], path: Path, title: str) -> None:

@@ -19,8 +19,7 @@ from hypothesis import example, given, note, settings, target
 
 import lazyattention.fast as fast
 import lazyattention.reference as reference
-from lazyattention.reference import assert_close
-from lazyattention.reference import RopeConfig
+from lazyattention.reference import RopeConfig, assert_close
 from tests.strategies import Case, DocSpec, RequestSpec, SegmentSpec, build, edge_cases
 
 from .strategies import DEVICE, DTYPES, examples, fast_cases, fast_edge_cases

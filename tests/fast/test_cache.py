@@ -18,8 +18,14 @@ F64 = torch.float64
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @settings(max_examples=examples(15, 20))
 @example(rope=RopeConfig(head_dim=64), rotate=True, tokens=1, block_size=1, start=2**20, seed=0)
-@example(rope=RopeConfig(head_dim=96, rotary_dim=32, style="interleaved"), rotate=False, tokens=9, block_size=4,
-         start=0, seed=1)  # fmt: skip
+@example(
+    rope=RopeConfig(head_dim=96, rotary_dim=32, style="interleaved"),
+    rotate=False,
+    tokens=9,
+    block_size=4,
+    start=0,
+    seed=1,
+)
 @given(
     rope=rope_configs(),
     rotate=st.booleans(),
@@ -53,14 +59,27 @@ def test_write_kv_matches_reference(dtype, rope, rotate, tokens, block_size, sta
     for name, ours, ref, want in (("k", kc, rk, ok), ("v", vc, rv, ov)):
         flat = ours.view(blocks * block_size, hkv, d).cpu()
         assert torch.isnan(flat[~written]).all(), f"{name}: a slot outside `slots` was written"
-        target(assert_close(flat[written], want.view(-1, hkv, d).cpu()[written], ref.view(-1, hkv, d).cpu()[written],
-                            dtype, f"write_kv {name}"), label=f"write_kv {name}")  # fmt: skip
+        target(
+            assert_close(
+                flat[written],
+                want.view(-1, hkv, d).cpu()[written],
+                ref.view(-1, hkv, d).cpu()[written],
+                dtype,
+                f"write_kv {name}",
+            ),
+            label=f"write_kv {name}",
+        )
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @settings(max_examples=examples(15, 20))
-@given(tokens=st.integers(1, 20), heads=st.integers(1, 4), d=st.sampled_from((64, 80, 128)), empty=st.booleans(),
-       seed=st.integers(0, 2**32 - 1))  # fmt: skip
+@given(
+    tokens=st.integers(1, 20),
+    heads=st.integers(1, 4),
+    d=st.sampled_from((64, 80, 128)),
+    empty=st.booleans(),
+    seed=st.integers(0, 2**32 - 1),
+)
 def test_merge_attention_matches_reference(dtype, tokens, heads, d, empty, seed):
     gen = torch.Generator().manual_seed(seed)
     out_a, out_b = (torch.randn(tokens, heads, d, generator=gen, dtype=F64).to(dtype) for _ in range(2))
@@ -72,8 +91,9 @@ def test_merge_attention_matches_reference(dtype, tokens, heads, d, empty, seed)
     args = [t.to(DEVICE) for t in (out_a, lse_a.float(), out_b, lse_b.float())]
     out, lse = fast.merge_attention(*args)
     ref_out, ref_lse = reference.merge_attention(*args)
-    want_out, want_lse = reference.merge_attention(out_a.double(), lse_a.float().double(), out_b.double(),
-                                                   lse_b.float().double())  # fmt: skip
+    want_out, want_lse = reference.merge_attention(
+        out_a.double(), lse_a.float().double(), out_b.double(), lse_b.float().double()
+    )
     assert_close(out, want_out, ref_out, dtype, "merge out")
     finite = torch.isfinite(want_lse)
     assert torch.equal(torch.isfinite(lse).cpu(), finite.cpu())

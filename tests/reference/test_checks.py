@@ -138,7 +138,7 @@ def test_bad_write_is_rejected_and_writes_nothing(breaker, error, match):
 
 
 def test_write_rejects_a_rope_for_another_head_dim():
-    with pytest.raises(ValueError, match="rope.head_dim=16 but k has D=8"):
+    with pytest.raises(ValueError, match=r"rope\.head_dim=16 but k has D=8"):
         write_kv(*write_inputs(), RopeConfig(head_dim=16))
 
 

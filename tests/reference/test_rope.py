@@ -121,7 +121,7 @@ def test_pairs_and_angles_match_the_definition(style):
     theta = [100.0 ** (-2 * i / 8) for i in range(4)]
     pairs = [(i, i + 4) for i in range(4)] if style == "neox" else [(2 * i, 2 * i + 1) for i in range(4)]
     expected = x.clone()
-    for (u, w), t in zip(pairs, theta):
+    for (u, w), t in zip(pairs, theta, strict=True):
         c, s = math.cos(p * t), math.sin(p * t)
         expected[u], expected[w] = c * x[u] - s * x[w], s * x[u] + c * x[w]
     assert_close(rotate(x[None], torch.tensor([p]), rope)[0], expected, None, F64, f"{style} rotation")
@@ -187,7 +187,7 @@ def exact_angle_error(angles: torch.Tensor, pos: int, theta: torch.Tensor) -> to
     with mpmath.workdps(60):
         two_pi = 2 * mpmath.pi
         errs = []
-        for a, t in zip(angles.tolist(), theta.tolist()):
+        for a, t in zip(angles.tolist(), theta.tolist(), strict=True):
             diff = mpmath.mpf(a) - pos * mpmath.mpf(t)
             diff -= two_pi * mpmath.nint(diff / two_pi)  # the distance on the circle
             errs.append(float(abs(diff)))

@@ -179,7 +179,7 @@ def test_from_hf_reads_legacy_rope_scaling_and_top_level_fields():
 
 def test_from_hf_rejects_dynamic_ntk_with_the_reason():
     config = llama_config({"rope_type": "dynamic", "rope_theta": 10_000.0, "factor": 2.0}).to_dict()
-    with pytest.raises(ValueError, match="dynamic NTK.*not valid at other offsets"):
+    with pytest.raises(ValueError, match=r"dynamic NTK.*not valid at other offsets"):
         RopeConfig.from_hf(config)
 
 
