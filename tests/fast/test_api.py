@@ -41,9 +41,8 @@ def test_float64_raises_naming_the_case():
     with pytest.raises(NotImplementedError, match="float64"):
         fast.lazy_prefill(x.q, x.k_cache, x.v_cache, x.layout, case.rope)
     with pytest.raises(NotImplementedError, match="float64"):
-        fast.write_kv(x.q[:1, :1], x.q[:1, :1], x.k_cache, x.v_cache,
-                      torch.zeros(1, dtype=torch.int64, device=DEVICE), torch.zeros(1, dtype=torch.int64, device=DEVICE),
-                      case.rope)  # fmt: skip
+        zero = torch.zeros(1, dtype=torch.int64, device=DEVICE)
+        fast.write_kv(x.q[:1, :1], x.q[:1, :1], x.k_cache, x.v_cache, zero, zero, case.rope)
 
 
 @pytest.mark.parametrize("name", ["lazy_prefill", "raw_prefill", "eager_attention", "lazy_decode", "raw_decode"])
