@@ -167,8 +167,6 @@ class ModelRunner:
             raise ValueError(f"scratch_block {self.scratch_block} is outside the cache ({cache.num_blocks} blocks)")
         self.graphs: dict[tuple[int, int, bool], _DecodeGraph] = {}
         self._pool = None
-        self._pinned: torch.Tensor | None = None
-        self._pinned_free: torch.cuda.Event | None = None
         self.steps_eager = 0
         self.steps_replayed = 0
 
@@ -197,15 +195,19 @@ class ModelRunner:
         if rows is not None and rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= step.slots.numel()):
             raise ValueError(f"logit_rows must lie in [0, {step.slots.numel()})")
         if self.cuda_graphs:
-            s, scratch = self.cache.block_size, self.scratch_block
-            written = [step.slots] + ([step.copy_dst] if step.copy_dst is not None else [])
-            if any(bool((w // s == scratch).any()) for w in written):
-                raise ValueError(f"a step writes into block {scratch}, the runner's scratch block")
-            for layout in (step.prefill, step.decode):
-                if layout is not None:
-                    meta = layout.metadata("cpu")
-                    if bool(((meta.block_table == scratch) & (meta.block_len > 0)).any()):
-                        raise ValueError(f"a layout reads block {scratch}, the runner's scratch block")
+            self._check_scratch(step)
+
+    def _check_scratch(self, step: StepInputs) -> None:
+        """No real token of ``step`` writes or reads the scratch block."""
+        s, scratch = self.cache.block_size, self.scratch_block
+        written = [step.slots] + ([step.copy_dst] if step.copy_dst is not None else [])
+        if any(bool((w // s == scratch).any()) for w in written):
+            raise ValueError(f"a step writes into block {scratch}, the runner's scratch block")
+        for layout in (step.prefill, step.decode):
+            if layout is not None:
+                meta = layout.metadata("cpu")
+                if bool(((meta.block_table == scratch) & (meta.block_len > 0)).any()):
+                    raise ValueError(f"a layout reads block {scratch}, the runner's scratch block")
 
     # ------------------------------------------------------------------ eager
 
@@ -240,23 +242,16 @@ class ModelRunner:
         return self.model(views["ids"], self.cache, device_step)
 
     def _to_device(self, packer: _Packer) -> torch.Tensor:
-        """The packed step on the model's device: one ``non_blocking`` copy from a pinned
-        buffer on CUDA (the buffer is reused once its last copy has completed)."""
-        n = packer.size
-        if self.device.type != "cuda":
-            flat = torch.empty(n, dtype=torch.int32)
-            packer.pack(flat)
-            return flat.to(self.device)
-        if self._pinned is None or self._pinned.numel() < n:
-            self._pinned = torch.empty(max(n, 2 * (0 if self._pinned is None else self._pinned.numel())),
-                                       dtype=torch.int32, pin_memory=True)  # fmt: skip
-        elif self._pinned_free is not None:
-            self._pinned_free.synchronize()  # the previous step's copy has left the buffer
-        packer.pack(self._pinned[:n])
-        flat = torch.empty(n, dtype=torch.int32, device=self.device)
-        flat.copy_(self._pinned[:n], non_blocking=True)
-        self._pinned_free = torch.cuda.Event()
-        self._pinned_free.record()
+        """The packed step on the model's device: on CUDA one ``non_blocking`` copy from
+        pinned memory (PyTorch's pinned-memory cache reuses a buffer only after the copy
+        that reads it has completed)."""
+        cuda = self.device.type == "cuda"
+        host = torch.empty(packer.size, dtype=torch.int32, pin_memory=cuda)
+        packer.pack(host)
+        if not cuda:
+            return host.to(self.device)
+        flat = torch.empty(packer.size, dtype=torch.int32, device=self.device)
+        flat.copy_(host, non_blocking=True)
         return flat
 
     # ------------------------------------------------------------------ CUDA graphs
@@ -307,8 +302,8 @@ class ModelRunner:
     def _fill(self, g: _DecodeGraph, token_ids: torch.Tensor, step: StepInputs) -> None:
         """Write the step, padded to the bucket, into the host buffer; copy it to the
         device buffer the graph reads (one ``non_blocking`` copy)."""
-        if g.copied is not None:
-            g.copied.synchronize()  # the previous copy has left the host buffer
+        if g.copied is not None and not g.copied.query():
+            g.copied.synchronize()  # the previous copy has not yet left the host buffer
         h, b = g.host, step.decode.batch_size
         meta = step.decode.metadata("cpu")
         m = meta.block_table.shape[1]
@@ -335,9 +330,17 @@ class ModelRunner:
 
     def padded_decode(self, token_ids: torch.Tensor, step: StepInputs) -> torch.Tensor:
         """A decode-only step computed as its CUDA graph computes it — padded to its
-        bucket, from the bucket's static buffers — but run eagerly, on any device and
-        backend (for tests: what a capture records). Returns logits ``[B, V]``."""
+        bucket, from the bucket's static buffers — but run eagerly, on any device
+        (for tests: what a capture records). Returns logits ``[B, V]``.
+
+        Fast backend only: its kernels read the layout's metadata, which is where the
+        real requests are; the reference reads the layout's requests, which for a
+        bucket are the padding placeholders.
+        """
+        if self.model.backend != "fast":
+            raise ValueError("padded_decode needs the fast backend (the reference does not read block metadata)")
         self.check_step(step)
+        self._check_scratch(step)
         bucket = graph_bucket(step.decode.batch_size, step.decode.metadata("cpu").block_table.shape[1])
         g = self._new_graph(bucket, step.raw)
         self._fill(g, token_ids, step)
