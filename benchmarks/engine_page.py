@@ -9,6 +9,10 @@ written by ``benchmarks/engine.py``, the tables of medians with their spread
 script after committing a new result file (``tests/test_benchmark_pages.py`` fails when
 the page and the result disagree). The reading of the figures is prose in
 ``benchmarks/results/<name>.notes.md``, appended to the page when present.
+
+A result written before the benchmark profiled its runs (``engine_h100.json``) has its
+medians under ``medians`` and no GPU time, decode, Poisson or many-request sections;
+it renders with those cells and sections left out.
 """
 
 from __future__ import annotations
@@ -72,7 +76,7 @@ def _row(r: dict) -> str:
         f"{r['hit_ratio']:.2f}",
         f"{r['bytes_copied'] / 1e9:.2f}",
         _busy(r),
-        f"{r['graph_steps']} / {r['steps']}",
+        f"{r['graph_steps']} / {r['steps']}" if "steps" in r else "—",
         str(r["repeats"]),
     ]
     return "| " + " | ".join(cells) + " |"
@@ -87,10 +91,17 @@ def _table(rows: list[dict], lead: tuple[str, str] | None = None) -> list[str]:
     return lines
 
 
+PLOT_CAPTION = "Offline burst medians with their spread; TTFT and throughput against request rate"
+LEGACY_CAPTION = "TTFT and throughput vs skew and vs KV budget"
+
+
 def page(result: dict, name: str, notes: str | None) -> str:
     """The Markdown of the engine benchmark page for ``result`` (``<name>.json``)."""
     wl, eng, versions = result["workload"], result["engine"], result["versions"]
     graphs = "on (decode-only steps replayed per batch and block-count bucket)" if eng.get("cuda_graphs") else "off"
+    burst = result.get("burst_medians", result.get("medians", []))
+    profiled = any(r.get("gpu_busy_fraction") is not None for r in burst)
+    repeats = result.get("repeats") or max((r.get("repeats", 1) for r in burst), default=1)
     lines = [
         f"# Engine ({result['device']})",
         "",
@@ -99,9 +110,18 @@ def page(result: dict, name: str, notes: str | None) -> str:
         "The paper's system claim: under skewed document popularity, LazyAttention lowers",
         "time-to-first-token **1.37×** and raises throughput **1.40×** over Block-Attention. This",
         "page measures it in this project's engine, every strategy served by the same code",
-        "(`lazyattention.serving.engine.Engine`), written by `benchmarks/engine.py`. Each run is",
-        "profiled, so the page also says how much of its wall time the GPU was busy: a figure",
-        "that is only as good as that fraction is high.",
+        "(`lazyattention.serving.engine.Engine`), written by `benchmarks/engine.py`.",
+        *(
+            [
+                "Each run is profiled, so the page also says how much of its wall time the GPU was busy: an",
+                "end-to-end ratio says something about the strategies only as far as that fraction is high.",
+            ]
+            if profiled
+            else [
+                "These runs were not profiled: how much of their wall time was the GPU's, and how much the",
+                "host loop's, is not measured here.",
+            ]
+        ),
         "",
         f"* **Device**: {result['device']}; torch {versions.get('torch')}, Triton {versions.get('triton')}; "
         f"backend `{result['environment']['backend']}`; {result['date']}.",
@@ -114,15 +134,22 @@ def page(result: dict, name: str, notes: str | None) -> str:
         f"* **Engine**: blocks of {eng['block_size']} tokens, at most {eng['max_num_seqs']} running requests, "
         f"{eng['max_batch_tokens']} tokens per step; CUDA graphs {graphs}. Every strategy serves a whole "
         "workload once, untimed, before any timing.",
-        "* **GPU time**: every run under `torch.profiler` (CUDA activity only); GPU busy = the union of the "
-        "device's kernel and copy intervals, `gpu_busy_fraction` = GPU busy / wall time (the makespan).",
-        f"* **Repeats**: {result['repeats']} runs of each strategy at skew 1, interleaved; medians, with the "
-        "spread (min–max) beside them and every run's value in the targets.",
+        *(
+            [
+                "* **GPU time**: every run under `torch.profiler` (CUDA activity only); GPU busy = the union of "
+                "the device's kernel and copy intervals, `gpu_busy_fraction` = GPU busy / wall time (the makespan)."
+            ]
+            if profiled
+            else []
+        ),
+        f"* **Repeats**: {repeats} runs of each strategy per point; medians, with the spread (min–max) beside "
+        "them where recorded and every run's value in the targets.",
         "",
         "## Parity gate",
         "",
         "Before any timing, a tiny model with the benchmark's head dim and RoPE serves the same requests "
-        "under every strategy with this backend (CUDA graphs included) and with the reference; the "
+        f"under every strategy with this backend{' (CUDA graphs included)' if eng.get('cuda_graphs') else ''} "
+        "and with the reference; the "
         "first-token logits must pass the tolerance rule (oracle: the reference in float64).",
         "",
     ]
@@ -162,7 +189,7 @@ def page(result: dict, name: str, notes: str | None) -> str:
         ]
     lines += [
         "",
-        f"![Offline burst medians with their spread; TTFT and throughput against request rate](results/{name}.png)",
+        f"![{PLOT_CAPTION if profiled else LEGACY_CAPTION}](results/{name}.png)",
         "",
         "## Offline burst",
         "",
@@ -171,15 +198,10 @@ def page(result: dict, name: str, notes: str | None) -> str:
         "steps replayed from a CUDA graph.",
         "",
     ]
-    for sweep, alpha, fraction in dict.fromkeys(
-        (r["sweep"], r["alpha"], r["budget_fraction"]) for r in result.get("burst_medians", [])
-    ):
-        chosen = [
-            r
-            for r in result["burst_medians"]
-            if (r["sweep"], r["alpha"], r["budget_fraction"]) == (sweep, alpha, fraction)
-        ]
-        lines += [f"**Skew α = {alpha:g}, KV budget {fraction:g}× the document pool:**", "", *_table(chosen), ""]
+    for sweep, alpha, fraction in dict.fromkeys((r["sweep"], r["alpha"], r["budget_fraction"]) for r in burst):
+        chosen = [r for r in burst if (r["sweep"], r["alpha"], r["budget_fraction"]) == (sweep, alpha, fraction)]
+        title = f"{sweep} sweep: skew α = {alpha:g}, KV budget {fraction:g}× the document pool"
+        lines += [f"**{title[0].upper() + title[1:]}:**", "", *_table(chosen), ""]
     if result.get("many_medians"):
         n = result["many"][0]["requests"]
         lines += [
