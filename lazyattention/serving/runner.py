@@ -36,6 +36,7 @@ request (padded), ``V`` vocabulary.
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -46,7 +47,7 @@ from lazyattention.reference.layout import BlockMetadata, Layout, Placement, Req
 
 from .model import Model, StepInputs
 
-__all__ = ["ModelRunner", "graph_bucket"]
+__all__ = ["ModelRunner", "HostMetadata", "graph_bucket"]
 
 _INT32_MAX = 2**31 - 1
 _BLOCK_FIELDS = ("block_table", "block_pos", "block_shift", "block_len")
@@ -94,6 +95,68 @@ class _Packer:
             out[name] = flat[offset : offset + n].view(shape)
             offset += n
         return out
+
+
+def _placement_rows(p: Placement, block_size: int) -> torch.Tensor:
+    """``[len(p.blocks), 4]`` int32 rows ``(block, logical start, shift, valid length)``,
+    as ``Layout.metadata`` writes them."""
+    s = block_size
+    rows = [(b, p.start + k * s, p.shift, min(s, p.length - k * s)) for k, b in enumerate(p.blocks)]
+    return torch.tensor(rows, dtype=torch.int32).reshape(-1, 4)
+
+
+class HostMetadata:
+    """``Layout.metadata("cpu")`` for a serving loop, built faster.
+
+    A decode step's requests read the same segment placements from one step to the
+    next; only their own tokens grow. So the rows of each request's segments are built
+    once and kept (keyed by the placements, at most ``capacity`` entries), and a step
+    builds only the rows of its own tokens. The result equals ``Layout.metadata()``
+    (a test checks it on every step of real engines); the layout is handed it with
+    ``Layout.use_metadata``.
+    """
+
+    def __init__(self, capacity: int = 4096):
+        self.capacity = capacity
+        self._segments: dict[tuple[Placement, ...], torch.Tensor] = {}
+
+    def _segment_rows(self, segments: tuple[Placement, ...], block_size: int) -> torch.Tensor:
+        rows = self._segments.get(segments)
+        if rows is None:
+            if len(self._segments) >= self.capacity:
+                self._segments.clear()
+            rows = torch.cat(
+                [torch.empty(0, 4, dtype=torch.int32)] + [_placement_rows(p, block_size) for p in segments]
+            )
+            self._segments[segments] = rows
+        return rows
+
+    def __call__(self, layout: Layout) -> BlockMetadata:
+        """The layout's host metadata (and the layout keeps it, as if it had built it)."""
+        s = layout.block_size
+        parts = [(self._segment_rows(r.segments, s), _placement_rows(r.own, s)) for r in layout.requests]
+        m = max(len(seg) + len(own) for seg, own in parts)
+        table = torch.zeros(len(parts), m, 4, dtype=torch.int32)
+        for r, (seg, own) in enumerate(parts):
+            table[r, : len(seg)] = seg
+            table[r, len(seg) : len(seg) + len(own)] = own
+        per_request = torch.tensor(
+            [
+                (len(seg) + len(own), len(seg), req.query_start)
+                for (seg, own), req in zip(parts, layout.requests, strict=True)
+            ],
+            dtype=torch.int32,
+        ).reshape(-1, 3)
+        queries = torch.tensor([0] + [req.num_queries for req in layout.requests], dtype=torch.int32)
+        meta = BlockMetadata(
+            *(table[..., i].contiguous() for i in range(4)),
+            num_blocks=per_request[:, 0].contiguous(),
+            num_segment_blocks=per_request[:, 1].contiguous(),
+            query_start=per_request[:, 2].contiguous(),
+            cu_queries=torch.cumsum(queries, 0, dtype=torch.int32),
+        )
+        layout.use_metadata(meta)
+        return meta
 
 
 def _metadata(views: dict[str, torch.Tensor], prefix: str) -> BlockMetadata:
@@ -166,6 +229,8 @@ class ModelRunner:
         if not 0 <= self.scratch_block < cache.num_blocks:
             raise ValueError(f"scratch_block {self.scratch_block} is outside the cache ({cache.num_blocks} blocks)")
         self.graphs: dict[tuple[int, int, bool], _DecodeGraph] = {}
+        self.host_metadata = HostMetadata()
+        self._built: weakref.WeakKeyDictionary[Layout, BlockMetadata] = weakref.WeakKeyDictionary()
         self._pool = None
         self.steps_eager = 0
         self.steps_replayed = 0
@@ -205,9 +270,16 @@ class ModelRunner:
             raise ValueError(f"a step writes into block {scratch}, the runner's scratch block")
         for layout in (step.prefill, step.decode):
             if layout is not None:
-                meta = layout.metadata("cpu")
+                meta = self._host(layout)
                 if bool(((meta.block_table == scratch) & (meta.block_len > 0)).any()):
                     raise ValueError(f"a layout reads block {scratch}, the runner's scratch block")
+
+    def _host(self, layout: Layout) -> BlockMetadata:
+        """The layout's host metadata, built once (by :class:`HostMetadata`)."""
+        meta = self._built.get(layout)
+        if meta is None:
+            meta = self._built[layout] = self.host_metadata(layout)
+        return meta
 
     # ------------------------------------------------------------------ eager
 
@@ -219,7 +291,7 @@ class ModelRunner:
         for prefix in ("prefill", "decode"):
             layout = getattr(step, prefix)
             if layout is not None:
-                for f, t in zip(BlockMetadata._fields, layout.metadata("cpu"), strict=True):
+                for f, t in zip(BlockMetadata._fields, self._host(layout), strict=True):
                     packer.add(f"{prefix}.{f}", t)
         views = packer.views(self._to_device(packer))
         for prefix in ("prefill", "decode"):
@@ -267,7 +339,7 @@ class ModelRunner:
 
     def _replay(self, token_ids: torch.Tensor, step: StepInputs) -> torch.Tensor:
         b = step.decode.batch_size
-        meta = step.decode.metadata("cpu")
+        meta = self._host(step.decode)
         bucket = graph_bucket(b, meta.block_table.shape[1])
         key = (*bucket, step.raw)
         g = self.graphs.get(key)
@@ -305,7 +377,7 @@ class ModelRunner:
         if g.copied is not None and not g.copied.query():
             g.copied.synchronize()  # the previous copy has not yet left the host buffer
         h, b = g.host, step.decode.batch_size
-        meta = step.decode.metadata("cpu")
+        meta = self._host(step.decode)
         m = meta.block_table.shape[1]
         h["ids"][:b] = token_ids
         h["slots"][:b] = step.slots
@@ -341,7 +413,7 @@ class ModelRunner:
             raise ValueError("padded_decode needs the fast backend (the reference does not read block metadata)")
         self.check_step(step)
         self._check_scratch(step)
-        bucket = graph_bucket(step.decode.batch_size, step.decode.metadata("cpu").block_table.shape[1])
+        bucket = graph_bucket(step.decode.batch_size, self._host(step.decode).block_table.shape[1])
         g = self._new_graph(bucket, step.raw)
         self._fill(g, token_ids, step)
         return self.model(g.device["ids"], self.cache, g.step)[: step.decode.batch_size]

@@ -22,6 +22,7 @@ import sys
 import pytest
 import torch
 
+from lazyattention.reference.layout import BlockMetadata, Layout
 from lazyattention.serving.engine import Engine
 from lazyattention.serving.model import Model, ModelConfig, StepInputs
 from lazyattention.serving.runner import ModelRunner, graph_bucket
@@ -145,6 +146,20 @@ def test_padded_decode_under_the_interpreter():
     ]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0 and "1 passed" in result.stdout, result.stdout[-3000:] + result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("strategy", ["lazy", "block_attention", "prefix_cache"])
+def test_host_metadata_equals_the_layouts(strategy):
+    """The runner's faster host metadata (segment rows kept across steps) is the
+    layout's own, on every layout of a real engine's steps."""
+    _, recorder = _record(strategy, _model())
+    for _, step, _, _ in recorder.steps:
+        for layout in (step.prefill, step.decode):
+            if layout is not None:
+                fresh = Layout(layout.requests, layout.block_size).metadata()
+                built = recorder.host_metadata(layout)
+                for name, a, b in zip(BlockMetadata._fields, built, fresh, strict=True):
+                    assert a.dtype == b.dtype and torch.equal(a, b), (strategy, name)
 
 
 def test_graph_buckets():
