@@ -6,7 +6,10 @@
 #   2. the serving tests that use the fast backend: the model runner's (CUDA graphs
 #      against eager, no host synchronisation inside a step; compiled) and the engine's
 #      fast-backend test;
-#   3. the kernel benchmark (benchmarks/kernels.py), which checks parity first.
+#   3. the kernel benchmark (benchmarks/kernels.py), which checks parity first;
+#   4. with ENGINE_BENCH=NAME (e.g. engine_h200), the engine benchmark
+#      (benchmarks/engine.py --name NAME, about 6 minutes on an H200: run it in a call
+#      of its own, with SKIP_TESTS=1 to skip steps 1-3).
 # Everything is written under $OUT (default ./.out): nvidia-smi.txt, env.txt,
 # tests.log, junit.xml, serving.log, serving.xml, bench.log, kernels.json. A short
 # table is printed last.
@@ -24,6 +27,8 @@ nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1
 $PY -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__, "device", torch.cuda.get_device_name())' \
     | tee "$OUT/env.txt"
 
+tests_rc=0 serving_rc=0 bench_rc=0 tests_s=0 serving_s=0 bench_s=0
+if [ -z "${SKIP_TESTS:-}" ]; then
 start=$(date +%s)
 LAZYATTN_GPU_SUITE=1 timeout "${TEST_TIMEOUT:-360}" $PY -m pytest tests/fast -q -p no:warnings -n "${WORKERS:-16}" --durations=5 \
     --junitxml="$OUT/junit.xml" >"$OUT/tests.log" 2>&1
@@ -43,5 +48,16 @@ timeout "${BENCH_TIMEOUT:-200}" $PY benchmarks/kernels.py --out "$OUT/kernels.js
 bench_rc=$?
 bench_s=$(($(date +%s) - start))
 tail -n "${TAIL:-45}" "$OUT/bench.log"
+fi
+
+engine_rc=0
+if [ -n "${ENGINE_BENCH:-}" ]; then
+    start=$(date +%s)
+    timeout "${ENGINE_TIMEOUT:-470}" $PY benchmarks/engine.py --name "$ENGINE_BENCH" --out "$OUT" \
+        --max-seconds "${ENGINE_SECONDS:-380}" >"$OUT/engine.log" 2>&1
+    engine_rc=$?
+    grep -vE "^\s*$" "$OUT/engine.log" | tail -n 60
+    echo "engine benchmark rc=$engine_rc ($(($(date +%s) - start))s)"
+fi
 echo "gpu_suite: tests rc=$tests_rc (${tests_s}s), serving rc=$serving_rc (${serving_s}s), benchmark rc=$bench_rc (${bench_s}s)"
-[ "$tests_rc" -eq 0 ] && [ "$serving_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]
+[ "$tests_rc" -eq 0 ] && [ "$serving_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ] && [ "$engine_rc" -eq 0 ]
