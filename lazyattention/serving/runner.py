@@ -229,6 +229,7 @@ class ModelRunner:
         if not 0 <= self.scratch_block < cache.num_blocks:
             raise ValueError(f"scratch_block {self.scratch_block} is outside the cache ({cache.num_blocks} blocks)")
         self.graphs: dict[tuple[int, int, bool], _DecodeGraph] = {}
+        self._padded: dict[tuple[int, int, bool], _DecodeGraph] = {}
         self.host_metadata = HostMetadata()
         self._built: weakref.WeakKeyDictionary[Layout, BlockMetadata] = weakref.WeakKeyDictionary()
         self._pool = None
@@ -414,7 +415,10 @@ class ModelRunner:
         self.check_step(step)
         self._check_scratch(step)
         bucket = graph_bucket(step.decode.batch_size, self._host(step.decode).block_table.shape[1])
-        g = self._new_graph(bucket, step.raw)
+        key = (*bucket, step.raw)
+        g = self._padded.get(key)  # buffers kept per bucket and refilled, as a graph's are
+        if g is None:
+            g = self._padded[key] = self._new_graph(bucket, step.raw)
         self._fill(g, token_ids, step)
         return self.model(g.device["ids"], self.cache, g.step)[: step.decode.batch_size]
 

@@ -105,8 +105,9 @@ def test_a_decode_step_padded_to_its_bucket_is_unchanged(strategy):
     the scratch block, block tables padded to M') gives the eager logits, and writes
     nothing outside the scratch block but the step's own slots (fast backend: the
     padding lives in the block metadata its kernels read). The steps are recorded on
-    the reference, then replayed through the fast backend (two decode steps, so that
-    the interpreter stays quick: one of them, for ``lazy`` only, without CUDA)."""
+    the reference, then replayed through the fast backend in order, so that a bucket's
+    buffers are refilled as a graph's are (without CUDA: one step, ``lazy`` only, so
+    that the interpreter stays quick)."""
     device = "cuda" if CUDA else "cpu"
     engine, recorder = _record(strategy, _model(dtype=torch.float32))
     fast = _model("fast", torch.float32, device)
@@ -115,10 +116,10 @@ def test_a_decode_step_padded_to_its_bucket_is_unchanged(strategy):
     decodes = [x for x in recorder.steps if x[1].prefill is None]
     chosen = {x[1].decode.batch_size: x for x in decodes}
     assert 3 in chosen and 1 in chosen, sorted(chosen)
+    b, m = 3, chosen[3][1].decode.metadata().block_table.shape[1]
+    assert graph_bucket(b, m) != (b, m)  # the padding is exercised
     scratch = runner.scratch_block
-    for ids, step, before, _ in (chosen[3], chosen[1]) if CUDA else (chosen[3],):
-        b, m = step.decode.batch_size, step.decode.metadata().block_table.shape[1]
-        assert graph_bucket(b, m) != (b, m)  # the padding is exercised
+    for ids, step, before, _ in decodes if CUDA else (chosen[3],):
         _restore(cache, [[t.to(device) for t in ts] for ts in before])
         eager = fast(ids.to(device), cache, step.to(device))
         eager_k = [k.clone() for k in cache.k]
