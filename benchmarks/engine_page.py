@@ -1,14 +1,18 @@
 """Turn a committed engine benchmark result into its docs page.
 
-Run: ``python benchmarks/engine_page.py benchmarks/results/engine_h100.json``.
+Run: ``python benchmarks/engine_page.py benchmarks/results/engine_h200.json``.
 
 Writes ``docs/benchmarks/engine.md``: setup, parity gate, every target with its
-verdict (the median over repeats and the value in each repeat), the plot written by
-``benchmarks/engine.py``, the tables of medians and the quality check. No figure on
-the page is typed by hand: rerun this script after committing a new result file
-(``tests/test_benchmark_pages.py`` fails when the page and the result disagree). The
-reading of the figures is prose in ``benchmarks/results/<name>.notes.md``, appended to
-the page when present.
+verdict (the median and the value in every run), the GPU time of the runs, the plot
+written by ``benchmarks/engine.py``, the tables of medians with their spread
+(min–max), and the quality check. No figure on the page is typed by hand: rerun this
+script after committing a new result file (``tests/test_benchmark_pages.py`` fails when
+the page and the result disagree). The reading of the figures is prose in
+``benchmarks/results/<name>.notes.md``, appended to the page when present.
+
+A result written before the benchmark profiled its runs (``engine_h100.json``) has its
+medians under ``medians`` and no GPU time, decode, Poisson or many-request sections;
+it renders with those cells and sections left out.
 """
 
 from __future__ import annotations
@@ -20,45 +24,86 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PAGE = ROOT / "docs" / "benchmarks" / "engine.md"
 
-COLUMNS = (
-    ("strategy", "strategy", "{}"),
-    ("ttft_p50", "TTFT p50 (ms)", "{:.0f}"),
-    ("ttft_p99", "TTFT p99 (ms)", "{:.0f}"),
-    ("tpot_mean", "TPOT (ms)", "{:.1f}"),
-    ("requests_per_s", "requests/s", "{:.2f}"),
-    ("tokens_per_s", "tokens/s", "{:,.0f}"),
-    ("hit_ratio", "hit ratio", "{:.2f}"),
-    ("bytes_copied", "GB copied", "{:.2f}"),
-    ("peak_blocks", "peak blocks", "{:.0f}"),
-)
-MILLISECONDS = ("ttft_p50", "ttft_p99", "tpot_mean")
+
+def _ms(row: dict, key: str, spread: bool = True) -> str:
+    text = f"{row[key] * 1e3:.0f}" if row[key] * 1e3 >= 10 else f"{row[key] * 1e3:.2f}"
+    if spread and f"{key}_min" in row:
+        text += f" ({row[f'{key}_min'] * 1e3:.0f}–{row[f'{key}_max'] * 1e3:.0f})"
+    return text
 
 
-def _cell(row: dict, key: str, fmt: str) -> str:
-    value = row[key]
-    if key in MILLISECONDS:
-        value *= 1e3
-    elif key == "bytes_copied":
-        value /= 1e9
-    return fmt.format(value)
+def _rate(row: dict) -> str:
+    text = f"{row['requests_per_s']:.2f}"
+    if "requests_per_s_min" in row:
+        text += f" ({row['requests_per_s_min']:.2f}–{row['requests_per_s_max']:.2f})"
+    return text
 
 
-def _table(rows: list[dict], lead: tuple[str, str]) -> list[str]:
-    key, title = lead
-    head = [title, "blocks", *(c[1] for c in COLUMNS)]
+def _busy(row: dict) -> str:
+    if row.get("gpu_busy_fraction") is None:
+        return "—"
+    text = f"{row['gpu_busy_fraction']:.2f}"
+    if "gpu_busy_fraction_min" in row:
+        text += f" ({row['gpu_busy_fraction_min']:.2f}–{row['gpu_busy_fraction_max']:.2f})"
+    return text
+
+
+HEAD = [
+    "strategy",
+    "blocks",
+    "TTFT p50 ms (min–max)",
+    "TTFT p99 ms",
+    "TPOT ms",
+    "requests/s (min–max)",
+    "tokens/s",
+    "hit ratio",
+    "GB copied",
+    "GPU busy (min–max)",
+    "graph steps / steps",
+    "runs",
+]
+
+
+def _row(r: dict) -> str:
+    cells = [
+        r["strategy"],
+        str(r["num_blocks"]),
+        _ms(r, "ttft_p50"),
+        _ms(r, "ttft_p99", spread=False),
+        f"{r['tpot_mean'] * 1e3:.2f}",
+        _rate(r),
+        f"{r['tokens_per_s']:,.0f}",
+        f"{r['hit_ratio']:.2f}",
+        f"{r['bytes_copied'] / 1e9:.2f}",
+        _busy(r),
+        f"{r['graph_steps']} / {r['steps']}" if "steps" in r else "—",
+        str(r["repeats"]),
+    ]
+    return "| " + " | ".join(cells) + " |"
+
+
+def _table(rows: list[dict], lead: tuple[str, str] | None = None) -> list[str]:
+    head = ([lead[1]] if lead else []) + HEAD
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [f"{r[key]:g}", str(r["num_blocks"]), *(_cell(r, k, f) for k, _, f in COLUMNS)]
-        lines.append("| " + " | ".join(cells) + " |")
+        row = _row(r)
+        lines.append(f"| {r[lead[0]]:.1f} " + row if lead else row)
     return lines
+
+
+PLOT_CAPTION = "Offline burst medians with their spread; TTFT and throughput against request rate"
+LEGACY_CAPTION = "TTFT and throughput vs skew and vs KV budget"
 
 
 def page(result: dict, name: str, notes: str | None) -> str:
     """The Markdown of the engine benchmark page for ``result`` (``<name>.json``)."""
     wl, eng, versions = result["workload"], result["engine"], result["versions"]
-    repeats = max((r.get("repeats", 1) for r in result["medians"]), default=1)
+    graphs = "on (decode-only steps replayed per batch and block-count bucket)" if eng.get("cuda_graphs") else "off"
+    burst = result.get("burst_medians", result.get("medians", []))
+    profiled = any(r.get("gpu_busy_fraction") is not None for r in burst)
+    repeats = result.get("repeats") or max((r.get("repeats", 1) for r in burst), default=1)
     lines = [
-        "# Engine (H100)",
+        f"# Engine ({result['device']})",
         "",
         f"<!-- Generated by benchmarks/engine_page.py from benchmarks/results/{name}.json; do not edit by hand. -->",
         "",
@@ -66,6 +111,17 @@ def page(result: dict, name: str, notes: str | None) -> str:
         "time-to-first-token **1.37×** and raises throughput **1.40×** over Block-Attention. This",
         "page measures it in this project's engine, every strategy served by the same code",
         "(`lazyattention.serving.engine.Engine`), written by `benchmarks/engine.py`.",
+        *(
+            [
+                "Each run is profiled, so the page also says how much of its wall time the GPU was busy: an",
+                "end-to-end ratio says something about the strategies only as far as that fraction is high.",
+            ]
+            if profiled
+            else [
+                "These runs were not profiled: how much of their wall time was the GPU's, and how much the",
+                "host loop's, is not measured here.",
+            ]
+        ),
         "",
         f"* **Device**: {result['device']}; torch {versions.get('torch')}, Triton {versions.get('triton')}; "
         f"backend `{result['environment']['backend']}`; {result['date']}.",
@@ -74,18 +130,27 @@ def page(result: dict, name: str, notes: str | None) -> str:
         f"* **Workload**: {wl['num_documents']} documents of mean length {wl['doc_len_mean']} tokens; "
         f"{wl['num_requests']} requests of {wl['docs_per_request']} documents each, drawn by Zipf popularity "
         f"in random order, a {wl['query_len']}-token query, {wl['output_len']} generated tokens; seed {wl['seed']}. "
-        f"{result['arrivals'].capitalize()}.",
+        "Offline burst (every request at t = 0) unless a rate is given.",
         f"* **Engine**: blocks of {eng['block_size']} tokens, at most {eng['max_num_seqs']} running requests, "
-        f"{eng['max_batch_tokens']} tokens per step. Every strategy serves a whole workload once, untimed, "
-        "before any timing.",
-        f"* **Repeats**: the whole sweep ran {repeats} times; every figure below is the median over the "
-        "repeats, and each target also lists its value in every repeat.",
+        f"{eng['max_batch_tokens']} tokens per step; CUDA graphs {graphs}. Every strategy serves a whole "
+        "workload once, untimed, before any timing.",
+        *(
+            [
+                "* **GPU time**: every run under `torch.profiler` (CUDA activity only); GPU busy = the union of "
+                "the device's kernel and copy intervals, `gpu_busy_fraction` = GPU busy / wall time (the makespan)."
+            ]
+            if profiled
+            else []
+        ),
+        f"* **Repeats**: {repeats} runs of each strategy per point; medians, with the spread (min–max) beside "
+        "them where recorded and every run's value in the targets.",
         "",
         "## Parity gate",
         "",
         "Before any timing, a tiny model with the benchmark's head dim and RoPE serves the same requests "
-        "under every strategy with this backend and with the reference; the first-token logits must pass "
-        "the tolerance rule (oracle: the reference in float64).",
+        f"under every strategy with this backend{' (CUDA graphs included)' if eng.get('cuda_graphs') else ''} "
+        "and with the reference; the "
+        "first-token logits must pass the tolerance rule (oracle: the reference in float64).",
         "",
     ]
     rows = result["parity"].get("rows", [])
@@ -101,38 +166,63 @@ def page(result: dict, name: str, notes: str | None) -> str:
             f"| {row['strategy']} | {row['dtype']} | {row['error']:.1e} | {row['bound']:.1e} | "
             f"{'yes' if row['tokens_equal'] else 'no'} | {'pass' if row['passed'] else '**FAIL**'} |"
         )
-    lines += [
-        "",
-        "## Targets",
-        "",
-        "| target (issue 4) | median | each repeat | mark |",
-        "|---|---|---|---|",
-    ]
+    lines += ["", "## Targets", "", "| target | median | each run | mark |", "|---|---|---|---|"]
     for t in result["targets"]:
         each = ", ".join(f"{v:.2f}" for v in t.get("per_repeat", []))
         mark = f"**{t['mark']}**" if "MISS" in t["mark"] else t["mark"]
         lines.append(f"| {t['target']} | **{t['value']:.2f}** | {each} | {mark} |")
-    skew = [r for r in result["medians"] if r["sweep"] == "skew"]
-    budget = [r for r in result["medians"] if r["sweep"] == "budget"]
+    decode = result.get("decode")
+    if decode:
+        replay = (
+            f" One captured decode step of bucket (batch, blocks) = ({decode['graph_bucket'][0]}, "
+            f"{decode['graph_bucket'][1]}), replayed alone between CUDA events: **{decode['replay_s'] * 1e3:.3f} ms** "
+            "of GPU time."
+            if "replay_s" in decode
+            else ""
+        )
+        lines += [
+            "",
+            f"**Decode at batch {decode['batch']}.** {decode['batch']} requests prefilled together, then "
+            f"{decode['steps']} decode-only steps, each timed on the wall clock: TPOT median "
+            f"**{decode['tpot_median'] * 1e3:.3f} ms** (min {decode['tpot_min'] * 1e3:.3f}, "
+            f"max {decode['tpot_max'] * 1e3:.3f}).{replay}",
+        ]
     lines += [
         "",
-        f"![TTFT and throughput vs skew and vs KV budget](results/{name}.png)",
+        f"![{PLOT_CAPTION if profiled else LEGACY_CAPTION}](results/{name}.png)",
         "",
-        "## Medians per point",
+        "## Offline burst",
         "",
         "Tokens/s counts each request's document tokens once; the hit ratio counts each document of a request "
-        "once; GB copied is Block-Attention's re-encoding (K and V, all layers).",
+        "once; GB copied is Block-Attention's re-encoding (K and V, all layers). *Graph steps* are the decode "
+        "steps replayed from a CUDA graph.",
         "",
-        f"**Against popularity skew** (KV budget {skew[0]['budget_fraction']:g}× the document pool):" if skew else "",
-        "",
-        *_table(skew, ("alpha", "α")),
-        "",
-        f"**Against the KV budget** (α = {budget[0]['alpha']:g}; budget as a fraction of the document pool):"
-        if budget
-        else "",
-        "",
-        *_table(budget, ("budget_fraction", "budget")),
-        "",
+    ]
+    for sweep, alpha, fraction in dict.fromkeys((r["sweep"], r["alpha"], r["budget_fraction"]) for r in burst):
+        chosen = [r for r in burst if (r["sweep"], r["alpha"], r["budget_fraction"]) == (sweep, alpha, fraction)]
+        title = f"{sweep} sweep: skew α = {alpha:g}, KV budget {fraction:g}× the document pool"
+        lines += [f"**{title[0].upper() + title[1:]}:**", "", *_table(chosen), ""]
+    if result.get("many_medians"):
+        n = result["many"][0]["requests"]
+        lines += [
+            "## Many requests",
+            "",
+            f"An offline burst of {n} requests (skew 1, KV budget 1× the document pool).",
+            "",
+            *_table(result["many_medians"]),
+            "",
+        ]
+    if result.get("poisson_medians"):
+        lines += [
+            "## Poisson arrivals",
+            "",
+            "Requests arrive as a Poisson process at a fraction of lazy's offline-burst throughput (skew 1): "
+            "TTFT and throughput against the request rate.",
+            "",
+            *_table(sorted(result["poisson_medians"], key=lambda r: (r["rate"], r["strategy"])), ("rate", "rate/s")),
+            "",
+        ]
+    lines += [
         "## Quality on the benchmark model",
         "",
         "`quality_check` on four requests of the α = 1 workload, each served alone after its documents were "

@@ -1,7 +1,8 @@
 """``lazyattention.fast``: the Triton kernels behind the reference's attention API.
 
 The same functions, names and signatures as :mod:`lazyattention.reference`'s attention
-API (``ATTENTION_API``), so the module is the switch::
+API (:data:`~lazyattention.reference.ATTENTION_API`, the one list of their names), so
+the module is the switch::
 
     import lazyattention.fast as la        # or lazyattention.reference
 
@@ -11,10 +12,14 @@ tests run without a GPU. Unsupported cases (float64, other devices) raise and na
 the case; nothing falls back to the reference.
 """
 
+# ruff: noqa: F401  (re-exports: __all__ is the reference's name list)
+
 try:
-    import triton  # noqa: F401  (the kernels below need it; say how to get it)
+    import triton  # the kernels below need it; say how to get it
 except ImportError as exc:
     raise ImportError("lazyattention.fast needs Triton: pip install lazyattention[fast]") from exc
+
+from lazyattention.reference import ATTENTION_API
 
 from .attention import (
     eager_attention,
@@ -26,12 +31,4 @@ from .attention import (
     write_kv,
 )
 
-__all__ = [
-    "write_kv",
-    "lazy_prefill",
-    "lazy_decode",
-    "raw_prefill",
-    "raw_decode",
-    "eager_attention",
-    "merge_attention",
-]
+__all__ = list(ATTENTION_API)

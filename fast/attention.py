@@ -1,15 +1,12 @@
 """The public attention API of the fast path, twin of ``reference/attention.py``.
 
-Same names, signatures and semantics as :mod:`lazyattention.reference`; a test
-enforces it. Each function validates its inputs with the reference's checks, then
-launches Triton kernels (``fast/attend.py``, ``fast/cache.py``). Nothing here falls back
-to the reference: a case the kernels do not cover raises, naming the case.
-
-Position convention (eq. 6): the cache stores keys rotated at their stored positions;
-each block carries ``δ = logical − stored``; queries arrive pre-RoPE.
-
-Shape alphabet: ``B`` requests, ``H`` query heads, ``Hkv`` KV heads, ``Tq`` query
-tokens, ``T`` written tokens, ``D`` head dim, ``N`` physical blocks, ``S`` block size.
+Same names (:data:`~lazyattention.reference.ATTENTION_API`), signatures and semantics
+as :mod:`lazyattention.reference.attention`, whose docstrings are the contract (shapes,
+position convention, returns); a test enforces the names and signatures. The docstrings
+here say only what the kernels add. Each function validates its inputs with the
+reference's checks, then launches Triton kernels (``fast/attend.py``, ``fast/cache.py``).
+Nothing here falls back to the reference: a case the kernels do not cover raises,
+naming the case.
 
 Supported: float16, bfloat16, float32 (matrix products in IEEE float32 for float32
 inputs, never TF32); any even head dim (padded to a power of two inside); both RoPE
@@ -24,23 +21,17 @@ import os
 import torch
 import triton
 
+from lazyattention.reference import ATTENTION_API
 from lazyattention.reference.checks import check_attention_inputs, check_write_inputs
 from lazyattention.reference.layout import Layout
 from lazyattention.reference.rope import RopeConfig
+
 from . import attend as _attend
 from . import buffers
 from .cache import materialise, scatter_kv
-from .rope import check_int_positions, rope_tables
+from .rope import rope_tables
 
-__all__ = [
-    "write_kv",
-    "lazy_prefill",
-    "lazy_decode",
-    "raw_prefill",
-    "raw_decode",
-    "eager_attention",
-    "merge_attention",
-]
+__all__ = list(ATTENTION_API)
 
 FAST_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -70,7 +61,7 @@ def _tables(rope: RopeConfig, device: torch.device):
     return rope_tables(rope, max(16, triton.next_power_of_2(rope.head_dim)), device)
 
 
-def _attention(function, q, k_cache, v_cache, layout, rope, scale, return_lse, decode, mode):
+def _attention(function, q, k_cache, v_cache, layout, rope, scale, *, return_lse: bool, decode: bool, mode: int):
     check_attention_inputs(q, k_cache, v_cache, layout, rope, scale, decode)
     _check_backend(function, q, k_cache, v_cache)
     meta = layout.metadata(q.device)
@@ -83,9 +74,9 @@ def _attention(function, q, k_cache, v_cache, layout, rope, scale, return_lse, d
         _tables(rope, q.device),
         max_queries,
         _attend.default_scale(q.shape[-1], scale),
-        mode,
-        decode,
-        return_lse,
+        mode=mode,
+        decode=decode,
+        return_lse=return_lse,
     )
     return (out, lse) if return_lse else out
 
@@ -101,25 +92,15 @@ def write_kv(
     slots: torch.Tensor,
     positions: torch.Tensor,
     rope: RopeConfig | None,
+    *,
+    validate: bool = True,
 ) -> None:
-    """Write new tokens' keys and values into the paged cache, in place (one kernel).
-
-    Keys are rotated at ``positions`` (eq. 5, the *stored* positions, ``0..L-1`` for a
-    segment prefilled alone) in float32 and cast to the cache dtype; ``rope=None``
-    stores them unrotated (the raw-cache variant).
-
-    Args:
-        k: ``[T, Hkv, D]`` pre-RoPE keys.
-        v: ``[T, Hkv, D]`` values.
-        k_cache: ``[N, S, Hkv, D]``, written at ``slots``.
-        v_cache: ``[N, S, Hkv, D]``, written at ``slots``.
-        slots: ``[T]`` flat slot indices ``block * S + offset``, distinct.
-        positions: ``[T]`` stored positions, in ``[0, 2^31 - 1)``.
-        rope: the model's RoPE, or ``None`` for unrotated keys.
-    """
-    check_write_inputs(k, v, k_cache, v_cache, slots, positions, rope)
+    """:func:`lazyattention.reference.write_kv` in one kernel: rotate (in float32, cast
+    to the cache dtype) and scatter. Needs contiguous caches and ``k``, ``v`` contiguous
+    in ``D``. With ``validate=False`` nothing reads the device tensors back, so the
+    call can be captured in a CUDA graph."""
+    check_write_inputs(k, v, k_cache, v_cache, slots, positions, rope, validate)
     _check_backend("write_kv", k, v, k_cache, v_cache)
-    check_int_positions(positions, "write_kv positions")
     if k.stride(-1) != 1 or v.stride(-1) != 1 or not k_cache.is_contiguous() or not v_cache.is_contiguous():
         raise ValueError("lazyattention.fast.write_kv needs contiguous caches and k, v contiguous in D")
     tables = _tables(rope, k.device) if rope is not None else None
@@ -138,27 +119,17 @@ def lazy_prefill(
     scale: float | None = None,
     return_lse: bool = False,
 ):
-    """Deferred-RoPE attention of a batch of requests' query tokens (eq. 8), one kernel.
+    """:func:`lazyattention.reference.lazy_prefill` in one kernel.
 
     Each program holds a tile of one request's queries for one KV head (the group's
     query heads packed in the tile) and walks the request's blocks; the query tile is
-    rotated by ``p − δ`` from the pre-RoPE query each time the shift changes, so the
-    scores are ``scale · <m R(p − δ) q, k_stored>``; online softmax (eq. 11).
-
-    Args:
-        q: ``[Tq, H, D]`` **pre-RoPE** queries, requests concatenated in layout order.
-        k_cache: ``[N, S, Hkv, D]`` keys stored rotated at their stored positions.
-        v_cache: ``[N, S, Hkv, D]``.
-        layout: which blocks each request reads, at which shift.
-        rope: the model's RoPE.
-        scale: softmax scale; ``None`` means ``1/sqrt(D)``.
-        return_lse: also return the log-sum-exp of the scaled scores.
-
-    Returns:
-        ``out [Tq, H, D]`` in ``q.dtype``; with ``return_lse``, also ``lse [Tq, H]``
-        float32.
+    rotated by ``p − δ`` from the pre-RoPE query each time the shift changes; online
+    softmax (eq. 11). Tiles and key loads (bulk tensor copies or row gathers) are
+    chosen by ``fast/attend.py``'s ``plan()``.
     """
-    return _attention("lazy_prefill", q, k_cache, v_cache, layout, rope, scale, return_lse, False, _attend.LAZY)
+    return _attention(
+        "lazy_prefill", q, k_cache, v_cache, layout, rope, scale, return_lse=return_lse, decode=False, mode=_attend.LAZY
+    )
 
 
 def lazy_decode(
@@ -170,25 +141,17 @@ def lazy_decode(
     scale: float | None = None,
     return_lse: bool = False,
 ):
-    """Deferred-RoPE attention of one new token per request (eq. 8), split-KV.
+    """:func:`lazyattention.reference.lazy_decode`, split-KV.
 
     Each request's key tiles are split among several programs (flash-decoding) so that
     long contexts at small batch fill the GPU; the partial results are merged by
-    log-sum-exp (eq. 12) in a second small kernel.
-
-    Args:
-        q: ``[B, H, D]`` pre-RoPE queries, one per request.
-        k_cache: ``[N, S, Hkv, D]``.
-        v_cache: ``[N, S, Hkv, D]``.
-        layout: every request with ``num_queries == 1``.
-        rope: the model's RoPE.
-        scale: softmax scale; ``None`` means ``1/sqrt(D)``.
-        return_lse: also return ``lse [B, H]``.
-
-    Returns:
-        ``out [B, H, D]`` (and ``lse [B, H]`` float32).
+    log-sum-exp (eq. 12) in a second small kernel. The split count depends only on the
+    shapes (batch, heads, padded blocks per request), never on the data, so a call with
+    fixed shapes can be captured in a CUDA graph.
     """
-    return _attention("lazy_decode", q, k_cache, v_cache, layout, rope, scale, return_lse, True, _attend.LAZY)
+    return _attention(
+        "lazy_decode", q, k_cache, v_cache, layout, rope, scale, return_lse=return_lse, decode=True, mode=_attend.LAZY
+    )
 
 
 def raw_prefill(
@@ -200,13 +163,12 @@ def raw_prefill(
     scale: float | None = None,
     return_lse: bool = False,
 ):
-    """Raw-cache variant (eq. 10): the cache holds **unrotated** keys; the kernel
-    rotates every key tile at its logical positions, the query at its own.
-
-    Arguments and returns as :func:`lazy_prefill`, except that ``k_cache`` was written
-    with ``write_kv(..., rope=None)``.
-    """
-    return _attention("raw_prefill", q, k_cache, v_cache, layout, rope, scale, return_lse, False, _attend.RAW)
+    """:func:`lazyattention.reference.raw_prefill`: the kernel of :func:`lazy_prefill`
+    with every key tile rotated at its logical positions (eq. 10), the query once at
+    its own; key tiles are gathered by rows (their partner channels are needed)."""
+    return _attention(
+        "raw_prefill", q, k_cache, v_cache, layout, rope, scale, return_lse=return_lse, decode=False, mode=_attend.RAW
+    )
 
 
 def raw_decode(
@@ -218,8 +180,11 @@ def raw_decode(
     scale: float | None = None,
     return_lse: bool = False,
 ):
-    """Raw-cache variant of :func:`lazy_decode` (eq. 10): ``q [B, H, D]``, unrotated cache."""
-    return _attention("raw_decode", q, k_cache, v_cache, layout, rope, scale, return_lse, True, _attend.RAW)
+    """:func:`lazyattention.reference.raw_decode`: :func:`lazy_decode`'s split-KV kernel
+    with the raw cache's per-key rotation (eq. 10)."""
+    return _attention(
+        "raw_decode", q, k_cache, v_cache, layout, rope, scale, return_lse=return_lse, decode=True, mode=_attend.RAW
+    )
 
 
 def eager_attention(
@@ -231,17 +196,14 @@ def eager_attention(
     scale: float | None = None,
     return_lse: bool = False,
 ):
-    """The materialise path (eq. 9), Block-Attention's: copy every block each request
-    reads into a private cache with its keys re-rotated by ``δ`` to their logical
-    positions, then attend with the query rotated at its own position.
+    """:func:`lazyattention.reference.eager_attention`: a copy kernel re-rotates every
+    block each request reads into a private cache (eq. 9), then the :func:`lazy_prefill`
+    kernel attends with every shift 0.
 
     Like the reference's definition, the copy and the attention are float32 (the
     re-rotated keys are never rounded back to a 16-bit dtype); the output is cast to
     ``q.dtype``. (The Block-Attention baseline of ``benchmarks/kernels.py`` copies in
     the cache dtype instead, as a serving engine would.)
-
-    Works for prefill (``q [Tq, H, D]``) and decode (``q [B, H, D]``, one query per
-    request). Arguments and returns as :func:`lazy_prefill`.
     """
     check_attention_inputs(q, k_cache, v_cache, layout, rope, scale, False)
     _check_backend("eager_attention", q, k_cache, v_cache)
@@ -255,9 +217,9 @@ def eager_attention(
         tables,
         max(req.num_queries for req in layout.requests),
         _attend.default_scale(q.shape[-1], scale),
-        _attend.LAZY,  # every shift is 0 now: the query is rotated at its own position
-        False,
-        return_lse,
+        mode=_attend.LAZY,  # every shift is 0 now: the query is rotated at its own position
+        decode=False,
+        return_lse=return_lse,
     )
     out = out.to(q.dtype)
     return (out, lse) if return_lse else out
@@ -269,21 +231,8 @@ def merge_attention(
     out_b: torch.Tensor,
     lse_b: torch.Tensor,
 ):
-    """Combine attention over two disjoint key sets by their log-sum-exps (eq. 12).
-
-    ``out = out_a·e^(lse_a − lse) + out_b·e^(lse_b − lse)`` with
-    ``lse = log(e^lse_a + e^lse_b)``; a part that saw no key has ``lse = −inf`` and
-    weight 0. The same kernel merges decode's split-KV partials.
-
-    Args:
-        out_a: ``[T, H, D]``.
-        lse_a: ``[T, H]``.
-        out_b: ``[T, H, D]``.
-        lse_b: ``[T, H]``.
-
-    Returns:
-        ``out [T, H, D]`` in ``out_a.dtype`` and ``lse [T, H]`` float32.
-    """
+    """:func:`lazyattention.reference.merge_attention` in one kernel, the one that also
+    merges decode's split-KV partials."""
     if out_a.shape != out_b.shape or lse_a.shape != lse_b.shape or out_a.shape[:2] != lse_a.shape:
         raise ValueError(
             f"merge_attention needs out [T, H, D] and lse [T, H] pairs of equal shapes, got "

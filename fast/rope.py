@@ -46,9 +46,9 @@ import torch
 import triton
 import triton.language as tl
 
-from lazyattention.reference.rope import MAX_POSITION, RopeConfig, inverse_frequencies
+from lazyattention.reference.rope import RopeConfig, inverse_frequencies
 
-__all__ = ["RopeTables", "rope_tables", "kernel_angles", "kernel_cos_sin", "check_int_positions"]
+__all__ = ["RopeTables", "rope_tables", "kernel_angles", "kernel_cos_sin"]
 
 # 2π to 60 significant digits: enough that rounding f_i · 2^64 is exact to the last bit.
 _TWO_PI = 2 * Fraction("3.14159265358979323846264338327950288419716939937510582097494")
@@ -113,20 +113,6 @@ def rope_tables(rope: RopeConfig, padded_dim: int, device: torch.device) -> Rope
         raise ValueError(f"padded_dim {padded_dim} < head_dim {rope.head_dim}")
     host = _host_tables(rope, padded_dim)
     return RopeTables(*(t.to(device) for t in host))
-
-
-def check_int_positions(positions: torch.Tensor, what: str) -> None:
-    """Host-side check that integer positions lie in ``[0, MAX_POSITION)``.
-
-    The kernels reduce any int64 exactly, but model-level positions live in the int32
-    range of the layout metadata; a position outside it is a caller's bug, so it raises
-    ``ValueError`` instead of being rotated by some wrapped angle.
-    """
-    if positions.numel() == 0:
-        return
-    lo, hi = int(positions.min()), int(positions.max())
-    if lo < 0 or hi >= MAX_POSITION:
-        raise ValueError(f"{what} must lie in [0, {MAX_POSITION}), got range [{lo}, {hi}]")
 
 
 # --------------------------------------------------------------------------- device code

@@ -1,10 +1,24 @@
 """``lazyattention.reference``: the readable PyTorch definition of deferred positional encoding.
 
 Runs on any device PyTorch runs on, never imports Triton. The attention functions
-(``lazy_prefill``, ``lazy_decode``, ``raw_prefill``, ``raw_decode``,
-``eager_attention``, ``write_kv``, ``merge_attention``) have twins of the same names
-and signatures in ``lazyattention.fast``: swap the module to swap the backend.
+(:data:`ATTENTION_API`) have twins of the same names and signatures in
+``lazyattention.fast``: swap the module to swap the backend.
 """
+
+# ruff: noqa: E402, F401  (re-exports, after ATTENTION_API, which attention.py reads while this file runs)
+
+#: The attention API that ``lazyattention.fast`` mirrors name for name: the one list of
+#: these names (``attention.py`` and ``lazyattention.fast`` build their ``__all__`` from
+#: it), defined before the imports so that ``attention.py`` can read it.
+ATTENTION_API = (
+    "write_kv",
+    "lazy_prefill",
+    "lazy_decode",
+    "raw_prefill",
+    "raw_decode",
+    "eager_attention",
+    "merge_attention",
+)
 
 from .attention import (
     eager_attention,
@@ -30,17 +44,6 @@ from .rope import (
     rotate,
 )
 from .tolerance import assert_close
-
-#: The attention API that ``lazyattention.fast`` mirrors name for name.
-ATTENTION_API = (
-    "write_kv",
-    "lazy_prefill",
-    "lazy_decode",
-    "raw_prefill",
-    "raw_decode",
-    "eager_attention",
-    "merge_attention",
-)
 
 __all__ = [
     *ATTENTION_API,

@@ -26,19 +26,12 @@ import math
 
 import torch
 
+from . import ATTENTION_API
 from .checks import check_attention_inputs, check_write_inputs
 from .layout import Layout, RequestLayout
 from .rope import RopeConfig, apply_rope, rotate
 
-__all__ = [
-    "write_kv",
-    "lazy_prefill",
-    "lazy_decode",
-    "raw_prefill",
-    "raw_decode",
-    "eager_attention",
-    "merge_attention",
-]
+__all__ = list(ATTENTION_API)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -57,6 +50,8 @@ def write_kv(
     slots: torch.Tensor,
     positions: torch.Tensor,
     rope: RopeConfig | None,
+    *,
+    validate: bool = True,
 ) -> None:
     """Write new tokens' keys and values into the paged cache, in place.
 
@@ -72,8 +67,12 @@ def write_kv(
         slots: ``[T]`` flat slot indices ``block * S + offset``, distinct.
         positions: ``[T]`` stored positions of the tokens.
         rope: the model's RoPE, or ``None`` for unrotated keys.
+        validate: check the values of ``slots`` and ``positions`` (range, distinct
+            slots). Shapes, dtypes and devices are checked either way. A caller that
+            has checked them already (once per step, on the host) passes ``False``, so
+            that no layer reads its device tensors back.
     """
-    check_write_inputs(k, v, k_cache, v_cache, slots, positions, rope)
+    check_write_inputs(k, v, k_cache, v_cache, slots, positions, rope, validate)
     stored = apply_rope(k, positions, rope) if rope is not None else k
     block, offset = _block_offset(slots.long(), k_cache.shape[1])
     k_cache[block, offset] = stored

@@ -79,8 +79,14 @@ def check_write_inputs(
     slots: torch.Tensor,
     positions: torch.Tensor,
     rope: RopeConfig | None,
+    validate: bool = True,
 ) -> None:
-    """Validate a cache write: ``k, v [T, Hkv, D]``, ``slots, positions [T]`` integers."""
+    """Validate a cache write: ``k, v [T, Hkv, D]``, ``slots, positions [T]`` integers.
+
+    Shapes, dtypes and devices are always checked. With ``validate``, the values of
+    ``slots`` and ``positions`` are checked too (:func:`check_write_values`), which
+    reads them: on a GPU that is a host synchronisation.
+    """
     for name, t in (("k", k), ("v", v), ("k_cache", k_cache), ("v_cache", v_cache)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -101,14 +107,20 @@ def check_write_inputs(
             raise ValueError(
                 f"{name} must be an int32/int64 tensor of shape [{k.shape[0]}], got {t.dtype} {tuple(t.shape)}"
             )
-    capacity = k_cache.shape[0] * k_cache.shape[1]
+    if rope is not None and rope.head_dim != k.shape[2]:
+        raise ValueError(f"rope.head_dim={rope.head_dim} but k has D={k.shape[2]}")
+    if validate:
+        check_write_values(slots, positions, capacity=k_cache.shape[0] * k_cache.shape[1])
+
+
+def check_write_values(slots: torch.Tensor, positions: torch.Tensor, capacity: int) -> None:
+    """Raise ``ValueError`` unless ``slots [T]`` are distinct and in ``[0, capacity)`` and
+    ``positions [T]`` lie in ``[0, MAX_POSITION)``."""
     if slots.numel() and (int(slots.min()) < 0 or int(slots.max()) >= capacity):
         raise ValueError(f"slots must lie in [0, {capacity}), got range [{int(slots.min())}, {int(slots.max())}]")
     if slots.numel() != torch.unique(slots).numel():
         raise ValueError("slots must be distinct: two tokens written to one slot")
-    if positions.numel() and not (0 <= int(positions.min()) and int(positions.max()) < MAX_POSITION):
+    if positions.numel() and not (int(positions.min()) >= 0 and int(positions.max()) < MAX_POSITION):
         raise ValueError(
             f"positions must lie in [0, {MAX_POSITION}), got range [{int(positions.min())}, {int(positions.max())}]"
         )
-    if rope is not None and rope.head_dim != k.shape[2]:
-        raise ValueError(f"rope.head_dim={rope.head_dim} but k has D={k.shape[2]}")

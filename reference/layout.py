@@ -216,6 +216,32 @@ class Layout:
             self._metadata[device] = BlockMetadata(*(t.to(device) for t in self._build_metadata()))
         return self._metadata[device]
 
+    def use_metadata(self, meta: BlockMetadata) -> None:
+        """Use ``meta``, already on its device, as :meth:`metadata` there.
+
+        For a serving loop that builds :meth:`metadata` on the host and moves a whole
+        step's tensors to the device in one copy (``meta`` is then views of that copy;
+        its rows may be padded past ``M`` with length-0 blocks; every kernel then reads
+        the same values as from :meth:`metadata`). Only shapes, dtypes and contiguity
+        are checked here: the values are the caller's, copied from the host's.
+        """
+        b, m = meta.block_table.shape
+        rows = max(len(req.own.blocks) + sum(len(s.blocks) for s in req.segments) for req in self.requests)
+        if b != self.batch_size or m < rows:
+            raise ValueError(
+                f"metadata [{b}, {m}] does not fit the layout's [{self.batch_size}, {rows}] (need B equal, M at least)"
+            )
+        for name, t in zip(BlockMetadata._fields, meta, strict=True):
+            want = (b + 1,) if name == "cu_queries" else (b, m) if name.startswith("block_") else (b,)
+            if t.dtype != torch.int32 or tuple(t.shape) != want or t.device != meta.block_table.device:
+                raise ValueError(
+                    f"metadata {name}: need int32 {want} on {meta.block_table.device}, got {t.dtype} "
+                    f"{tuple(t.shape)} on {t.device}"
+                )
+            if not t.is_contiguous():
+                raise ValueError(f"metadata {name} must be contiguous (the kernels read one row stride)")
+        self._metadata[meta.block_table.device] = meta
+
     def _build_metadata(self) -> BlockMetadata:
         S = self.block_size
         rows = []

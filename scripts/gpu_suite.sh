@@ -1,11 +1,18 @@
 #!/usr/bin/env bash
-# The fast path's GPU suite, in one call on a CUDA machine (the lent H100):
+# The fast path's GPU suite, in one call on a CUDA machine (the lent H100 or H200):
 #   1. the tests in tests/fast, compiled, at realistic shapes (LAZYATTN_GPU_SUITE=1:
 #      head dim 128, thousands of tokens, batch 16+), spread over 16 pytest workers (each
 #      may hold a few GiB of float64 oracle scores);
-#   2. the kernel benchmark (benchmarks/kernels.py), which checks parity first.
+#   2. the serving tests that use the fast backend: the model runner's (CUDA graphs
+#      against eager, no host synchronisation inside a step; compiled) and the engine's
+#      fast-backend test;
+#   3. the kernel benchmark (benchmarks/kernels.py), which checks parity first;
+#   4. with ENGINE_BENCH=NAME (e.g. engine_h200), the engine benchmark
+#      (benchmarks/engine.py --name NAME, about 6 minutes on an H200: run it in a call
+#      of its own, with SKIP_TESTS=1 to skip steps 1-3).
 # Everything is written under $OUT (default ./.out): nvidia-smi.txt, env.txt,
-# tests.log, junit.xml, bench.log, kernels.json. A short table is printed last.
+# tests.log, junit.xml, serving.log, serving.xml, bench.log, kernels.json. A short
+# table is printed last.
 # The package is used from the checkout through PYTHONPATH: nothing is installed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -20,6 +27,8 @@ nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1
 $PY -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__, "device", torch.cuda.get_device_name())' \
     | tee "$OUT/env.txt"
 
+tests_rc=0 serving_rc=0 bench_rc=0 tests_s=0 serving_s=0 bench_s=0
+if [ -z "${SKIP_TESTS:-}" ]; then
 start=$(date +%s)
 LAZYATTN_GPU_SUITE=1 timeout "${TEST_TIMEOUT:-360}" $PY -m pytest tests/fast -q -p no:warnings -n "${WORKERS:-16}" --durations=5 \
     --junitxml="$OUT/junit.xml" >"$OUT/tests.log" 2>&1
@@ -28,9 +37,27 @@ tests_s=$(($(date +%s) - start))
 grep -E "^(FAILED|ERROR)|passed|failed|s call" "$OUT/tests.log" | tail -n 30
 
 start=$(date +%s)
+timeout "${SERVING_TIMEOUT:-300}" $PY -m pytest tests/serving/test_runner.py tests/serving/test_engine.py -k "runner or fast_backend" \
+    -q -p no:warnings --durations=5 --junitxml="$OUT/serving.xml" >"$OUT/serving.log" 2>&1
+serving_rc=$?
+serving_s=$(($(date +%s) - start))
+grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/serving.log" | tail -n 15
+
+start=$(date +%s)
 timeout "${BENCH_TIMEOUT:-200}" $PY benchmarks/kernels.py --out "$OUT/kernels.json" ${BENCH_ARGS:-} >"$OUT/bench.log" 2>&1
 bench_rc=$?
 bench_s=$(($(date +%s) - start))
 tail -n "${TAIL:-45}" "$OUT/bench.log"
-echo "gpu_suite: tests rc=$tests_rc (${tests_s}s), benchmark rc=$bench_rc (${bench_s}s)"
-[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]
+fi
+
+engine_rc=0
+if [ -n "${ENGINE_BENCH:-}" ]; then
+    start=$(date +%s)
+    timeout "${ENGINE_TIMEOUT:-470}" $PY benchmarks/engine.py --name "$ENGINE_BENCH" --out "$OUT" \
+        --max-seconds "${ENGINE_SECONDS:-380}" >"$OUT/engine.log" 2>&1
+    engine_rc=$?
+    grep -vE "^\s*$" "$OUT/engine.log" | tail -n 60
+    echo "engine benchmark rc=$engine_rc ($(($(date +%s) - start))s)"
+fi
+echo "gpu_suite: tests rc=$tests_rc (${tests_s}s), serving rc=$serving_rc (${serving_s}s), benchmark rc=$bench_rc (${bench_s}s)"
+[ "$tests_rc" -eq 0 ] && [ "$serving_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ] && [ "$engine_rc" -eq 0 ]

@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lazyattention.reference import ATTENTION_API
 from lazyattention.reference import attention as reference_ops
 from lazyattention.reference.cache import PagedKVCache
 from lazyattention.reference.layout import Layout, Placement, RequestLayout
@@ -53,10 +54,6 @@ __all__ = [
 
 #: ``model_type`` values of ``config.json`` this loader understands.
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
-
-#: The attention functions the model calls; a backend must provide all of them.
-_BACKEND_FUNCTIONS = ("write_kv", "lazy_prefill", "lazy_decode", "raw_prefill", "raw_decode")
-
 
 # --------------------------------------------------------------------------- config
 
@@ -210,7 +207,8 @@ def attention_backend(name: str):
     ``"reference"`` is :mod:`lazyattention.reference.attention`. ``"fast"`` imports
     :mod:`lazyattention.fast` now (never earlier: ``reference`` must not pull in
     Triton) and raises ``RuntimeError`` naming what is missing: Triton, a CUDA device
-    (unless ``TRITON_INTERPRET=1``), or one of the functions the model calls.
+    (unless ``TRITON_INTERPRET=1``), or a function of the attention API
+    (:data:`~lazyattention.reference.ATTENTION_API`).
     """
     if name == "reference":
         return reference_ops
@@ -225,7 +223,7 @@ def attention_backend(name: str):
         ops = importlib.import_module("lazyattention.fast")
     except ImportError as exc:
         raise RuntimeError(f"backend='fast' needs Triton: importing lazyattention.fast failed ({exc})") from exc
-    missing = [f for f in _BACKEND_FUNCTIONS if not hasattr(ops, f)]
+    missing = [f for f in ATTENTION_API if not hasattr(ops, f)]
     if missing:
         raise RuntimeError(f"backend='fast': lazyattention.fast does not provide {', '.join(missing)}")
     return ops
@@ -254,6 +252,10 @@ class StepInputs:
         copy_dst: ``[C]`` destination slots, request-owned.
         copy_shift: ``[C]`` re-rotation ``δ`` of each copied key (eq. 9).
         logit_rows: rows of ``T`` whose logits are wanted (``None``: all).
+        validate: check the values of ``slots`` and ``positions`` in every layer's
+            ``write_kv`` (``validate=`` there). On a GPU that reads them back, a host
+            synchronisation per layer; the :class:`~lazyattention.serving.runner.ModelRunner`
+            checks them once per step on the host instead and turns this off.
     """
 
     slots: torch.Tensor
@@ -265,6 +267,7 @@ class StepInputs:
     copy_dst: torch.Tensor | None = None
     copy_shift: torch.Tensor | None = None
     logit_rows: torch.Tensor | None = None
+    validate: bool = True
     num_prefill: int = field(init=False, default=0)
 
     def __post_init__(self) -> None:
@@ -292,6 +295,7 @@ class StepInputs:
             copy_dst=move(self.copy_dst),
             copy_shift=move(self.copy_shift),
             logit_rows=move(self.logit_rows),
+            validate=self.validate,
         )
 
 
@@ -331,7 +335,9 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(t, self.num_heads, self.head_dim)  # pre-RoPE: the kernel rotates it
         k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        ops.write_kv(k, v, k_cache, v_cache, step.slots, step.positions, None if step.raw else rope)
+        ops.write_kv(
+            k, v, k_cache, v_cache, step.slots, step.positions, None if step.raw else rope, validate=step.validate
+        )
         if step.copy_src is not None and step.copy_src.numel():
             _copy_rerotated(k_cache, v_cache, step, rope, ops)
         out = torch.empty_like(q)
@@ -356,7 +362,9 @@ def _copy_rerotated(k_cache, v_cache, step: StepInputs, rope: RopeConfig, ops) -
     n, s, hkv, d = k_cache.shape
     k_src = k_cache.view(n * s, hkv, d)[step.copy_src]
     v_src = v_cache.view(n * s, hkv, d)[step.copy_src]
-    ops.write_kv(k_src, v_src, k_cache, v_cache, step.copy_dst, step.copy_shift, _rotation_only(rope))
+    ops.write_kv(
+        k_src, v_src, k_cache, v_cache, step.copy_dst, step.copy_shift, _rotation_only(rope), validate=step.validate
+    )
 
 
 def _rotation_only(rope: RopeConfig) -> RopeConfig:
@@ -440,11 +448,25 @@ class Model(nn.Module):
                 p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * std)
         return self
 
-    def new_cache(self, num_blocks: int, block_size: int) -> PagedKVCache:
-        """An empty paged cache shaped for this model, in its dtype and on its device."""
+    def new_cache(self, num_blocks: int, block_size: int, scratch_blocks: int = 1) -> PagedKVCache:
+        """An empty paged cache shaped for this model, in its dtype and on its device.
+
+        It holds ``num_blocks`` blocks for a :class:`~lazyattention.reference.BlockPool`
+        of that size, plus ``scratch_blocks`` after them that no pool hands out: the
+        padding rows of a CUDA-graph decode step write there
+        (:class:`~lazyattention.serving.runner.ModelRunner`).
+        """
+        if not isinstance(scratch_blocks, int) or scratch_blocks < 0:
+            raise ValueError(f"scratch_blocks must be an int >= 0, got {scratch_blocks!r}")
         cfg = self.cfg
         return PagedKVCache(
-            cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim, self.dtype, self.device
+            cfg.num_layers,
+            num_blocks + scratch_blocks,
+            block_size,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+            self.dtype,
+            self.device,
         )
 
     @torch.no_grad()
@@ -452,7 +474,7 @@ class Model(nn.Module):
         """One step: embed ``token_ids [T]``, run every layer, return the logits of
         ``step.logit_rows`` as float32 ``[len(logit_rows), V]``."""
         x = self.embed_tokens(token_ids)
-        for layer, k_cache, v_cache in zip(self.layers, cache.k, cache.v):
+        for layer, k_cache, v_cache in zip(self.layers, cache.k, cache.v, strict=True):
             x = layer(x, k_cache, v_cache, step, self.cfg.rope, self.ops)
         if step.logit_rows is not None:
             x = x[step.logit_rows]
@@ -470,7 +492,7 @@ class Model(nn.Module):
         if t == 0:
             raise ValueError("logits needs at least one token")
         blocks = -(-t // block_size)
-        cache = self.new_cache(blocks, block_size)
+        cache = self.new_cache(blocks, block_size, scratch_blocks=0)
         own = Placement(blocks=tuple(range(blocks)), length=t, start=0)
         layout = Layout([RequestLayout((), own, num_queries=t)], block_size)
         positions = torch.arange(t, device=self.device)

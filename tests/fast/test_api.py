@@ -41,9 +41,8 @@ def test_float64_raises_naming_the_case():
     with pytest.raises(NotImplementedError, match="float64"):
         fast.lazy_prefill(x.q, x.k_cache, x.v_cache, x.layout, case.rope)
     with pytest.raises(NotImplementedError, match="float64"):
-        fast.write_kv(x.q[:1, :1], x.q[:1, :1], x.k_cache, x.v_cache,
-                      torch.zeros(1, dtype=torch.int64, device=DEVICE), torch.zeros(1, dtype=torch.int64, device=DEVICE),
-                      case.rope)  # fmt: skip
+        zero = torch.zeros(1, dtype=torch.int64, device=DEVICE)
+        fast.write_kv(x.q[:1, :1], x.q[:1, :1], x.k_cache, x.v_cache, zero, zero, case.rope)
 
 
 @pytest.mark.parametrize("name", ["lazy_prefill", "raw_prefill", "eager_attention", "lazy_decode", "raw_decode"])
@@ -64,3 +63,18 @@ def test_write_positions_outside_the_int32_range_raise():
     slot = torch.zeros(1, dtype=torch.int64, device=DEVICE)
     with pytest.raises(ValueError, match="positions must lie in"):
         fast.write_kv(k, k, x.k_cache, x.v_cache, slot, slot + 2**31, case.rope)
+
+
+@pytest.mark.parametrize("module", [reference, fast], ids=["reference", "fast"])
+def test_write_kv_validate_false_skips_only_the_value_checks(module):
+    """``validate=False`` drops the checks that read ``slots`` and ``positions`` (a host
+    synchronisation on a GPU); shapes, dtypes and devices are still checked."""
+    case, x = _inputs(torch.float16)
+    k = torch.zeros(2, case.num_kv_heads, case.rope.head_dim, dtype=torch.float16, device=DEVICE)
+    twice = torch.zeros(2, dtype=torch.int64, device=DEVICE)  # two tokens into slot 0
+    with pytest.raises(ValueError, match="slots must be distinct"):
+        module.write_kv(k, k, x.k_cache, x.v_cache, twice, twice, case.rope)
+    with pytest.raises(ValueError, match="slots must be an int32/int64 tensor of shape"):
+        module.write_kv(k, k, x.k_cache, x.v_cache, twice[:1], twice, case.rope, validate=False)
+    distinct = torch.arange(2, device=DEVICE)
+    module.write_kv(k, k, x.k_cache, x.v_cache, distinct, distinct, case.rope, validate=False)
