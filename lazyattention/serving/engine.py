@@ -101,6 +101,10 @@ class Engine:
             still runs, alone).
         max_num_seqs: requests running at once.
         keep_logits: keep each request's first-token logits (quality checks).
+        cuda_graphs: replay decode steps from CUDA graphs (``None``: on CUDA with the
+            fast backend; see :class:`~lazyattention.serving.runner.ModelRunner`).
+        debug: check every layer's cache write (a host synchronisation per layer on a
+            GPU) instead of once per step; the tests turn it on.
 
     Example:
         >>> from lazyattention.serving.model import Model, ModelConfig
@@ -121,6 +125,9 @@ class Engine:
         max_batch_tokens: int = 4096,
         max_num_seqs: int = 32,
         keep_logits: bool = False,
+        *,
+        cuda_graphs: bool | None = None,
+        debug: bool = False,
     ):
         self.strategy = get_strategy(strategy)
         for name, value in (("max_batch_tokens", max_batch_tokens), ("max_num_seqs", max_num_seqs)):
@@ -131,7 +138,7 @@ class Engine:
         self.pool = BlockPool(num_blocks)
         self.store = SegmentStore(self.pool, block_size)
         self.cache = model.new_cache(num_blocks, block_size)
-        self.runner = ModelRunner(model, self.cache)
+        self.runner = ModelRunner(model, self.cache, cuda_graphs=cuda_graphs, debug=debug)
         self.scheduler = Scheduler(self.strategy, self.store, max_num_seqs, max_batch_tokens)
         self.keep_logits = keep_logits
         self.stats = EngineStats()

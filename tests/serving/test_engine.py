@@ -106,6 +106,7 @@ class EngineMachine(RuleBasedStateMachine):
             block_size=block_size,
             max_num_seqs=max_num_seqs,
             max_batch_tokens=max_batch_tokens,
+            debug=True,  # every layer checks its cache write
             keep_logits=True,
         )
         self.requests = []  # (request, shape) in the order they were added
@@ -329,7 +330,7 @@ docs = [torch.randint(0, 64, (n,), generator=g).tolist() for n in (21, 0, 9, 16)
 requests = [([1, 2, 3], docs[:3]), ([4], [docs[2], docs[1], docs[0], docs[3]])]
 
 def serve(model, strategy):
-    engine = Engine(model, strategy, num_blocks=48, block_size=8, keep_logits=True)
+    engine = Engine(model, strategy, num_blocks=48, block_size=8, keep_logits=True, debug=True)
     engine.generate([5], [docs[3], docs[0]], 1)
     reqs = [engine.add_request(q, d, 3) for q, d in requests]
     engine.run_until_done()

@@ -24,7 +24,7 @@ def _tight_engine(strategy, *shapes, slack=1, **kwargs):
     """An engine one block above the largest request: two of them cannot both finish
     without one giving its blocks back."""
     need = max(blocks_needed(strategy, 2, *shape) for shape in shapes)
-    return Engine(MODEL64, strategy, num_blocks=need + slack, block_size=2, keep_logits=True, **kwargs)
+    return Engine(MODEL64, strategy, num_blocks=need + slack, block_size=2, keep_logits=True, debug=True, **kwargs)
 
 
 def _run_checked(engine, steps):
