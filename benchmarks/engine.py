@@ -210,7 +210,7 @@ def decode_at_batch(model, base: WorkloadConfig, batch: int, new_tokens: int, cu
     engine = Engine(model, "lazy", num_blocks=blocks, block_size=BLOCK_SIZE, max_num_seqs=batch)
     for r in workload.requests:
         engine.add_request(r.query, workload.request_documents(r), r.max_new_tokens)
-    while engine.has_work() and (engine.waiting or not all(r.prefilled for r in engine.running)):
+    while engine.has_work() and (engine.waiting or not all(r.output for r in engine.running)):  # all prefilled
         engine.step()
     if len(engine.running) < batch:
         raise RuntimeError(f"requests finished before all {batch} were prefilled: raise --decode-tokens")
