@@ -2,18 +2,23 @@
 
 What they do, at build time and from the repository only (no network):
 
-* render every ``tutorials/NN_name.py`` (jupytext percent format) as the page
-  ``tutorials/NN_name.md``: markdown cells as prose, code cells as Python blocks. The
-  tutorials are not executed here; ``tests/test_tutorials.py`` runs them.
+* run every ``tutorials/NN_name.py`` (jupytext percent format) cell by cell, each in a
+  process of its own (``docs/run_tutorial.py``, several at once), and render it as the
+  page ``tutorials/NN_name.md``: markdown cells as prose, code cells as Python blocks,
+  each followed by what it printed and the figures it drew. A tutorial that fails is a
+  warning, so the strict build fails. ``tests/test_tutorials.py`` runs them too.
 * write ``api/fast.md``: the mkdocstrings page of ``lazyattention.fast`` once
   ``fast/__init__.py`` exists, a short "being written" page until then.
-* stand in for the optional pages whose source does not exist yet (a tutorial or a
-  benchmark page being written) with a short "being written" page, so the nav and every
-  link stay valid and ``mkdocs build --strict`` stays green while the project grows. Any
-  other missing page still fails the strict build.
+* stand in for the optional pages whose source does not exist yet (a tutorial, a
+  benchmark page, the quality page, the vLLM how-to: ``OPTIONAL_DOCS``) with a short
+  "being written" page, so the nav and every link stay valid and ``mkdocs build
+  --strict`` stays green while the project grows. Any other missing page still fails
+  the strict build.
 * fill the markers ``<!-- figures:NAME -->`` in pages with tables built from committed
-  files: ``benchmarks/results/*.json`` (headline figures, with their device) and a run of
-  ``tutorials/07_numerics.py`` (measured rounding errors). Figures are never typed by hand.
+  files: ``benchmarks/results/*.json`` (the newest file of each kind, with its device
+  and date) and the build's run of ``tutorials/07_numerics.py`` (measured rounding
+  errors); ``<!-- figures:idea -->`` inlines ``docs/assets/idea.svg`` so that it takes
+  the page's colours. Figures are never typed by hand.
 * check that every ``lazyattention.reference.X`` / ``lazyattention.fast.X`` a page names
   exists; a missing name is a warning, which ``strict`` turns into a failed build.
 """
@@ -21,12 +26,16 @@ What they do, at build time and from the repository only (no network):
 from __future__ import annotations
 
 import ast
-import contextlib
-import io
+import base64
 import json
 import logging
+import os
 import re
-import runpy
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import jupytext
@@ -39,8 +48,32 @@ TUTORIALS = ROOT / "tutorials"
 RESULTS = ROOT / "benchmarks" / "results"
 FAST_INIT = ROOT / "fast" / "__init__.py"
 
-#: Nav pages written by other parts of the project; absent ones get a stand-in page.
-OPTIONAL_DOCS = ("benchmarks/kernels.md", "benchmarks/engine.md")
+#: Nav pages written by other parts of the project, and the stand-in each gets while absent
+#: (tutorials, also optional, get theirs from ``placeholder_markdown``).
+OPTIONAL_DOCS = {
+    "benchmarks/kernels.md": (
+        "# Kernels\n\n*Not yet measured.* This page is written from the committed kernel results "
+        "under `benchmarks/results/` when they land; the [benchmarks overview](index.md) lists what "
+        "is there now.\n"
+    ),
+    "benchmarks/engine.md": (
+        "# Serving engine\n\n*Not yet measured.* This page is written from the committed engine "
+        "results under `benchmarks/results/` when they land; the [benchmarks overview](index.md) "
+        "lists what is there now.\n"
+    ),
+    "concepts/quality.md": (
+        "# Quality on a real model\n\n*Not yet measured.* This page reports the lazy and "
+        "Block-Attention outputs of a real checkpoint side by side, from the committed "
+        "`benchmarks/results/quality_*.json`, when that run lands.\n"
+    ),
+    "howto/vllm.md": (
+        "# Serve with vLLM\n\n*Being written.* This page explains the vLLM plugin "
+        "(`lazyattention.integrations`) once it lands.\n"
+    ),
+}
+RUNNER = ROOT / "docs" / "run_tutorial.py"
+#: Top-level tables of ``tutorials/07_numerics.py`` that the numerics page shows.
+NUMERICS_TABLES = ("ANGLE_ERRORS", "SCORE_ERRORS", "ATTENTION_ERRORS")
 
 MARKER = re.compile(r"<!--\s*figures:([a-z0-9-]+)\s*-->")
 API_NAME = re.compile(r"lazyattention\.(reference|fast)\.([A-Za-z_][A-Za-z0-9_]*)(?:\.([A-Za-z_][A-Za-z0-9_]*))?")
@@ -70,29 +103,101 @@ def placeholder_markdown(uri: str) -> str:
     A stand-in rather than a gap keeps the nav complete and every link to the page
     valid (other pages and tutorials link to these before they land).
     """
-    if uri.startswith("tutorials/"):
-        stem = Path(uri).stem
-        return (
-            f"# {stem[:2].lstrip('0')}. {stem[3:].replace('_', ' ').capitalize()}\n\n"
-            f"*Being written.* This page is rendered from `tutorials/{stem}.py` as soon as "
-            "that file exists.\n"
-        )
-    title = Path(uri).stem.capitalize()
+    if uri in OPTIONAL_DOCS:
+        return OPTIONAL_DOCS[uri]
+    stem = Path(uri).stem
     return (
-        f"# {title}\n\n*Not yet measured.* This page is written from the committed result "
-        "files under `benchmarks/results/` when they land; the "
-        "[benchmarks overview](index.md) lists what is there now.\n"
+        f"# {stem[:2].lstrip('0')}. {stem[3:].replace('_', ' ').capitalize()}\n\n"
+        f"*Being written.* This page is rendered from `tutorials/{stem}.py` as soon as "
+        "that file exists.\n"
     )
 
 
 # --------------------------------------------------------------------------- generated pages
 
 
-def tutorial_markdown(path: Path) -> str:
-    """A tutorial ``.py`` (jupytext percent format) as a markdown page."""
+def _tutorial_environment(workers: int) -> dict[str, str]:
+    """The environment a tutorial runs in during the build: as ``tests/test_tutorials.py``
+    runs it (Triton's interpreter without CUDA), with the CPU shared among ``workers``."""
+    env = dict(os.environ, MPLBACKEND="Agg", PYTHONHASHSEED="0")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
+    if "TRITON_INTERPRET" not in env:
+        import torch
+
+        if not torch.cuda.is_available():
+            env["TRITON_INTERPRET"] = "1"
+    return env
+
+
+def run_tutorial(path: Path, env: dict[str, str]) -> dict:
+    """Run one tutorial in a fresh process (``docs/run_tutorial.py``); its cells' outputs."""
+    keep = list(NUMERICS_TABLES) if path.stem == "07_numerics" else []
+    with tempfile.TemporaryDirectory() as scratch:  # a tutorial that writes files leaves no trace
+        out = Path(scratch) / "run.json"
+        result = subprocess.run(
+            [sys.executable, str(RUNNER), str(path), str(out), *keep],
+            cwd=scratch,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=1200,
+        )
+        if result.returncode != 0 or not out.exists():
+            return {"cells": [], "tables": {}, "seconds": 0.0, "error": result.stderr[-4000:] or "no output"}
+        return json.loads(out.read_text(encoding="utf-8"))
+
+
+def run_tutorials(paths: list[Path]) -> dict[str, dict]:
+    """Every tutorial's run, several at once; a failed one is a warning (a strict failure)."""
+    workers = max(1, min(len(paths), os.cpu_count() or 1, 4))
+    env = _tutorial_environment(workers)
+    start = time.perf_counter()
+    with ThreadPoolExecutor(workers) as pool:
+        runs = dict(zip((p.stem for p in paths), pool.map(lambda p: run_tutorial(p, env), paths), strict=True))
+    for stem, run in runs.items():
+        if run["error"]:
+            log.warning("tutorials/%s.py failed while the docs were built:\n%s", stem, run["error"])
+        else:
+            log.info("tutorials/%s.py ran in %.1f s", stem, run["seconds"])
+    log.info("%d tutorials ran in %.1f s (%d at a time)", len(paths), time.perf_counter() - start, workers)
+    return runs
+
+
+def _fence(text: str, lang: str) -> str:
+    """``text`` in a fenced block longer than any run of backticks inside it."""
+    longest = max((len(m) for m in re.findall(r"`+", text)), default=0)
+    ticks = "`" * max(3, longest + 1)
+    return f"{ticks}{lang}\n{text}\n{ticks}"
+
+
+def _output_block(markdown: str) -> str:
+    """A cell's output, set apart from the code above it (``.tutorial-output`` in extra.css)."""
+    return f'<div class="tutorial-output" markdown>\n\n{markdown}\n\n</div>'
+
+
+def _device_words() -> str:
+    import torch
+
+    return "a CUDA GPU" if torch.cuda.is_available() else "a CPU (Triton kernels under its interpreter)"
+
+
+def tutorial_markdown(path: Path, run: dict | None = None) -> tuple[str, list[tuple[str, bytes]]]:
+    """A tutorial ``.py`` (jupytext percent format) as a markdown page, and its figures.
+
+    With ``run`` (from :func:`run_tutorial`), each code cell is followed by what it
+    printed and by the figures it drew, returned as ``(file name, PNG bytes)`` for the
+    page's ``figures/`` folder.
+    """
     notebook = jupytext.reads(path.read_text(encoding="utf-8"), fmt="py:percent")
     rel = path.relative_to(ROOT).as_posix()
-    parts = []
+    outputs = {cell["index"]: cell for cell in (run or {}).get("cells", [])}
+    size = (
+        "the small size of the test suite"
+        if os.environ.get("LAZYATTENTION_TUTORIAL_SMALL") == "1"
+        else "its default size"
+    )
+    parts, figures = [], []
     for i, cell in enumerate(notebook.cells):
         source = cell.source.strip("\n")
         if not source.strip():
@@ -100,15 +205,28 @@ def tutorial_markdown(path: Path) -> str:
         if cell.cell_type == "markdown":
             parts.append(source)
         else:
-            parts.append(f"```python\n{source}\n```")
+            parts.append(_fence(source, "{.python .tutorial-code}"))
+            output = outputs.get(i)
+            if output and output["stdout"].strip():
+                parts.append(_output_block(_fence(output["stdout"].rstrip("\n"), "text")))
+            for k, png in enumerate(output["figures"] if output else []):
+                name = f"{path.stem}-{i}-{k}.png"
+                figures.append((name, base64.b64decode(png)))
+                parts.append(_output_block(f"![Figure drawn by the cell above](figures/{name})"))
         if i == 0:
+            ran = (
+                f" The output under each cell was produced by running it when this site was built, at {size}, "
+                f"on {_device_words()}: {run['seconds']:.0f} s."
+                if run and not run.get("error")
+                else ""
+            )
             parts.append(
                 '!!! example "Run it"\n'
                 f"    This page is the file `{rel}`, rendered. Run it with "
                 f"`.venv/bin/python {rel}`: it asserts every claim it makes. The test suite runs "
-                "it too (`tests/test_tutorials.py`), at a small size."
+                f"it too (`tests/test_tutorials.py`), at a small size.{ran}"
             )
-    return "\n\n".join(parts) + "\n"
+    return "\n\n".join(parts) + "\n", figures
 
 
 def tutorial_summary(path: Path) -> tuple[str, str]:
@@ -250,8 +368,13 @@ def fast_api_markdown() -> str:
 
 
 def on_files(files, config):
-    for path in sorted(TUTORIALS.glob("[0-9][0-9]_*.py")):
-        files.append(File.generated(config, f"tutorials/{path.stem}.md", content=tutorial_markdown(path)))
+    paths = sorted(TUTORIALS.glob("[0-9][0-9]_*.py"))
+    _cache["runs"] = run_tutorials(paths)
+    for path in paths:
+        page, figures = tutorial_markdown(path, _cache["runs"][path.stem])
+        files.append(File.generated(config, f"tutorials/{path.stem}.md", content=page))
+        for name, png in figures:
+            files.append(File.generated(config, f"tutorials/figures/{name}", content=png))
     tutorial_uris = [u for u in _nav_uris(config["nav"]) if u.startswith("tutorials/") and u != "tutorials/index.md"]
     files.append(File.generated(config, "tutorials/index.md", content=tutorials_index_markdown(tutorial_uris)))
     for uri in _nav_uris(config["nav"]):
@@ -390,12 +513,10 @@ def results_table() -> str:
 
 
 def _numerics() -> dict:
-    """Run ``tutorials/07_numerics.py`` once per build and keep its measured tables."""
-    if "numerics" not in _cache:
-        path = TUTORIALS / "07_numerics.py"
-        with contextlib.redirect_stdout(io.StringIO()):  # its prints belong to readers, not the build log
-            _cache["numerics"] = runpy.run_path(str(path), run_name="lazyattention_docs")
-    return _cache["numerics"]
+    """The measured tables of this build's run of ``tutorials/07_numerics.py``."""
+    if "runs" not in _cache:  # outside a build (the tests): run it now
+        _cache["runs"] = run_tutorials([TUTORIALS / "07_numerics.py"])
+    return _cache["runs"].get("07_numerics", {}).get("tables", {})
 
 
 def _markdown_table(rows: list[dict]) -> str:

@@ -1,0 +1,74 @@
+"""Run a tutorial cell by cell and record what each code cell shows.
+
+Usage: ``python docs/run_tutorial.py tutorials/NN_name.py OUT.json [NAME ...]``.
+
+The tutorial (jupytext percent format) runs as a notebook would: every code cell in one
+namespace, in order. For each code cell the JSON keeps what it printed and the
+matplotlib figures it left open (PNG, base64), then closes them. ``NAME``s are top-level
+variables to keep as well (JSON-serialisable tables, e.g. the numerics tables). A cell
+that raises stops the run; the JSON then carries the traceback. ``docs/hooks.py`` runs
+this in a fresh process per tutorial, so no tutorial sees another's state.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import io
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+
+#: Figures are drawn for the page's column (about 800 CSS px), at twice that resolution.
+FIGURE_DPI = 144
+
+
+def _figures() -> list[str]:
+    import matplotlib.pyplot as plt
+
+    images = []
+    for number in plt.get_fignums():
+        buffer = io.BytesIO()
+        plt.figure(number).savefig(buffer, format="png", dpi=FIGURE_DPI, bbox_inches="tight")
+        images.append(base64.b64encode(buffer.getvalue()).decode("ascii"))
+    plt.close("all")
+    return images
+
+
+def run(path: Path, keep: list[str]) -> dict:
+    import jupytext
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plt.show = lambda *args, **kwargs: None  # figures are collected after each cell instead
+    notebook = jupytext.reads(path.read_text(encoding="utf-8"), fmt="py:percent")
+    namespace = {"__name__": "__main__", "__file__": str(path)}
+    cells, error = [], None
+    start = time.perf_counter()
+    for index, cell in enumerate(notebook.cells):
+        if cell.cell_type != "code" or not cell.source.strip():
+            continue
+        stdout = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(stdout):
+                exec(compile(cell.source, f"{path.name} (cell {index})", "exec"), namespace)
+        except BaseException:
+            error = traceback.format_exc(limit=-8)
+        cells.append({"index": index, "stdout": stdout.getvalue(), "figures": _figures()})
+        if error:
+            break
+    tables = {name: namespace[name] for name in keep if name in namespace}
+    return {"cells": cells, "tables": tables, "error": error, "seconds": time.perf_counter() - start}
+
+
+def main() -> None:
+    path, out, *keep = sys.argv[1:]
+    Path(out).write_text(json.dumps(run(Path(path).resolve(), keep)), encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
