@@ -76,7 +76,9 @@ RUNNER = ROOT / "docs" / "run_tutorial.py"
 NUMERICS_TABLES = ("ANGLE_ERRORS", "SCORE_ERRORS", "ATTENTION_ERRORS")
 
 MARKER = re.compile(r"<!--\s*figures:([a-z0-9-]+)\s*-->")
-API_NAME = re.compile(r"lazyattention\.(reference|fast)\.([A-Za-z_][A-Za-z0-9_]*)(?:\.([A-Za-z_][A-Za-z0-9_]*))?")
+API_NAME = re.compile(
+    r"lazyattention\.(reference|fast|serving|integrations)\.([A-Za-z_][A-Za-z0-9_]*)(?:\.([A-Za-z_][A-Za-z0-9_]*))?"
+)
 SPHINX_ROLE = re.compile(r":(?:func|class|meth|attr|data|mod|obj|exc):(<code>)")
 
 _cache: dict[str, object] = {}
@@ -547,13 +549,14 @@ def plots_markdown() -> str:
 BENCHMARK_PAGES = (
     (
         "kernels.md",
-        "Kernels (H100)",
-        "the lazy prefill and decode kernels beside the same kernels without rotation, PyTorch "
-        "SDPA and the copy-and-re-rotate (Block-Attention) path, with the targets each had to meet.",
+        "Kernels",
+        "the lazy prefill and decode kernels beside the same kernels without rotation, FlashInfer "
+        "(where measured), PyTorch SDPA and the copy-and-re-rotate (Block-Attention) path, with the "
+        "targets each had to meet.",
     ),
     (
         "engine.md",
-        "Engine (H100)",
+        "Serving engine",
         "the document workload under every reuse strategy: TTFT, throughput, hit ratio and KV "
         "memory against popularity skew and KV budget.",
     ),
@@ -569,7 +572,223 @@ def benchmark_pages() -> str:
     return "\n".join(lines)
 
 
+# --------------------------------------------------------------------------- the home page's figures
+
+IDEA_SVG = ROOT / "docs" / "assets" / "idea.svg"
+
+
+def idea_figure() -> str:
+    """``docs/assets/idea.svg`` inlined, so that its text takes the page's colour (dark theme too)."""
+    svg = IDEA_SVG.read_text(encoding="utf-8").strip()
+    return f'<figure class="idea" markdown="0">\n{svg}\n</figure>'
+
+
+def _kind(name: str) -> str:
+    """The kind of a result file: ``kernels_h200.json`` is a ``kernels`` result."""
+    return name.split("_", 1)[0].removesuffix(".json")
+
+
+def newest(kind: str) -> tuple[str, dict] | None:
+    """The committed result of that kind with the latest recorded date (then name)."""
+    found = [(name, data) for name, data in _load_results() if _kind(name) == kind]
+    return max(found, key=lambda item: (_date(item[1]), item[0]), default=None)
+
+
+def _source(name: str, data: dict) -> str:
+    return f"Measured on **{describe_device(data)}**, {_date(data)[:10]} (`benchmarks/results/{name}`)."
+
+
+def _best_bold(values: list[float | None], fmt: str) -> list[str]:
+    best = max((v for v in values if v is not None), default=None)
+    cells = []
+    for v in values:
+        text = "—" if v is None else format(v, fmt)
+        cells.append(f"**{text}**" if v is not None and v == best else text)
+    return cells
+
+
+def _provider(rows: list[dict], field: str, *candidates: str) -> str | None:
+    """The first provider among ``candidates`` (a name, or ``~part`` for any name holding
+    ``part``) that some row measured in ``field``."""
+    names = {n for r in rows for n, v in (r.get(field) or {}).items() if v}
+    for cand in candidates:
+        match = sorted(n for n in names if (cand[1:] in n if cand.startswith("~") else n == cand))
+        if match:
+            return match[0]
+    return None
+
+
+#: The kernel rows a newcomer can place: (column title, providers to look for).
+PREFILL_PEERS = (
+    ("lazy (ours)", ("lazy",)),
+    ("FlashInfer", ("~flashinfer",)),
+    ("SDPA flash, pre-rotated keys", ("sdpa_flash",)),
+    ("SDPA cuDNN, pre-rotated keys", ("sdpa_cudnn",)),
+    ("materialise: copy + re-rotate, then SDPA", ("materialise_sdpa", "materialise")),
+)
+DECODE_PEERS = (
+    ("lazy (ours)", ("lazy",)),
+    ("FlashInfer", ("~flashinfer",)),
+    ("materialise: copy + re-rotate", ("materialise",)),
+)
+OFFICIAL_KERNELS = (
+    "The official LazyAttention kernels (a patch layer over vLLM 0.9.2: Llama only, NeoX RoPE, "
+    "rotation math in bf16) come with no published kernel-level throughput that could sit in these "
+    "tables; the paper reports end-to-end serving figures, set beside the engine's below."
+)
+
+
+def _peer_table(rows: list[dict], field: str, peers, key_cols, fmt: str, extra=None) -> tuple[str, list[str]]:
+    """A table of ``field`` per provider, one row per shape; also the peers not measured."""
+    chosen = [(title, _provider(rows, field, *cands)) for title, cands in peers]
+    present = [(title, name) for title, name in chosen if name]
+    missing = [title for title, name in chosen if not name]
+    head = [title for title, _ in key_cols] + [title for title, _ in present]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        values = [(r.get(field) or {}).get(name) for _, name in present]
+        cells = _best_bold(values, fmt)
+        if extra:
+            cells = [c if v is None else f"{c} {extra(v)}" for c, v in zip(cells, values, strict=True)]
+        keys = [describe(r) for _, describe in key_cols]
+        lines.append("| " + " | ".join(keys + cells) + " |")
+    return "\n".join(lines), missing
+
+
+def peers_kernels() -> str:
+    """Lazy against FlashInfer, SDPA on pre-rotated keys and materialise, from the newest
+    kernel result; a line for every peer that file did not measure."""
+    found = newest("kernels")
+    if found is None:
+        return (
+            "*Kernels not yet measured on a GPU*: no kernel result is committed under `benchmarks/results/`.\n\n"
+            + OFFICIAL_KERNELS
+        )
+    name, data = found
+    device = describe_device(data)
+    parts = [_source(name, data)]
+    prefill = [r for r in data.get("prefill") or [] if r.get("head_dim", 128) == 128 and r.get("tflops")]
+    if prefill:
+        table, missing = _peer_table(
+            prefill,
+            "tflops",
+            PREFILL_PEERS,
+            [
+                ("keys", lambda r: f"{r.get('Tk', 0) // 1024}k"),
+                ("document length", lambda r: str(r.get("segment", "—"))),
+            ],
+            ".0f",
+        )
+        parts += [
+            f"**Prefill**, TFLOP/s (higher is better; best in bold): {data.get('heads', '?')} query heads over "
+            f"{data.get('kv_heads', '?')} KV heads, head dim 128, bf16, 1024 new query tokens per request after "
+            "documents cached once. SDPA and FlashInfer read the documents' keys already rotated where they "
+            "sit, contiguous: their best case, since neither can shift a cached document.",
+            table,
+        ]
+        parts += [f"*{m}: not yet measured on {device}.*" for m in missing]
+    else:
+        parts.append(f"*Prefill not yet measured on {device}.*")
+    decode = [r for r in data.get("decode") or [] if r.get("Tk", 0) >= 4096 and r.get("tb_per_s")]
+    copy_bw = (data.get("ceilings") or {}).get("copy_tb_per_s")
+    if decode:
+        table, missing = _peer_table(
+            decode,
+            "tb_per_s",
+            DECODE_PEERS,
+            [("requests", lambda r: str(r.get("batch", "—"))), ("keys", lambda r: f"{r.get('Tk', 0) // 1024}k")],
+            ".2f",
+            extra=(lambda v: f"({v / copy_bw:.0%})") if copy_bw else None,
+        )
+        ceiling = (
+            f" and, in brackets, the fraction of the device's copy bandwidth ({copy_bw:.2f} TB/s)" if copy_bw else ""
+        )
+        parts += [f"**Decode**, one query per request: TB/s of keys and values read{ceiling}.", table]
+        parts += [f"*{m}: not yet measured on {device}.*" for m in missing]
+    else:
+        parts.append(f"*Decode not yet measured on {device}.*")
+    parts.append(OFFICIAL_KERNELS)
+    return "\n\n".join(parts)
+
+
+#: The paper's headline (the official implementation, on its own hardware), for the engine table.
+PAPER_ENGINE = {"TTFT p50": 1.37, "throughput": 1.40}
+
+
+def peers_engine() -> str:
+    """The engine's lazy against Block-Attention, per workload setting, beside the paper's figures."""
+    found = newest("engine")
+    if found is None:
+        return "*The serving engine is not yet measured on a GPU*: no engine result is committed."
+    name, data = found
+    medians = data.get("medians") or data.get("runs") or []
+    by_setting: dict[tuple, dict] = {}
+    for row in medians:
+        key = (row.get("alpha"), row.get("budget_fraction"))
+        by_setting.setdefault(key, {}).setdefault(row.get("strategy"), row)
+    head = (
+        "| workload | TTFT p50: lazy / Block-Attention | lazy lower by | throughput: lazy / Block-Attention "
+        "| lazy higher by | KV copied by Block-Attention |\n|---|---|---|---|---|---|"
+    )
+    lines = []
+    for (alpha, budget), rows in by_setting.items():
+        lazy, block = rows.get("lazy"), rows.get("block_attention")
+        if not lazy or not block:
+            continue
+        skew = "uniform documents (α = 0)" if alpha == 0 else f"skewed documents (Zipf α = {alpha:g})"
+        lines.append(
+            f"| {skew}, KV budget {budget:.0%} | {lazy['ttft_p50'] * 1e3:.0f} / {block['ttft_p50'] * 1e3:.0f} ms | "
+            f"**{block['ttft_p50'] / lazy['ttft_p50']:.2f}×** | "
+            f"{lazy['requests_per_s']:.1f} / {block['requests_per_s']:.1f} requests/s | "
+            f"**{lazy['requests_per_s'] / block['requests_per_s']:.2f}×** | "
+            f"{block.get('bytes_copied', 0) / 1e9:.2f} GB |"
+        )
+    if not lines:
+        return _source(name, data) + "\n\n*This result holds no lazy and Block-Attention rows side by side.*"
+    lines.append(
+        "| the paper: skewed documents, the official implementation on its own hardware | — | "
+        f"{PAPER_ENGINE['TTFT p50']:.2f}× | — | {PAPER_ENGINE['throughput']:.2f}× | — |"
+    )
+    workload = data.get("workload") or {}
+    what = (
+        f"Model `{data.get('model', '?')}`, {data.get('dtype', '?')}; {workload.get('num_requests', '?')} requests "
+        f"of {workload.get('docs_per_request', '?')} documents (about {workload.get('doc_len_mean', '?')} tokens "
+        f"each) in random order; arrivals: {data.get('arrivals', 'not recorded')}; medians of the repeats."
+    )
+    return "\n\n".join([_source(name, data) + " " + what, head + "\n" + "\n".join(lines)])
+
+
+def _table_rows(data: dict) -> list[dict] | None:
+    for key in ("table", "rows", "results", "quality"):
+        rows = data.get(key)
+        if isinstance(rows, list) and rows and all(isinstance(r, dict) for r in rows):
+            return rows
+    return None
+
+
+def peers_quality() -> str:
+    """The real-model quality table of the newest ``quality_*.json``."""
+    found = newest("quality")
+    if found is None:
+        return (
+            "*Not yet measured.* The comparison of lazy and Block-Attention outputs on a real checkpoint "
+            "is written from `benchmarks/results/quality_*.json` once that run is committed; see "
+            "[Quality on a real model](concepts/quality.md)."
+        )
+    name, data = found
+    rows = _table_rows(data)
+    model = _find(data, "model", "checkpoint")
+    intro = _source(name, data) + (f" Model: `{model}`." if isinstance(model, str) else "")
+    if rows is None:
+        return intro + "\n\n*This result holds no table this page can read.*"
+    return "\n\n".join([intro, _markdown_table(rows), "More on [Quality on a real model](concepts/quality.md)."])
+
+
 FIGURES = {
+    "idea": idea_figure,
+    "peers-kernels": peers_kernels,
+    "peers-engine": peers_engine,
+    "peers-quality": peers_quality,
     "benchmark-pages": benchmark_pages,
     "plots": plots_markdown,
     "headline": headline_table,
@@ -613,13 +832,20 @@ def _defined_names(path: Path) -> set[str]:
 
 
 def check_api_names(markdown: str, page_uri: str) -> None:
-    """Warn (a strict-build failure) for each ``lazyattention.reference|fast.NAME[.ATTR]``
-    that does not exist. ``NAME`` may be a submodule, then ``ATTR`` is checked in it."""
+    """Warn (a strict-build failure) for each ``lazyattention.PACKAGE.NAME[.ATTR]`` that
+    does not exist (``PACKAGE``: reference, fast, serving, integrations). ``NAME`` may be a
+    submodule, then ``ATTR`` is checked in it."""
     for package, name, attr in set(API_NAME.findall(markdown)):
-        folder = ROOT / package
-        if (folder / f"{name}.py").exists():
-            if attr and attr not in _defined_names(folder / f"{name}.py"):
+        folder = ROOT / package if package in ("reference", "fast") else ROOT / "lazyattention" / package
+        if (folder / f"{name}.py").exists() or (folder / name / "__init__.py").exists():
+            module = folder / f"{name}.py" if (folder / f"{name}.py").exists() else folder / name / "__init__.py"
+            if attr and attr not in _defined_names(module):
                 log.warning("%s names lazyattention.%s.%s.%s, which does not exist", page_uri, package, name, attr)
+            continue
+        if package in ("serving", "integrations"):
+            init = folder / "__init__.py"
+            if not init.exists() or name not in _defined_names(init):
+                log.warning("%s names lazyattention.%s.%s, which does not exist", page_uri, package, name)
             continue
         if package == "reference":
             known = _reference_names()

@@ -31,7 +31,9 @@ def built_site() -> tuple[Path, float]:
     out = BUILD / "site"
     if out.exists():
         shutil.rmtree(out)
-    env = dict(os.environ, NO_MKDOCS_2_WARNING="1")
+    # The tutorials run during the build; at the test suite's small size here, as in
+    # tests/test_tutorials.py (the pages say which size their output comes from).
+    env = dict(os.environ, NO_MKDOCS_2_WARNING="1", LAZYATTENTION_TUTORIAL_SMALL="1")
     start = time.perf_counter()
     result = subprocess.run(
         [str(MKDOCS), "build", "--strict", "--site-dir", str(out)],

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import ast
+import json
 import os
 import re
 import subprocess
@@ -227,3 +228,102 @@ def test_drifted_api_names_are_caught(monkeypatch, tmp_path: Path, caplog):
     messages = [r.getMessage() for r in caplog.records]
     assert len(messages) == 3, messages
     assert "lazy_prefil" in messages[0] and "Engin" in messages[1] and "attention_scale" in messages[2]
+
+
+def _kernels_result(device: str, date: str, flashinfer: bool) -> dict:
+    extra = {"flashinfer_fa3": 410.0} if flashinfer else {}
+    return {
+        "environment": {"device": device, "date": date},
+        "ceilings": {"copy_tb_per_s": 4.0},
+        "heads": 32,
+        "kv_heads": 8,
+        "prefill": [
+            {"head_dim": 128, "Tk": 16384, "segment": 512, "tflops": {"lazy": 400.0, "sdpa_flash": 350.0, **extra}},
+            {"head_dim": 64, "Tk": 16384, "segment": 512, "tflops": {"lazy": 1.0}},  # D=64: not on the home page
+        ],
+        "decode": [{"batch": 16, "Tk": 16384, "tb_per_s": {"lazy": 3.0, "materialise": 1.0}}],
+    }
+
+
+def test_home_page_compares_with_peers_from_the_newest_result(monkeypatch, tmp_path: Path):
+    hooks = _hooks(monkeypatch, tmp_path)
+    assert "not yet measured" in hooks.peers_kernels()
+    assert "not yet measured" in hooks.peers_engine()
+    assert "Not yet measured" in hooks.peers_quality()
+
+    (tmp_path / "kernels_h100.json").write_text(json.dumps(_kernels_result("H100", "2026-11-24T02:00:00", False)))
+    table = hooks.peers_kernels()
+    assert "Measured on **H100**, 2026-11-24 (`benchmarks/results/kernels_h100.json`)" in table
+    assert "| 16k | 512 | **400** | 350 |" in table and "| 16k | 512 | 1 |" not in table
+    assert "*FlashInfer: not yet measured on H100.*" in table
+    assert "| 16 | 16k | **3.00** (75%) | 1.00 (25%) |" in table
+    assert "PASS" not in table and "MISS" not in table  # verdicts stay on the benchmark pages
+
+    (tmp_path / "kernels_h200.json").write_text(json.dumps(_kernels_result("H200", "2026-12-01T10:00:00", True)))
+    table = hooks.peers_kernels()
+    assert "on **H200**, 2026-12-01" in table and "FlashInfer |" in table
+    assert "| 16k | 512 | 400 | **410** | 350 |" in table
+    assert "FlashInfer: not yet measured" not in table.split("**Decode**")[0]
+
+    row = {"ttft_p50": 1.0, "requests_per_s": 10.0, "bytes_copied": 0}
+    medians = [
+        {"alpha": 1.0, "budget_fraction": 1.0, "strategy": "lazy", **row},
+        {
+            **row,
+            "alpha": 1.0,
+            "budget_fraction": 1.0,
+            "strategy": "block_attention",
+            "ttft_p50": 1.5,
+            "bytes_copied": 2e9,
+        },
+    ]
+    (tmp_path / "engine_h200.json").write_text(
+        json.dumps({"device": "H200", "date": "2026-12-01", "model": "m", "medians": medians})
+    )
+    engine = hooks.peers_engine()
+    assert "| skewed documents (Zipf α = 1), KV budget 100% | 1000 / 1500 ms | **1.50×** |" in engine
+    assert "| 2.00 GB |" in engine and "1.37×" in engine and "1.40×" in engine
+
+    (tmp_path / "quality_llama.json").write_text(
+        json.dumps({"device": "H200", "date": "2026-12-01", "model": "llama", "table": [{"task": "qa", "lazy": 0.5}]})
+    )
+    quality = hooks.peers_quality()
+    assert "Model: `llama`" in quality and "| qa | 0.5 |" in quality
+
+
+def test_optional_pages_have_stand_ins(monkeypatch, tmp_path: Path):
+    hooks = _hooks(monkeypatch, tmp_path)
+    for uri in ("concepts/quality.md", "howto/vllm.md", "benchmarks/kernels.md", "benchmarks/engine.md"):
+        assert hooks.placeholder_markdown(uri).startswith("# "), uri
+    assert "tutorials/08_huggingface_lazily.py" in hooks.placeholder_markdown("tutorials/08_huggingface_lazily.md")
+    nav = (ROOT / "mkdocs.yml").read_text(encoding="utf-8")
+    for uri in ("concepts/quality.md", "howto/vllm.md", "tutorials/08_huggingface_lazily.md"):
+        assert uri in nav, f"{uri} is not in the nav"
+
+
+def test_the_committed_idea_figure_is_what_its_script_draws():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_idea_svg", ROOT / "docs" / "figures" / "make_idea_svg.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    committed = (ROOT / "docs" / "assets" / "idea.svg").read_text(encoding="utf-8")
+    assert committed == module.idea_svg(), "docs/assets/idea.svg is stale: run python docs/figures/make_idea_svg.py"
+    assert "currentColor" in committed and 'fill="#fff"' in committed  # reads on light and dark pages
+
+
+def test_a_tutorial_page_shows_what_its_cells_print(monkeypatch, tmp_path: Path):
+    """The build runs each tutorial cell by cell: prints and figures land under their cell."""
+    hooks = _hooks(monkeypatch, tmp_path)
+    script = tmp_path / "01_tiny.py"
+    script.write_text(
+        '# %% [markdown]\n# # Tiny\n\n# %%\nprint("hello from a cell")\n\n'
+        "# %%\nimport matplotlib.pyplot as plt\nplt.plot([0, 1])\nplt.show()\n"
+    )
+    monkeypatch.setattr(hooks, "ROOT", tmp_path)
+    run = hooks.run_tutorial(script, hooks._tutorial_environment(1))
+    assert run["error"] is None, run["error"]
+    page, figures = hooks.tutorial_markdown(script, run)
+    assert "```text\nhello from a cell\n```" in page
+    assert len(figures) == 1 and figures[0][1][:4] == b"\x89PNG"
+    assert f"](figures/{figures[0][0]})" in page

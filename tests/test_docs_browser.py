@@ -10,7 +10,8 @@ loaded at 1280 px wide through Playwright driving Debian's ``chromium``. A page 
 * text that mentions an issue number or a session (the pages speak of the project only).
 
 One full-page screenshot per page is kept in ``build/docs/screenshots`` (or in
-``$LAZYATTENTION_DOCS_SCREENSHOTS``), named after the page's path.
+``$LAZYATTENTION_DOCS_SCREENSHOTS``), named after the page's path, and one of the home
+page on the dark theme (``home-dark.png``).
 
 Chromium: when ``/usr/bin/chromium`` is missing and the tests run as root, it is installed
 with ``apt-get`` (a fresh CI machine has none). Playwright is the Python package of the
@@ -201,6 +202,10 @@ def test_every_page_renders_cleanly(screenshots: Path):
             issues += [f"mentions {m!r}" for m in sorted({m.group(0) for m in FORBIDDEN_TEXT.finditer(found["text"])})]
             if issues:
                 problems[page or "/"] = issues
+        # The home page on the dark theme too: the picture of the idea must read there.
+        tab.emulate_media(color_scheme="dark")
+        tab.goto(server.url, wait_until="load")
+        tab.screenshot(path=str(screenshots / "home-dark.png"), full_page=True)
         browser.close()
     seconds = time.perf_counter() - start
     print(f"\n{len(pages)} pages in {seconds:.1f} s (site built in {build_seconds:.1f} s); screenshots: {screenshots}")
