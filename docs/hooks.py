@@ -633,8 +633,8 @@ DECODE_PEERS = (
 )
 OFFICIAL_KERNELS = (
     "The official LazyAttention kernels (a patch layer over vLLM 0.9.2: Llama only, NeoX RoPE, "
-    "rotation math in bf16) come with no published kernel-level throughput that could sit in these "
-    "tables; the paper reports end-to-end serving figures, set beside the engine's below."
+    "rotation math in bf16) have no published kernel-level throughput that we know of to set in these "
+    "tables; the paper reports end-to-end serving figures, which stand beside the engine's below."
 )
 
 
@@ -751,9 +751,10 @@ def peers_engine() -> str:
     )
     workload = data.get("workload") or {}
     what = (
-        f"Model `{data.get('model', '?')}`, {data.get('dtype', '?')}; {workload.get('num_requests', '?')} requests "
-        f"of {workload.get('docs_per_request', '?')} documents (about {workload.get('doc_len_mean', '?')} tokens "
-        f"each) in random order; arrivals: {data.get('arrivals', 'not recorded')}; medians of the repeats."
+        f"A model of the `{data.get('model', '?')}` shape, {data.get('dtype', '?')}; "
+        f"{workload.get('num_requests', '?')} requests of {workload.get('docs_per_request', '?')} documents "
+        f"(about {workload.get('doc_len_mean', '?')} tokens each) in random order; "
+        f"arrivals: {data.get('arrivals', 'not recorded')}; medians of the repeats."
     )
     return "\n\n".join([_source(name, data) + " " + what, head + "\n" + "\n".join(lines)])
 
