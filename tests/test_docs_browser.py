@@ -68,7 +68,7 @@ def _chromium() -> str:
     if os.name != "posix" or os.geteuid() != 0 or not shutil.which("apt-get"):
         _no_browser("chromium is not installed and cannot be installed here (needs root and apt-get)")
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    for cmd in (["apt-get", "update"], ["apt-get", "install", "-y", "--no-install-recommends", "chromium"]):
+    for cmd in (["apt-get", "update"], ["apt-get", "install", "-y", "chromium"]):
         result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
         if result.returncode != 0 and cmd[1] == "install":
             _no_browser(f"apt-get install chromium failed: {result.stderr[-500:]}")
