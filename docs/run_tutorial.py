@@ -21,17 +21,23 @@ import time
 import traceback
 from pathlib import Path
 
-#: Figures are drawn for the page's column (about 800 CSS px), at twice that resolution.
-FIGURE_DPI = 144
-
 
 def _figures() -> list[str]:
+    """The open figures as PNGs for the page. A figure wider than the page's column has
+    its text enlarged in proportion, so that it reads at the size the page shows it."""
     import matplotlib.pyplot as plt
+    from matplotlib.text import Text
+
+    from lazyattention.plot_style import DPI, PAGE_WIDTH
 
     images = []
     for number in plt.get_fignums():
+        fig = plt.figure(number)
+        scale = max(1.0, fig.get_figwidth() / PAGE_WIDTH)
+        for text in fig.findobj(Text):
+            text.set_fontsize(text.get_fontsize() * scale)
         buffer = io.BytesIO()
-        plt.figure(number).savefig(buffer, format="png", dpi=FIGURE_DPI, bbox_inches="tight")
+        fig.savefig(buffer, format="png", dpi=DPI, bbox_inches="tight")
         images.append(base64.b64encode(buffer.getvalue()).decode("ascii"))
     plt.close("all")
     return images
@@ -43,6 +49,12 @@ def run(path: Path, keep: list[str]) -> dict:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from lazyattention.plot_style import page_style
+
+    # The docs' look (legible fonts, white card); legends keep a frame, as a tutorial places
+    # its own legend and it may sit over a line.
+    plt.rcParams.update({**page_style(), "legend.frameon": True, "legend.framealpha": 0.9})
 
     plt.show = lambda *args, **kwargs: None  # figures are collected after each cell instead
     notebook = jupytext.reads(path.read_text(encoding="utf-8"), fmt="py:percent")
