@@ -753,8 +753,8 @@ def peers_engine() -> str:
     what = (
         f"A model of the `{data.get('model', '?')}` shape, {data.get('dtype', '?')}; "
         f"{workload.get('num_requests', '?')} requests of {workload.get('docs_per_request', '?')} documents "
-        f"(about {workload.get('doc_len_mean', '?')} tokens each) in random order; "
-        f"arrivals: {data.get('arrivals', 'not recorded')}; medians of the repeats."
+        f"(about {workload.get('doc_len_mean', '?')} tokens each) in random order, "
+        f"arrivals {data.get('arrivals', 'not recorded')}; medians of the repeats."
     )
     return "\n\n".join([_source(name, data) + " " + what, head + "\n" + "\n".join(lines)])
 
