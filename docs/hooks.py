@@ -655,6 +655,17 @@ def _peer_table(rows: list[dict], field: str, peers, key_cols, fmt: str, extra=N
     return "\n".join(lines), missing
 
 
+def _missing_peer(title: str, data: dict, device: str, other: str) -> str:
+    """The line for a peer a table could not show: unmeasured, or measured in another form
+    somewhere in the result other than the ``other`` table."""
+    if title.split()[0].lower() in json.dumps({k: v for k, v in data.items() if k != other}).lower():
+        return (
+            f"*{title} is in this result in a form this table does not read: see the "
+            "[kernels page](benchmarks/kernels.md).*"
+        )
+    return f"*{title}: not yet measured on {device}.*"
+
+
 def peers_kernels() -> str:
     """Lazy against FlashInfer, SDPA on pre-rotated keys and materialise, from the newest
     kernel result; a line for every peer that file did not measure."""
@@ -686,7 +697,7 @@ def peers_kernels() -> str:
             "sit, contiguous: their best case, since neither can shift a cached document.",
             table,
         ]
-        parts += [f"*{m}: not yet measured on {device}.*" for m in missing]
+        parts += [_missing_peer(m, data, device, "decode") for m in missing]
     else:
         parts.append(f"*Prefill not yet measured on {device}.*")
     decode = [r for r in data.get("decode") or [] if r.get("Tk", 0) >= 4096 and r.get("tb_per_s")]
@@ -704,7 +715,7 @@ def peers_kernels() -> str:
             f" and, in brackets, the fraction of the device's copy bandwidth ({copy_bw:.2f} TB/s)" if copy_bw else ""
         )
         parts += [f"**Decode**, one query per request: TB/s of keys and values read{ceiling}.", table]
-        parts += [f"*{m}: not yet measured on {device}.*" for m in missing]
+        parts += [_missing_peer(m, data, device, "prefill") for m in missing]
     else:
         parts.append(f"*Decode not yet measured on {device}.*")
     parts.append(OFFICIAL_KERNELS)
