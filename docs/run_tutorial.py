@@ -4,7 +4,8 @@ Usage: ``python docs/run_tutorial.py tutorials/NN_name.py OUT.json [NAME ...]``.
 
 The tutorial (jupytext percent format) runs as a notebook would: every code cell in one
 namespace, in order. For each code cell the JSON keeps what it printed and the
-matplotlib figures it left open (PNG, base64), then closes them. ``NAME``s are top-level
+matplotlib figures it left open (PNG, base64, in the docs' plot style with the legends
+moved under the figure), then closes them. ``NAME``s are top-level
 variables to keep as well (JSON-serialisable tables, e.g. the numerics tables). A cell
 that raises stops the run; the JSON then carries the traceback. ``docs/hooks.py`` runs
 this in a fresh process per tutorial, so no tutorial sees another's state.
@@ -22,6 +23,21 @@ import traceback
 from pathlib import Path
 
 
+def _legends_below(fig) -> None:
+    """Move the legends drawn inside axes to one legend under the figure, so that none
+    covers a line (``loc="best"`` avoids data points, not the segments between them)."""
+    seen: dict[str, object] = {}
+    for ax in fig.axes:
+        legend = ax.get_legend()
+        if legend is None:
+            continue
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            seen.setdefault(label, handle)
+        legend.remove()
+    if seen:
+        fig.legend(list(seen.values()), list(seen), loc="upper center", bbox_to_anchor=(0.5, 0), ncol=min(5, len(seen)))
+
+
 def _figures() -> list[str]:
     """The open figures as PNGs for the page. A figure wider than the page's column has
     its text enlarged in proportion, so that it reads at the size the page shows it."""
@@ -33,6 +49,7 @@ def _figures() -> list[str]:
     images = []
     for number in plt.get_fignums():
         fig = plt.figure(number)
+        _legends_below(fig)
         scale = max(1.0, fig.get_figwidth() / PAGE_WIDTH)
         for text in fig.findobj(Text):
             text.set_fontsize(text.get_fontsize() * scale)
@@ -52,9 +69,7 @@ def run(path: Path, keep: list[str]) -> dict:
 
     from lazyattention.plot_style import page_style
 
-    # The docs' look (legible fonts, white card); legends keep a frame, as a tutorial places
-    # its own legend and it may sit over a line.
-    plt.rcParams.update({**page_style(), "legend.frameon": True, "legend.framealpha": 0.9})
+    plt.rcParams.update(page_style())  # the docs' look: legible fonts, white card
 
     plt.show = lambda *args, **kwargs: None  # figures are collected after each cell instead
     notebook = jupytext.reads(path.read_text(encoding="utf-8"), fmt="py:percent")
