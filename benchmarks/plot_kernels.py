@@ -20,6 +20,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from lazyattention.plot_style import PAGE_WIDTH, color, legend_below, page_style
+
 ROOT = Path(__file__).resolve().parent.parent
 PREFILL = ("lazy", "norot", "raw", "sdpa_flash", "sdpa_cudnn", "materialise", "materialise_sdpa")
 DECODE = ("lazy", "norot", "raw", "materialise")
@@ -35,33 +37,37 @@ LABELS = {
 
 
 def plot(result: dict, path: Path) -> None:
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8))
-    rows = result["prefill"]
-    labels = [f"D{r['head_dim']}\n{r['Tk'] // 1024}k/L{r['segment']}" for r in rows]
-    for name in PREFILL:
-        ys = [r["tflops"].get(name) for r in rows]
-        if any(ys):
-            ax1.plot(range(len(rows)), [y if y else float("nan") for y in ys], marker="o", label=LABELS[name])
-    ax1.set_xticks(range(len(rows)), labels, fontsize=7)
-    ax1.set_ylabel("TFLOP/s")
-    ax1.set_title(f"Prefill, bf16, H={result['heads']}/Hkv={result['kv_heads']}, 1024 queries/request")
-    ax1.legend(fontsize=7)
-    ax1.grid(alpha=0.3)
-    copy_bw = result["ceilings"]["copy_tb_per_s"]
-    rows = result["decode"]
-    labels = [f"B{r['batch']}\n{r['Tk'] // 1024}k" for r in rows]
-    for name in DECODE:
-        ys = [r["tb_per_s"].get(name) for r in rows]
-        ax2.plot(range(len(rows)), [y / copy_bw if y else float("nan") for y in ys], marker="o", label=LABELS[name])
-    ax2.axhline(0.85, color="gray", linestyle="--", linewidth=1, label="target: 85% of copy bandwidth")
-    ax2.set_xticks(range(len(rows)), labels, fontsize=7)
-    ax2.set_ylabel(f"fraction of copy bandwidth ({copy_bw:.2f} TB/s)")
-    ax2.set_title("Decode, bf16, D=128, one query per request")
-    ax2.legend(fontsize=7)
-    ax2.grid(alpha=0.3)
-    fig.suptitle(f"{result['environment']['device']} — {result['environment']['date']}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    """Prefill throughput above decode bandwidth, one line per provider, sized for the docs
+    page (``lazyattention.plot_style``): one legend under both panels, covering no line."""
+    with plt.rc_context(page_style()):
+        fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(PAGE_WIDTH, 8.2), layout="constrained")
+        rows = result["prefill"]
+        labels = [f"D{r['head_dim']}\n{r['Tk'] // 1024}k\nL{r['segment']}" for r in rows]
+        for name in PREFILL:
+            ys = [r["tflops"].get(name) for r in rows]
+            if any(ys):
+                ys = [y if y else float("nan") for y in ys]
+                ax1.plot(range(len(rows)), ys, marker="o", label=LABELS[name], color=color(name))
+        ax1.set_xticks(range(len(rows)), labels)
+        ax1.set_ylabel("TFLOP/s")
+        ax1.set_ylim(bottom=0)
+        ax1.set_title(f"Prefill: bf16, {result['heads']}/{result['kv_heads']} heads, 1024 queries per request")
+        copy_bw = result["ceilings"]["copy_tb_per_s"]
+        rows = result["decode"]
+        labels = [f"B{r['batch']}\n{r['Tk'] // 1024}k" for r in rows]
+        for name in DECODE:
+            ys = [r["tb_per_s"].get(name) for r in rows]
+            ys = [y / copy_bw if y else float("nan") for y in ys]
+            ax2.plot(range(len(rows)), ys, marker="o", label=LABELS[name], color=color(name))
+        ax2.axhline(0.85, color="gray", linestyle="--", linewidth=1, label="target: 85% of copy bandwidth")
+        ax2.set_xticks(range(len(rows)), labels)
+        ax2.set_ylabel(f"fraction of copy bandwidth\n({copy_bw:.2f} TB/s)")
+        ax2.set_ylim(0, 1.1)
+        ax2.set_title("Decode: bf16, D=128, one query per request")
+        legend_below(fig, (ax1, ax2))
+        fig.suptitle(f"{result['environment']['device']}, {result['environment']['date'][:10]}")
+        fig.savefig(path)
+    plt.close(fig)
 
 
 def _cell(value, fmt, parity) -> str:

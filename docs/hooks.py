@@ -2,18 +2,23 @@
 
 What they do, at build time and from the repository only (no network):
 
-* render every ``tutorials/NN_name.py`` (jupytext percent format) as the page
-  ``tutorials/NN_name.md``: markdown cells as prose, code cells as Python blocks. The
-  tutorials are not executed here; ``tests/test_tutorials.py`` runs them.
+* run every ``tutorials/NN_name.py`` (jupytext percent format) cell by cell, each in a
+  process of its own (``docs/run_tutorial.py``, several at once), and render it as the
+  page ``tutorials/NN_name.md``: markdown cells as prose, code cells as Python blocks,
+  each followed by what it printed and the figures it drew. A tutorial that fails is a
+  warning, so the strict build fails. ``tests/test_tutorials.py`` runs them too.
 * write ``api/fast.md``: the mkdocstrings page of ``lazyattention.fast`` once
   ``fast/__init__.py`` exists, a short "being written" page until then.
-* stand in for the optional pages whose source does not exist yet (a tutorial or a
-  benchmark page being written) with a short "being written" page, so the nav and every
-  link stay valid and ``mkdocs build --strict`` stays green while the project grows. Any
-  other missing page still fails the strict build.
+* stand in for the optional pages whose source does not exist yet (a tutorial, a
+  benchmark page, the quality page, the vLLM how-to: ``OPTIONAL_DOCS``) with a short
+  "being written" page, so the nav and every link stay valid and ``mkdocs build
+  --strict`` stays green while the project grows. Any other missing page still fails
+  the strict build.
 * fill the markers ``<!-- figures:NAME -->`` in pages with tables built from committed
-  files: ``benchmarks/results/*.json`` (headline figures, with their device) and a run of
-  ``tutorials/07_numerics.py`` (measured rounding errors). Figures are never typed by hand.
+  files: ``benchmarks/results/*.json`` (the newest file of each kind, with its device
+  and date) and the build's run of ``tutorials/07_numerics.py`` (measured rounding
+  errors); ``<!-- figures:idea -->`` inlines ``docs/assets/idea.svg`` so that it takes
+  the page's colours. Figures are never typed by hand.
 * check that every ``lazyattention.reference.X`` / ``lazyattention.fast.X`` a page names
   exists; a missing name is a warning, which ``strict`` turns into a failed build.
 """
@@ -21,12 +26,16 @@ What they do, at build time and from the repository only (no network):
 from __future__ import annotations
 
 import ast
-import contextlib
-import io
+import base64
 import json
 import logging
+import os
 import re
-import runpy
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import jupytext
@@ -39,11 +48,37 @@ TUTORIALS = ROOT / "tutorials"
 RESULTS = ROOT / "benchmarks" / "results"
 FAST_INIT = ROOT / "fast" / "__init__.py"
 
-#: Nav pages written by other parts of the project; absent ones get a stand-in page.
-OPTIONAL_DOCS = ("benchmarks/kernels.md", "benchmarks/engine.md")
+#: Nav pages written by other parts of the project, and the stand-in each gets while absent
+#: (tutorials, also optional, get theirs from ``placeholder_markdown``).
+OPTIONAL_DOCS = {
+    "benchmarks/kernels.md": (
+        "# Kernels\n\n*Not yet measured.* This page is written from the committed kernel results "
+        "under `benchmarks/results/` when they land; the [benchmarks overview](index.md) lists what "
+        "is there now.\n"
+    ),
+    "benchmarks/engine.md": (
+        "# Serving engine\n\n*Not yet measured.* This page is written from the committed engine "
+        "results under `benchmarks/results/` when they land; the [benchmarks overview](index.md) "
+        "lists what is there now.\n"
+    ),
+    "concepts/quality.md": (
+        "# Quality on a real model\n\n*Not yet measured.* This page reports the lazy and "
+        "Block-Attention outputs of a real checkpoint side by side, from the committed "
+        "`benchmarks/results/quality_*.json`, when that run lands.\n"
+    ),
+    "howto/vllm.md": (
+        "# Serve with vLLM\n\n*Being written.* This page explains the vLLM plugin "
+        "(`lazyattention.integrations`) once it lands.\n"
+    ),
+}
+RUNNER = ROOT / "docs" / "run_tutorial.py"
+#: Top-level tables of ``tutorials/07_numerics.py`` that the numerics page shows.
+NUMERICS_TABLES = ("ANGLE_ERRORS", "SCORE_ERRORS", "ATTENTION_ERRORS")
 
 MARKER = re.compile(r"<!--\s*figures:([a-z0-9-]+)\s*-->")
-API_NAME = re.compile(r"lazyattention\.(reference|fast)\.([A-Za-z_][A-Za-z0-9_]*)(?:\.([A-Za-z_][A-Za-z0-9_]*))?")
+API_NAME = re.compile(
+    r"lazyattention\.(reference|fast|serving|integrations)\.([A-Za-z_][A-Za-z0-9_]*)(?:\.([A-Za-z_][A-Za-z0-9_]*))?"
+)
 SPHINX_ROLE = re.compile(r":(?:func|class|meth|attr|data|mod|obj|exc):(<code>)")
 
 _cache: dict[str, object] = {}
@@ -70,29 +105,101 @@ def placeholder_markdown(uri: str) -> str:
     A stand-in rather than a gap keeps the nav complete and every link to the page
     valid (other pages and tutorials link to these before they land).
     """
-    if uri.startswith("tutorials/"):
-        stem = Path(uri).stem
-        return (
-            f"# {stem[:2].lstrip('0')}. {stem[3:].replace('_', ' ').capitalize()}\n\n"
-            f"*Being written.* This page is rendered from `tutorials/{stem}.py` as soon as "
-            "that file exists.\n"
-        )
-    title = Path(uri).stem.capitalize()
+    if uri in OPTIONAL_DOCS:
+        return OPTIONAL_DOCS[uri]
+    stem = Path(uri).stem
     return (
-        f"# {title}\n\n*Not yet measured.* This page is written from the committed result "
-        "files under `benchmarks/results/` when they land; the "
-        "[benchmarks overview](index.md) lists what is there now.\n"
+        f"# {stem[:2].lstrip('0')}. {stem[3:].replace('_', ' ').capitalize()}\n\n"
+        f"*Being written.* This page is rendered from `tutorials/{stem}.py` as soon as "
+        "that file exists.\n"
     )
 
 
 # --------------------------------------------------------------------------- generated pages
 
 
-def tutorial_markdown(path: Path) -> str:
-    """A tutorial ``.py`` (jupytext percent format) as a markdown page."""
+def _tutorial_environment(workers: int) -> dict[str, str]:
+    """The environment a tutorial runs in during the build: as ``tests/test_tutorials.py``
+    runs it (Triton's interpreter without CUDA), with the CPU shared among ``workers``."""
+    env = dict(os.environ, MPLBACKEND="Agg", PYTHONHASHSEED="0")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
+    if "TRITON_INTERPRET" not in env:
+        import torch
+
+        if not torch.cuda.is_available():
+            env["TRITON_INTERPRET"] = "1"
+    return env
+
+
+def run_tutorial(path: Path, env: dict[str, str]) -> dict:
+    """Run one tutorial in a fresh process (``docs/run_tutorial.py``); its cells' outputs."""
+    keep = list(NUMERICS_TABLES) if path.stem == "07_numerics" else []
+    with tempfile.TemporaryDirectory() as scratch:  # a tutorial that writes files leaves no trace
+        out = Path(scratch) / "run.json"
+        result = subprocess.run(
+            [sys.executable, str(RUNNER), str(path), str(out), *keep],
+            cwd=scratch,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=1200,
+        )
+        if result.returncode != 0 or not out.exists():
+            return {"cells": [], "tables": {}, "seconds": 0.0, "error": result.stderr[-4000:] or "no output"}
+        return json.loads(out.read_text(encoding="utf-8"))
+
+
+def run_tutorials(paths: list[Path]) -> dict[str, dict]:
+    """Every tutorial's run, several at once; a failed one is a warning (a strict failure)."""
+    workers = max(1, min(len(paths), os.cpu_count() or 1, 4))
+    env = _tutorial_environment(workers)
+    start = time.perf_counter()
+    with ThreadPoolExecutor(workers) as pool:
+        runs = dict(zip((p.stem for p in paths), pool.map(lambda p: run_tutorial(p, env), paths), strict=True))
+    for stem, run in runs.items():
+        if run["error"]:
+            log.warning("tutorials/%s.py failed while the docs were built:\n%s", stem, run["error"])
+        else:
+            log.info("tutorials/%s.py ran in %.1f s", stem, run["seconds"])
+    log.info("%d tutorials ran in %.1f s (%d at a time)", len(paths), time.perf_counter() - start, workers)
+    return runs
+
+
+def _fence(text: str, lang: str) -> str:
+    """``text`` in a fenced block longer than any run of backticks inside it."""
+    longest = max((len(m) for m in re.findall(r"`+", text)), default=0)
+    ticks = "`" * max(3, longest + 1)
+    return f"{ticks}{lang}\n{text}\n{ticks}"
+
+
+def _output_block(markdown: str) -> str:
+    """A cell's output, set apart from the code above it (``.tutorial-output`` in extra.css)."""
+    return f'<div class="tutorial-output" markdown>\n\n{markdown}\n\n</div>'
+
+
+def _device_words() -> str:
+    import torch
+
+    return "a CUDA GPU" if torch.cuda.is_available() else "a CPU (Triton kernels under its interpreter)"
+
+
+def tutorial_markdown(path: Path, run: dict | None = None) -> tuple[str, list[tuple[str, bytes]]]:
+    """A tutorial ``.py`` (jupytext percent format) as a markdown page, and its figures.
+
+    With ``run`` (from :func:`run_tutorial`), each code cell is followed by what it
+    printed and by the figures it drew, returned as ``(file name, PNG bytes)`` for the
+    page's ``figures/`` folder.
+    """
     notebook = jupytext.reads(path.read_text(encoding="utf-8"), fmt="py:percent")
     rel = path.relative_to(ROOT).as_posix()
-    parts = []
+    outputs = {cell["index"]: cell for cell in (run or {}).get("cells", [])}
+    size = (
+        "the small size of the test suite"
+        if os.environ.get("LAZYATTENTION_TUTORIAL_SMALL") == "1"
+        else "its default size"
+    )
+    parts, figures = [], []
     for i, cell in enumerate(notebook.cells):
         source = cell.source.strip("\n")
         if not source.strip():
@@ -100,15 +207,28 @@ def tutorial_markdown(path: Path) -> str:
         if cell.cell_type == "markdown":
             parts.append(source)
         else:
-            parts.append(f"```python\n{source}\n```")
+            parts.append(_fence(source, "{.python .tutorial-code}"))
+            output = outputs.get(i)
+            if output and output["stdout"].strip():
+                parts.append(_output_block(_fence(output["stdout"].rstrip("\n"), "text")))
+            for k, png in enumerate(output["figures"] if output else []):
+                name = f"{path.stem}-{i}-{k}.png"
+                figures.append((name, base64.b64decode(png)))
+                parts.append(_output_block(f"![Figure drawn by the cell above](figures/{name})"))
         if i == 0:
+            ran = (
+                f" The output under each cell was produced by running it when this site was built, at {size}, "
+                f"on {_device_words()}: {run['seconds']:.0f} s."
+                if run and not run.get("error")
+                else ""
+            )
             parts.append(
                 '!!! example "Run it"\n'
                 f"    This page is the file `{rel}`, rendered. Run it with "
                 f"`.venv/bin/python {rel}`: it asserts every claim it makes. The test suite runs "
-                "it too (`tests/test_tutorials.py`), at a small size."
+                f"it too (`tests/test_tutorials.py`), at a small size.{ran}"
             )
-    return "\n\n".join(parts) + "\n"
+    return "\n\n".join(parts) + "\n", figures
 
 
 def tutorial_summary(path: Path) -> tuple[str, str]:
@@ -254,8 +374,13 @@ def fast_api_markdown() -> str:
 
 
 def on_files(files, config):
-    for path in sorted(TUTORIALS.glob("[0-9][0-9]_*.py")):
-        files.append(File.generated(config, f"tutorials/{path.stem}.md", content=tutorial_markdown(path)))
+    paths = sorted(TUTORIALS.glob("[0-9][0-9]_*.py"))
+    _cache["runs"] = run_tutorials(paths)
+    for path in paths:
+        page, figures = tutorial_markdown(path, _cache["runs"][path.stem])
+        files.append(File.generated(config, f"tutorials/{path.stem}.md", content=page))
+        for name, png in figures:
+            files.append(File.generated(config, f"tutorials/figures/{name}", content=png))
     tutorial_uris = [u for u in _nav_uris(config["nav"]) if u.startswith("tutorials/") and u != "tutorials/index.md"]
     files.append(File.generated(config, "tutorials/index.md", content=tutorials_index_markdown(tutorial_uris)))
     for uri in _nav_uris(config["nav"]):
@@ -394,12 +519,10 @@ def results_table() -> str:
 
 
 def _numerics() -> dict:
-    """Run ``tutorials/07_numerics.py`` once per build and keep its measured tables."""
-    if "numerics" not in _cache:
-        path = TUTORIALS / "07_numerics.py"
-        with contextlib.redirect_stdout(io.StringIO()):  # its prints belong to readers, not the build log
-            _cache["numerics"] = runpy.run_path(str(path), run_name="lazyattention_docs")
-    return _cache["numerics"]
+    """The measured tables of this build's run of ``tutorials/07_numerics.py``."""
+    if "runs" not in _cache:  # outside a build (the tests): run it now
+        _cache["runs"] = run_tutorials([TUTORIALS / "07_numerics.py"])
+    return _cache["runs"].get("07_numerics", {}).get("tables", {})
 
 
 def _markdown_table(rows: list[dict]) -> str:
@@ -430,13 +553,14 @@ def plots_markdown() -> str:
 BENCHMARK_PAGES = (
     (
         "kernels.md",
-        "Kernels (H100)",
-        "the lazy prefill and decode kernels beside the same kernels without rotation, PyTorch "
-        "SDPA and the copy-and-re-rotate (Block-Attention) path, with the targets each had to meet.",
+        "Kernels",
+        "the lazy prefill and decode kernels beside the same kernels without rotation, FlashInfer "
+        "(where measured), PyTorch SDPA and the copy-and-re-rotate (Block-Attention) path, with the "
+        "targets each had to meet.",
     ),
     (
         "engine.md",
-        "Engine (H100)",
+        "Serving engine",
         "the document workload under every reuse strategy: TTFT, throughput, hit ratio and KV "
         "memory against popularity skew and KV budget.",
     ),
@@ -452,7 +576,235 @@ def benchmark_pages() -> str:
     return "\n".join(lines)
 
 
+# --------------------------------------------------------------------------- the home page's figures
+
+IDEA_SVG = ROOT / "docs" / "assets" / "idea.svg"
+
+
+def idea_figure() -> str:
+    """``docs/assets/idea.svg`` inlined, so that its text takes the page's colour (dark theme too)."""
+    svg = IDEA_SVG.read_text(encoding="utf-8").strip()
+    return f'<figure class="idea" markdown="0">\n{svg}\n</figure>'
+
+
+def _kind(name: str) -> str:
+    """The kind of a result file: ``kernels_h200.json`` is a ``kernels`` result."""
+    return name.split("_", 1)[0].removesuffix(".json")
+
+
+def newest(kind: str) -> tuple[str, dict] | None:
+    """The committed result of that kind with the latest recorded date (then name)."""
+    found = [(name, data) for name, data in _load_results() if _kind(name) == kind]
+    return max(found, key=lambda item: (_date(item[1]), item[0]), default=None)
+
+
+def _source(name: str, data: dict) -> str:
+    return f"Measured on **{describe_device(data)}**, {_date(data)[:10]} (`benchmarks/results/{name}`)."
+
+
+def _best_bold(values: list[float | None], fmt: str) -> list[str]:
+    best = max((v for v in values if v is not None), default=None)
+    cells = []
+    for v in values:
+        text = "—" if v is None else format(v, fmt)
+        cells.append(f"**{text}**" if v is not None and v == best else text)
+    return cells
+
+
+def _provider(rows: list[dict], field: str, *candidates: str) -> str | None:
+    """The first provider among ``candidates`` (a name, or ``~part`` for any name holding
+    ``part``) that some row measured in ``field``."""
+    names = {n for r in rows for n, v in (r.get(field) or {}).items() if v}
+    for cand in candidates:
+        match = sorted(n for n in names if (cand[1:] in n if cand.startswith("~") else n == cand))
+        if match:
+            return match[0]
+    return None
+
+
+#: The kernel rows a newcomer can place: (column title, providers to look for).
+PREFILL_PEERS = (
+    ("lazy (ours)", ("lazy",)),
+    ("FlashInfer", ("~flashinfer",)),
+    ("SDPA flash, pre-rotated keys", ("sdpa_flash",)),
+    ("SDPA cuDNN, pre-rotated keys", ("sdpa_cudnn",)),
+    ("materialise: copy + re-rotate, then SDPA", ("materialise_sdpa", "materialise")),
+)
+DECODE_PEERS = (
+    ("lazy (ours)", ("lazy",)),
+    ("FlashInfer", ("~flashinfer",)),
+    ("materialise: copy + re-rotate", ("materialise",)),
+)
+OFFICIAL_KERNELS = (
+    "The official LazyAttention kernels (a patch layer over vLLM 0.9.2: Llama only, NeoX RoPE, "
+    "rotation math in bf16) have no published kernel-level throughput that we know of to set in these "
+    "tables; the paper reports end-to-end serving figures, which stand beside the engine's below."
+)
+
+
+def _peer_table(rows: list[dict], field: str, peers, key_cols, fmt: str, extra=None) -> tuple[str, list[str]]:
+    """A table of ``field`` per provider, one row per shape; also the peers not measured."""
+    chosen = [(title, _provider(rows, field, *cands)) for title, cands in peers]
+    present = [(title, name) for title, name in chosen if name]
+    missing = [title for title, name in chosen if not name]
+    head = [title for title, _ in key_cols] + [title for title, _ in present]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        values = [(r.get(field) or {}).get(name) for _, name in present]
+        cells = _best_bold(values, fmt)
+        if extra:
+            cells = [c if v is None else f"{c} {extra(v)}" for c, v in zip(cells, values, strict=True)]
+        keys = [describe(r) for _, describe in key_cols]
+        lines.append("| " + " | ".join(keys + cells) + " |")
+    return "\n".join(lines), missing
+
+
+def _missing_peer(title: str, data: dict, device: str, other: str) -> str:
+    """The line for a peer a table could not show: unmeasured, or measured in another form
+    somewhere in the result other than the ``other`` table."""
+    if title.split()[0].lower() in json.dumps({k: v for k, v in data.items() if k != other}).lower():
+        return (
+            f"*{title} is in this result in a form this table does not read: see the "
+            "[kernels page](benchmarks/kernels.md).*"
+        )
+    return f"*{title}: not yet measured on {device}.*"
+
+
+def peers_kernels() -> str:
+    """Lazy against FlashInfer, SDPA on pre-rotated keys and materialise, from the newest
+    kernel result; a line for every peer that file did not measure."""
+    found = newest("kernels")
+    if found is None:
+        return (
+            "*Kernels not yet measured on a GPU*: no kernel result is committed under `benchmarks/results/`.\n\n"
+            + OFFICIAL_KERNELS
+        )
+    name, data = found
+    device = describe_device(data)
+    parts = [_source(name, data)]
+    prefill = [r for r in data.get("prefill") or [] if r.get("head_dim", 128) == 128 and r.get("tflops")]
+    if prefill:
+        table, missing = _peer_table(
+            prefill,
+            "tflops",
+            PREFILL_PEERS,
+            [
+                ("keys", lambda r: f"{r.get('Tk', 0) // 1024}k"),
+                ("document length", lambda r: str(r.get("segment", "—"))),
+            ],
+            ".0f",
+        )
+        parts += [
+            f"**Prefill**, TFLOP/s (higher is better; best in bold): {data.get('heads', '?')} query heads over "
+            f"{data.get('kv_heads', '?')} KV heads, head dim 128, bf16, 1024 new query tokens per request after "
+            "documents cached once. SDPA and FlashInfer read the documents' keys already rotated where they "
+            "sit, contiguous: their best case, since neither can shift a cached document.",
+            table,
+        ]
+        parts += [_missing_peer(m, data, device, "decode") for m in missing]
+    else:
+        parts.append(f"*Prefill not yet measured on {device}.*")
+    decode = [r for r in data.get("decode") or [] if r.get("Tk", 0) >= 4096 and r.get("tb_per_s")]
+    copy_bw = (data.get("ceilings") or {}).get("copy_tb_per_s")
+    if decode:
+        table, missing = _peer_table(
+            decode,
+            "tb_per_s",
+            DECODE_PEERS,
+            [("requests", lambda r: str(r.get("batch", "—"))), ("keys", lambda r: f"{r.get('Tk', 0) // 1024}k")],
+            ".2f",
+            extra=(lambda v: f"({v / copy_bw:.0%})") if copy_bw else None,
+        )
+        ceiling = (
+            f" and, in brackets, the fraction of the device's copy bandwidth ({copy_bw:.2f} TB/s)" if copy_bw else ""
+        )
+        parts += [f"**Decode**, one query per request: TB/s of keys and values read{ceiling}.", table]
+        parts += [_missing_peer(m, data, device, "prefill") for m in missing]
+    else:
+        parts.append(f"*Decode not yet measured on {device}.*")
+    parts.append(OFFICIAL_KERNELS)
+    return "\n\n".join(parts)
+
+
+#: The paper's headline (the official implementation, on its own hardware), for the engine table.
+PAPER_ENGINE = {"TTFT p50": 1.37, "throughput": 1.40}
+
+
+def peers_engine() -> str:
+    """The engine's lazy against Block-Attention, per workload setting, beside the paper's figures."""
+    found = newest("engine")
+    if found is None:
+        return "*The serving engine is not yet measured on a GPU*: no engine result is committed."
+    name, data = found
+    medians = data.get("medians") or data.get("runs") or []
+    by_setting: dict[tuple, dict] = {}
+    for row in medians:
+        key = (row.get("alpha"), row.get("budget_fraction"))
+        by_setting.setdefault(key, {}).setdefault(row.get("strategy"), row)
+    head = (
+        "| workload | TTFT p50: lazy / Block-Attention | lazy lower by | throughput: lazy / Block-Attention "
+        "| lazy higher by | KV copied by Block-Attention |\n|---|---|---|---|---|---|"
+    )
+    lines = []
+    for (alpha, budget), rows in by_setting.items():
+        lazy, block = rows.get("lazy"), rows.get("block_attention")
+        if not lazy or not block:
+            continue
+        skew = "uniform documents (α = 0)" if alpha == 0 else f"skewed documents (Zipf α = {alpha:g})"
+        lines.append(
+            f"| {skew}, KV budget {budget:.0%} | {lazy['ttft_p50'] * 1e3:.0f} / {block['ttft_p50'] * 1e3:.0f} ms | "
+            f"**{block['ttft_p50'] / lazy['ttft_p50']:.2f}×** | "
+            f"{lazy['requests_per_s']:.1f} / {block['requests_per_s']:.1f} requests/s | "
+            f"**{lazy['requests_per_s'] / block['requests_per_s']:.2f}×** | "
+            f"{block.get('bytes_copied', 0) / 1e9:.2f} GB |"
+        )
+    if not lines:
+        return _source(name, data) + "\n\n*This result holds no lazy and Block-Attention rows side by side.*"
+    lines.append(
+        "| the paper: skewed documents, the official implementation on its own hardware | — | "
+        f"{PAPER_ENGINE['TTFT p50']:.2f}× | — | {PAPER_ENGINE['throughput']:.2f}× | — |"
+    )
+    workload = data.get("workload") or {}
+    what = (
+        f"A model of the `{data.get('model', '?')}` shape, {data.get('dtype', '?')}; "
+        f"{workload.get('num_requests', '?')} requests of {workload.get('docs_per_request', '?')} documents "
+        f"(about {workload.get('doc_len_mean', '?')} tokens each) in random order, "
+        f"arrivals {data.get('arrivals', 'not recorded')}; medians of the repeats."
+    )
+    return "\n\n".join([_source(name, data) + " " + what, head + "\n" + "\n".join(lines)])
+
+
+def _table_rows(data: dict) -> list[dict] | None:
+    for key in ("table", "rows", "results", "quality"):
+        rows = data.get(key)
+        if isinstance(rows, list) and rows and all(isinstance(r, dict) for r in rows):
+            return rows
+    return None
+
+
+def peers_quality() -> str:
+    """The real-model quality table of the newest ``quality_*.json``."""
+    found = newest("quality")
+    if found is None:
+        return (
+            "*Not yet measured.* The comparison of lazy and Block-Attention outputs on a real checkpoint "
+            "is written from `benchmarks/results/quality_*.json` once that run is committed; see "
+            "[Quality on a real model](concepts/quality.md)."
+        )
+    name, data = found
+    rows = _table_rows(data)
+    model = _find(data, "model", "checkpoint")
+    intro = _source(name, data) + (f" Model: `{model}`." if isinstance(model, str) else "")
+    if rows is None:
+        return intro + "\n\n*This result holds no table this page can read.*"
+    return "\n\n".join([intro, _markdown_table(rows), "More on [Quality on a real model](concepts/quality.md)."])
+
+
 FIGURES = {
+    "idea": idea_figure,
+    "peers-kernels": peers_kernels,
+    "peers-engine": peers_engine,
+    "peers-quality": peers_quality,
     "benchmark-pages": benchmark_pages,
     "plots": plots_markdown,
     "headline": headline_table,
@@ -496,13 +848,20 @@ def _defined_names(path: Path) -> set[str]:
 
 
 def check_api_names(markdown: str, page_uri: str) -> None:
-    """Warn (a strict-build failure) for each ``lazyattention.reference|fast.NAME[.ATTR]``
-    that does not exist. ``NAME`` may be a submodule, then ``ATTR`` is checked in it."""
+    """Warn (a strict-build failure) for each ``lazyattention.PACKAGE.NAME[.ATTR]`` that
+    does not exist (``PACKAGE``: reference, fast, serving, integrations). ``NAME`` may be a
+    submodule, then ``ATTR`` is checked in it."""
     for package, name, attr in set(API_NAME.findall(markdown)):
-        folder = ROOT / package
-        if (folder / f"{name}.py").exists():
-            if attr and attr not in _defined_names(folder / f"{name}.py"):
+        folder = ROOT / package if package in ("reference", "fast") else ROOT / "lazyattention" / package
+        if (folder / f"{name}.py").exists() or (folder / name / "__init__.py").exists():
+            module = folder / f"{name}.py" if (folder / f"{name}.py").exists() else folder / name / "__init__.py"
+            if attr and attr not in _defined_names(module):
                 log.warning("%s names lazyattention.%s.%s.%s, which does not exist", page_uri, package, name, attr)
+            continue
+        if package in ("serving", "integrations"):
+            init = folder / "__init__.py"
+            if not init.exists() or name not in _defined_names(init):
+                log.warning("%s names lazyattention.%s.%s, which does not exist", page_uri, package, name)
             continue
         if package == "reference":
             known = _reference_names()

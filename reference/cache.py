@@ -37,7 +37,7 @@ class OutOfBlocks(CacheError):
 class BlockPool:
     """``num_blocks`` physical blocks with reference counts.
 
-    Example:
+    Examples:
         >>> pool = BlockPool(4)
         >>> a = pool.allocate(2); pool.num_free
         2
@@ -137,7 +137,7 @@ class SegmentStore:
     """Segments by content hash, over a :class:`BlockPool` with block size ``S``.
 
     * :meth:`acquire` returns the cached segment (a hit) or allocates a new one (a
-      miss, to be written by the caller and then :meth:`seal`\\ ed), and takes a
+      miss, to be written by the caller and then sealed with :meth:`seal`), and takes a
       reference for the caller.
     * :meth:`release` drops it; an unreferenced segment stays cached, in LRU order,
       until space is needed.

@@ -116,7 +116,7 @@ class Layout:
     ``[0, 2^31 - 1)``, at least one query per request. :meth:`metadata` turns it into
     the tensors the kernels read; :meth:`check_cache` checks it against a cache.
 
-    Example:
+    Examples:
         >>> doc = Placement(blocks=(0, 1), length=5, start=10)   # cached at 0, used at 10
         >>> own = Placement(blocks=(2,), length=3, start=15, stored_start=0)
         >>> layout = Layout([RequestLayout((doc,), own, num_queries=3)], block_size=4)

@@ -104,7 +104,7 @@ class RopeConfig:
         scaling: one of :class:`NoScaling`, :class:`LinearScaling`,
             :class:`Llama3Scaling`, :class:`YarnScaling`.
 
-    Example:
+    Examples:
         >>> rope = RopeConfig(head_dim=64, base=10000.0)
         >>> rope.rotary_dim, rope.style
         (64, 'neox')
@@ -342,7 +342,7 @@ def rotate(
     Returns:
         ``x``'s shape and dtype. The arithmetic is float32 (float64 for float64 inputs).
 
-    Example:
+    Examples:
         >>> rope = RopeConfig(head_dim=8)
         >>> x = torch.randn(5, 2, 8, dtype=torch.float64)           # [T, H, D]
         >>> pos = torch.arange(5)

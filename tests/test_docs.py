@@ -1,67 +1,43 @@
-"""The documentation site builds strictly, stays true to the code, and renders.
+"""The documentation site builds strictly and stays true to the code.
 
 * ``mkdocs build --strict`` succeeds (broken links, unknown API names, docstrings that
   disagree with signatures and bad figure files all fail it; see ``docs/hooks.py``);
 * every public name of ``lazyattention.reference`` (and of ``lazyattention.fast`` once
-  it exists) has an entry on its API page; every tutorial has a page; the math page
-  carries the equation numbers the code cites;
+  it exists) has an entry on its API page; every tutorial has a page, with the output of
+  its cells; the math page carries the equation numbers the code cites;
 * the examples included in the pages run;
-* the built site needs no network, and headless Chromium renders the home page, a
-  concept page with math and a tutorial page: KaTeX output present, no TeX left raw,
-  no console error, no missing file. Screenshots are written too (kept in
-  ``$LAZYATTENTION_DOCS_SCREENSHOTS`` when that is set).
+* the built site needs no network.
 
-Chromium is Debian's ``chromium``; when it is missing and the tests run as root it is
-installed with apt-get. When it cannot be had the browser test is skipped with the reason,
-except in CI (``CI`` set), where that is a failure.
+``tests/test_docs_browser.py`` renders every page of the same build in headless Chromium.
 """
 
 from __future__ import annotations
 
 import ast
-import functools
-import http.server
+import json
 import os
 import re
-import shutil
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
 
 from lazyattention.reference import ATTENTION_API
+from tests.docs_site import BuildError, built_site
 
 ROOT = Path(__file__).resolve().parent.parent
-MKDOCS = Path(sys.executable).with_name("mkdocs")
 TUTORIALS = sorted((ROOT / "tutorials").glob("[0-9][0-9]_*.py"))
 EQUATIONS = ["1", "2a", "2b", "2c", *map(str, range(3, 13))]
 
-#: Pages the browser test renders: home, a concept page with math, a tutorial page.
-BROWSER_PAGES = {
-    "home": "",
-    "math": "concepts/math/",
-    "tutorial": "tutorials/03_deferred_rope_in_pytorch/",
-}
-
 
 @pytest.fixture(scope="module")
-def site(tmp_path_factory) -> Path:
-    """The site, built once for this module with ``mkdocs build --strict``."""
-    out = tmp_path_factory.mktemp("site")
-    env = dict(os.environ, NO_MKDOCS_2_WARNING="1")
-    result = subprocess.run(
-        [str(MKDOCS), "build", "--strict", "--site-dir", str(out)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    if result.returncode != 0:
-        pytest.fail(f"mkdocs build --strict failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
-    return out
+def site() -> Path:
+    """The site, built once per test run with ``mkdocs build --strict`` (``tests/docs_site.py``)."""
+    try:
+        return built_site()[0]
+    except BuildError as exc:
+        pytest.fail(str(exc))
 
 
 def _static_all(path: Path) -> list[str]:
@@ -80,8 +56,19 @@ def test_strict_build(site: Path):
     assert (site / "index.html").is_file()
     assert (site / "assets" / "katex" / "katex.min.js").is_file()
     assert not (site / "hooks.py").exists() and not (site / "snippets").exists(), "build inputs were published"
-    # The included example is on the home page (pymdownx.snippets ran).
+    # The included examples are on their pages (pymdownx.snippets ran, not a formatter).
     assert "eager_attention</span>" in (site / "index.html").read_text(encoding="utf-8")
+    assert "load_model</span>" in (site / "howto" / "hf-checkpoint" / "index.html").read_text(encoding="utf-8")
+
+
+def test_api_pages_render_examples_as_code(site: Path):
+    """Doctest examples are code blocks (a ``>>>`` outside an ``Examples:`` section becomes
+    nested blockquotes), and no reST escape is left in the text."""
+    for page in ("reference", "fast"):
+        html = (site / "api" / page / "index.html").read_text(encoding="utf-8")
+        assert "<blockquote" not in html, f"api/{page}: a docstring example rendered as a blockquote"
+        assert "`\\ " not in html and "\\ ed" not in html, f"api/{page}: a reST escape shows"
+    assert "&gt;&gt;&gt;" in (site / "api" / "reference" / "index.html").read_text(encoding="utf-8")
 
 
 def test_reference_api_page_lists_every_public_name(site: Path):
@@ -116,8 +103,10 @@ def test_every_tutorial_has_a_page_in_the_nav(site: Path):
         page = site / "tutorials" / path.stem / "index.html"
         assert page.is_file(), f"no page for {path.name}"
         assert f"tutorials/{path.stem}/" in home, f"{path.name} is not in the nav"
-        # The page is the file: its first code cell is on the page.
-        assert "assert" in page.read_text(encoding="utf-8")
+        # The page is the file, run: its code and, under the cells, what they printed.
+        html = page.read_text(encoding="utf-8")
+        assert "assert" in html
+        assert 'class="tutorial-output"' in html, f"{path.name}: no cell output on its page"
 
 
 def test_figures_come_from_files(site: Path):
@@ -186,125 +175,6 @@ def test_quickstart_runs_on_the_fast_backend(tmp_path: Path):
     _run(script, tmp_path, **env)
 
 
-# --------------------------------------------------------------------------- browser
-
-
-def _no_browser(reason: str):
-    """Skip on a developer's machine; in CI (``CI`` set) a missing browser is a failure,
-    so a green CI always means the pages were rendered."""
-    if os.environ.get("CI"):
-        pytest.fail(f"the browser check cannot run in CI: {reason}")
-    pytest.skip(reason)
-
-
-def _chromium() -> str:
-    """Path of Debian's chromium, installing it when missing and allowed."""
-    found = shutil.which("chromium")
-    if found:
-        return found
-    if os.name != "posix" or os.geteuid() != 0 or not shutil.which("apt-get"):
-        _no_browser("chromium is not installed and cannot be installed here (needs root and apt-get)")
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    for cmd in (["apt-get", "update"], ["apt-get", "install", "-y", "chromium"]):
-        result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-        if result.returncode != 0 and cmd[1] == "install":
-            _no_browser(f"apt-get install chromium failed: {result.stderr[-500:]}")
-    found = shutil.which("chromium")
-    if not found:
-        _no_browser("chromium still not found after apt-get install")
-    return found
-
-
-class _Server:
-    """``http.server`` on 127.0.0.1 serving ``root``, recording every request and status."""
-
-    def __init__(self, root: Path):
-        self.log: list[tuple[str, int]] = []
-        log = self.log
-
-        class Handler(http.server.SimpleHTTPRequestHandler):
-            def log_request(self, code="-", size="-"):
-                log.append((self.path, int(code) if str(code).isdigit() else 0))
-
-            def log_message(self, format, *args):  # keep the test output quiet
-                pass
-
-        handler = functools.partial(Handler, directory=str(root))
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
-def _browse(chromium: str, url: str, *args: str) -> subprocess.CompletedProcess:
-    cmd = [
-        chromium,
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        "--no-first-run",
-        "--enable-logging=stderr",
-        "--v=0",
-        "--virtual-time-budget=10000",
-        "--window-size=1280,1600",
-        *args,
-        url,
-    ]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-
-
-def _math_left_raw(dom: str) -> list[str]:
-    """TeX delimiters still in the page text (KaTeX keeps the source in <annotation>)."""
-    text = re.sub(r"<annotation[^>]*>.*?</annotation>", "", dom, flags=re.S)
-    text = re.sub(r"<(pre|code)[^>]*>.*?</\1>", "", text, flags=re.S)
-    return re.findall(r"\\\(|\\\[|\$\$", text)
-
-
-@pytest.fixture(scope="module")
-def screenshots_dir(tmp_path_factory) -> Path:
-    keep = os.environ.get("LAZYATTENTION_DOCS_SCREENSHOTS")
-    if keep:
-        Path(keep).mkdir(parents=True, exist_ok=True)
-        return Path(keep)
-    return tmp_path_factory.mktemp("screenshots")
-
-
-def test_pages_render_in_headless_chromium(site: Path, screenshots_dir: Path):
-    chromium = _chromium()
-    with _Server(site) as server:
-        for name, page in BROWSER_PAGES.items():
-            dom_run = _browse(chromium, server.url + page, "--dump-dom")
-            assert dom_run.returncode == 0, f"{name}: chromium failed: {dom_run.stderr[-2000:]}"
-            dom = dom_run.stdout
-            assert "<h1" in dom, f"{name}: no heading rendered"
-            math_spans = len(re.findall(r'class="arithmatex"', dom))
-            rendered = len(re.findall(r'class="katex"', dom)) + len(re.findall(r'class="katex-display"', dom))
-            if name != "home" or math_spans:
-                assert math_spans > 0, f"{name}: expected math on this page"
-                assert rendered >= math_spans, f"{name}: {math_spans} math spans but {rendered} KaTeX renderings"
-            assert "katex-error" not in dom, f"{name}: KaTeX reported a parse error"
-            assert not _math_left_raw(dom), f"{name}: TeX left unrendered: {_math_left_raw(dom)[:5]}"
-            console = [line for line in dom_run.stderr.splitlines() if ":CONSOLE" in line]
-            errors = [line for line in console if re.search(r"Uncaught|Error|Failed", line)]
-            assert not errors, f"{name}: console errors: {errors}"
-
-            shot = screenshots_dir / f"{name}.png"
-            shot_run = _browse(chromium, server.url + page, f"--screenshot={shot}")
-            assert shot_run.returncode == 0 and shot.stat().st_size > 10_000, f"{name}: no screenshot"
-    missing = [(path, code) for path, code in server.log if code >= 400 and not path.startswith("/favicon.ico")]
-    assert not missing, f"requests that failed: {missing}"
-    assert any(path.endswith("katex.min.js") and code == 200 for path, code in server.log)
-    assert any(path.endswith(".woff2") and code == 200 for path, code in server.log), "KaTeX fonts never loaded"
-
-
 # --------------------------------------------------------------------------- figures from files
 
 
@@ -361,3 +231,106 @@ def test_drifted_api_names_are_caught(monkeypatch, tmp_path: Path, caplog):
     messages = [r.getMessage() for r in caplog.records]
     assert len(messages) == 3, messages
     assert "lazy_prefil" in messages[0] and "Engin" in messages[1] and "attention_scale" in messages[2]
+
+
+def _kernels_result(device: str, date: str, flashinfer: bool) -> dict:
+    extra = {"flashinfer_fa3": 410.0} if flashinfer else {}
+    return {
+        "environment": {"device": device, "date": date},
+        "ceilings": {"copy_tb_per_s": 4.0},
+        "heads": 32,
+        "kv_heads": 8,
+        "prefill": [
+            {"head_dim": 128, "Tk": 16384, "segment": 512, "tflops": {"lazy": 400.0, "sdpa_flash": 350.0, **extra}},
+            {"head_dim": 64, "Tk": 16384, "segment": 512, "tflops": {"lazy": 1.0}},  # D=64: not on the home page
+        ],
+        "decode": [{"batch": 16, "Tk": 16384, "tb_per_s": {"lazy": 3.0, "materialise": 1.0}}],
+    }
+
+
+def test_home_page_compares_with_peers_from_the_newest_result(monkeypatch, tmp_path: Path):
+    hooks = _hooks(monkeypatch, tmp_path)
+    assert "not yet measured" in hooks.peers_kernels()
+    assert "not yet measured" in hooks.peers_engine()
+    assert "Not yet measured" in hooks.peers_quality()
+
+    (tmp_path / "kernels_h100.json").write_text(json.dumps(_kernels_result("H100", "2026-11-24T02:00:00", False)))
+    table = hooks.peers_kernels()
+    assert "Measured on **H100**, 2026-11-24 (`benchmarks/results/kernels_h100.json`)" in table
+    assert "| 16k | 512 | **400** | 350 |" in table and "| 16k | 512 | 1 |" not in table
+    assert "*FlashInfer: not yet measured on H100.*" in table
+    assert "| 16 | 16k | **3.00** (75%) | 1.00 (25%) |" in table
+    assert "PASS" not in table and "MISS" not in table  # verdicts stay on the benchmark pages
+
+    (tmp_path / "kernels_h200.json").write_text(json.dumps(_kernels_result("H200", "2026-12-01T10:00:00", True)))
+    table = hooks.peers_kernels()
+    assert "on **H200**, 2026-12-01" in table and "FlashInfer |" in table
+    assert "| 16k | 512 | 400 | **410** | 350 |" in table
+    assert "FlashInfer: not yet measured" not in table.split("**Decode**")[0]
+    assert "*FlashInfer: not yet measured on H200.*" in table.split("**Decode**")[1]
+    data = _kernels_result("H200", "2026-12-01T10:00:00", False) | {"flashinfer_decode": [{"us": 9.0}]}
+    (tmp_path / "kernels_h200.json").write_text(json.dumps(data))
+    assert "FlashInfer is in this result in a form this table does not read" in hooks.peers_kernels()
+
+    row = {"ttft_p50": 1.0, "requests_per_s": 10.0, "bytes_copied": 0}
+    medians = [
+        {"alpha": 1.0, "budget_fraction": 1.0, "strategy": "lazy", **row},
+        {
+            **row,
+            "alpha": 1.0,
+            "budget_fraction": 1.0,
+            "strategy": "block_attention",
+            "ttft_p50": 1.5,
+            "bytes_copied": 2e9,
+        },
+    ]
+    (tmp_path / "engine_h200.json").write_text(
+        json.dumps({"device": "H200", "date": "2026-12-01", "model": "m", "medians": medians})
+    )
+    engine = hooks.peers_engine()
+    assert "| skewed documents (Zipf α = 1), KV budget 100% | 1000 / 1500 ms | **1.50×** |" in engine
+    assert "| 2.00 GB |" in engine and "1.37×" in engine and "1.40×" in engine
+
+    (tmp_path / "quality_llama.json").write_text(
+        json.dumps({"device": "H200", "date": "2026-12-01", "model": "llama", "table": [{"task": "qa", "lazy": 0.5}]})
+    )
+    quality = hooks.peers_quality()
+    assert "Model: `llama`" in quality and "| qa | 0.5 |" in quality
+
+
+def test_optional_pages_have_stand_ins(monkeypatch, tmp_path: Path):
+    hooks = _hooks(monkeypatch, tmp_path)
+    for uri in ("concepts/quality.md", "howto/vllm.md", "benchmarks/kernels.md", "benchmarks/engine.md"):
+        assert hooks.placeholder_markdown(uri).startswith("# "), uri
+    assert "tutorials/08_huggingface_lazily.py" in hooks.placeholder_markdown("tutorials/08_huggingface_lazily.md")
+    nav = (ROOT / "mkdocs.yml").read_text(encoding="utf-8")
+    for uri in ("concepts/quality.md", "howto/vllm.md", "tutorials/08_huggingface_lazily.md"):
+        assert uri in nav, f"{uri} is not in the nav"
+
+
+def test_the_committed_idea_figure_is_what_its_script_draws():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_idea_svg", ROOT / "docs" / "figures" / "make_idea_svg.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    committed = (ROOT / "docs" / "assets" / "idea.svg").read_text(encoding="utf-8")
+    assert committed == module.idea_svg(), "docs/assets/idea.svg is stale: run python docs/figures/make_idea_svg.py"
+    assert "currentColor" in committed and 'fill="#fff"' in committed  # reads on light and dark pages
+
+
+def test_a_tutorial_page_shows_what_its_cells_print(monkeypatch, tmp_path: Path):
+    """The build runs each tutorial cell by cell: prints and figures land under their cell."""
+    hooks = _hooks(monkeypatch, tmp_path)
+    script = tmp_path / "01_tiny.py"
+    script.write_text(
+        '# %% [markdown]\n# # Tiny\n\n# %%\nprint("hello from a cell")\n\n'
+        "# %%\nimport matplotlib.pyplot as plt\nplt.plot([0, 1])\nplt.show()\n"
+    )
+    monkeypatch.setattr(hooks, "ROOT", tmp_path)
+    run = hooks.run_tutorial(script, hooks._tutorial_environment(1))
+    assert run["error"] is None, run["error"]
+    page, figures = hooks.tutorial_markdown(script, run)
+    assert "```text\nhello from a cell\n```" in page
+    assert len(figures) == 1 and figures[0][1][:4] == b"\x89PNG"
+    assert f"](figures/{figures[0][0]})" in page
