@@ -38,4 +38,4 @@ serve-docs: $(STAMP)
 	$(BIN)/mkdocs serve
 
 clean:
-	rm -rf $(VENV) site .pytest_cache .hypothesis
+	rm -rf $(VENV) site build .pytest_cache .hypothesis

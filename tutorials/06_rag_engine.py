@@ -28,8 +28,8 @@ import matplotlib.pyplot as plt
 import torch
 
 from lazyattention.serving.engine import STRATEGIES, Engine
-from lazyattention.serving.quality import quality_check
 from lazyattention.serving.model import Model, ModelConfig
+from lazyattention.serving.quality import quality_check
 from lazyattention.serving.workload import WorkloadConfig, make_workload, run_workload
 
 SMALL = os.environ.get("LAZYATTENTION_TUTORIAL_SMALL") == "1"
@@ -128,7 +128,7 @@ for alpha in alphas:
         results[strategy].append(m)
     print(f"alpha={alpha}: " + ", ".join(f"{s} hit {results[s][-1].hit_ratio:.2f}" for s in STRATEGIES))
 
-for i, alpha in enumerate(alphas):
+for i in range(len(alphas)):
     lazy = results["lazy"][i].hit_ratio
     assert lazy >= results["block_attention"][i].hit_ratio and lazy >= results["prefix_cache"][i].hit_ratio
     assert results["recompute"][i].hit_ratio == 0.0

@@ -32,10 +32,10 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from lazyattention.serving.engine import Engine
-from lazyattention.serving.model import Model, ModelConfig, attention_backend, load_model, load_tokenizer
 from lazyattention.reference.rope import Llama3Scaling, YarnScaling
 from lazyattention.reference.tolerance import assert_close
+from lazyattention.serving.engine import Engine
+from lazyattention.serving.model import Model, ModelConfig, attention_backend, load_model, load_tokenizer
 
 SMALL = dict(
     vocab_size=96,
@@ -129,13 +129,13 @@ def test_config_reads_architecture_details():
 
 def test_unsupported_architecture_and_rope_are_refused(tmp_path):
     config = LlamaConfig(**SMALL).to_dict()
-    with pytest.raises(ValueError, match="unsupported architecture.*gemma"):
+    with pytest.raises(ValueError, match=r"unsupported architecture.*gemma"):
         ModelConfig.from_hf({**config, "model_type": "gemma"})
     with pytest.raises(ValueError, match="dynamic"):
         ModelConfig.from_hf({**config, "rope_scaling": {"rope_type": "dynamic", "factor": 2.0}})
     with pytest.raises(ValueError, match="activation"):
         ModelConfig.from_hf({**config, "hidden_act": "gelu"})
-    with pytest.raises(FileNotFoundError, match="config.json"):
+    with pytest.raises(FileNotFoundError, match=r"config\.json"):
         load_model(tmp_path)
 
 

@@ -20,7 +20,6 @@ from lazyattention.serving.workload import (
     zipf_probabilities,
 )
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
