@@ -71,6 +71,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from lazyattention.reference.layout import BlockMetadata
+
 from . import buffers
 from .rope import RopeTables, rope_cos_sin, rotate_tile
 from .rounding import dot_dtype, emulate_rtne, round_to
@@ -538,12 +539,17 @@ def plan(
     splits = 1
     if decode and not interpret:
         # Flash-decoding: about four programs per SM, at least 4 key tiles per split.
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        sms = multiprocessors(device)
         key_tiles = triton.cdiv(max_key_slots, block_n)
         splits = max(1, min(triton.cdiv(4 * sms, max(1, work_items)), key_tiles // 4, 64))
     elif decode:
         splits = 2 if max_key_slots > 2 * block_n else 1  # exercise the merge under the interpreter
     return Plan(block_q, gp, block_n, dp, splits, num_warps, num_stages, tma)
+
+
+def multiprocessors(device: torch.device) -> int:
+    """The number of streaming multiprocessors of ``device`` (splits are sized from it)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _cache_descriptors(k_cache: torch.Tensor, v_cache: torch.Tensor, pl: Plan):
