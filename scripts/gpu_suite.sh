@@ -3,7 +3,8 @@
 #   1. the tests in tests/fast, compiled, at realistic shapes (LAZYATTN_GPU_SUITE=1:
 #      head dim 128, thousands of tokens, batch 16+), spread over 16 pytest workers (each
 #      may hold a few GiB of float64 oracle scores);
-#   2. the kernel benchmark (benchmarks/kernels.py), which checks parity first.
+#   2. the kernel benchmark (benchmarks/kernels.py), which checks parity first, with
+#      FlashInfer side by side when its wheels are in .whl/ (see benchmarks/kernels.py).
 # Everything is written under $OUT (default ./.out): nvidia-smi.txt, env.txt,
 # tests.log, junit.xml, bench.log, kernels.json. A short table is printed last.
 # The package is used from the checkout through PYTHONPATH: nothing is installed.
@@ -21,14 +22,24 @@ $PY -c 'import torch, triton; print("torch", torch.__version__, "triton", triton
     | tee "$OUT/env.txt"
 
 start=$(date +%s)
+# tests/fast includes test_configurations.py: every function x head dim x dtype x key-load
+# path, compiled once each (skipped without CUDA).
 LAZYATTN_GPU_SUITE=1 timeout "${TEST_TIMEOUT:-360}" $PY -m pytest tests/fast -q -p no:warnings -n "${WORKERS:-16}" --durations=5 \
     --junitxml="$OUT/junit.xml" >"$OUT/tests.log" 2>&1
 tests_rc=$?
 tests_s=$(($(date +%s) - start))
 grep -E "^(FAILED|ERROR)|passed|failed|s call" "$OUT/tests.log" | tail -n 30
 
+# FlashInfer, for the benchmark's side-by-side providers: from wheels in .whl/ when the
+# machine has no network (the benchmark skips its providers, saying why, without it).
+if ls .whl/*.whl >/dev/null 2>&1; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        >"$OUT/flashinfer_install.log" 2>&1 && export PYTHONPATH=$PYTHONPATH:/tmp/site
+    export FLASHINFER_WORKSPACE_BASE=/tmp/fiws FLASHINFER_CUDA_ARCH_LIST=9.0 CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+    export MAX_JOBS=${MAX_JOBS:-14}
+fi
 start=$(date +%s)
-timeout "${BENCH_TIMEOUT:-200}" $PY benchmarks/kernels.py --out "$OUT/kernels.json" ${BENCH_ARGS:-} >"$OUT/bench.log" 2>&1
+timeout "${BENCH_TIMEOUT:-240}" $PY benchmarks/kernels.py --out "$OUT/kernels.json" ${BENCH_ARGS:-} >"$OUT/bench.log" 2>&1
 bench_rc=$?
 bench_s=$(($(date +%s) - start))
 tail -n "${TAIL:-45}" "$OUT/bench.log"

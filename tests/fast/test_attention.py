@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 import lazyattention.fast as fast
 import lazyattention.reference as reference
+from lazyattention.fast import attend as _attend
 from lazyattention.reference import RopeConfig, assert_close
 from tests.strategies import Case, DocSpec, RequestSpec, SegmentSpec, build, edge_cases
 
@@ -64,7 +65,7 @@ def check(name, case, dtype, scale=None):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("name", ["lazy_prefill", "raw_prefill", "eager_attention"])
-@settings(max_examples=examples(15, 6))
+@settings(max_examples=examples(15, 4))
 @given(case=fast_cases())
 def test_prefill_within_tolerance(name, dtype, case):
     note(case.describe())
@@ -73,7 +74,7 @@ def test_prefill_within_tolerance(name, dtype, case):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("name", ["lazy_decode", "raw_decode", "eager_attention"])
-@settings(max_examples=examples(15, 6))
+@settings(max_examples=examples(15, 4))
 @given(case=fast_cases(decode=True))
 def test_decode_within_tolerance(name, dtype, case):
     note(case.describe())
@@ -127,7 +128,7 @@ PEAKY = Case(
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("name", ["lazy_prefill", "raw_prefill", "eager_attention"])
-@settings(max_examples=examples(2, 6))
+@settings(max_examples=examples(2, 3))
 @example(case=PEAKY, sharpness=10.0)
 @given(case=fast_cases(), sharpness=st.sampled_from((3.0, 10.0)))
 def test_peaky_softmax_within_tolerance(name, dtype, case, sharpness):
@@ -152,3 +153,16 @@ def test_lazy_equals_eager_of_the_fast_path(case):
     want, _ = oracle(case, dtype)
     lazy, eager = fast.lazy_prefill(*args), fast.eager_attention(*args)
     assert_close(lazy, want, eager, dtype, "fast lazy vs fast eager")
+
+
+@pytest.mark.parametrize("splits", [2, 3])
+@pytest.mark.parametrize("name", ["lazy_prefill", "raw_prefill", "eager_attention"])
+def test_prefill_split_over_keys(name, splits, monkeypatch):
+    """Prefill with each request's keys split among ``splits`` programs per query tile,
+    the partials merged by log-sum-exp (eq. 12): the path a GPU takes when the grid is
+    smaller than its SMs (one short query over long context), forced here. Splits cut
+    runs of one shift and the causal own blocks; some splits of a tile see no key."""
+    plan = _attend.plan
+    monkeypatch.setattr(_attend, "plan", lambda *args, **kwargs: plan(*args, **kwargs)._replace(splits=splits))
+    check(name, PEAKY, torch.bfloat16)
+    check(name, EDGES["past_65536"], torch.float16)
