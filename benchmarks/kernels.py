@@ -637,9 +637,9 @@ def main() -> None:
             rates = {k: round(v, 2) for k, v in result[kind][-1][unit].items() if v}
             print(f"[{kind} {i + 1}/{len(grid)}] {cfg} {unit} {rates}", flush=True)
             torch.cuda.empty_cache()
-    result["targets"] = targets(result)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
+            result["targets"] = targets({"decode": [], **result})
+            with open(args.out, "w") as f:  # after every row: a run cut short keeps what it measured
+                json.dump(result, f, indent=1)
     print_table(result)
 
 

@@ -17,9 +17,9 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest  # noqa: E402
+import pytest
 
-from lazyattention.fast import buffers  # noqa: E402
+from lazyattention.fast import buffers
 
 
 def _nan_empty(shape, dtype, device):

@@ -12,7 +12,6 @@ and registers without a GPU.
 """
 
 import pytest
-import torch
 
 from lazyattention.reference import RopeConfig
 from tests.strategies import Case, DocSpec, RequestSpec, SegmentSpec
