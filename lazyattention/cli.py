@@ -169,6 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="bench-out", help="folder for the JSON and the plot")
     p.add_argument("--name", default="engine", help="file name stem of the JSON and the plot")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p = sub.add_parser("check", help="check a backend's properties on this device (Hypothesis)")
+    p.add_argument("--backend", choices=("fast", "reference"), default="fast")
+    p.add_argument("--profile", choices=("ci", "nightly"), default="ci", help="10 or 200 examples per function")
+    p.add_argument("--functions", nargs="+", default=None, help="attention functions to check (default: all)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda when there is one, else cpu)")
     return parser
 
 
@@ -176,6 +181,10 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``lazyattention`` console script."""
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "check":
+            from lazyattention.testing.check import run_check
+
+            return run_check(args.backend, args.profile, args.functions, args.device)
         return demo(args) if args.command == "demo" else bench(args)
     except (RuntimeError, ValueError) as exc:
         print(f"lazyattention {args.command}: error: {exc}", file=sys.stderr)

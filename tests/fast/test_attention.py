@@ -19,48 +19,25 @@ from hypothesis import example, given, note, settings, target
 from hypothesis import strategies as st
 
 import lazyattention.fast as fast
-import lazyattention.reference as reference
 from lazyattention.fast import attend as _attend
 from lazyattention.reference import RopeConfig, assert_close
+from lazyattention.testing import properties
 from tests.strategies import Case, DocSpec, RequestSpec, SegmentSpec, build, edge_cases
 
 from .strategies import DEVICE, DTYPES, examples, fast_cases, fast_edge_cases
 
-F64 = torch.float64
 EDGES = {**edge_cases(), **fast_edge_cases()}
-
-#: Which cache each function reads: raw functions read keys written with rope=None.
-CACHE = {
-    "lazy_prefill": "k_cache",
-    "raw_prefill": "raw_k_cache",
-    "eager_attention": "k_cache",
-    "lazy_decode": "k_cache",
-    "raw_decode": "raw_k_cache",
-}
 
 
 def oracle(case, dtype, scale=None):
     """The float64 eager definition on the inputs of ``build(case, dtype)``."""
-    x = build(case, F64, values_dtype=dtype, device=DEVICE)
-    return reference.eager_attention(x.q, x.k_cache, x.v_cache, x.layout, case.rope, scale, return_lse=True)
+    return properties.oracle(case, dtype, DEVICE, scale)
 
 
 def check(name, case, dtype, scale=None):
-    """Run ``name`` in both backends and assert the rule on out and lse; return the error."""
-    x = build(case, dtype, device=DEVICE)
-    args = (x.q, getattr(x, CACHE[name]), x.v_cache, x.layout, case.rope, scale)
-    out, lse = getattr(fast, name)(*args, return_lse=True)
-    ref_out, ref_lse = getattr(reference, name)(*args, return_lse=True)
-    want_out, want_lse = oracle(case, dtype, scale)
-    assert out.dtype == dtype and out.shape == want_out.shape and lse.shape == want_lse.shape
-    err = assert_close(out, want_out, ref_out, dtype, f"fast.{name} out ({dtype})")
-    assert_close(lse, want_lse, ref_lse, dtype, f"fast.{name} lse ({dtype})")
-    if DEVICE.type == "cuda":
-        # The float64 oracle's scores take gigabytes at realistic shapes; hand them back
-        # so that the GPU suite's parallel workers do not run each other out of memory.
-        del x, args, out, lse, ref_out, ref_lse, want_out, want_lse
-        torch.cuda.empty_cache()
-    return err
+    """The differential property of ``fast.name`` (``lazyattention.testing.properties``);
+    returns the worst error ÷ bound."""
+    return properties.differential(fast, name, case, dtype, DEVICE, scale)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -166,3 +143,12 @@ def test_prefill_split_over_keys(name, splits, monkeypatch):
     monkeypatch.setattr(_attend, "plan", lambda *args, **kwargs: plan(*args, **kwargs)._replace(splits=splits))
     check(name, PEAKY, torch.bfloat16)
     check(name, EDGES["past_65536"], torch.float16)
+
+
+@settings(max_examples=examples(4, 4))
+@given(case=fast_cases(), shift=st.sampled_from((1, 70_000)), name=st.sampled_from(["lazy_prefill", "raw_prefill"]))
+def test_common_shift_changes_nothing(case, shift, name):
+    """Every logical position moved by one shift: the same attention (eq. 4), held to the
+    tolerance rule against the oracle of the unshifted case."""
+    note(case.describe())
+    properties.shift_invariance(fast, name, case, torch.bfloat16, DEVICE, shift)
