@@ -25,13 +25,13 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first `import triton`
 
-import triton  # noqa: E402
+import triton
 
-import lazyattention.fast as fast  # noqa: E402
-import lazyattention.reference as ref  # noqa: E402
-from lazyattention.fast import attend  # noqa: E402
-from lazyattention.fast.rope import kernel_angles, rope_tables  # noqa: E402
-from lazyattention.reference import assert_close  # noqa: E402
+import lazyattention.fast as fast
+import lazyattention.reference as ref
+from lazyattention.fast import attend
+from lazyattention.fast.rope import kernel_angles, rope_tables
+from lazyattention.reference import assert_close
 
 device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 generator = torch.Generator().manual_seed(0)
@@ -119,7 +119,11 @@ q64 = torch.randn(layout.num_queries, H, D, dtype=torch.float64, generator=gener
 plan = attend.plan(H, HKV, D, S, dtype, device, decode=False, work_items=0, max_key_slots=0)
 print(plan)
 rows = torch.arange(plan.block_q * plan.gp)
-print("row -> (token, head in group):", list(zip((rows // plan.gp).tolist(), (rows % plan.gp).tolist()))[:6], "...")
+print(
+    "row -> (token, head in group):",
+    list(zip((rows // plan.gp).tolist(), (rows % plan.gp).tolist(), strict=True))[:6],
+    "...",
+)
 assert plan.block_q * plan.gp >= 16  # the matrix units want at least 16 rows
 
 # %% [markdown]
@@ -210,7 +214,9 @@ print(f"fast: {err:.2e}   reference in float16: {(reference.double() - oracle).a
 # The materialise path (`fast.eager_attention`, Block-Attention's copy + re-rotation) is
 # the same function, and so is decode with split-KV: each request's keys are split among
 # programs, each writes a partial output and log-sum-exp, and a second kernel merges them
-# (eq. 12).
+# (eq. 12). Prefill splits the same way when its grid is smaller than the GPU — one short
+# question over many retrieved documents would otherwise leave most SMs idle
+# (`attend.prefill_splits` chooses how many).
 
 # %%
 eager = fast.eager_attention(*args_dev)
