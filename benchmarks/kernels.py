@@ -1,50 +1,56 @@
-"""Kernel benchmark of the fast path, side by side in one run (GPU only).
+"""Kernel benchmark of the fast path, side by side with FlashInfer, in one run (GPU only).
 
 Run: ``python benchmarks/kernels.py --out results.json`` (``scripts/gpu_suite.sh`` does).
 
-What is measured (issue 3), bf16, ``H = 32`` query heads over ``Hkv = 8`` KV heads,
-block size ``S = 64``; every time is the median of many timed runs after warm-up
-(``triton.testing.do_bench(return_mode="median")``):
+bf16, ``H = 32`` query heads over ``Hkv = 8`` KV heads, head dim 128, block size (and
+FlashInfer page size) ``S = 64``, RoPE base 500,000. Every time is the median of many
+replays of a CUDA graph after warm-up (``triton.testing.do_bench_cudagraph``): device
+time, without the host's launch overhead, which at these sizes is as large as the
+kernels. A provider whose call cannot be captured is timed by ``do_bench`` and marked.
 
 * **Ceilings**: device-to-device copy bandwidth (bytes read + written over the time of
   a 2 GiB ``copy_``) and a bf16 8192³ matrix product.
-* **Prefill** (``B = 2`` requests, ``Tq = 1024`` own query tokens each after segments
-  of ``L`` tokens up to ``Tk`` keys; head dim 128 and 64). Providers: ``lazy``
-  (the kernels of ``fast.lazy_prefill``, launched as ``norot`` is, without the public
-  function's host-side input checks; ``public_api_same`` records that both give the
-  same bits), ``norot`` (the same kernel with the rotation switched off),
-  ``raw`` (``fast.raw_prefill``, keys rotated in the kernel), ``sdpa_flash`` and
-  ``sdpa_cudnn`` (PyTorch SDPA on contiguous, pre-rotated keys, KV heads expanded,
-  bottom-right causal mask = segments visible + own tokens causal), ``materialise``
-  (Block-Attention: copy + re-rotate every block in bf16, then the same kernel with
-  every shift 0) and
-  ``materialise_sdpa`` (the same copy followed by SDPA flash; time = copy + flash).
-  FLOPs = ``4 · H · D · Σ_requests (Tq · Tseg + Tq (Tq + 1) / 2)`` (QKᵀ and PV of the
-  visible pairs, causal half counted once).
-* **Decode** (one query per request, ``B`` in 1–256, context ``Tk`` in 1k–64k keys:
-  documents of 1024 tokens placed back to back, then 64 own tokens; every request reads
-  its own blocks, so nothing is shared through L2). Providers: ``lazy``, ``norot``,
-  ``raw`` and ``materialise`` (copy + re-rotate the request's blocks, then the decode
-  kernel over the copy — what a per-step Block-Attention materialisation costs).
-  Bytes = ``2 · B · Tk · Hkv · D · 2`` (keys and values read once) plus q and out;
-  bandwidth = bytes / time, reported against the measured copy bandwidth. Decode is
-  timed from CUDA-graph replays (device time: at small sizes Python's launch overhead
-  of the three kernels would be timed instead).
+* **Decode** (one query per request, ``B`` ∈ {1, 16, 64, 256} × ``Tk`` ∈ {1k, 4k, 16k,
+  64k} keys, documents of 512 or 4096 tokens placed back to back, then 64 own tokens;
+  every request reads its own blocks). ``B · Tk ≤ 2^22`` (16 GiB of K and V), and
+  4096-token documents only from 4k keys. Providers: ``lazy`` (the kernels of
+  ``fast.lazy_decode`` without the public function's host-side checks;
+  ``public_api_same`` records that both give the same bits), ``norot`` (the same kernel
+  with the rotation switched off), ``materialise`` (Block-Attention: copy + re-rotate
+  the request's blocks, then the decode kernel over the copy), ``flashinfer`` and
+  ``flashinfer_tc`` (FlashInfer's paged decode on CUDA cores and on tensor cores,
+  ``pos_encoding_mode="ROPE_LLAMA"``). Bytes = ``2 · B · Tk · Hkv · D · 2`` plus q and out.
+* **Prefill** (``B`` ∈ {1, 8} requests, ``Tq`` ∈ {128, 512, 1024} own query tokens after
+  8 documents of 512 or 4096 tokens). Providers: ``lazy``, ``norot``, ``materialise``,
+  ``sdpa_flash`` (PyTorch SDPA on contiguous, pre-rotated keys, KV heads expanded,
+  bottom-right causal mask = documents visible + own tokens causal) and ``flashinfer``
+  (FlashInfer's paged batch prefill with ``ROPE_LLAMA``, causal). FLOPs =
+  ``4 · H · D · Σ_requests (Tq · Tseg + Tq (Tq + 1) / 2)``.
 
-**Parity first.** Before a provider is timed its output is checked against an
-independent computation (SDPA flash for prefill; a float32 PyTorch softmax over the
-materialised keys for the first requests of a decode batch): ``max|diff| <= 0.02``
-(bf16 outputs of magnitude ≤ 1). A provider that fails is marked and gets no speed-up.
+**FlashInfer's best case.** FlashInfer rotates keys inside the kernel at the positions
+``0 .. n − 1`` of each paged sequence, so it reads *unrotated* keys, contiguous in
+logical order. It cannot place a cached document at another offset without rewriting
+its keys; here every document sits where FlashInfer expects it. Without FlashInfer
+installed its providers are skipped with the reason printed.
 
-Targets (printed PASS/MISS): decode ≥ 85% of copy bandwidth at ``Tk ≥ 4k`` and
-``B ≥ 16``; rotation overhead ≤ 3% against ``norot`` in both kernels; prefill at least as
-fast as SDPA flash; lazy faster than materialise at every size.
+**Parity first.** Before a provider is timed its output for the first request(s) is
+compared with attention computed in float64 from the same bf16 numbers, with the keys
+rotated in float64 at the positions that provider's function defines (logical positions
+``R(δ) k`` for ``lazy`` and ``materialise``, ``R(j) k`` of the unrotated cache for
+FlashInfer, no rotation for ``norot``): ``max|diff| <= 0.02`` (bf16 outputs of magnitude
+≤ 1). A provider that fails is marked and counts for no target.
+
+Targets (printed PASS/MISS): lazy time ÷ FlashInfer's (the faster of its decodes) ≤ 1 at
+every decode and prefill shape; decode ≥ 90% of the copy bandwidth at ``Tk ≥ 4k`` and
+``B ≥ 16``; one request of 16k keys ≥ 1.8 TB/s; prefill at least as fast as SDPA flash;
+rotation overhead ≤ 5% against ``norot`` at ``Tk ≥ 4k``; lazy faster than materialise.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import math
 import subprocess
@@ -60,30 +66,39 @@ from lazyattention.fast.rope import rope_tables
 from lazyattention.reference import Layout, Placement, RequestLayout, RopeConfig, apply_rope
 
 DTYPE = torch.bfloat16
-HEADS, KV_HEADS, BLOCK = 32, 8, 64
+HEADS, KV_HEADS, HEAD_DIM, BLOCK = 32, 8, 128, 64
+ROPE = RopeConfig(head_dim=HEAD_DIM, base=500_000.0)
 PARITY_TOLERANCE = 0.02
-PREFILL_GRID = [  # (head dim, Tk, segment length L)
-    (d, tk, seg)
-    for d in (128, 64)
-    for tk, seg in ((4096, 512), (4096, 3072), (16384, 512), (16384, 4096), (32768, 512), (32768, 4096))
+DOCS_PREFILL = 8
+PREFILL_GRID = [(b, tq, doc) for doc in (512, 4096) for b in (1, 8) for tq in (128, 512, 1024)]  # (B, Tq, L)
+DECODE_GRID = [  # (B, Tk, L) with B · Tk ≤ 2^22 tokens, 4096-token documents from 4k keys
+    (b, tk, doc)
+    for doc in (512, 4096)
+    for b in (1, 16, 64, 256)
+    for tk in (1024, 4096, 16384, 65536)
+    if b * tk <= 2**22 and doc < tk
 ]
-DECODE_GRID = [  # (B, Tk) with B · Tk ≤ 2^22 tokens (16 GiB of bf16 K and V)
-    (b, tk) for b in (1, 16, 64, 256) for tk in (1024, 4096, 16384, 65536) if b * tk <= 2**22
-]
-QUERIES = 1024
 OWN_DECODE = 64
-DOC_DECODE = 1024
 
 
 def bench(fn) -> float:
-    """Median milliseconds of ``fn`` after warm-up."""
+    """Median milliseconds of ``fn`` after warm-up (host launches included)."""
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
 def bench_graph(fn) -> float:
     """Median milliseconds of ``fn`` replayed from a CUDA graph: device time without the
-    Python launch overhead, which is larger than the kernels at small decode sizes."""
-    return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
+    Python launch overhead, which is larger than the kernels at small sizes."""
+    return triton.testing.do_bench_cudagraph(fn, rep=60, return_mode="median")
+
+
+def flashinfer_or_reason():
+    """``(module, None)``, or ``(None, why)`` when FlashInfer cannot be used here."""
+    try:
+        import flashinfer
+    except Exception as exc:  # not installed, or built for another torch / CUDA
+        return None, f"FlashInfer not importable ({type(exc).__name__}: {str(exc)[:120]})"
+    return flashinfer, None
 
 
 # --------------------------------------------------------------------------- inputs
@@ -109,7 +124,7 @@ def make_layout(batch: int, segment_lengths: list[int], own: int, queries: int, 
     return Layout(requests, block)
 
 
-def decode_layout(batch: int, tk: int, doc: int = DOC_DECODE) -> Layout:
+def decode_layout(batch: int, tk: int, doc: int) -> Layout:
     """``batch`` decode requests of ``tk`` keys: documents of ``doc`` tokens back to back
     (the last one shorter if ``doc`` does not divide), then ``OWN_DECODE`` own tokens."""
     docs = [doc] * ((tk - OWN_DECODE) // doc)
@@ -119,122 +134,194 @@ def decode_layout(batch: int, tk: int, doc: int = DOC_DECODE) -> Layout:
     return make_layout(batch, docs, OWN_DECODE, 1)
 
 
-def make_cache(layout: Layout, head_dim: int, gen: torch.Generator):
+def make_cache(layout: Layout, gen: torch.Generator):
     n = max(max(p.blocks) for req in layout.requests for p in (*req.segments, req.own)) + 1
-    shape = (n, layout.block_size, KV_HEADS, head_dim)
+    shape = (n, layout.block_size, KV_HEADS, HEAD_DIM)
     k = torch.randn(shape, generator=gen, device="cuda", dtype=DTYPE)
     v = torch.randn(shape, generator=gen, device="cuda", dtype=DTYPE)
     return k, v
 
 
-def logical_keys(k_cache, v_cache, layout, rope, tables):
-    """Keys at logical positions ``[B, Tk, Hkv, D]`` (contiguous requests) and values."""
+def request_blocks(req: RequestLayout) -> list[int]:
+    """A request's physical blocks in logical order (segments, then own)."""
+    return [b for p in (*req.segments, req.own) for b in p.blocks]
+
+
+def request_tokens(cache: torch.Tensor, req: RequestLayout) -> torch.Tensor:
+    """``[Tk, Hkv, D]``: a request's cached tokens in logical order (every block full)."""
+    return cache[torch.tensor(request_blocks(req), device=cache.device)].flatten(0, 1)
+
+
+def token_shifts(req: RequestLayout) -> torch.Tensor:
+    return torch.cat([torch.full((p.length,), p.shift, dtype=torch.int64) for p in (*req.segments, req.own)]).cuda()
+
+
+def attention64(q, k, v, scale):
+    """Float64 attention of ``q [Tq, H, D]`` over ``k, v [Tk, Hkv, D]`` with the
+    bottom-right causal mask (query ``i`` sees keys ``j ≤ Tk − Tq + i``): documents
+    visible to every query, own tokens causal. Heads in chunks, to bound the memory."""
+    tq, tk, g = q.shape[0], k.shape[0], q.shape[1] // k.shape[1]
+    visible = torch.arange(tk, device=q.device)[None, :] <= (tk - tq + torch.arange(tq, device=q.device))[:, None]
+    out = torch.empty(q.shape, dtype=torch.float64, device=q.device)
+    for h0 in range(0, q.shape[1], 8):
+        kh = k.double().repeat_interleave(g, dim=1)[:, h0 : h0 + 8]
+        vh = v.double().repeat_interleave(g, dim=1)[:, h0 : h0 + 8]
+        s = torch.einsum("qhd,khd->hqk", q[:, h0 : h0 + 8].double(), kh) * scale
+        p = s.masked_fill(~visible[None], float("-inf")).softmax(-1)
+        out[:, h0 : h0 + 8] = torch.einsum("hqk,khd->qhd", p, vh)
+    return out
+
+
+def expected_outputs(q, k_cache, v_cache, layout, requests: int) -> dict[str, torch.Tensor]:
+    """The float64 truth for the first ``requests`` requests, per kind of key:
+    ``lazy`` (stored keys re-rotated by δ to logical positions, the query at its own),
+    ``raw`` (the cache read as unrotated keys at logical positions ``0 .. Tk − 1``: what
+    FlashInfer computes) and ``norot`` (no rotation)."""
+    scale = 1.0 / math.sqrt(HEAD_DIM)
+    out = {"lazy": [], "raw": [], "norot": []}
+    q_pos = layout.query_positions().cuda()
+    row = 0
+    for req in layout.requests[:requests]:
+        qr = q[row : row + req.num_queries].double()
+        pos = q_pos[row : row + req.num_queries]
+        row += req.num_queries
+        k, v = request_tokens(k_cache, req).double(), request_tokens(v_cache, req)
+        q_rot = apply_rope(qr, pos, ROPE)
+        logical = torch.arange(k.shape[0], device="cuda")
+        out["lazy"].append(attention64(q_rot, apply_rope(k, token_shifts(req), ROPE), v, scale))
+        out["raw"].append(attention64(q_rot, apply_rope(k, logical, ROPE), v, scale))
+        out["norot"].append(attention64(qr, k, v, scale))
+    return {name: torch.cat(parts) for name, parts in out.items()}
+
+
+def sdpa_inputs(q, k_cache, v_cache, layout):
+    """``[B, H, T, D]`` tensors for SDPA: query rotated at its positions, keys rotated to
+    logical positions (pre-rotated, contiguous), KV heads expanded."""
+    tables = rope_tables(ROPE, HEAD_DIM, torch.device("cuda"))
     k, v, _ = materialise(k_cache, v_cache, layout.metadata("cuda"), tables, DTYPE)
     b = layout.batch_size
-    return k.view(b, -1, KV_HEADS, k.shape[-1]), v.view(b, -1, KV_HEADS, v.shape[-1])
-
-
-def sdpa_inputs(q, k_log, v_log, layout, rope):
-    """``[B, H, T, D]`` tensors for SDPA: query rotated at its positions, KV heads expanded."""
-    b = layout.batch_size
-    q_rot = apply_rope(q, layout.query_positions().cuda(), rope).view(b, -1, HEADS, q.shape[-1])
+    q_rot = apply_rope(q, layout.query_positions().cuda(), ROPE).view(b, -1, HEADS, HEAD_DIM)
     g = HEADS // KV_HEADS
-    expand = lambda x: x.transpose(1, 2).repeat_interleave(g, dim=1).contiguous()  # noqa: E731
-    return q_rot.transpose(1, 2).contiguous(), expand(k_log), expand(v_log)
+    expand = lambda x: x.view(b, -1, KV_HEADS, HEAD_DIM).transpose(1, 2).repeat_interleave(g, dim=1).contiguous()  # noqa: E731
+    return q_rot.transpose(1, 2).contiguous(), expand(k), expand(v)
 
 
-def sdpa(backend, q, k, v, scale):
-    """SDPA with one backend forced. Flash takes the bottom-right causal bias; cuDNN an
-    explicit boolean mask of the same shape (it has no bottom-right causal variant)."""
+def sdpa_flash(q, k, v, scale):
+    """SDPA's FlashAttention backend with the bottom-right causal bias."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.attention.bias import causal_lower_right
 
-    tq, tk = q.shape[2], k.shape[2]
-    if backend == "flash":
-        mask = causal_lower_right(tq, tk)
-    else:
-        mask = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(diagonal=tk - tq)
-    chosen = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}[backend]
+    mask = causal_lower_right(q.shape[2], k.shape[2])
 
     def run():
-        with sdpa_kernel([chosen]):
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
             return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
     return run
 
 
+def flashinfer_pages(layout: Layout):
+    """FlashInfer's page table of ``layout``: ``indptr [B + 1]``, ``indices``, and
+    ``last_page_len [B]`` (int32), each request's blocks in logical order."""
+    tables = [request_blocks(req) for req in layout.requests]
+    indptr = torch.tensor([0, *itertools.accumulate(len(t) for t in tables)], dtype=torch.int32, device="cuda")
+    indices = torch.tensor([b for t in tables for b in t], dtype=torch.int32, device="cuda")
+    last = [(req.own.start + req.own.length - 1) % layout.block_size + 1 for req in layout.requests]
+    return indptr, indices, torch.tensor(last, dtype=torch.int32, device="cuda")
+
+
+def flashinfer_decode(fi, layout, q, k_cache, v_cache, tensor_cores: bool):
+    """FlashInfer's paged decode with RoPE in the kernel, planned once (host), run in a
+    CUDA graph (its buffers fixed at construction)."""
+    indptr, indices, last = flashinfer_pages(layout)
+    workspace = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")
+    wrapper = fi.BatchDecodeWithPagedKVCacheWrapper(
+        workspace, "NHD", use_cuda_graph=True, use_tensor_cores=tensor_cores,
+        paged_kv_indptr_buffer=indptr, paged_kv_indices_buffer=indices, paged_kv_last_page_len_buffer=last,
+    )  # fmt: skip
+    wrapper.plan(indptr, indices, last, HEADS, KV_HEADS, HEAD_DIM, BLOCK, pos_encoding_mode="ROPE_LLAMA",
+                 rope_theta=ROPE.base, q_data_type=DTYPE, kv_data_type=DTYPE)  # fmt: skip
+    return lambda: wrapper.run(q, (k_cache, v_cache))
+
+
+def flashinfer_prefill(fi, layout, q, k_cache, v_cache):
+    """FlashInfer's paged batch prefill (causal, bottom-right) with RoPE in the kernel."""
+    indptr, indices, last = flashinfer_pages(layout)
+    qo = [0, *itertools.accumulate(r.num_queries for r in layout.requests)]
+    qo = torch.tensor(qo, dtype=torch.int32, device="cuda")
+    workspace = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")
+    wrapper = fi.BatchPrefillWithPagedKVCacheWrapper(
+        workspace, "NHD", use_cuda_graph=True, qo_indptr_buf=qo, paged_kv_indptr_buf=indptr,
+        paged_kv_indices_buf=indices, paged_kv_last_page_len_buf=last,
+    )  # fmt: skip
+    wrapper.plan(qo, indptr, indices, last, HEADS, KV_HEADS, HEAD_DIM, BLOCK, causal=True,
+                 pos_encoding_mode="ROPE_LLAMA", rope_theta=ROPE.base, q_data_type=DTYPE,
+                 kv_data_type=DTYPE)  # fmt: skip
+    return lambda: wrapper.run(q, (k_cache, v_cache))
+
+
+def measure(row: dict, providers: dict, expected: dict, rows_checked: int, skipped: dict) -> None:
+    """Check each provider's first rows against its float64 truth, then time it."""
+    for name, (fn, truth) in providers.items():
+        try:
+            out = fn()
+            diff = float((out[:rows_checked].double() - expected[truth]).abs().max())
+            row["max_diff"][name] = diff
+            row["parity"][name] = bool(diff <= PARITY_TOLERANCE)
+            try:
+                row["ms"][name] = bench_graph(fn)
+            except Exception as exc:  # not capturable: host launches included, and said so
+                row["ms"][name] = bench(fn)
+                row.setdefault("timed_without_graph", {})[name] = f"{type(exc).__name__}: {str(exc)[:120]}"
+        except Exception as exc:  # recorded, so one failure does not hide the other rows
+            row["ms"][name], row["parity"][name] = None, None
+            row["max_diff"][name] = f"{type(exc).__name__}: {str(exc)[:200]}"
+    for name, why in skipped.items():
+        row["ms"][name], row["parity"][name], row["max_diff"][name] = None, None, why
+
+
 # --------------------------------------------------------------------------- prefill
 
 
-def prefill_row(head_dim: int, tk: int, seg: int, gen: torch.Generator) -> dict:
-    n_seg = (tk - QUERIES) // seg
-    layout = make_layout(2, [seg] * n_seg, QUERIES, QUERIES)
-    rope = RopeConfig(head_dim=head_dim, base=500_000.0)
-    tables = rope_tables(rope, max(16, triton.next_power_of_2(head_dim)), torch.device("cuda"))
-    k_cache, v_cache = make_cache(layout, head_dim, gen)
-    q = torch.randn(layout.num_queries, HEADS, head_dim, generator=gen, device="cuda", dtype=DTYPE)
-    scale = 1.0 / math.sqrt(head_dim)
+def prefill_row(batch: int, tq: int, doc: int, gen: torch.Generator, fi, fi_reason) -> dict:
+    layout = make_layout(batch, [doc] * DOCS_PREFILL, tq, tq)
+    tables = rope_tables(ROPE, HEAD_DIM, torch.device("cuda"))
+    k_cache, v_cache = make_cache(layout, gen)
+    q = torch.randn(layout.num_queries, HEADS, HEAD_DIM, generator=gen, device="cuda", dtype=DTYPE)
+    scale = 1.0 / math.sqrt(HEAD_DIM)
     meta = layout.metadata("cuda")
-    seg_tokens = n_seg * seg
-    flops = 4 * HEADS * head_dim * layout.batch_size * (QUERIES * seg_tokens + QUERIES * (QUERIES + 1) / 2)
-
-    k_log, v_log = logical_keys(k_cache, v_cache, layout, rope, tables)
-    qs, ks, vs = sdpa_inputs(q, k_log, v_log, layout, rope)
-    flash = sdpa("flash", qs, ks, vs, scale)
-    cudnn = sdpa("cudnn", qs, ks, vs, scale)
-    expected = flash().transpose(1, 2).reshape(q.shape)
-
-    def raw_expected():
-        pos = torch.cat([torch.arange(seg_tokens + QUERIES, device="cuda")] * layout.batch_size)
-        k_raw = k_cache.view(-1, KV_HEADS, head_dim)[: pos.numel()]  # requests' blocks are consecutive
-        k_rot = apply_rope(k_raw, pos, rope).view(layout.batch_size, -1, KV_HEADS, head_dim)
-        _, kr, vr = sdpa_inputs(q, k_rot, v_log, layout, rope)
-        return sdpa("flash", qs, kr, vr, scale)().transpose(1, 2).reshape(q.shape)
-
-    def norot_expected():
-        k_st = k_cache.view(-1, KV_HEADS, head_dim)[: layout.batch_size * (seg_tokens + QUERIES)]
-        k_st = k_st.view(layout.batch_size, -1, KV_HEADS, head_dim)
-        g = HEADS // KV_HEADS
-        kn = k_st.transpose(1, 2).repeat_interleave(g, dim=1)
-        qn = q.view(layout.batch_size, -1, HEADS, head_dim).transpose(1, 2)
-        return sdpa("flash", qn.contiguous(), kn.contiguous(), vs, scale)().transpose(1, 2).reshape(q.shape)
+    seg_tokens = DOCS_PREFILL * doc
+    flops = 4 * HEADS * HEAD_DIM * batch * (tq * seg_tokens + tq * (tq + 1) / 2)
+    expected = expected_outputs(q, k_cache, v_cache, layout, 1)
+    qs, ks, vs = sdpa_inputs(q, k_cache, v_cache, layout)
+    flash = sdpa_flash(qs, ks, vs, scale)
 
     def ours(mode):
-        return lambda: fast_attend.attend(q, k_cache, v_cache, meta, tables, QUERIES, scale, mode, False, False)[0]
-
-    copy = lambda: materialise(k_cache, v_cache, meta, tables, DTYPE)  # noqa: E731
+        return lambda: fast_attend.attend(q, k_cache, v_cache, meta, tables, tq, scale, mode, False, False)[0]
 
     def block_attention():
         """Block-Attention: copy + re-rotate in the cache dtype, then the kernel with δ = 0."""
-        kc, vc, m = copy()
-        return fast_attend.attend(q, kc, vc, m, tables, QUERIES, scale, fast_attend.LAZY, False, False)[0]
+        kc, vc, m = materialise(k_cache, v_cache, meta, tables, DTYPE)
+        return fast_attend.attend(q, kc, vc, m, tables, tq, scale, fast_attend.LAZY, False, False)[0]
 
     providers = {
-        "lazy": (ours(fast_attend.LAZY), expected),
-        "norot": (ours(fast_attend.NONE), norot_expected()),
-        "raw": (lambda: fast.raw_prefill(q, k_cache, v_cache, layout, rope), raw_expected()),
-        "materialise": (block_attention, expected),
-        "sdpa_flash": (lambda: flash().transpose(1, 2), None),  # the yardstick itself
-        "sdpa_cudnn": (lambda: cudnn().transpose(1, 2), expected.view(layout.batch_size, -1, HEADS, head_dim)),
+        "lazy": (ours(fast_attend.LAZY), "lazy"),
+        "norot": (ours(fast_attend.NONE), "norot"),
+        "materialise": (block_attention, "lazy"),
+        "sdpa_flash": (lambda: flash().transpose(1, 2).flatten(0, 1), "lazy"),
     }
-    row = {"head_dim": head_dim, "Tk": tk, "segment": seg, "segments": n_seg, "Tq": QUERIES,
-           "batch": layout.batch_size, "flops": flops, "ms": {}, "parity": {}, "max_diff": {},
-           "public_api_same": bool(torch.equal(fast.lazy_prefill(q, k_cache, v_cache, layout, rope),
+    skipped = {}
+    if fi is not None:
+        providers["flashinfer"] = (flashinfer_prefill(fi, layout, q, k_cache, v_cache), "raw")
+    else:
+        skipped["flashinfer"] = fi_reason
+    pl = fast_attend.plan(HEADS, KV_HEADS, HEAD_DIM, BLOCK, DTYPE, q.device, False, batch * KV_HEADS,
+                          max(len(request_blocks(r)) for r in layout.requests) * BLOCK, tq)  # fmt: skip
+    row = {"batch": batch, "Tq": tq, "segment": doc, "segments": DOCS_PREFILL, "Tk": seg_tokens + tq,
+           "flops": flops, "splits": pl.splits, "ms": {}, "parity": {}, "max_diff": {},
+           "public_api_same": bool(torch.equal(fast.lazy_prefill(q, k_cache, v_cache, layout, ROPE),
                                                ours(fast_attend.LAZY)()))}  # fmt: skip
-    for name, (fn, want) in providers.items():
-        try:
-            out = fn()
-            diff = 0.0 if want is None else float((out.float() - want.float()).abs().max())
-            row["max_diff"][name] = diff
-            row["parity"][name] = bool(diff <= PARITY_TOLERANCE)
-            row["ms"][name] = bench(fn)
-        except Exception as exc:  # a backend SDPA cannot run on this shape: record why
-            row["ms"][name] = None
-            row["parity"][name] = None
-            row["max_diff"][name] = f"{type(exc).__name__}: {str(exc)[:120]}"
-    if row["ms"]["sdpa_flash"] is not None:
-        row["ms"]["materialise_sdpa"] = bench(copy) + row["ms"]["sdpa_flash"]
-        row["parity"]["materialise_sdpa"] = True
+    measure(row, providers, expected, tq, skipped)
     row["tflops"] = {k: (flops / (t * 1e-3) / 1e12 if t else None) for k, t in row["ms"].items()}
     return row
 
@@ -242,35 +329,16 @@ def prefill_row(head_dim: int, tk: int, seg: int, gen: torch.Generator) -> dict:
 # --------------------------------------------------------------------------- decode
 
 
-def decode_row(batch: int, tk: int, gen: torch.Generator) -> dict:
-    layout = decode_layout(batch, tk)
-    head_dim = 128
-    rope = RopeConfig(head_dim=head_dim, base=500_000.0)
-    tables = rope_tables(rope, head_dim, torch.device("cuda"))
-    k_cache, v_cache = make_cache(layout, head_dim, gen)
-    q = torch.randn(batch, HEADS, head_dim, generator=gen, device="cuda", dtype=DTYPE)
-    scale = 1.0 / math.sqrt(head_dim)
+def decode_row(batch: int, tk: int, doc: int, gen: torch.Generator, fi, fi_reason) -> dict:
+    layout = decode_layout(batch, tk, doc)
+    tables = rope_tables(ROPE, HEAD_DIM, torch.device("cuda"))
+    k_cache, v_cache = make_cache(layout, gen)
+    q = torch.randn(batch, HEADS, HEAD_DIM, generator=gen, device="cuda", dtype=DTYPE)
+    scale = 1.0 / math.sqrt(HEAD_DIM)
     meta = layout.metadata("cuda")
-    nbytes = 2 * batch * tk * KV_HEADS * head_dim * 2 + 2 * q.numel() * 2
-
-    # Independent check on the first requests: float32 softmax over materialised keys.
-    check = min(batch, 4)
-    k_log, v_log = logical_keys(k_cache, v_cache, layout, rope, tables)
-    q_rot = apply_rope(q, layout.query_positions().cuda(), rope).float()
-    g = HEADS // KV_HEADS
-
-    def softmax_attention(keys, queries):
-        s = torch.einsum("bhd,bkhd->bhk", queries, keys[:check].float().repeat_interleave(g, dim=2)) * scale
-        return torch.einsum("bhk,bkhd->bhd", s.softmax(-1), v_log[:check].float().repeat_interleave(g, dim=2))
-
-    expected = softmax_attention(k_log, q_rot[:check])
-    pos = torch.arange(tk, device="cuda")
-    k_raw = k_cache.view(-1, KV_HEADS, head_dim)[: check * tk].view(check, tk, KV_HEADS, head_dim)
-    raw_expected = softmax_attention(
-        torch.stack([apply_rope(k_raw[i], pos, rope) for i in range(check)]), q_rot[:check]
-    )
-    k_st = k_cache.view(-1, KV_HEADS, head_dim)[: check * tk].view(check, tk, KV_HEADS, head_dim)
-    norot_expected = softmax_attention(k_st, q[:check].float())
+    nbytes = 2 * batch * tk * KV_HEADS * HEAD_DIM * 2 + 2 * q.numel() * 2
+    check = min(batch, 2)
+    expected = expected_outputs(q, k_cache, v_cache, layout, check)
 
     def ours(mode, kc=k_cache, vc=v_cache, m=meta):
         return lambda: fast_attend.attend(q, kc, vc, m, tables, 1, scale, mode, True, False)[0]
@@ -280,25 +348,23 @@ def decode_row(batch: int, tk: int, gen: torch.Generator) -> dict:
         return ours(fast_attend.LAZY, kc, vc, m)()
 
     providers = {
-        "lazy": (ours(fast_attend.LAZY), expected),
-        "norot": (ours(fast_attend.NONE), norot_expected),
-        "raw": (lambda: fast.raw_decode(q, k_cache, v_cache, layout, rope), raw_expected),
-        "materialise": (materialised, expected),
+        "lazy": (ours(fast_attend.LAZY), "lazy"),
+        "norot": (ours(fast_attend.NONE), "norot"),
+        "materialise": (materialised, "lazy"),
     }
-    del k_log
-    row = {"batch": batch, "Tk": tk, "bytes": nbytes, "ms": {}, "parity": {}, "max_diff": {},
-           "public_api_same": bool(torch.equal(fast.lazy_decode(q, k_cache, v_cache, layout, rope),
+    skipped = {}
+    for name, tc in (("flashinfer", False), ("flashinfer_tc", True)):
+        if fi is not None:
+            providers[name] = (flashinfer_decode(fi, layout, q, k_cache, v_cache, tc), "raw")
+        else:
+            skipped[name] = fi_reason
+    pl = fast_attend.plan(HEADS, KV_HEADS, HEAD_DIM, BLOCK, DTYPE, q.device, True, batch * KV_HEADS,
+                          meta.block_table.shape[1] * BLOCK)  # fmt: skip
+    row = {"batch": batch, "Tk": tk, "segment": doc, "bytes": nbytes, "splits": pl.splits,
+           "ms": {}, "parity": {}, "max_diff": {},
+           "public_api_same": bool(torch.equal(fast.lazy_decode(q, k_cache, v_cache, layout, ROPE),
                                                ours(fast_attend.LAZY)()))}  # fmt: skip
-    for name, (fn, want) in providers.items():
-        try:
-            out = fn()
-            diff = float((out[:check].float() - want).abs().max())
-            row["max_diff"][name] = diff
-            row["parity"][name] = bool(diff <= PARITY_TOLERANCE)
-            row["ms"][name] = bench_graph(fn)
-        except Exception as exc:  # recorded, so one failure does not hide the other rows
-            row["ms"][name], row["parity"][name] = None, None
-            row["max_diff"][name] = f"{type(exc).__name__}: {str(exc)[:200]}"
+    measure(row, providers, expected, check, skipped)
     row["tb_per_s"] = {k: (nbytes / (t * 1e-3) / 1e12 if t else None) for k, t in row["ms"].items()}
     return row
 
@@ -312,7 +378,6 @@ def ceilings() -> dict:
     copy_ms = bench(lambda: y.copy_(x))
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     mm_ms = bench(lambda: a @ a)
-    del x, y, a
     return {
         "copy_tb_per_s": 2 * 2**30 / (copy_ms * 1e-3) / 1e12,
         "bf16_matmul_tflops": 2 * 8192**3 / (mm_ms * 1e-3) / 1e12,
@@ -323,72 +388,70 @@ def ok(row, name):
     return row["parity"].get(name) is True and row["ms"].get(name)
 
 
+def _target(name: str, rows: list, value, passes, kind: str) -> dict:
+    """A target over ``rows``: ``value(row)`` (None = not measured) and ``passes(v)``;
+    the worst row is the one with the largest value, or the first not measured."""
+    values = [(value(r), r) for r in rows]
+    missing = [r for v, r in values if v is None]
+    measured = [(v, r) for v, r in values if v is not None]
+    worst = max(measured, key=lambda x: x[0]) if measured else (None, None)
+    where = _where(kind, missing[0] if missing else worst[1]) if rows else "no rows"
+    return {"target": name, "pass": bool(rows) and not missing and all(passes(v) for v, _ in measured),
+            "worst": worst[0], "where": where, "not_measured": len(missing)}  # fmt: skip
+
+
+def _ratio(row, a, *bs):
+    """time(a) / min(time(b) for the b that passed), or None."""
+    base = [row["ms"][b] for b in bs if ok(row, b)]
+    return row["ms"][a] / min(base) if ok(row, a) and base else None
+
+
 def targets(result: dict) -> list[dict]:
-    """Each issue-3 target with its verdict, the worst measured value and where."""
-    out = []
+    """Each target with its verdict, the worst measured value and where."""
     copy_bw = result["ceilings"]["copy_tb_per_s"]
-    big = [r for r in result["decode"] if r["Tk"] >= 4096 and r["batch"] >= 16]
-    fracs = [(r["tb_per_s"]["lazy"] / copy_bw if ok(r, "lazy") else 0.0, r) for r in big]
-    worst = min(fracs, key=lambda x: x[0]) if fracs else (None, None)
-    out.append({
-        "target": "decode >= 85% of copy bandwidth (Tk >= 4k, B >= 16)",
-        "pass": bool(fracs) and all(f >= 0.85 for f, _ in fracs),
-        "worst": worst[0], "where": worst[1] and f"B={worst[1]['batch']} Tk={worst[1]['Tk']}",
-    })  # fmt: skip
-    for kind in ("prefill", "decode"):
-        rows = result[kind]
-        over = [((r["ms"]["lazy"] / r["ms"]["norot"] - 1) if ok(r, "lazy") and ok(r, "norot") else math.inf, r)
-                for r in rows]  # fmt: skip
-        w = max(over, key=lambda x: x[0])
-        out.append({
-            "target": f"{kind}: rotation overhead <= 3% vs the same kernel without rotation",
-            "pass": all(o <= 0.03 for o, _ in over), "worst": w[0], "where": _where(kind, w[1]),
-        })  # fmt: skip
-    ratios = [((r["ms"]["lazy"] / r["ms"]["sdpa_flash"]) if ok(r, "lazy") and r["ms"]["sdpa_flash"] else math.inf, r)
-              for r in result["prefill"]]  # fmt: skip
-    w = max(ratios, key=lambda x: x[0])
-    out.append(
-        {
-            "target": "prefill at least as fast as SDPA flash (time ratio <= 1)",
-            "pass": all(x <= 1.0 for x, _ in ratios),
-            "worst": w[0],
-            "where": _where("prefill", w[1]),
-        }
-    )
-    for kind in ("prefill", "decode"):
-        rows = result[kind]
-        ratios = []
-        for r in rows:
-            base = [r["ms"][k] for k in ("materialise", "materialise_sdpa") if ok(r, k)]
-            ratios.append(((r["ms"]["lazy"] / min(base)) if ok(r, "lazy") and base else math.inf, r))
-        w = max(ratios, key=lambda x: x[0])
-        out.append(
-            {
-                "target": f"{kind}: lazy faster than materialise at every size (time ratio < 1)",
-                "pass": all(x < 1.0 for x, _ in ratios),
-                "worst": w[0],
-                "where": _where(kind, w[1]),
-            }
-        )
-    for t in out:  # a failed or missing measurement is "n/a", never a number
-        if t["worst"] is not None and not math.isfinite(t["worst"]):
-            t["worst"] = None
+    pre, dec = result["prefill"], result["decode"]
+    out = []
+    for kind, rows, fis in (("decode", dec, ("flashinfer", "flashinfer_tc")), ("prefill", pre, ("flashinfer",))):
+        out.append(_target(f"{kind}: lazy time / FlashInfer time <= 1 at every shape", rows,
+                           lambda r, fis=fis: _ratio(r, "lazy", *fis), lambda v: v <= 1.0, kind))  # fmt: skip
+    big = [r for r in dec if r["Tk"] >= 4096 and r["batch"] >= 16]
+    # The worst row of a bandwidth target is the slowest: use the shortfall 1 - fraction.
+    t = _target("decode >= 90% of copy bandwidth (Tk >= 4k, B >= 16), as 1 - fraction <= 0.10", big,
+                lambda r: 1 - r["tb_per_s"]["lazy"] / copy_bw if ok(r, "lazy") else None, lambda v: v <= 0.10,
+                "decode")  # fmt: skip
+    out.append(t)
+    one = [r for r in dec if r["Tk"] == 16384 and r["batch"] == 1]
+    out.append(_target("decode B=1 Tk=16k >= 1.8 TB/s, as 1.8 - TB/s <= 0", one,
+                       lambda r: 1.8 - r["tb_per_s"]["lazy"] if ok(r, "lazy") else None, lambda v: v <= 0.0,
+                       "decode"))  # fmt: skip
+    out.append(_target("prefill: lazy time / SDPA flash time <= 1 at every shape", pre,
+                       lambda r: _ratio(r, "lazy", "sdpa_flash"), lambda v: v <= 1.0, "prefill"))  # fmt: skip
+    for kind, rows in (("prefill", pre), ("decode", dec)):
+        long = [r for r in rows if r["Tk"] >= 4096]
+        out.append(_target(f"{kind}: rotation overhead <= 5% vs the same kernel without rotation (Tk >= 4k)", long,
+                           lambda r: _ratio(r, "lazy", "norot") - 1 if _ratio(r, "lazy", "norot") else None,
+                           lambda v: v <= 0.05, kind))  # fmt: skip
+        out.append(_target(f"{kind}: lazy faster than materialise at every shape (time ratio < 1)", rows,
+                           lambda r: _ratio(r, "lazy", "materialise"), lambda v: v < 1.0, kind))  # fmt: skip
     return out
 
 
 def _where(kind, row):
+    if row is None:
+        return "-"
     if kind == "prefill":
-        return f"D={row['head_dim']} Tk={row['Tk']} L={row['segment']}"
-    return f"B={row['batch']} Tk={row['Tk']}"
+        return f"B={row['batch']} Tq={row['Tq']} {row['segments']}x{row['segment']}"
+    return f"B={row['batch']} Tk={row['Tk']} L={row['segment']}"
 
 
-def environment() -> dict:
+def environment(fi) -> dict:
     env = {
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "triton": triton.__version__,
         "cuda": torch.version.cuda,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "flashinfer": getattr(fi, "__version__", None),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "sms": torch.cuda.get_device_properties(0).multi_processor_count,
     }
     try:
@@ -401,26 +464,33 @@ def environment() -> dict:
     return env
 
 
+PREFILL_PROVIDERS = ("lazy", "norot", "materialise", "sdpa_flash", "flashinfer")
+DECODE_PROVIDERS = ("lazy", "norot", "materialise", "flashinfer", "flashinfer_tc")
+
+
 def print_table(result: dict) -> None:
     print(f"\n# {result['environment']['device']}  copy {result['ceilings']['copy_tb_per_s']:.2f} TB/s  "
           f"bf16 mm {result['ceilings']['bf16_matmul_tflops']:.0f} TFLOP/s")  # fmt: skip
-    names = ("lazy", "norot", "raw", "sdpa_flash", "sdpa_cudnn", "materialise", "materialise_sdpa")
-    print("prefill TFLOP/s  " + " ".join(f"{n:>10}" for n in names))
+    print("prefill µs (TFLOP/s)          " + " ".join(f"{n:>14}" for n in PREFILL_PROVIDERS) + "  lazy/FI")
     for r in result["prefill"]:
         cells = []
-        for n in names:
-            t = r["tflops"].get(n)
-            cells.append(f"{t:10.1f}{'' if r['parity'].get(n) is not False else '!'}" if t else f"{'-':>10}")
-        print(f"D={r['head_dim']:3d} Tk={r['Tk']:5d} L={r['segment']:4d} " + " ".join(cells))
-    names = ("lazy", "norot", "raw", "materialise")
-    print("decode TB/s (frac of copy)   " + " ".join(f"{n:>10}" for n in names))
+        for n in PREFILL_PROVIDERS:
+            t = r["ms"].get(n)
+            mark = "!" if r["parity"].get(n) is False else " "
+            cells.append(f"{t * 1e3:7.1f}({r['tflops'][n]:4.0f}){mark}" if t else f"{'-':>14}")
+        ratio = _ratio(r, "lazy", "flashinfer")
+        print(f"B={r['batch']} Tq={r['Tq']:4d} {r['segments']}x{r['segment']:4d} P={r['splits']:2d} " + " ".join(cells)
+              + (f"  {ratio:5.2f}" if ratio else ""))  # fmt: skip
+    print("decode µs (TB/s)              " + " ".join(f"{n:>14}" for n in DECODE_PROVIDERS) + "  lazy/FI")
     for r in result["decode"]:
-        copy_bw = result["ceilings"]["copy_tb_per_s"]
-        cells = [
-            f"{r['tb_per_s'][n]:5.2f}({r['tb_per_s'][n] / copy_bw:4.0%})" if r["tb_per_s"][n] else f"{'-':>11}"
-            for n in names
-        ]
-        print(f"B={r['batch']:3d} Tk={r['Tk']:5d} " + " ".join(cells))
+        cells = []
+        for n in DECODE_PROVIDERS:
+            t = r["ms"].get(n)
+            mark = "!" if r["parity"].get(n) is False else " "
+            cells.append(f"{t * 1e3:7.1f}({r['tb_per_s'][n]:4.2f}){mark}" if t else f"{'-':>14}")
+        ratio = _ratio(r, "lazy", "flashinfer", "flashinfer_tc")
+        print(f"B={r['batch']:3d} Tk={r['Tk']:5d} L={r['segment']:4d} P={r['splits']:2d} " + " ".join(cells)
+              + (f"  {ratio:5.2f}" if ratio else ""))  # fmt: skip
     for t in result["targets"]:
         worst = "n/a" if t["worst"] is None else f"{t['worst']:.3f}"
         print(f"{'PASS' if t['pass'] else 'MISS'}  {t['target']}: worst {worst} at {t['where']}")
@@ -450,54 +520,51 @@ def _timed(rows: list, fn, **row) -> None:
     print(row, flush=True)
 
 
+def launcher(q, k_cache, v_cache, meta, tables, max_queries, mode, decode, tiles):
+    """A no-argument call of the attention kernels with ``tiles`` (for the sweep)."""
+    return lambda: fast_attend.attend(q, k_cache, v_cache, meta, tables, max_queries, 0.1, mode, decode, False, tiles)
+
+
 def sweep() -> list[dict]:
-    """Time tile configurations and key-load paths of the lazy and no-rotation kernels,
-    next to SDPA flash on the same prefill shapes (tuning aid)."""
+    """Time tile configurations, key-load paths and prefill splits of the lazy and
+    no-rotation kernels, next to SDPA flash on the same prefill shapes (tuning aid)."""
     gen = torch.Generator(device="cuda").manual_seed(0)
     rows = []
+    tables = rope_tables(ROPE, HEAD_DIM, torch.device("cuda"))
     prefill_configs = [(128, 64, 8, 2, True), (128, 64, 8, 3, True), (128, 64, 4, 3, True), (64, 64, 4, 3, True),
-                       (128, 128, 8, 2, True), (128, 128, 8, 3, True), (128, 128, 8, 2, False)]  # fmt: skip
-    for d, tk, seg, block in ((128, 16384, 512, 64), (128, 16384, 4096, 128), (64, 16384, 512, 64)):
-        layout = make_layout(2, [seg] * ((tk - QUERIES) // seg), QUERIES, QUERIES, block)
-        rope = RopeConfig(head_dim=d, base=500_000.0)
-        tables = rope_tables(rope, max(16, triton.next_power_of_2(d)), torch.device("cuda"))
-        k_cache, v_cache = make_cache(layout, d, gen)
-        q = torch.randn(layout.num_queries, HEADS, d, generator=gen, device="cuda", dtype=DTYPE)
+                       (64, 64, 4, 2, True), (128, 128, 8, 2, False)]  # fmt: skip
+    for batch, tq, doc in ((1, 128, 512), (1, 128, 4096), (2, 1024, 512), (2, 1024, 4096)):
+        layout = make_layout(batch, [doc] * DOCS_PREFILL, tq, tq)
+        k_cache, v_cache = make_cache(layout, gen)
+        q = torch.randn(layout.num_queries, HEADS, HEAD_DIM, generator=gen, device="cuda", dtype=DTYPE)
         meta = layout.metadata("cuda")
-        base = fast_attend.plan(HEADS, KV_HEADS, d, block, DTYPE, q.device, False, 0, 0)
-        flops = 4 * HEADS * d * 2 * (QUERIES * (tk - QUERIES) + QUERIES * (QUERIES + 1) / 2)
-        shape = {"kind": "prefill", "D": d, "Tk": tk, "segment": seg, "S": block, "flops": flops}
-        k_log, v_log = logical_keys(k_cache, v_cache, layout, rope, tables)
-        qs, ks, vs = sdpa_inputs(q, k_log, v_log, layout, rope)
-        _timed(rows, sdpa("flash", qs, ks, vs, 0.1), **shape, provider="sdpa_flash")
-        del k_log, v_log, qs, ks, vs
+        base = fast_attend.plan(HEADS, KV_HEADS, HEAD_DIM, BLOCK, DTYPE, q.device, False, batch * KV_HEADS,
+                                meta.block_table.shape[1] * BLOCK, tq)  # fmt: skip
+        flops = 4 * HEADS * HEAD_DIM * batch * (tq * DOCS_PREFILL * doc + tq * (tq + 1) / 2)
+        shape = {"kind": "prefill", "B": batch, "Tq": tq, "segment": doc, "flops": flops}
+        qs, ks, vs = sdpa_inputs(q, k_cache, v_cache, layout)
+        _timed(rows, sdpa_flash(qs, ks, vs, 0.1), **shape, provider="sdpa_flash")
+        del qs, ks, vs
         for cfg in prefill_configs:
-            if block % cfg[1] and cfg[4]:
-                continue
-            tiles = with_tiles(base, *cfg[:4], tma=cfg[4])
-            for mode in (fast_attend.LAZY, fast_attend.NONE):
-                fn = lambda: fast_attend.attend(q, k_cache, v_cache, meta, tables, QUERIES, 0.1, mode, False, False,  # noqa: E731
-                                                tiles)  # fmt: skip
-                _timed(rows, fn, **shape, cfg=cfg, mode=mode)
-    for batch, tk, doc in ((16, 16384, DOC_DECODE), (16, 16384, 4096), (64, 4096, DOC_DECODE),
-                           (256, 4096, DOC_DECODE), (1, 65536, DOC_DECODE)):  # fmt: skip
+            for splits in sorted({1, base.splits, 2 * base.splits, 4}):
+                tiles = with_tiles(base, *cfg[:4], splits=splits, tma=cfg[4])
+                for mode in (fast_attend.LAZY, fast_attend.NONE):
+                    fn = launcher(q, k_cache, v_cache, meta, tables, tq, mode, False, tiles)
+                    _timed(rows, fn, **shape, cfg=(*cfg, splits), mode=mode)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for batch, tk, doc in ((16, 4096, 512), (16, 16384, 4096), (64, 4096, 512), (1, 16384, 512), (1, 65536, 4096)):
         layout = decode_layout(batch, tk, doc)
-        rope = RopeConfig(head_dim=128, base=500_000.0)
-        tables = rope_tables(rope, 128, torch.device("cuda"))
-        k_cache, v_cache = make_cache(layout, 128, gen)
-        q = torch.randn(batch, HEADS, 128, generator=gen, device="cuda", dtype=DTYPE)
+        k_cache, v_cache = make_cache(layout, gen)
+        q = torch.randn(batch, HEADS, HEAD_DIM, generator=gen, device="cuda", dtype=DTYPE)
         meta = layout.metadata("cuda")
-        base = fast_attend.plan(HEADS, KV_HEADS, 128, BLOCK, DTYPE, q.device, True, batch * KV_HEADS, tk)
-        nbytes = 2 * batch * tk * KV_HEADS * 128 * 2
-        sms = torch.cuda.get_device_properties(0).multi_processor_count
-        for block_n, warps, stages, tma in ((64, 4, 2, True), (64, 4, 3, True), (64, 4, 4, True), (32, 4, 4, True),
-                                            (128, 4, 3, False)):  # fmt: skip
-            for per_sm in (4,):
+        base = fast_attend.plan(HEADS, KV_HEADS, HEAD_DIM, BLOCK, DTYPE, q.device, True, batch * KV_HEADS, tk)
+        nbytes = 2 * batch * tk * KV_HEADS * HEAD_DIM * 2
+        for block_n, warps, stages, tma in ((64, 4, 2, True), (64, 4, 4, True), (32, 4, 4, True), (128, 4, 3, False)):
+            for per_sm in (2, 4, 8):
                 splits = max(1, min(triton.cdiv(per_sm * sms, batch * KV_HEADS), tk // block_n // 4, 64))
                 tiles = with_tiles(base, 16, block_n, warps, stages, splits, tma)
                 for mode in (fast_attend.LAZY, fast_attend.NONE):
-                    fn = lambda: fast_attend.attend(q, k_cache, v_cache, meta, tables, 1, 0.1, mode, True, False,  # noqa: E731
-                                                    tiles)  # fmt: skip
+                    fn = launcher(q, k_cache, v_cache, meta, tables, 1, mode, True, tiles)
                     _timed(rows, fn, kind="decode", B=batch, Tk=tk, doc=doc, bytes=nbytes,
                            cfg=(block_n, warps, stages, splits, tma), mode=mode)  # fmt: skip
     rows.append({"kind": "compiled", "kernels": compiled_report()})
@@ -510,12 +577,11 @@ def print_sweep(rows: list[dict]) -> None:
         if r["kind"] == "prefill":
             rate = f"{r['flops'] / r['ms'] / 1e9:7.1f} TFLOP/s" if "ms" in r else r.get("error", "")[:60]
             what = r.get("provider") or f"{['lazy', 'raw', 'norot'][r['mode']]:5} {r['cfg']}"
-            print(f"prefill D={r['D']} seg={r['segment']} S={r['S']}  {what:32} {rate}")
+            print(f"prefill B={r['B']} Tq={r['Tq']} seg={r['segment']}  {what:36} {rate}")
         elif r["kind"] == "decode":
             rate = f"{r['bytes'] / r['ms'] / 1e9:6.2f} TB/s" if "ms" in r else r.get("error", "")[:60]
-            print(
-                f"decode B={r['B']:3} Tk={r['Tk']:5} doc={r['doc']:4}  {['lazy', 'raw', 'norot'][r['mode']]:5} {str(r['cfg']):26} {rate}"
-            )
+            mode = ["lazy", "raw", "norot"][r["mode"]]
+            print(f"decode B={r['B']:3} Tk={r['Tk']:5} doc={r['doc']:4}  {mode:5} {r['cfg']!s:26} {rate}")
         else:
             for k in r["kernels"]:
                 print("compiled", k)
@@ -554,24 +620,26 @@ def main() -> None:
             json.dump(rows, f, indent=1)
         print_sweep(rows)
         return
+    fi, fi_reason = flashinfer_or_reason()
+    if fi is None:
+        print(f"skipping the FlashInfer providers: {fi_reason}", flush=True)
     gen = torch.Generator(device="cuda").manual_seed(0)
-    result = {"environment": environment(), "ceilings": ceilings(), "dtype": "bfloat16",
-              "heads": HEADS, "kv_heads": KV_HEADS, "block_size": BLOCK, "parity_tolerance": PARITY_TOLERANCE}  # fmt: skip
+    result = {"environment": environment(fi), "ceilings": ceilings(), "dtype": "bfloat16", "heads": HEADS,
+              "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "block_size": BLOCK, "rope_base": ROPE.base,
+              "parity_tolerance": PARITY_TOLERANCE, "flashinfer_skipped": fi_reason}  # fmt: skip
     prefill_grid = PREFILL_GRID[:2] if args.quick else PREFILL_GRID
     decode_grid = DECODE_GRID[:3] if args.quick else DECODE_GRID
-    result["prefill"] = []
-    for cfg in prefill_grid:
-        result["prefill"].append(prefill_row(*cfg, gen))
-        print("prefill", cfg, {k: round(v, 1) for k, v in result["prefill"][-1]["tflops"].items() if v}, flush=True)
-        torch.cuda.empty_cache()
-    result["decode"] = []
-    for cfg in decode_grid:
-        result["decode"].append(decode_row(*cfg, gen))
-        print("decode", cfg, {k: round(v, 2) for k, v in result["decode"][-1]["tb_per_s"].items() if v}, flush=True)
-        torch.cuda.empty_cache()
-    result["targets"] = targets(result)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
+    for kind, grid, row_fn, unit in (("prefill", prefill_grid, prefill_row, "tflops"),
+                                     ("decode", decode_grid, decode_row, "tb_per_s")):  # fmt: skip
+        result[kind] = []
+        for i, cfg in enumerate(grid):
+            result[kind].append(row_fn(*cfg, gen, fi, fi_reason))
+            rates = {k: round(v, 2) for k, v in result[kind][-1][unit].items() if v}
+            print(f"[{kind} {i + 1}/{len(grid)}] {cfg} {unit} {rates}", flush=True)
+            torch.cuda.empty_cache()
+            result["targets"] = targets({"decode": [], **result})
+            with open(args.out, "w") as f:  # after every row: a run cut short keeps what it measured
+                json.dump(result, f, indent=1)
     print_table(result)
 
 

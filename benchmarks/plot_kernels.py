@@ -1,6 +1,6 @@
 """Turn a committed kernel benchmark result into its plot and its docs page.
 
-Run: ``python benchmarks/plot_kernels.py benchmarks/results/kernels_h100.json``.
+Run: ``python benchmarks/plot_kernels.py benchmarks/results/kernels_h200.json``.
 
 Writes ``benchmarks/results/<name>.png`` (prefill throughput and decode bandwidth, one
 line per provider) and ``docs/benchmarks/kernels.md`` (the tables, every target with its
@@ -23,16 +23,15 @@ import matplotlib.pyplot as plt
 from lazyattention.plot_style import PAGE_WIDTH, color, legend_below, page_style
 
 ROOT = Path(__file__).resolve().parent.parent
-PREFILL = ("lazy", "norot", "raw", "sdpa_flash", "sdpa_cudnn", "materialise", "materialise_sdpa")
-DECODE = ("lazy", "norot", "raw", "materialise")
+PREFILL = ("lazy", "norot", "materialise", "sdpa_flash", "flashinfer")
+DECODE = ("lazy", "norot", "materialise", "flashinfer", "flashinfer_tc")
 LABELS = {
     "lazy": "lazy (ours)",
     "norot": "same kernel, no rotation",
-    "raw": "raw cache (keys rotated in kernel)",
-    "sdpa_flash": "SDPA flash, pre-rotated keys",
-    "sdpa_cudnn": "SDPA cuDNN, pre-rotated keys",
     "materialise": "materialise: copy + re-rotate, then our kernel",
-    "materialise_sdpa": "materialise: copy + re-rotate, then SDPA flash",
+    "sdpa_flash": "SDPA flash, pre-rotated keys",
+    "flashinfer": "FlashInfer, RoPE in kernel (contiguous documents)",
+    "flashinfer_tc": "FlashInfer tensor-core decode (contiguous documents)",
 }
 
 
@@ -40,34 +39,35 @@ def plot(result: dict, path: Path) -> None:
     """Prefill throughput above decode bandwidth, one line per provider, sized for the docs
     page (``lazyattention.plot_style``): one legend under both panels, covering no line."""
     with plt.rc_context(page_style()):
-        fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(PAGE_WIDTH, 8.2), layout="constrained")
+        fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(PAGE_WIDTH, 8.6), layout="constrained")
         rows = result["prefill"]
-        labels = [f"D{r['head_dim']}\n{r['Tk'] // 1024}k\nL{r['segment']}" for r in rows]
+        labels = [f"B{r['batch']} Tq{r['Tq']}\n{r['segments']}x{r['segment']}" for r in rows]
         for name in PREFILL:
             ys = [r["tflops"].get(name) for r in rows]
             if any(ys):
                 ys = [y if y else float("nan") for y in ys]
                 ax1.plot(range(len(rows)), ys, marker="o", label=LABELS[name], color=color(name))
-        ax1.set_xticks(range(len(rows)), labels)
+        ax1.set_xticks(range(len(rows)), labels, fontsize=7)
         ax1.set_ylabel("TFLOP/s")
         ax1.set_ylim(bottom=0)
-        ax1.set_title(f"Prefill: bf16, {result['heads']}/{result['kv_heads']} heads, 1024 queries per request")
+        ax1.set_title(f"Prefill: bf16, {result['heads']}/{result['kv_heads']} heads, D={result['head_dim']}")
         copy_bw = result["ceilings"]["copy_tb_per_s"]
         rows = result["decode"]
-        labels = [f"B{r['batch']}\n{r['Tk'] // 1024}k" for r in rows]
+        labels = [f"B{r['batch']} {r['Tk'] // 1024}k\nL{r['segment']}" for r in rows]
         for name in DECODE:
             ys = [r["tb_per_s"].get(name) for r in rows]
-            ys = [y / copy_bw if y else float("nan") for y in ys]
-            ax2.plot(range(len(rows)), ys, marker="o", label=LABELS[name], color=color(name))
-        ax2.axhline(0.85, color="gray", linestyle="--", linewidth=1, label="target: 85% of copy bandwidth")
-        ax2.set_xticks(range(len(rows)), labels)
+            if any(ys):
+                ys = [y / copy_bw if y else float("nan") for y in ys]
+                style = "--" if name.endswith("_tc") else "-"  # FlashInfer's two decodes share a colour
+                ax2.plot(range(len(rows)), ys, style, marker="o", label=LABELS[name], color=color(name))
+        ax2.axhline(0.90, color="gray", linestyle=":", linewidth=1, label="target: 90% of copy bandwidth")
+        ax2.set_xticks(range(len(rows)), labels, fontsize=7)
         ax2.set_ylabel(f"fraction of copy bandwidth\n({copy_bw:.2f} TB/s)")
         ax2.set_ylim(0, 1.1)
-        ax2.set_title("Decode: bf16, D=128, one query per request")
+        ax2.set_title(f"Decode: bf16, D={result['head_dim']}, one query per request")
         legend_below(fig, (ax1, ax2))
         fig.suptitle(f"{result['environment']['device']}, {result['environment']['date'][:10]}")
         fig.savefig(path)
-    plt.close(fig)
 
 
 def _cell(value, fmt, parity) -> str:
@@ -76,25 +76,41 @@ def _cell(value, fmt, parity) -> str:
     return format(value, fmt) + (" (parity FAIL)" if parity is False else "")
 
 
+def _ratio(row: dict, *fis: str) -> str:
+    base = [row["ms"][n] for n in fis if row["parity"].get(n) is True and row["ms"].get(n)]
+    lazy = row["ms"].get("lazy") if row["parity"].get("lazy") is True else None
+    return f"{lazy / min(base):.2f}" if lazy and base else "n/a"
+
+
 def page(result: dict, name: str, png: str, notes: str | None) -> str:
     env, ceil = result["environment"], result["ceilings"]
+    short = env["device"].removeprefix("NVIDIA ").split()[0]
+    fi = env.get("flashinfer")
     lines = [
-        "# Kernels (H100)",
+        f"# Kernels ({short})",
         "",
         f"<!-- Generated by benchmarks/plot_kernels.py from benchmarks/results/{name}.json; do not edit by hand. -->",
         "",
-        f"Measured by `benchmarks/kernels.py` (through `scripts/gpu_suite.sh`) on **{env['device']}**, "
-        f"torch {env['torch']}, Triton {env['triton']}, CUDA {env['cuda']}, {env['date']}. "
+        f"Measured by `benchmarks/kernels.py` (through `scripts/gpu_suite.sh`) on **{env['device']}** "
+        f"({env['sms']} SMs), torch {env['torch']}, Triton {env['triton']}, CUDA {env['cuda']}, "
+        f"FlashInfer {fi or 'not installed'}, {env['date']}. "
         f"Measured ceilings on that device: copy bandwidth **{ceil['copy_tb_per_s']:.2f} TB/s** "
-        f"(bytes read + written), bf16 matrix product **{ceil['bf16_matmul_tflops']:.0f} TFLOP/s**.",
+        f"(bytes read + written), bf16 matrix product **{ceil['bf16_matmul_tflops']:.0f} TFLOP/s**. "
+        f"Clocks and driver as `nvidia-smi` read them at the start: `{env['nvidia_smi'].splitlines()[-1]}`.",
         "",
-        "Every time is the median of many timed runs after warm-up (`triton.testing.do_bench`; decode from "
-        "CUDA-graph replays, `do_bench_cudagraph`, so that the three launches' Python overhead is not what is "
-        "timed). "
-        f"bf16, {result['heads']} query heads over {result['kv_heads']} KV heads, block size "
-        f"{result['block_size']}. Before timing, every provider's output is compared with an independent "
-        f"computation (SDPA flash; a float32 PyTorch softmax for decode): max |diff| ≤ "
-        f"{result['parity_tolerance']}. A provider that fails shows *parity FAIL* and counts for no target.",
+        "Every time is the median of many replays of a CUDA graph after warm-up "
+        "(`triton.testing.do_bench_cudagraph`): device time, without the host's launch overhead. "
+        f"bf16, {result['heads']} query heads over {result['kv_heads']} KV heads, head dim {result['head_dim']}, "
+        f"block size (and FlashInfer page size) {result['block_size']}, RoPE base {result['rope_base']:.0f}. "
+        "Before timing, every provider's output for the first requests is compared with attention computed "
+        "in float64 from the same numbers, the keys rotated in float64 at the positions that provider's "
+        f"function defines: max |diff| ≤ {result['parity_tolerance']}. A provider that fails shows "
+        "*parity FAIL* and counts for no target.",
+        "",
+        "**FlashInfer runs its best case.** It rotates keys inside the kernel at positions `0 .. n − 1` of "
+        "each paged sequence, so it reads unrotated keys in logical order and cannot place a cached "
+        "document at another offset without rewriting its keys. Here every document sits where FlashInfer "
+        "expects it; the lazy kernels read the same documents stored at position 0 and shifted.",
         "",
         *(
             [
@@ -115,43 +131,50 @@ def page(result: dict, name: str, png: str, notes: str | None) -> str:
         lines.append(f"| {t['target']} | {'PASS' if t['pass'] else '**MISS**'} | {worst} | {t['where']} |")
     lines += [
         "",
-        "Rotation overhead is `time(lazy) / time(no rotation) − 1`; the prefill and materialise rows "
-        "are time ratios (lazy over the baseline: below 1 means lazy is faster). Reasons for the misses "
-        "are discussed below the tables.",
+        "Rotation overhead is `time(lazy) / time(no rotation) − 1`; the FlashInfer, SDPA and materialise "
+        "rows are time ratios (lazy over the baseline: below 1 means lazy is faster). Reasons for the "
+        "misses are discussed below the tables.",
         "",
         f"![Prefill throughput and decode bandwidth](results/{png})",
         "",
         "## Prefill",
         "",
-        "Two requests, each with 1024 own query tokens after segments of `L` tokens (stored at 0, "
-        "placed back to back, so every segment has its own shift), `Tk` keys in all. FLOPs = "
-        "`4 · H · D · Σ (Tq · Tseg + Tq (Tq + 1) / 2)`. TFLOP/s:",
+        "`B` requests, each with `Tq` own query tokens after 8 documents of `L` tokens (stored at 0, "
+        "placed back to back, so every document has its own shift). `P` is the number of key splits the "
+        "plan chose. FLOPs = `4 · H · D · Σ (Tq · Tseg + Tq (Tq + 1) / 2)`. Microseconds (TFLOP/s):",
         "",
-        "| D | Tk | L | " + " | ".join(PREFILL) + " |",
-        "|---|---|---|" + "---|" * len(PREFILL),
+        "| B | Tq | L | P | " + " | ".join(PREFILL) + " | lazy ÷ FlashInfer |",
+        "|---|---|---|---|" + "---|" * (len(PREFILL) + 1),
     ]
     for r in result["prefill"]:
-        cells = [_cell(r["tflops"].get(n), ".1f", r["parity"].get(n)) for n in PREFILL]
-        lines.append(f"| {r['head_dim']} | {r['Tk']} | {r['segment']} | " + " | ".join(cells) + " |")
+        cells = [
+            "n/a"
+            if r["ms"].get(n) is None
+            else _cell(r["ms"][n] * 1e3, ".1f", r["parity"].get(n)) + f" ({r['tflops'][n]:.0f})"
+            for n in PREFILL
+        ]
+        lines.append(f"| {r['batch']} | {r['Tq']} | {r['segment']} | {r['splits']} | " + " | ".join(cells)
+                     + f" | {_ratio(r, 'flashinfer')} |")  # fmt: skip
     lines += [
         "",
         "## Decode",
         "",
-        "One query per request; documents of 1024 tokens placed back to back, then 64 own tokens; "
-        "every request reads its own blocks. Bytes = `2 · B · Tk · Hkv · D · 2` (keys and values "
-        "read once) plus q and out. TB/s (fraction of the copy bandwidth):",
+        "One query per request; documents of `L` tokens placed back to back, then 64 own tokens; every "
+        "request reads its own blocks. `P` is the number of key splits. Bytes = `2 · B · Tk · Hkv · D · 2` "
+        "(keys and values read once) plus q and out. Microseconds (TB/s):",
         "",
-        "| B | Tk | " + " | ".join(DECODE) + " |",
-        "|---|---|" + "---|" * len(DECODE),
+        "| B | Tk | L | P | " + " | ".join(DECODE) + " | lazy ÷ FlashInfer (faster) |",
+        "|---|---|---|---|" + "---|" * (len(DECODE) + 1),
     ]
     for r in result["decode"]:
-        cells = []
-        for n in DECODE:
-            v = r["tb_per_s"].get(n)
-            cells.append(
-                "n/a" if v is None else _cell(v, ".2f", r["parity"].get(n)) + f" ({v / ceil['copy_tb_per_s']:.0%})"
-            )
-        lines.append(f"| {r['batch']} | {r['Tk']} | " + " | ".join(cells) + " |")
+        cells = [
+            "n/a"
+            if r["ms"].get(n) is None
+            else _cell(r["ms"][n] * 1e3, ".1f", r["parity"].get(n)) + f" ({r['tb_per_s'][n]:.2f})"
+            for n in DECODE
+        ]
+        lines.append(f"| {r['batch']} | {r['Tk']} | {r['segment']} | {r['splits']} | " + " | ".join(cells)
+                     + f" | {_ratio(r, 'flashinfer', 'flashinfer_tc')} |")  # fmt: skip
     if notes:
         lines += ["", notes.strip()]
     lines.append("")

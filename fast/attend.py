@@ -51,9 +51,12 @@ values are zeroed), and own keys after some query of the tile. Each loop holds n
 but loads, two matrix products and the softmax update, so the compiler
 software-pipelines it. Own blocks wholly after a tile's last query are never visited.
 
-**Decode** uses the same kernel with ``BLOCK_Q = 1`` and splits each request's blocks
-among ``splits`` programs (flash-decoding): each writes the attention over its own keys
-and their log-sum-exp, and :func:`_merge_kernel` combines the parts (eq. 12).
+**Split-KV.** Decode uses the same kernel with ``BLOCK_Q = 1`` and splits each request's
+blocks among ``splits`` programs (flash-decoding): each writes the attention over its own
+keys and their log-sum-exp, and :func:`_merge_kernel` combines the parts (eq. 12).
+Prefill splits the same way when its grid (query tiles × B × Hkv) is smaller than the
+GPU (:func:`prefill_splits`): a short question over many retrieved documents, one
+request, would otherwise leave most SMs idle.
 
 Shape alphabet: ``B`` requests, ``H`` heads, ``Hkv`` KV heads, ``G = H / Hkv``, ``Tq``
 query tokens, ``D`` head dim (``DP`` padded to a power of two), ``N`` blocks,
@@ -71,11 +74,12 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from lazyattention.reference.layout import BlockMetadata
+
 from . import buffers
 from .rope import RopeTables, rope_cos_sin, rotate_tile
 from .rounding import dot_dtype, emulate_rtne, round_to
 
-__all__ = ["LAZY", "RAW", "NONE", "Plan", "plan", "attend", "merge_partials"]
+__all__ = ["LAZY", "RAW", "NONE", "Plan", "plan", "prefill_splits", "attend", "merge_partials"]
 
 LAZY = 0
 RAW = 1
@@ -496,6 +500,7 @@ def plan(
     decode: bool,
     work_items: int,
     max_key_slots: int,
+    max_queries: int = 1,
 ) -> Plan:
     """Choose tiles for one call.
 
@@ -503,9 +508,11 @@ def plan(
     (``S % BLOCK_N == 0``) and the head dim needs no padding; row gathers otherwise.
 
     Args:
-        work_items: programs before splitting (decode: ``B · Hkv``).
+        work_items: ``B · Hkv``; times the query tiles, the programs before splitting.
         max_key_slots: longest request's blocks times the block size, an upper bound of
-            its key slots; decode splits them so that the GPU is filled.
+            its key slots; decode, and prefill whose grid is smaller than the GPU, split
+            them so that the GPU is filled.
+        max_queries: the largest ``num_queries`` of a request (prefill).
     """
     g = num_heads // num_kv_heads
     dp = max(16, triton.next_power_of_2(head_dim))
@@ -518,6 +525,10 @@ def plan(
         tiles = (16, 16, 4, 1)
     elif decode:
         tiles = (16, 32, 4, 2) if wide else (16, 64, 4, 4) if block_size % 64 == 0 else (16, 128, 4, 3)
+    elif dtype == torch.float32 and dp > 128:
+        # y and its partner channels (float32, [BLOCK_M, DP] each) plus two stages of
+        # float32 key and value tiles: 192 KiB at these tiles, 272 KiB at (64, 32).
+        tiles = (32, 32, 4, 2)
     elif wide:
         tiles = (64, 32, 4, 2)
     elif dp <= 64:
@@ -535,15 +546,41 @@ def plan(
     else:
         gp = triton.next_power_of_2(g)
         block_q = max(1, block_m // gp)  # a group wider than the tile gets a tile alone
-    splits = 1
-    if decode and not interpret:
-        # Flash-decoding: about four programs per SM, at least 4 key tiles per split.
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        key_tiles = triton.cdiv(max_key_slots, block_n)
-        splits = max(1, min(triton.cdiv(4 * sms, max(1, work_items)), key_tiles // 4, 64))
+    key_tiles = triton.cdiv(max_key_slots, block_n)
+    if interpret:
+        # Exercise the split and the merge under the interpreter, but not in every case.
+        splits = 2 if max_key_slots > (2 if decode else 4) * block_n else 1
     elif decode:
-        splits = 2 if max_key_slots > 2 * block_n else 1  # exercise the merge under the interpreter
+        # Flash-decoding: about four programs per SM, at least 4 key tiles per split.
+        splits = max(1, min(triton.cdiv(4 * multiprocessors(device), max(1, work_items)), key_tiles // 4, 64))
+    else:
+        programs = max(1, work_items) * triton.cdiv(max(1, max_queries), block_q)
+        splits = prefill_splits(programs, key_tiles, multiprocessors(device))
     return Plan(block_q, gp, block_n, dp, splits, num_warps, num_stages, tma)
+
+
+def prefill_splits(programs: int, key_tiles: int, sms: int) -> int:
+    """Split-KV for a prefill grid smaller than the GPU (a short query over long context,
+    one request: the TTFT of retrieval-augmented generation).
+
+    A prefill program is compute-bound and holds one SM, so the time goes as waves ×
+    work per program: ``ceil(programs · P / sms) / P`` for ``P`` splits. The smallest
+    ``P`` that minimises it wins (each split costs a partial write and the merge), with at
+    least 8 key tiles per split so that the key loop still pipelines.
+    """
+    if programs >= sms:
+        return 1
+    best, best_time = 1, 1.0
+    for p in range(2, min(16, key_tiles // 8) + 1):
+        time = triton.cdiv(programs * p, sms) / p
+        if time < best_time - 1e-9:
+            best, best_time = p, time
+    return best
+
+
+def multiprocessors(device: torch.device) -> int:
+    """The number of streaming multiprocessors of ``device`` (splits are sized from it)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _cache_descriptors(k_cache: torch.Tensor, v_cache: torch.Tensor, pl: Plan):
@@ -595,7 +632,7 @@ def attend(
     b, m = meta.block_table.shape
     if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError("lazyattention.fast needs the head dimension of q, k_cache and v_cache contiguous")
-    pl = tiles or plan(h, hkv, d, s, q.dtype, q.device, decode, b * hkv, m * s)
+    pl = tiles or plan(h, hkv, d, s, q.dtype, q.device, decode, b * hkv, m * s, max_queries)
     if tables.freq.shape[0] != pl.dp:
         raise ValueError(f"rope tables padded to {tables.freq.shape[0]} channels, the plan needs {pl.dp}")
     if mode == RAW:

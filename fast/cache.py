@@ -19,9 +19,10 @@ import triton
 import triton.language as tl
 
 from lazyattention.reference.layout import BlockMetadata
+
 from . import buffers
 from .rope import RopeTables, rotate_tile
-from .rounding import dot_dtype, emulate_rtne, round_to
+from .rounding import emulate_rtne, round_to
 
 __all__ = ["write_kv_kernel", "scatter_kv", "materialise"]
 
@@ -126,7 +127,6 @@ def _materialise_kernel(
     stride_oh,
     BLOCK_S: tl.constexpr,
     DP: tl.constexpr,
-    DOT_DTYPE: tl.constexpr,
     EMULATE_RTNE: tl.constexpr,
 ):
     """One program: logical block ``i`` of request ``r``, one KV head, to block ``r·M + i``.
@@ -145,13 +145,11 @@ def _materialise_kernel(
     d = tl.arange(0, DP)
     mask = (o < blen)[:, None] & (d < D)[None, :]
     k_rows = k_ptr + phys * stride_kn + o * stride_ks + h * stride_kh
-    k_in = tl.load(k_rows[:, None] + d[None, :], mask=mask, other=0.0)
-    # The partner channels by a product with a permutation matrix, P[a, b] = (partner[b] == a):
-    # exact (one term of weight 1 per output), and it keeps the load contiguous where a
-    # gather would need one address per element.
-    perm = (d[:, None] == tl.load(partner_ptr + d)[None, :]).to(DOT_DTYPE)
-    kp = tl.dot(k_in.to(DOT_DTYPE), perm, input_precision="ieee")
-    k = k_in.to(tl.float32)
+    k = tl.load(k_rows[:, None] + d[None, :], mask=mask, other=0.0).to(tl.float32)
+    # The partner channels by a second load of the same rows (hot in L1). A product with
+    # a [DP, DP] permutation matrix kept this load contiguous, but the matrix alone took
+    # 256 KiB of shared memory at head dim 256 in float32, over sm_90's 227 KiB.
+    kp = tl.load(k_rows[:, None] + tl.load(partner_ptr + d)[None, :], mask=mask, other=0.0).to(tl.float32)
     freq = tl.load(freq_ptr + d)[None, :]
     n = tl.zeros([BLOCK_S, 1], tl.int64) + shift
     k = rotate_tile(k, kp, n, freq, 1.0)
@@ -192,7 +190,7 @@ def materialise(
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         k_out.stride(0), k_out.stride(1), k_out.stride(2),
-        BLOCK_S=max(16, triton.next_power_of_2(s)), DP=dp, DOT_DTYPE=dot_dtype(k_cache.dtype, k_cache.device),
+        BLOCK_S=max(16, triton.next_power_of_2(s)), DP=dp,
         EMULATE_RTNE=emulate_rtne(dtype, k_cache.device),
     )  # fmt: skip
     table = torch.arange(b * m, dtype=torch.int32, device=k_cache.device).view(b, m)

@@ -224,6 +224,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--name", type=_file_stem, metavar="STEM", default=d["name"], help="file name stem of the JSON and the plot"
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p = sub.add_parser(
+        "check",
+        help="check a backend's properties on this device (Hypothesis)",
+        description="check a backend's properties on this device (Hypothesis)",
+        formatter_class=_HelpFormatter,
+    )
+    p.add_argument("--backend", choices=("fast", "reference"), default="fast", help="the backend to check")
+    p.add_argument("--profile", choices=("ci", "nightly"), default="ci", help="10 or 200 examples per function")
+    p.add_argument("--functions", nargs="+", default=None, help="attention functions to check (default: all)")
+    p.add_argument("--device", type=_device, default=None, help="cpu, cuda or cuda:N (default: cuda when there is one)")
     return parser
 
 
@@ -295,6 +305,10 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``lazyattention`` console script."""
     args = parse_args(argv)
     try:
+        if args.command == "check":
+            from lazyattention.testing.check import run_check
+
+            return run_check(args.backend, args.profile, args.functions, args.device)
         if args.command == "demo":
             return run_demo(args.backend, args.device, args.seed)
         params = {k: v for k, v in vars(args).items() if k in BENCH_DEFAULTS}

@@ -17,7 +17,9 @@ query head ``h`` reads KV head ``h // (H / Hkv)``), ``Tq`` query tokens of the b
 ``Tk`` key tokens of one request, ``D`` head dim, ``N`` physical blocks, ``S`` block size.
 
 Arithmetic is float32 (float64 for float64 inputs); outputs are cast back to the
-input dtype at the end, so the float64 run is the oracle.
+input dtype at the end, so the float64 run is the oracle. One rounding more in float16
+and bfloat16: a query or key rotated here enters the score product rounded to the input
+dtype, as a 16-bit model's RoPE returns it (docs/concepts/numerics.md says why).
 """
 
 from __future__ import annotations
@@ -139,7 +141,14 @@ def _softmax_attention(scores: torch.Tensor, values: torch.Tensor, visible: torc
     return out, lse.transpose(0, 1)
 
 
-def _lazy_scores(q, q_pos, keys, shift, rope):
+def _operand(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A rotated query or key as it enters the score product: rounded to the input
+    ``dtype`` (a no-op for float32 and float64), as a 16-bit model's RoPE returns it
+    and as a tensor-core product takes it (docs/concepts/numerics.md)."""
+    return x.to(dtype).to(x.dtype)
+
+
+def _lazy_scores(q, q_pos, keys, shift, rope, dtype):
     """Eq. (8): scores ``[H, Tq, Tk]`` with the query rotated by ``p − δ``, once per δ.
 
     ``q [Tq, H, D]`` pre-RoPE; ``keys [Tk, H, D]`` as stored.
@@ -147,14 +156,14 @@ def _lazy_scores(q, q_pos, keys, shift, rope):
     scores = q.new_empty(q.shape[1], q.shape[0], keys.shape[0])
     for delta in torch.unique(shift).tolist():
         cols = shift == delta
-        q_rot = apply_rope(q, q_pos - delta, rope)  # R(p − δ) q, eq. (8)
+        q_rot = _operand(apply_rope(q, q_pos - delta, rope), dtype)  # R(p − δ) q, eq. (8)
         scores[:, :, cols] = torch.einsum("qhd,khd->hqk", q_rot, keys[cols])
     return scores
 
 
 def _attend_request(q, k_cache, v_cache, req, layout, rope, scale, keys_mode):
     """Attention of one request's queries ``[Tq, H, D]``; returns ``out, lse``."""
-    cdt = compute_dtype(q.dtype)
+    dtype, cdt = q.dtype, compute_dtype(q.dtype)
     h = q.shape[1]
     q = q.to(cdt)
     q_pos = torch.arange(req.num_queries, device=q.device) + req.query_start
@@ -163,13 +172,14 @@ def _attend_request(q, k_cache, v_cache, req, layout, rope, scale, keys_mode):
     keys = _expand_kv_heads(stored.to(cdt), h)
     values = _expand_kv_heads(values.to(cdt), h)
     if keys_mode == "lazy":
-        scores = _lazy_scores(q, q_pos, keys, shift, rope)
+        scores = _lazy_scores(q, q_pos, keys, shift, rope, dtype)
     else:
         if keys_mode == "eager":
             keys = rotate(keys, shift, rope)  # R(δ) k_stored: keys at logical positions, eq. (9)
         else:
             keys = apply_rope(keys, k_pos, rope)  # raw cache: rotate at logical positions, eq. (10)
-        scores = torch.einsum("qhd,khd->hqk", apply_rope(q, q_pos, rope), keys)
+        q_rot = _operand(apply_rope(q, q_pos, rope), dtype)
+        scores = torch.einsum("qhd,khd->hqk", q_rot, _operand(keys, dtype))
     return _softmax_attention(scores * scale, values, _visible(q_pos, k_pos, is_own))
 
 

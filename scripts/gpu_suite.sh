@@ -6,7 +6,8 @@
 #   2. the serving tests that use the fast backend: the model runner's (CUDA graphs
 #      against eager, no host synchronisation inside a step; compiled) and the engine's
 #      fast-backend test;
-#   3. the kernel benchmark (benchmarks/kernels.py), which checks parity first;
+#   3. the kernel benchmark (benchmarks/kernels.py), which checks parity first, with
+#      FlashInfer side by side when its wheels are in .whl/ (see benchmarks/kernels.py);
 #   4. with ENGINE_BENCH=NAME (e.g. engine_h200), the engine benchmark
 #      (benchmarks/engine.py --name NAME, about 6 minutes on an H200: run it in a call
 #      of its own, with SKIP_TESTS=1 to skip steps 1-3).
@@ -30,12 +31,22 @@ $PY -c 'import torch, triton; print("torch", torch.__version__, "triton", triton
 tests_rc=0 serving_rc=0 bench_rc=0 tests_s=0 serving_s=0 bench_s=0
 if [ -z "${SKIP_TESTS:-}" ]; then
 start=$(date +%s)
+# tests/fast includes test_configurations.py: every function x head dim x dtype x key-load
+# path, compiled once each (skipped without CUDA).
 LAZYATTN_GPU_SUITE=1 timeout "${TEST_TIMEOUT:-360}" $PY -m pytest tests/fast -q -p no:warnings -n "${WORKERS:-16}" --durations=5 \
     --junitxml="$OUT/junit.xml" >"$OUT/tests.log" 2>&1
 tests_rc=$?
 tests_s=$(($(date +%s) - start))
 grep -E "^(FAILED|ERROR)|passed|failed|s call" "$OUT/tests.log" | tail -n 30
 
+# FlashInfer, for the benchmark's side-by-side providers: from wheels in .whl/ when the
+# machine has no network (the benchmark skips its providers, saying why, without it).
+if ls .whl/*.whl >/dev/null 2>&1; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        >"$OUT/flashinfer_install.log" 2>&1 && export PYTHONPATH=$PYTHONPATH:/tmp/site
+    export FLASHINFER_WORKSPACE_BASE=/tmp/fiws FLASHINFER_CUDA_ARCH_LIST=9.0 CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+    export MAX_JOBS=${MAX_JOBS:-14}
+fi
 start=$(date +%s)
 timeout "${SERVING_TIMEOUT:-300}" $PY -m pytest tests/serving/test_runner.py tests/serving/test_engine.py -k "runner or fast_backend" \
     -q -p no:warnings --durations=5 --junitxml="$OUT/serving.xml" >"$OUT/serving.log" 2>&1
@@ -44,7 +55,7 @@ serving_s=$(($(date +%s) - start))
 grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/serving.log" | tail -n 15
 
 start=$(date +%s)
-timeout "${BENCH_TIMEOUT:-200}" $PY benchmarks/kernels.py --out "$OUT/kernels.json" ${BENCH_ARGS:-} >"$OUT/bench.log" 2>&1
+timeout "${BENCH_TIMEOUT:-240}" $PY benchmarks/kernels.py --out "$OUT/kernels.json" ${BENCH_ARGS:-} >"$OUT/bench.log" 2>&1
 bench_rc=$?
 bench_s=$(($(date +%s) - start))
 tail -n "${TAIL:-45}" "$OUT/bench.log"

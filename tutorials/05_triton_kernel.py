@@ -214,7 +214,9 @@ print(f"fast: {err:.2e}   reference in float16: {(reference.double() - oracle).a
 # The materialise path (`fast.eager_attention`, Block-Attention's copy + re-rotation) is
 # the same function, and so is decode with split-KV: each request's keys are split among
 # programs, each writes a partial output and log-sum-exp, and a second kernel merges them
-# (eq. 12).
+# (eq. 12). Prefill splits the same way when its grid is smaller than the GPU — one short
+# question over many retrieved documents would otherwise leave most SMs idle
+# (`attend.prefill_splits` chooses how many).
 
 # %%
 eager = fast.eager_attention(*args_dev)

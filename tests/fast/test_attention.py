@@ -16,54 +16,33 @@ reads past a block's valid length or leaves an element unwritten fails.
 import pytest
 import torch
 from hypothesis import example, given, note, settings, target
+from hypothesis import strategies as st
 
 import lazyattention.fast as fast
-import lazyattention.reference as reference
+from lazyattention.fast import attend as _attend
 from lazyattention.reference import RopeConfig, assert_close
+from lazyattention.testing import properties
 from tests.strategies import Case, DocSpec, RequestSpec, SegmentSpec, build, edge_cases
 
 from .strategies import DEVICE, DTYPES, examples, fast_cases, fast_edge_cases
 
-F64 = torch.float64
 EDGES = {**edge_cases(), **fast_edge_cases()}
 
-#: Which cache each function reads: raw functions read keys written with rope=None.
-CACHE = {
-    "lazy_prefill": "k_cache",
-    "raw_prefill": "raw_k_cache",
-    "eager_attention": "k_cache",
-    "lazy_decode": "k_cache",
-    "raw_decode": "raw_k_cache",
-}
 
-
-def oracle(case, dtype):
+def oracle(case, dtype, scale=None):
     """The float64 eager definition on the inputs of ``build(case, dtype)``."""
-    x = build(case, F64, values_dtype=dtype, device=DEVICE)
-    return reference.eager_attention(x.q, x.k_cache, x.v_cache, x.layout, case.rope, return_lse=True)
+    return properties.oracle(case, dtype, DEVICE, scale)
 
 
-def check(name, case, dtype):
-    """Run ``name`` in both backends and assert the rule on out and lse; return the error."""
-    x = build(case, dtype, device=DEVICE)
-    args = (x.q, getattr(x, CACHE[name]), x.v_cache, x.layout, case.rope)
-    out, lse = getattr(fast, name)(*args, return_lse=True)
-    ref_out, ref_lse = getattr(reference, name)(*args, return_lse=True)
-    want_out, want_lse = oracle(case, dtype)
-    assert out.dtype == dtype and out.shape == want_out.shape and lse.shape == want_lse.shape
-    err = assert_close(out, want_out, ref_out, dtype, f"fast.{name} out ({dtype})")
-    assert_close(lse, want_lse, ref_lse, dtype, f"fast.{name} lse ({dtype})")
-    if DEVICE.type == "cuda":
-        # The float64 oracle's scores take gigabytes at realistic shapes; hand them back
-        # so that the GPU suite's parallel workers do not run each other out of memory.
-        del x, args, out, lse, ref_out, ref_lse, want_out, want_lse
-        torch.cuda.empty_cache()
-    return err
+def check(name, case, dtype, scale=None):
+    """The differential property of ``fast.name`` (``lazyattention.testing.properties``);
+    returns the worst error ÷ bound."""
+    return properties.differential(fast, name, case, dtype, DEVICE, scale)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("name", ["lazy_prefill", "raw_prefill", "eager_attention"])
-@settings(max_examples=examples(15, 6))
+@settings(max_examples=examples(15, 4))
 @given(case=fast_cases())
 def test_prefill_within_tolerance(name, dtype, case):
     note(case.describe())
@@ -72,7 +51,7 @@ def test_prefill_within_tolerance(name, dtype, case):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("name", ["lazy_decode", "raw_decode", "eager_attention"])
-@settings(max_examples=examples(15, 6))
+@settings(max_examples=examples(15, 4))
 @given(case=fast_cases(decode=True))
 def test_decode_within_tolerance(name, dtype, case):
     note(case.describe())
@@ -112,6 +91,32 @@ def test_runs_of_exactly_the_scan_width(name, decode):
     check(f"{name}_{'decode' if decode else 'prefill'}", case, torch.bfloat16)
 
 
+#: A peaky softmax: 16 queries over 3 documents, logits of standard deviation ~10.
+PEAKY = Case(
+    (DocSpec(40), DocSpec(23), DocSpec(9)),
+    (RequestSpec((SegmentSpec(0, 70_000), SegmentSpec(1, 5), SegmentSpec(2, 70_000)), 16, 70_100, 70_100, 16),),
+    16,
+    8,
+    2,
+    RopeConfig(head_dim=64),
+    seed=11,
+)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", ["lazy_prefill", "raw_prefill", "eager_attention"])
+@settings(max_examples=examples(2, 3))
+@example(case=PEAKY, sharpness=10.0)
+@given(case=fast_cases(), sharpness=st.sampled_from((3.0, 10.0)))
+def test_peaky_softmax_within_tolerance(name, dtype, case, sharpness):
+    """Logits of order 10 (``scale = sharpness / sqrt(D)``): a 16-bit rounding of the
+    rotated operands shows up here first — the softmax amplifies a score error by the
+    logits' size, and the log-sum-exp carries it unattenuated. Found compiled on the H200
+    for the raw kernel in float16 and bfloat16 (docs/concepts/numerics.md)."""
+    note(case.describe())
+    check(name, case, dtype, scale=sharpness / case.rope.head_dim**0.5)
+
+
 @settings(max_examples=examples(10, 4))
 @example(case=EDGES["past_65536"])
 @given(case=fast_cases())
@@ -125,3 +130,25 @@ def test_lazy_equals_eager_of_the_fast_path(case):
     want, _ = oracle(case, dtype)
     lazy, eager = fast.lazy_prefill(*args), fast.eager_attention(*args)
     assert_close(lazy, want, eager, dtype, "fast lazy vs fast eager")
+
+
+@pytest.mark.parametrize("splits", [2, 3])
+@pytest.mark.parametrize("name", ["lazy_prefill", "raw_prefill", "eager_attention"])
+def test_prefill_split_over_keys(name, splits, monkeypatch):
+    """Prefill with each request's keys split among ``splits`` programs per query tile,
+    the partials merged by log-sum-exp (eq. 12): the path a GPU takes when the grid is
+    smaller than its SMs (one short query over long context), forced here. Splits cut
+    runs of one shift and the causal own blocks; some splits of a tile see no key."""
+    plan = _attend.plan
+    monkeypatch.setattr(_attend, "plan", lambda *args, **kwargs: plan(*args, **kwargs)._replace(splits=splits))
+    check(name, PEAKY, torch.bfloat16)
+    check(name, EDGES["past_65536"], torch.float16)
+
+
+@settings(max_examples=examples(4, 4))
+@given(case=fast_cases(), shift=st.sampled_from((1, 70_000)), name=st.sampled_from(["lazy_prefill", "raw_prefill"]))
+def test_common_shift_changes_nothing(case, shift, name):
+    """Every logical position moved by one shift: the same attention (eq. 4), held to the
+    tolerance rule against the oracle of the unshifted case."""
+    note(case.describe())
+    properties.shift_invariance(fast, name, case, torch.bfloat16, DEVICE, shift)
