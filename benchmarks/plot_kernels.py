@@ -53,7 +53,7 @@ def plot(result: dict, path: Path) -> None:
         ax1.set_title(f"Prefill: bf16, {result['heads']}/{result['kv_heads']} heads, D={result['head_dim']}")
         copy_bw = result["ceilings"]["copy_tb_per_s"]
         rows = result["decode"]
-        labels = [f"B{r['batch']} {r['Tk'] // 1024}k\nL{r['segment']}" for r in rows]
+        labels = [f"B{r['batch']}\n{r['Tk'] // 1024}k\nL{r['segment']}" for r in rows]
         for name in DECODE:
             ys = [r["tb_per_s"].get(name) for r in rows]
             if any(ys):
@@ -61,7 +61,7 @@ def plot(result: dict, path: Path) -> None:
                 style = "--" if name.endswith("_tc") else "-"  # FlashInfer's two decodes share a colour
                 ax2.plot(range(len(rows)), ys, style, marker="o", label=LABELS[name], color=color(name))
         ax2.axhline(0.90, color="gray", linestyle=":", linewidth=1, label="target: 90% of copy bandwidth")
-        ax2.set_xticks(range(len(rows)), labels, fontsize=7)
+        ax2.set_xticks(range(len(rows)), labels, fontsize=6)
         ax2.set_ylabel(f"fraction of copy bandwidth\n({copy_bw:.2f} TB/s)")
         ax2.set_ylim(0, 1.1)
         ax2.set_title(f"Decode: bf16, D={result['head_dim']}, one query per request")
