@@ -1,0 +1,96 @@
+"""A tiny random Llama checkpoint with a byte-level tokenizer, written to a folder.
+
+vLLM loads models from a folder (``config.json``, safetensors, a tokenizer); the tests
+build one here instead of downloading. Head dim 32 and block size 32 are the smallest
+the CPU attention of vLLM accepts. The tokenizer has one token per byte (no merges),
+so any text tokenizes, and a chat template, so the OpenAI chat endpoint works.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+VOCAB_BYTES = 256
+BOS, EOS = VOCAB_BYTES, VOCAB_BYTES + 1
+VOCAB_SIZE = VOCAB_BYTES + 2
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
+
+
+def llama_config(**overrides) -> dict:
+    """A Llama config small enough for seconds on two CPU cores (GQA 4/2, D=32)."""
+    config = dict(
+        architectures=["LlamaForCausalLM"],
+        model_type="llama",
+        vocab_size=VOCAB_SIZE,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-6,
+        rope_theta=10000.0,
+        bos_token_id=BOS,
+        eos_token_id=EOS,
+        tie_word_embeddings=False,
+        torch_dtype="float32",
+    )
+    config.update(overrides)
+    return config
+
+
+def write_tokenizer(folder: Path) -> None:
+    """A byte-level BPE tokenizer without merges: token i is byte i."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    byte_to_unicode = pre_tokenizers.ByteLevel.alphabet()
+    ordered = sorted(byte_to_unicode, key=lambda ch: _byte_of(ch))
+    vocab = {ch: i for i, ch in enumerate(ordered)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+    fast.add_special_tokens({"bos_token": "<s>", "eos_token": "</s>"})
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(folder)
+
+
+def _byte_of(ch: str) -> int:
+    # ByteLevel maps printable bytes to themselves and the rest to U+0100 upwards, in order.
+    table = {}
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    table = {chr(c): b for b, c in zip(bs, cs, strict=True)}
+    return table[ch]
+
+
+def write_tiny_llama(folder: Path, seed: int = 0, **overrides) -> Path:
+    """Write config, random weights (safetensors) and the tokenizer to ``folder``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    config = llama_config(**overrides)
+    model = LlamaForCausalLM(LlamaConfig(**config)).to(torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():  # larger weights than the init, so logits are not flat
+            p.mul_(4.0) if p.dim() > 1 else None
+    model.save_pretrained(folder, safe_serialization=True)
+    (folder / "config.json").write_text(json.dumps({**json.loads((folder / "config.json").read_text()), **config}))
+    write_tokenizer(folder)
+    return folder
