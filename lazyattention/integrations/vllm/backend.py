@@ -29,6 +29,9 @@ from types import ModuleType
 from typing import ClassVar
 
 import torch
+
+from lazyattention import reference
+from lazyattention.reference import Layout, RopeConfig, rotate
 from vllm.config import get_current_vllm_config
 from vllm.v1.attention.backend import (
     AttentionBackend,
@@ -40,8 +43,6 @@ from vllm.v1.attention.backend import (
 )
 from vllm.v1.kv_cache_layout import KVCacheLayout
 
-from lazyattention import reference
-from lazyattention.reference import Layout, RopeConfig, rotate
 from .model import model_rope
 from .plan import RequestPlan, StepPiece, plain_layout
 
@@ -197,7 +198,7 @@ class LazyAttentionImpl(AttentionImpl[LazyMetadata]):
         if attn_type != AttentionType.DECODER:
             raise NotImplementedError(f"lazyattention's vLLM backend serves decoder attention, not {attn_type}")
         if kv_cache_dtype != "auto":
-            raise NotImplementedError(f"lazyattention's vLLM backend needs kv_cache_dtype='auto', got {kv_cache_dtype!r}")
+            raise NotImplementedError(f"the lazyattention backend needs kv_cache_dtype 'auto', got {kv_cache_dtype!r}")
         self.num_heads = num_heads
         self.head_size = head_size
         self.scale = float(scale)

@@ -127,7 +127,7 @@ class RequestPlan:
         S = self.block_size
         end = num_computed + num_scheduled
         pieces = []
-        for d, doc in enumerate(self.documents):
+        for doc in self.documents:
             padded = _cdiv(doc.length, S) * S
             lo, hi = max(num_computed, doc.vllm_start), min(end, doc.vllm_start + padded)
             if lo >= hi:

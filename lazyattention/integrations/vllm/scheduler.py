@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from lazyattention.reference import content_key
 from vllm.logger import init_logger
 from vllm.utils.hashing import get_hash_fn_by_name
 from vllm.v1.core.kv_cache_utils import BlockHash, hash_block_tokens
@@ -37,7 +38,6 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs, FinishReason
 from vllm.v1.request import Request
 
-from lazyattention.reference import content_key
 from .model import model_rope
 from .plan import LaidDocument, RequestPlan, Segment
 from .request import FIELD, LazyRequestError, LazyRequestSpec, parse_request
@@ -163,7 +163,7 @@ class LazyScheduler(Scheduler):
     def _lay_out(self, request: Request, spec: LazyRequestSpec) -> tuple[Request, RequestPlan]:
         params = request.sampling_params
         if request.prompt_token_ids is None or request.prompt_embeds is not None:
-            raise LazyRequestError("requests with documents need prompt token ids (prompt embeddings are not supported)")
+            raise LazyRequestError("requests with documents need prompt token ids, not prompt embeddings")
         if request.mm_features:
             raise LazyRequestError("requests with documents cannot carry multimodal inputs")
         if params.prompt_logprobs is not None:

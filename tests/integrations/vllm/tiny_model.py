@@ -94,3 +94,46 @@ def write_tiny_llama(folder: Path, seed: int = 0, **overrides) -> Path:
     (folder / "config.json").write_text(json.dumps({**json.loads((folder / "config.json").read_text()), **config}))
     write_tokenizer(folder)
     return folder
+
+
+def kv_bytes_per_token(**overrides) -> int:
+    """KV bytes one token takes in the fp32 cache of :func:`llama_config`'s model."""
+    c = llama_config(**overrides)
+    return 2 * c["num_hidden_layers"] * c["num_key_value_heads"] * c["head_dim"] * 4
+
+
+def reference_generate(model, documents, starts, query, query_start, max_tokens: int):
+    """Greedy tokens and their log-probabilities from transformers' eager forward.
+
+    The documents are encoded apart (block-diagonal mask), each at its logical
+    ``starts[d]``; the query tokens at ``query_start…`` see every document token and
+    themselves causally, as do the generated tokens. Recomputed from scratch at each
+    step (no cache): the definition, not an engine.
+
+    Returns:
+        ``(tokens, logprobs)``: lists of ``max_tokens`` ints and floats.
+    """
+    doc_tokens = [t for d in documents for t in d]
+    doc_id = [d for d, doc in enumerate(documents) for _ in doc]
+    doc_pos = [s + j for doc, s in zip(documents, starts, strict=True) for j in range(len(doc))]
+    own = list(query)
+    tokens, logprobs = [], []
+    for _ in range(max_tokens):
+        ids = torch.tensor([doc_tokens + own])
+        n_doc, T = len(doc_tokens), len(doc_tokens) + len(own)
+        pos = doc_pos + [query_start + i for i in range(len(own))]
+        allowed = torch.zeros(T, T, dtype=torch.bool)
+        for i in range(n_doc):
+            for j in range(i + 1):
+                allowed[i, j] = doc_id[i] == doc_id[j]
+        allowed[n_doc:, :n_doc] = True
+        allowed[n_doc:, n_doc:] = torch.tril(torch.ones(len(own), len(own), dtype=torch.bool))
+        mask = torch.zeros(1, 1, T, T).masked_fill(~allowed, torch.finfo(torch.float32).min)
+        with torch.no_grad():
+            logits = model(ids, attention_mask=mask, position_ids=torch.tensor([pos])).logits[0, -1]
+        lp = torch.log_softmax(logits.double(), dim=-1)
+        token = int(torch.argmax(logits))
+        tokens.append(token)
+        logprobs.append(float(lp[token]))
+        own.append(token)
+    return tokens, logprobs

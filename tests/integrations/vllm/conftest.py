@@ -1,0 +1,52 @@
+"""Fixtures of the vLLM plugin's tests: a tiny Llama on disk and engines serving it.
+
+These tests need vLLM, which lives in a virtual environment of its own (``make
+test-vllm``). Without it every module here skips, saying so. The engines run in this
+process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), share one model folder, and are
+module-scoped: an engine takes seconds to start.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+BLOCK = 32
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory):
+    from tests.integrations.vllm.tiny_model import write_tiny_llama
+
+    return write_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+def make_llm(model, kv_tokens: int = 4096, **overrides):
+    """An engine with the plugin on the tiny model: fp32, blocks of 32, ``kv_tokens`` of KV."""
+    from vllm import LLM
+
+    from lazyattention.integrations.vllm import engine_args
+    from tests.integrations.vllm.tiny_model import kv_bytes_per_token
+
+    args = dict(
+        model=str(model),
+        dtype="float32",
+        block_size=BLOCK,
+        max_model_len=2048,
+        enforce_eager=True,
+        kv_cache_memory_bytes=kv_tokens * kv_bytes_per_token(),
+        seed=0,
+        **engine_args(),
+    )
+    args.update(overrides)
+    return LLM(**args)
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_llama):
+    engine = make_llm(tiny_llama)
+    yield engine
+    engine.llm_engine.engine_core.shutdown()
