@@ -24,14 +24,12 @@ read in place (no copy, no conversion of the cache).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from types import ModuleType
 from typing import ClassVar
 
 import torch
 
 from lazyattention import reference
-from lazyattention.reference import Layout, RopeConfig, rotate
 from vllm.config import get_current_vllm_config
 from vllm.v1.attention.backend import (
     AttentionBackend,
@@ -43,58 +41,17 @@ from vllm.v1.attention.backend import (
 )
 from vllm.v1.kv_cache_layout import KVCacheLayout
 
+from .attention import LazyMetadata, build_metadata, paged_attention
 from .model import model_rope
-from .plan import RequestPlan, StepPiece, plain_layout
+from .plan import RequestPlan, plain_layout
 
 __all__ = [
-    "LazyMetadata",
     "LazyMetadataBuilder",
     "LazyAttentionImpl",
     "LazyTritonImpl",
     "LazyCPUBackend",
     "LazyTritonBackend",
-    "unrope",
-    "build_metadata",
 ]
-
-
-@dataclass
-class LazyMetadata:
-    """One step's attention metadata, shared by every layer.
-
-    ``layout``'s queries are the step's first ``num_tokens`` tokens, in order.
-    """
-
-    layout: Layout
-    num_tokens: int
-    positions: torch.Tensor  # [T] int64: sequence positions (where vLLM rotated q and k)
-    key_rotation: torch.Tensor  # [T] int64: added to each written key's rotation
-    rotate_keys: bool  # any key_rotation != 0
-    slot_mapping: torch.Tensor  # [T] flat slots block * S + offset
-
-
-def build_metadata(pieces: list[StepPiece], block_size: int, slot_mapping: torch.Tensor, device) -> LazyMetadata:
-    """Assemble a step's :class:`LazyMetadata` from its pieces (in query order).
-
-    The per-block tensors (:class:`~lazyattention.reference.BlockMetadata`) are built on
-    the host and moved to ``device`` once here, not per layer.
-    """
-    layout = Layout([p.layout for p in pieces], block_size=block_size)
-    positions, rotation = [], []
-    for p in pieces:
-        n = p.layout.num_queries
-        positions.append(torch.arange(p.first_position, p.first_position + n, dtype=torch.int64))
-        rotation.append(torch.full((n,), p.key_rotation, dtype=torch.int64))
-    layout.metadata(device)
-    num_tokens = layout.num_queries
-    return LazyMetadata(
-        layout=layout,
-        num_tokens=num_tokens,
-        positions=torch.cat(positions).to(device),
-        key_rotation=torch.cat(rotation).to(device),
-        rotate_keys=any(p.key_rotation != 0 for p in pieces),
-        slot_mapping=slot_mapping[:num_tokens],
-    )
 
 
 class LazyMetadataBuilder(AttentionMetadataBuilder[LazyMetadata]):
@@ -142,28 +99,10 @@ class LazyMetadataBuilder(AttentionMetadataBuilder[LazyMetadata]):
                 pieces.append(plain_layout(num_computed, num_scheduled, table[r], self.block_size))
             else:
                 pieces.extend(plan.step_layouts(num_computed, num_scheduled, table[r]))
-        return build_metadata(pieces, self.block_size, common.slot_mapping, self.device)
-
-
-def unrope(x: torch.Tensor, positions: torch.Tensor, rope: RopeConfig) -> torch.Tensor:
-    """Invert :func:`~lazyattention.reference.apply_rope`: ``x`` was rotated at
-    ``positions`` (and its rotary channels scaled by the YaRN factor, if any).
-
-    ``x [T, H, D]``; returns the pre-RoPE tensor in ``x.dtype``.
-    """
-    out = rotate(x, positions, rope, conjugate=True)
-    m = rope.attention_scaling
-    if m == 1.0:
-        return out
-    r = rope.rotary_dim
-    return torch.cat([out[..., :r] / m, out[..., r:]], dim=-1)
-
-
-def split_kv_cache(kv_cache: torch.Tensor, head_size: int):
-    """A layer's cache, logical ``[N, Hkv, S, 2D]`` in the ``LBNHC`` layout, as key and
-    value views ``[N, S, Hkv, D]`` (no copy)."""
-    by_slot = kv_cache.permute(0, 2, 1, 3)  # [N, S, Hkv, 2D], contiguous in LBNHC
-    return by_slot[..., :head_size], by_slot[..., head_size:]
+        meta = build_metadata(pieces, self.block_size, common.slot_mapping, self.device)
+        if meta.num_tokens != starts[num_reqs]:
+            raise RuntimeError(f"the plans cover {meta.num_tokens} of the step's {starts[num_reqs]} tokens")
+        return meta
 
 
 class LazyAttentionImpl(AttentionImpl[LazyMetadata]):
@@ -225,18 +164,9 @@ class LazyAttentionImpl(AttentionImpl[LazyMetadata]):
             raise NotImplementedError("lazyattention's vLLM backend does not fuse output quantization")
         if attn_metadata is None:  # profiling and warm-up runs
             return output
-        meta = attn_metadata
-        T = meta.num_tokens
-        k_cache, v_cache = split_kv_cache(kv_cache, self.head_size)
-        k = key[:T]
-        if meta.rotate_keys:  # a document's keys, from their sequence positions to their local ones
-            k = rotate(k, meta.key_rotation, self.rope)
-        n, s, hkv, d = k_cache.shape
-        slots = meta.slot_mapping.long()
-        k_cache.view(n * s, hkv, d)[slots] = k.to(k_cache.dtype)
-        v_cache.view(n * s, hkv, d)[slots] = value[:T].to(v_cache.dtype)
-        q = unrope(query[:T], meta.positions, self.rope)
-        output[:T] = self.kernels.lazy_prefill(q, k_cache, v_cache, meta.layout, self.rope, self.scale)
+        T = attn_metadata.num_tokens
+        out = paged_attention(self.kernels, query, key, value, kv_cache, attn_metadata, self.rope, self.scale)
+        output[:T] = out
         return output
 
 
