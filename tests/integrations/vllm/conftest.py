@@ -45,8 +45,26 @@ def make_llm(model, kv_tokens: int = 4096, **overrides):
     return LLM(**args)
 
 
-@pytest.fixture(scope="module")
+def scheduler_of(engine):
+    """The engine's scheduler (the engine core runs in this process)."""
+    return engine.llm_engine.engine_core.engine_core.scheduler
+
+
+@pytest.fixture(scope="session")
 def llm(tiny_llama):
     engine = make_llm(tiny_llama)
     yield engine
     engine.llm_engine.engine_core.shutdown()
+
+
+def documents_params(documents, max_tokens: int = 6, query_start=None, **kwargs):
+    """``SamplingParams`` of a greedy request naming ``documents``."""
+    from vllm import SamplingParams
+
+    field = {"documents": documents, **({} if query_start is None else {"query_start": query_start})}
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, extra_args={"lazyattention": field}, **kwargs)
+
+
+def random_tokens(seed: int, n: int) -> list[int]:
+    g = __import__("random").Random(seed)
+    return [g.randrange(256) for _ in range(n)]
