@@ -28,7 +28,7 @@ plugin cannot serve finishes at once (``finish_reason="abort"``) with the reason
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from lazyattention.reference import content_key
 from vllm.logger import init_logger
@@ -78,8 +78,8 @@ class Totals:
     document_blocks_hit: int = 0
     prefix_blocks_hit: int = 0
     refused: int = 0
+    preemptions: int = 0
     bytes_copied: int = 0
-    by_request: dict = field(default_factory=dict, repr=False)
 
     def add(self, account: RequestAccount) -> None:
         self.requests += 1
@@ -297,6 +297,7 @@ class LazyScheduler(Scheduler):
 
     def schedule(self, *args, **kwargs):
         output = super().schedule(*args, **kwargs)
+        self.totals.preemptions += len(output.preempted_req_ids or ())
         for new in output.scheduled_new_reqs:
             entry = self._accounts.get(new.req_id)
             if entry is None or entry[0].admitted:
