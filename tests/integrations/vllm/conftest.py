@@ -15,6 +15,7 @@ import pytest
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 BLOCK = 32
+VLLM_MISSING = "vLLM is not installed here: `make test-vllm` runs these tests in their own venv"
 
 
 @pytest.fixture(scope="session")
@@ -26,6 +27,7 @@ def tiny_llama(tmp_path_factory):
 
 def make_llm(model, kv_tokens: int = 4096, **overrides):
     """An engine with the plugin on the tiny model: fp32, blocks of 32, ``kv_tokens`` of KV."""
+    pytest.importorskip("vllm", reason=VLLM_MISSING)
     from vllm import LLM
 
     from lazyattention.integrations.vllm import engine_args

@@ -13,7 +13,9 @@ import random
 
 import pytest
 
-pytest.importorskip("vllm", reason="vLLM is not installed here: `make test-vllm` runs these tests in their own venv")
+from tests.integrations.vllm.conftest import VLLM_MISSING
+
+pytest.importorskip("vllm", reason=VLLM_MISSING)
 
 TOLERANCE = 1e-4
 MAX_TOKENS = 6

@@ -6,9 +6,17 @@ from __future__ import annotations
 
 import pytest
 
-pytest.importorskip("vllm", reason="vLLM is not installed here: `make test-vllm` runs these tests in their own venv")
+from tests.integrations.vllm.conftest import (
+    BLOCK,
+    VLLM_MISSING,
+    documents_params,
+    make_llm,
+    random_tokens,
+    scheduler_of,
+)
 
-from tests.integrations.vllm.conftest import BLOCK, documents_params, make_llm, random_tokens, scheduler_of
+pytest.importorskip("vllm", reason=VLLM_MISSING)
+
 
 KV_BLOCKS = 14
 DOCS = [random_tokens(200 + i, n) for i, n in enumerate((40, 50, 29, 70))]
