@@ -44,6 +44,7 @@ from vllm.v1.kv_cache_layout import KVCacheLayout
 from .attention import LazyMetadata, build_metadata, paged_attention
 from .model import model_rope
 from .plan import RequestPlan, plain_layout
+from .request import PLAN_FIELD
 
 __all__ = [
     "LazyMetadataBuilder",
@@ -69,8 +70,6 @@ class LazyMetadataBuilder(AttentionMetadataBuilder[LazyMetadata]):
     def _plans(self, num_reqs: int) -> list[RequestPlan | None]:
         if self.runner is None:
             return [None] * num_reqs
-        from .scheduler import PLAN_FIELD
-
         plans = []
         for req_id in self.runner.input_batch.req_ids[:num_reqs]:
             params = self.runner.requests[req_id].sampling_params

@@ -13,10 +13,16 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
-__all__ = ["SUPPORTED_VLLM", "check_vllm_version", "register", "engine_args"]
+__all__ = ["SUPPORTED_VLLM", "LAZY_WORKERS", "check_vllm_version", "register", "engine_args"]
 
 #: The vLLM releases the plugin is tested with: ``[low, high)``.
 SUPPORTED_VLLM = ((0, 32, 0), (0, 33, 0))
+
+#: ``worker_cls`` values for CPU and for CUDA (:mod:`.worker`).
+LAZY_WORKERS = (
+    "lazyattention.integrations.vllm.worker.LazyCPUWorker",
+    "lazyattention.integrations.vllm.worker.LazyGPUWorker",
+)
 
 
 def _release(text: str) -> tuple[int, ...]:
@@ -69,16 +75,17 @@ def engine_args(device: str = "cpu") -> dict:
     """The engine arguments that select the plugin's scheduler and worker.
 
     ``LLM(model, **engine_args())``; on the command line, the same as
-    ``--scheduler-cls … --worker-cls …`` (and ``--attention-backend CUSTOM`` on CUDA).
+    ``--scheduler-cls … --worker-cls … --logits-processors …`` (and ``--attention-backend
+    CUSTOM`` on CUDA). The logits processor only validates the request's field
+    (:mod:`.validator`).
     """
-    from .worker import LAZY_WORKERS
-
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
     args = {
         "scheduler_cls": "lazyattention.integrations.vllm.scheduler.LazyScheduler",
         "worker_cls": LAZY_WORKERS[0] if device == "cpu" else LAZY_WORKERS[1],
         "enable_prefix_caching": True,
+        "logits_processors": ["lazyattention.integrations.vllm.validator:LazyRequestValidator"],
     }
     if device == "cuda":
         args["attention_config"] = {"backend": "CUSTOM"}

@@ -35,10 +35,14 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["FIELD", "DocumentSpec", "LazyRequestSpec", "LazyRequestError", "parse_request"]
+__all__ = ["FIELD", "PLAN_FIELD", "DocumentSpec", "LazyRequestSpec", "LazyRequestError", "parse_request"]
 
 #: The key in ``SamplingParams.extra_args`` (and in ``vllm_xargs``).
 FIELD = "lazyattention"
+
+#: The key of the scheduler's plan in ``extra_args`` (written by the scheduler only;
+#: a request that sends it is refused).
+PLAN_FIELD = "lazyattention_plan"
 
 _DOCUMENT_KEYS = {"text", "token_ids", "id", "start"}
 _REQUEST_KEYS = {"documents", "query_start"}
@@ -110,6 +114,8 @@ def parse_request(extra_args: dict | None) -> LazyRequestSpec | None:
     Raises:
         LazyRequestError: the field is malformed; the message names the key and value.
     """
+    if extra_args and PLAN_FIELD in extra_args:
+        raise LazyRequestError(f"extra_args[{PLAN_FIELD!r}] is reserved for the scheduler")
     if not extra_args or FIELD not in extra_args:
         return None
     raw = extra_args[FIELD]

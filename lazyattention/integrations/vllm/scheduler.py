@@ -40,15 +40,12 @@ from vllm.v1.request import Request
 
 from .model import model_rope
 from .plan import LaidDocument, RequestPlan, Segment
-from .request import FIELD, LazyRequestError, LazyRequestSpec, parse_request
+from .plugin import LAZY_WORKERS
+from .request import FIELD, PLAN_FIELD, LazyRequestError, LazyRequestSpec, parse_request
 
-__all__ = ["PLAN_FIELD", "LazyScheduler", "RequestAccount"]
+__all__ = ["LazyScheduler", "RequestAccount", "Totals"]
 
 logger = init_logger(__name__)
-
-#: The key of the plan in ``extra_args`` (written by the scheduler only; a request
-#: that sends it is refused).
-PLAN_FIELD = "lazyattention_plan"
 
 
 @dataclass
@@ -113,8 +110,6 @@ class LazyScheduler(Scheduler):
             return
         try:
             extra = request.sampling_params.extra_args if request.sampling_params is not None else None
-            if extra and PLAN_FIELD in extra:
-                raise LazyRequestError(f"extra_args[{PLAN_FIELD!r}] is reserved for the scheduler")
             spec = parse_request(extra)
             plan = None
             if spec is not None:
@@ -356,8 +351,6 @@ def _pad_token(hf_config) -> int:
 
 def _check_config(vllm_config, block_size: int, hash_block_size: int) -> None:
     """Refuse configurations the plugin cannot serve, naming the setting."""
-    from .worker import LAZY_WORKERS
-
     cache = vllm_config.cache_config
     if not cache.enable_prefix_caching:
         raise ValueError("LazyScheduler needs prefix caching: drop --no-enable-prefix-caching")

@@ -16,13 +16,7 @@ from vllm.v1.worker.gpu_worker import Worker
 
 from .backend import LazyMetadataBuilder
 
-__all__ = ["LAZY_WORKERS", "LazyCPUWorker", "LazyGPUWorker", "bind_builders"]
-
-#: ``worker_cls`` values for CPU and for CUDA.
-LAZY_WORKERS = (
-    "lazyattention.integrations.vllm.worker.LazyCPUWorker",
-    "lazyattention.integrations.vllm.worker.LazyGPUWorker",
-)
+__all__ = ["LazyCPUWorker", "LazyGPUWorker", "bind_builders"]
 
 
 def bind_builders(runner) -> int:

@@ -2,8 +2,9 @@
 
 These tests need vLLM, which lives in a virtual environment of its own (``make
 test-vllm``). Without it every module here skips, saying so. The engines run in this
-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), share one model folder, and are
-module-scoped: an engine takes seconds to start.
+process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) and share one model folder. They are
+never shut down (nor garbage-collected) before the process ends: shutting one down
+tears down the process's distributed state, which the other engines still use.
 """
 
 from __future__ import annotations
@@ -12,6 +13,9 @@ import os
 
 import pytest
 
+#: The environment before any engine started here (an engine in this process adds its
+#: own variables, which a server started as a child must not inherit).
+BASE_ENVIRONMENT = dict(os.environ)
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 BLOCK = 32
@@ -23,6 +27,11 @@ def tiny_llama(tmp_path_factory):
     from tests.integrations.vllm.tiny_model import write_tiny_llama
 
     return write_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+#: Every engine made here, kept until the process ends (see the module docstring: an
+#: engine collected early shuts down, and with it the others' distributed state).
+_ENGINES = []
 
 
 def make_llm(model, kv_tokens: int = 4096, **overrides):
@@ -44,7 +53,9 @@ def make_llm(model, kv_tokens: int = 4096, **overrides):
         **engine_args(),
     )
     args.update(overrides)
-    return LLM(**args)
+    engine = LLM(**args)
+    _ENGINES.append(engine)
+    return engine
 
 
 def scheduler_of(engine):
@@ -54,9 +65,7 @@ def scheduler_of(engine):
 
 @pytest.fixture(scope="session")
 def llm(tiny_llama):
-    engine = make_llm(tiny_llama)
-    yield engine
-    engine.llm_engine.engine_core.shutdown()
+    return make_llm(tiny_llama)
 
 
 def documents_params(documents, max_tokens: int = 6, query_start=None, **kwargs):

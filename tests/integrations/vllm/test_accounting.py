@@ -67,18 +67,15 @@ def test_stock_vllm_hits_only_the_first_document(tiny_llama):
     """vLLM's own scheduler on the documents concatenated into the prompt."""
     from vllm import SamplingParams
 
-    stock = make_llm(tiny_llama, scheduler_cls=None, worker_cls="auto")
-    try:
-        params = SamplingParams(max_tokens=2, temperature=0.0)
-        hits = []
-        for order in ORDERS:
-            prompt = [t for i in order for t in DOCS[i]] + QUERY
-            (out,) = stock.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)
-            hits.append(out.num_cached_tokens)
-        # Orders 0 and 3 start with the same document: only its one whole block is found.
-        assert hits == [0, 0, 0, BLOCK]
-    finally:
-        stock.llm_engine.engine_core.shutdown()
+    stock = make_llm(tiny_llama, scheduler_cls=None, worker_cls="auto", logits_processors=None)
+    params = SamplingParams(max_tokens=2, temperature=0.0)
+    hits = []
+    for order in ORDERS:
+        prompt = [t for i in order for t in DOCS[i]] + QUERY
+        (out,) = stock.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)
+        hits.append(out.num_cached_tokens)
+    # Orders 0 and 3 start with the same document: only its one whole block is found.
+    assert hits == [0, 0, 0, BLOCK]
 
 
 def test_scheduler_totals(llm):

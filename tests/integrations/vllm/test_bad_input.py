@@ -67,7 +67,6 @@ ENGINE_CASES = {
     "past the bound": ([{"token_ids": [1, 2, 3], "start": 5000}], None, "does not fit the model's length bound 2048"),
     "query past the bound": ([{"token_ids": [1, 2, 3]}], 2047, "does not fit the model's length bound 2048"),
     "outside the vocabulary": ([{"token_ids": [1, 9999]}], None, "9999 is outside the vocabulary"),
-    "malformed": ([{"start": 1}], None, "needs 'text', 'token_ids' or the 'id'"),
 }
 
 
@@ -91,9 +90,20 @@ def test_engine_refuses_clearly_and_stays_consistent(llm, case):
     assert counts["document_blocks_hit"] == counts["document_blocks"] == 2
 
 
+def test_the_engine_refuses_a_malformed_field_at_admission(llm):
+    """The validator runs in the front end: ``generate`` raises, nothing reaches the engine."""
+    from vllm.exceptions import VLLMValidationError
+
+    free = scheduler_of(llm).kv_cache_manager.block_pool.get_num_free_blocks()
+    with pytest.raises(VLLMValidationError, match=re.escape("needs 'text', 'token_ids' or the 'id'")):
+        llm.generate([{"prompt_token_ids": [1, 2]}], documents_params([{"start": 1}]), use_tqdm=False)
+    assert scheduler_of(llm).kv_cache_manager.block_pool.get_num_free_blocks() == free
+
+
 def test_the_plan_field_is_reserved(llm):
     from vllm import SamplingParams
+    from vllm.exceptions import VLLMValidationError
 
     forged = SamplingParams(max_tokens=2, extra_args={"lazyattention_plan": {"documents": []}})
-    (out,) = llm.generate([{"prompt_token_ids": [1, 2, 3]}], forged, use_tqdm=False)
-    assert "reserved for the scheduler" in out.kv_transfer_params["lazyattention"]["error"]
+    with pytest.raises(VLLMValidationError, match="reserved for the scheduler"):
+        llm.generate([{"prompt_token_ids": [1, 2, 3]}], forged, use_tqdm=False)

@@ -32,9 +32,7 @@ MAX_TOKENS = 24
 
 @pytest.fixture(scope="module")
 def tight(tiny_llama):
-    engine = make_llm(tiny_llama, kv_tokens=KV_BLOCKS * BLOCK, max_model_len=(KV_BLOCKS - 1) * BLOCK, max_num_seqs=8)
-    yield engine
-    engine.llm_engine.engine_core.shutdown()
+    return make_llm(tiny_llama, kv_tokens=KV_BLOCKS * BLOCK, max_model_len=(KV_BLOCKS - 1) * BLOCK, max_num_seqs=8)
 
 
 def _params(docs):

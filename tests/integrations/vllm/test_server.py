@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integrations.vllm.conftest import BLOCK, VLLM_MISSING
+from tests.integrations.vllm.conftest import BASE_ENVIRONMENT, BLOCK, VLLM_MISSING
 
 pytest.importorskip("vllm", reason=VLLM_MISSING)
 
@@ -68,8 +68,9 @@ def server(tiny_llama, tmp_path_factory):
         "--dtype", "float32", "--block-size", str(BLOCK), "--max-model-len", "2048",
         "--enforce-eager", "--kv-cache-memory-bytes", str(16 << 20),
         "--scheduler-cls", args["scheduler_cls"], "--worker-cls", args["worker_cls"],
+        "--logits-processors", *args["logits_processors"],
     ]  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
+    env = {k: v for k, v in BASE_ENVIRONMENT.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
     with open(log, "wb") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
@@ -148,6 +149,29 @@ def test_chat_with_documents(server, tiny_llama):
     assert counts["document_blocks_hit"] == counts["document_blocks"] == _blocks(DOC_A, DOC_B)
     prompt = "<user>Which planet is smallest?\n<assistant>"  # the tiny model's chat template
     assert counts["prefix_blocks_hit"] == len(prompt) // BLOCK  # the prompt's whole blocks, after the documents
+
+
+def test_openai_client(server, tiny_llama):
+    """The openai package's client, documents in ``extra_body``."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"http://127.0.0.1:{server}/v1", api_key="unused", timeout=REQUEST_S)
+    reply = client.completions.create(
+        model=str(tiny_llama),
+        prompt="Q: rivers?",
+        max_tokens=3,
+        temperature=0,
+        extra_body={"vllm_xargs": _xargs([{"id": "a", "start": 300}])},
+    )
+    counts = reply.model_extra["kv_transfer_params"]["lazyattention"]
+    assert counts["document_blocks_hit"] == counts["document_blocks"] == _blocks(DOC_A)
+
+
+def test_server_answers_a_malformed_field_with_400(server, tiny_llama):
+    with pytest.raises(urllib.error.HTTPError) as error:
+        _completion(server, str(tiny_llama), [{"text": "x", "start": -3}], "Q:")
+    assert error.value.code == 400
+    assert "documents[0].start must be >= 0" in error.value.read().decode()
 
 
 def test_server_refuses_unknown_documents(server, tiny_llama):
