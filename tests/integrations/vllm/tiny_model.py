@@ -47,36 +47,27 @@ def llama_config(**overrides) -> dict:
     return config
 
 
+def byte_level_alphabet() -> list[str]:
+    """The character byte-level BPE writes for each byte, indexed by the byte: printable
+    bytes stand for themselves, the others for U+0100 upwards, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = iter(range(256, 512))
+    return [chr(b) if b in printable else chr(next(others)) for b in range(VOCAB_BYTES)]
+
+
 def write_tokenizer(folder: Path) -> None:
-    """A byte-level BPE tokenizer without merges: token i is byte i."""
+    """A byte-level BPE tokenizer without merges: token i is byte i; ``<s>`` and ``</s>``
+    follow; a chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    byte_to_unicode = pre_tokenizers.ByteLevel.alphabet()
-    ordered = sorted(byte_to_unicode, key=lambda ch: _byte_of(ch))
-    vocab = {ch: i for i, ch in enumerate(ordered)}
+    vocab = {ch: i for i, ch in enumerate(byte_level_alphabet())}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
-    fast.add_special_tokens({"bos_token": "<s>", "eos_token": "</s>"})
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(folder)
-
-
-def _byte_of(ch: str) -> int:
-    # ByteLevel maps printable bytes to themselves and the rest to U+0100 upwards, in order.
-    table = {}
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    table = {chr(c): b for b, c in zip(bs, cs, strict=True)}
-    return table[ch]
 
 
 def write_tiny_llama(folder: Path, seed: int = 0, **overrides) -> Path:
