@@ -34,8 +34,9 @@ def tiny_llama(tmp_path_factory):
 _ENGINES = []
 
 
-def make_llm(model, kv_tokens: int = 4096, **overrides):
-    """An engine with the plugin on the tiny model: fp32, blocks of 32, ``kv_tokens`` of KV."""
+def make_llm(model, kv_tokens: int = 4096, kv_bytes: int | None = None, **overrides):
+    """An engine with the plugin: fp32, blocks of 32, room for ``kv_tokens`` of KV at
+    ``kv_bytes`` per token (the tiny model's by default)."""
     pytest.importorskip("vllm", reason=VLLM_MISSING)
     from vllm import LLM
 
@@ -48,7 +49,7 @@ def make_llm(model, kv_tokens: int = 4096, **overrides):
         block_size=BLOCK,
         max_model_len=2048,
         enforce_eager=True,
-        kv_cache_memory_bytes=kv_tokens * kv_bytes_per_token(),
+        kv_cache_memory_bytes=kv_tokens * (kv_bytes or kv_bytes_per_token()),
         seed=0,
         **engine_args(),
     )
