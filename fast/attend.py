@@ -17,7 +17,7 @@ shift 0 (``fast/cache.py``) and then runs ``LAZY``: with ``δ = 0``, ``R(p − �
 exactly the query at its own position.
 
 **The query, rotated in two steps.** ``R(p − δ) = R(−δ) R(p)``. A first small kernel
-(:func:`_query_kernel`) writes ``y = m R(p) q · scale`` in float32 for every query, and
+(:func:`_query_kernel`) writes ``y = m R(p) q`` in float32 for every query, and
 ``y`` read at the partner channels; at the start of a run the attention kernel then
 needs only cos and sin of one ``[D]`` vector of angles ``−δ·θ`` to rotate the whole tile,
 ``q = y·cos + y_partner·sin`` — the per-token trigonometry is done once per query, not
@@ -100,7 +100,6 @@ def _query_kernel(
     freq_ptr,
     partner_ptr,
     mscale_ptr,
-    qk_scale,
     stride_qt,
     stride_qh,
     stride_yw,
@@ -114,7 +113,8 @@ def _query_kernel(
     ROTATE: tl.constexpr,
     PARTNER: tl.constexpr,
 ):
-    """The scaled query at its own position, ``y = m R(p) q · qk_scale`` in float32,
+    """The query at its own position, ``y = m R(p) q`` in float32 (the softmax scale is
+    applied to the scores, after the product, as the reference does),
     laid out ``[W, Hkv, Tq, GP, DP]`` so that a query tile of the attention kernel
     (``BLOCK_Q`` tokens × the ``GP`` heads of one group) is one contiguous box for a
     bulk tensor copy. Padded heads ``g ≥ G`` and channels ``d ≥ D`` are written as 0.
@@ -143,7 +143,7 @@ def _query_kernel(
     if ROTATE:
         freq = tl.load(freq_ptr + d)[None, :]
         partner = tl.load(partner_ptr + d)[None, :]
-        scale = tl.load(mscale_ptr + d)[None, :] * qk_scale
+        scale = tl.load(mscale_ptr + d)[None, :]
         xp = tl.load(src + partner, mask=mask, other=0.0).to(tl.float32)
         n = (tl.load(query_start_ptr + r) + tok).to(tl.int64)[:, None]
         cos, sin = rope_cos_sin(n, freq)  # exact reduction, fast/rope.py
@@ -151,7 +151,7 @@ def _query_kernel(
         if PARTNER:
             tl.store(dst + stride_yw, (xp * cos - x * sin) * scale, mask=tok_ok[:, None])
     else:
-        tl.store(dst, x * qk_scale, mask=tok_ok[:, None])
+        tl.store(dst, x, mask=tok_ok[:, None])
 
 
 @triton.jit
@@ -205,7 +205,7 @@ def _run_end(shift_row, len_row, b, end_block, S: tl.constexpr, BY_SHIFT: tl.con
 
 @triton.jit
 def _key_tile(
-    q, m_i, l_i, acc, j0, valid_end, own_slot0, own_start, q_pos,
+    q, m_i, l_i, acc, j0, valid_end, own_slot0, own_start, q_pos, qk_scale,
     k_ptr, v_ptr, k_desc, v_desc, table_row, pos_row, kv_head, d, d_ok, freq, partner, mscale,
     stride_kn, stride_ks, stride_kh, stride_vn, stride_vs, stride_vh,
     S: tl.constexpr, BLOCK_N: tl.constexpr, DP: tl.constexpr, MODE: tl.constexpr, MASKED: tl.constexpr,
@@ -248,7 +248,9 @@ def _key_tile(
             kpos = tl.load(pos_row + i, mask=valid, other=0) + o
             kp = tl.load(k_rows[:, None] + partner, mask=kv_mask, other=0.0).to(tl.float32)
             k = rotate_tile(k.to(tl.float32), kp, kpos.to(tl.int64)[:, None], freq, mscale)
-    s = tl.dot(q, tl.trans(k.to(DOT_DTYPE)), input_precision=PRECISION)
+    # The operands as the definition rounds them (docs/concepts/numerics.md); the scale,
+    # times log2(e), on the float32 scores.
+    s = tl.dot(q, tl.trans(k.to(DOT_DTYPE)), input_precision=PRECISION) * qk_scale
     if MASKED:
         own_pos = own_start + (j - own_slot0)
         visible = valid[None, :] & ((j < own_slot0)[None, :] | (own_pos[None, :] <= q_pos[:, None]))  # eq. (7)
@@ -280,6 +282,7 @@ def _attention_kernel(
     partner_ptr,
     mscale_ptr,
     # scalars
+    qk_scale,
     y_rows_per_w,
     Tq,
     stride_kn,
@@ -359,7 +362,7 @@ def _attention_kernel(
     visible_to_all = own_slot0 + (first_q_pos - own_start) + 1
     visible_to_none = own_slot0 + (last_q_pos - own_start) + 1
 
-    # ---- the query, already scaled and rotated at its own position (_query_kernel)
+    # ---- the query, rotated at its own position (_query_kernel); the scale goes on the scores
     if MODE == 0:
         q = tl.zeros([BLOCK_M, DP], dtype=DOT_DTYPE)  # set at the start of each run
     else:
@@ -392,7 +395,7 @@ def _attention_kernel(
         safe_end = tl.maximum(run_lo, run_lo + (safe_end - run_lo) // BLOCK_N * BLOCK_N)
         for j0 in range(run_lo, safe_end, BLOCK_N):
             m_i, l_i, acc = _key_tile(
-                q, m_i, l_i, acc, j0, valid_end, own_slot0, own_start, q_pos,
+                q, m_i, l_i, acc, j0, valid_end, own_slot0, own_start, q_pos, qk_scale,
                 k_ptr, v_ptr, k_desc, v_desc, block_table_ptr + meta, block_pos_ptr + meta,
                 kv_head, d, d_ok, freq, partner, mscale,
                 stride_kn, stride_ks, stride_kh, stride_vn, stride_vs, stride_vh,
@@ -400,7 +403,7 @@ def _attention_kernel(
             )  # fmt: skip
         for j0 in range(safe_end, tile_end, BLOCK_N):
             m_i, l_i, acc = _key_tile(
-                q, m_i, l_i, acc, j0, valid_end, own_slot0, own_start, q_pos,
+                q, m_i, l_i, acc, j0, valid_end, own_slot0, own_start, q_pos, qk_scale,
                 k_ptr, v_ptr, k_desc, v_desc, block_table_ptr + meta, block_pos_ptr + meta,
                 kv_head, d, d_ok, freq, partner, mscale,
                 stride_kn, stride_ks, stride_kh, stride_vn, stride_vs, stride_vh,
@@ -649,7 +652,7 @@ def attend(
     else:
         dest, dest_lse = out, lse
         stride_op = 0
-    y = _scaled_query(q, meta, tables, max_queries, scale * LOG2E, mode, hkv, pl.gp)
+    y = _rotated_query(q, meta, tables, max_queries, mode, hkv, pl.gp)
     y_rows_per_w = hkv * tq * pl.gp
     y_desc = TensorDescriptor(y, [y.shape[0] * y_rows_per_w, pl.dp], [pl.dp, 1], [pl.block_q * pl.gp, pl.dp])
     grid = (triton.cdiv(max_queries, pl.block_q), b, hkv * pl.splits)
@@ -657,7 +660,7 @@ def attend(
         y_desc, k_cache, v_cache, k_desc, v_desc, dest, dest_lse,
         *meta,
         tables.freq, tables.partner, tables.mscale,
-        y_rows_per_w, tq,
+        scale * LOG2E, y_rows_per_w, tq,
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         dest.stride(0), dest.stride(1), stride_op,
@@ -677,8 +680,8 @@ def attend(
     return out, (lse if return_lse else None)
 
 
-def _scaled_query(q, meta: BlockMetadata, tables: RopeTables, max_queries: int, qk_scale: float, mode: int,
-                  num_kv_heads: int, gp: int):  # fmt: skip
+def _rotated_query(q, meta: BlockMetadata, tables: RopeTables, max_queries: int, mode: int, num_kv_heads: int,
+                   gp: int):  # fmt: skip
     """``y [W, Hkv, Tq, GP, DP]`` float32 from :func:`_query_kernel`: ``W = 2`` (the query
     and its partner channels) for :data:`LAZY`, 1 otherwise."""
     tq, h, d = q.shape
@@ -687,7 +690,7 @@ def _scaled_query(q, meta: BlockMetadata, tables: RopeTables, max_queries: int, 
     block_t = max(1, 64 // gp)
     grid = (triton.cdiv(max_queries, block_t), meta.cu_queries.shape[0] - 1, num_kv_heads)
     _query_kernel[grid](
-        q, y, meta.query_start, meta.cu_queries, tables.freq, tables.partner, tables.mscale, qk_scale,
+        q, y, meta.query_start, meta.cu_queries, tables.freq, tables.partner, tables.mscale,
         q.stride(0), q.stride(1), y.stride(0), y.stride(1), y.stride(2), h // num_kv_heads, d,
         BLOCK_T=block_t, GP=gp, DP=dp, ROTATE=mode != NONE, PARTNER=mode == LAZY,
     )  # fmt: skip
