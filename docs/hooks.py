@@ -850,12 +850,13 @@ def _defined_names(path: Path) -> set[str]:
 def check_api_names(markdown: str, page_uri: str) -> None:
     """Warn (a strict-build failure) for each ``lazyattention.PACKAGE.NAME[.ATTR]`` that
     does not exist (``PACKAGE``: reference, fast, serving, integrations). ``NAME`` may be a
-    submodule, then ``ATTR`` is checked in it."""
+    submodule, then ``ATTR`` is checked in it (or is a submodule of a package ``NAME``)."""
     for package, name, attr in set(API_NAME.findall(markdown)):
         folder = ROOT / package if package in ("reference", "fast") else ROOT / "lazyattention" / package
         if (folder / f"{name}.py").exists() or (folder / name / "__init__.py").exists():
             module = folder / f"{name}.py" if (folder / f"{name}.py").exists() else folder / name / "__init__.py"
-            if attr and attr not in _defined_names(module):
+            submodule = module.name == "__init__.py" and (module.parent / f"{attr}.py").exists()
+            if attr and attr not in _defined_names(module) and not submodule:
                 log.warning("%s names lazyattention.%s.%s.%s, which does not exist", page_uri, package, name, attr)
             continue
         if package in ("serving", "integrations"):
