@@ -36,7 +36,9 @@ __all__ = ["STRATEGIES", "Sampling", "RequestStats", "Answer", "Request", "LazyR
 
 #: ``"lazy"``: zero copy, the query turned by ``−δ`` per block. ``"block"``: Block-Attention,
 #: each document's K/V copied and re-rotated by ``δ`` per request, then attended at shift 0.
-STRATEGIES = ("lazy", "block")
+#: ``"no_shift"``: the negative control, wrong on purpose — the cached keys used as if every
+#: document sat where it was stored (at 0), which is what a cache without shifts computes.
+STRATEGIES = ("lazy", "block", "no_shift")
 
 
 @dataclass(frozen=True)
@@ -254,7 +256,8 @@ class LazyRAG:
             documents: document texts, in the order they are placed.
             offset: logical position of the first segment (the chat head).
             starts: logical start of each document (default: back to back after the head).
-            strategy: ``"lazy"`` (zero copy) or ``"block"`` (Block-Attention: copy + re-rotate).
+            strategy: ``"lazy"`` (zero copy), ``"block"`` (Block-Attention: copy + re-rotate)
+                or ``"no_shift"`` (the negative control; see :data:`STRATEGIES`).
             sampling: decoding options (greedy, 32 new tokens by default).
         """
         return self.generate(self.request(question, documents, offset, starts), strategy, sampling)
@@ -290,6 +293,8 @@ class LazyRAG:
                 hits, misses = hits + hit, misses + (not hit)
                 if strategy == "lazy":
                     placements.append(Placement(seg.blocks, seg.length, start))
+                elif strategy == "no_shift":
+                    placements.append(Placement(seg.blocks, seg.length, start, stored_start=start))
                 else:
                     blocks, nbytes = cache.copy_rerotated(seg, start, self.support.rotation)
                     copies.append(blocks)
