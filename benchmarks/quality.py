@@ -97,8 +97,13 @@ def run_study(
     device: str = "cpu",
     seed: int = 0,
     log=print,
+    checkpoint=None,
 ) -> dict:
-    """The whole study on the checkpoint in ``folder``; returns the result dictionary."""
+    """The whole study on the checkpoint in ``folder``; returns the result dictionary.
+
+    ``checkpoint(result)``, if given, is called after every dtype with what is measured
+    so far, so a run cut off keeps its finished dtypes.
+    """
     items = qa_set(questions, seed=seed)
     sampling = Sampling(max_new_tokens=max_new_tokens)
     model64, tokenizer = load_pretrained(folder, dtype=torch.float64, device=device)
@@ -147,6 +152,8 @@ def run_study(
                 if strategy == "block":
                     flips += _flips(rag, dtype_name, offset, lazy_answers, answers)
         del model, rag
+        if checkpoint is not None:
+            checkpoint({"rows": rows, "flips": flips})
     return {"rows": rows, "flips": flips}
 
 
@@ -290,6 +297,18 @@ def main(argv=None) -> int:
         if args.model is None:
             load_pretrained()  # prepares SmolLM2 once if needed
     began = time.perf_counter()
+    settings = {"questions": args.questions, "max_new_tokens": args.max_new_tokens, "seed": 0}
+    meta = {
+        "environment": environment(args.device, args.backend),
+        "model": "tiny random Llama" if args.tiny else folder.name,
+        "settings": settings,
+    }
+
+    def save(partial: dict) -> None:
+        if args.name:
+            partial = {**meta, **partial, "seconds": time.perf_counter() - began}
+            (out / f"{args.name}.json").write_text(json.dumps(partial, indent=1) + "\n")
+
     result = run_study(
         folder,
         args.questions,
@@ -298,17 +317,15 @@ def main(argv=None) -> int:
         max_new_tokens=args.max_new_tokens,
         backend=args.backend,
         device=args.device,
+        checkpoint=save,
     )
-    result["environment"] = environment(args.device, args.backend)
-    result["model"] = "tiny random Llama" if args.tiny else folder.name
-    result["settings"] = {"questions": args.questions, "max_new_tokens": args.max_new_tokens, "seed": 0}
-    result["seconds"] = time.perf_counter() - began
+    save(result)
+    result = {**meta, **result}
     print(format_table(result["rows"]))
     print(f"lazy vs Block-Attention flips: {len(result['flips'])}")
     for f in result["flips"]:
         print("  ", f)
     if args.name:
-        (out / f"{args.name}.json").write_text(json.dumps(result, indent=1) + "\n")
         plot(result, out / f"{args.name}.png")
         print(f"wrote {out / args.name}.json and .png")
     return 0
