@@ -196,6 +196,11 @@ def tiny_random(folder: str | os.PathLike, texts, seed: int = 0):
         tie_word_embeddings=False,
     )
     folder = Path(folder)
-    LlamaForCausalLM(config).save_pretrained(folder)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():  # larger than the init's 0.02, so positions visibly matter
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.15)
+    model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return load_pretrained(folder)
