@@ -14,8 +14,16 @@ Install with ``pip install 'lazyattention[transformers]'``. Why the model runs a
 explained in :mod:`lazyattention.integrations.transformers.attention`.
 """
 
-from .attention import ATTENTION_NAME, STEP_KWARG, Step, paged_attention, paged_attention_mask, register
-from .baselines import attention_implementation, block_diagonal, block_diagonal_mask, full_attention
+from .attention import (
+    ATTENTION_NAME,
+    STEP_KWARG,
+    Step,
+    attention_implementation,
+    paged_attention,
+    paged_attention_mask,
+    register,
+)
+from .baselines import block_diagonal, block_diagonal_mask, full_attention
 from .cache import PagedCache
 from .rag import STRATEGIES, Answer, LazyRAG, Request, RequestStats, Sampling, chat_parts, eos_token_ids
 from .support import SUPPORTED_MODEL_TYPES, ModelSupport, UnsupportedModel, check_model

@@ -39,6 +39,7 @@ Shape alphabet: ``T`` new tokens of the step, ``H`` query heads, ``Hkv`` KV head
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -46,7 +47,15 @@ import torch
 
 from lazyattention.reference import Layout, RopeConfig
 
-__all__ = ["ATTENTION_NAME", "STEP_KWARG", "Step", "paged_attention", "paged_attention_mask", "register"]
+__all__ = [
+    "ATTENTION_NAME",
+    "STEP_KWARG",
+    "Step",
+    "paged_attention",
+    "paged_attention_mask",
+    "register",
+    "attention_implementation",
+]
 
 #: The name under which the implementation is registered (``attn_implementation=``).
 ATTENTION_NAME = "lazyattention"
@@ -149,3 +158,15 @@ def register() -> str:
     AttentionInterface.register(ATTENTION_NAME, paged_attention)
     AttentionMaskInterface.register(ATTENTION_NAME, paged_attention_mask)
     return ATTENTION_NAME
+
+
+@contextmanager
+def attention_implementation(model, name: str):
+    """Run the block with ``model``'s attention implementation set to ``name``, then
+    restore the one it had (the model stays usable with ``generate`` outside)."""
+    before = model.config._attn_implementation
+    model.set_attn_implementation(name)
+    try:
+        yield model
+    finally:
+        model.set_attn_implementation(before)

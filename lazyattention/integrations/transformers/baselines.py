@@ -13,24 +13,12 @@ Both switch the model to ``attn_implementation`` for the call and back afterward
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import torch
 
+from .attention import attention_implementation
 from .rag import Answer, Request, RequestStats, Sampling, _widen, eos_token_ids
 
-__all__ = ["attention_implementation", "block_diagonal_mask", "block_diagonal", "full_attention"]
-
-
-@contextmanager
-def attention_implementation(model, name: str):
-    """Run the block with ``model``'s attention implementation set to ``name``."""
-    before = model.config._attn_implementation
-    model.set_attn_implementation(name)
-    try:
-        yield model
-    finally:
-        model.set_attn_implementation(before)
+__all__ = ["block_diagonal_mask", "block_diagonal", "full_attention"]
 
 
 def block_diagonal_mask(request: Request, dtype: torch.dtype, device) -> torch.Tensor:

@@ -28,7 +28,7 @@ import torch
 
 from lazyattention.reference import Layout, Placement, RequestLayout
 
-from .attention import STEP_KWARG, Step, register
+from .attention import ATTENTION_NAME, STEP_KWARG, Step, attention_implementation, register
 from .cache import PagedCache
 from .support import ModelSupport, check_model
 
@@ -198,8 +198,9 @@ class LazyRAG:
 
     Args:
         model: a ``LlamaForCausalLM``, ``MistralForCausalLM`` or ``Qwen2ForCausalLM``
-            (any dtype and device); its attention implementation is switched to
-            :data:`~lazyattention.integrations.transformers.attention.ATTENTION_NAME`.
+            (any dtype and device); during each request its attention implementation is
+            :data:`~lazyattention.integrations.transformers.attention.ATTENTION_NAME`,
+            afterwards the one it had.
         tokenizer: its transformers tokenizer, or ``None`` to work in token ids only
             (:meth:`generate` with a :class:`Request`; answers then have empty text).
         backend: ``"reference"`` or ``"fast"``, explicit; ``"fast"`` raises when Triton
@@ -221,7 +222,7 @@ class LazyRAG:
         self.model = model
         self.tokenizer = tokenizer
         self.cache = PagedCache.for_model(model, num_blocks, block_size)
-        model.set_attn_implementation(register())
+        register()
 
     # ------------------------------------------------------------------ text API
 
@@ -281,39 +282,44 @@ class LazyRAG:
         cache, store = self.cache, self.cache.store
         held, copies, own_blocks = [], [], []
         hits = misses = prefilled = copied = 0
-        try:
-            placements = []
-            for tokens, start in zip(request.segments, request.starts, strict=True):
-                seg, hit = store.acquire(tokens=torch.tensor(tokens))
-                held.append(seg)
-                if not hit:
-                    self._prefill_segment(seg, tokens)
-                    store.seal(seg)
-                    prefilled += len(tokens)
-                hits, misses = hits + hit, misses + (not hit)
-                if strategy == "lazy":
-                    placements.append(Placement(seg.blocks, seg.length, start))
-                elif strategy == "no_shift":
-                    placements.append(Placement(seg.blocks, seg.length, start, stored_start=start))
-                else:
-                    blocks, nbytes = cache.copy_rerotated(seg, start, self.support.rotation)
-                    copies.append(blocks)
+        with attention_implementation(self.model, ATTENTION_NAME):
+            try:
+                placements = []
+                for tokens, start in zip(request.segments, request.starts, strict=True):
+                    seg, hit = store.acquire(tokens=torch.tensor(tokens))
+                    held.append(seg)
+                    if not hit:
+                        self._prefill_segment(seg, tokens)
+                        store.seal(seg)
+                        prefilled += len(tokens)
+                    hits, misses = hits + hit, misses + (not hit)
+                    placement, nbytes = self._place(seg, start, strategy, copies)
+                    placements.append(placement)
                     copied += nbytes
-                    placements.append(Placement(tuple(blocks), seg.length, start, stored_start=start))
-            own_blocks = store.allocate(store.blocks_needed(len(request.own) + sampling.max_new_tokens))
-            tokens, logits0, own_logits = self._decode(
-                request, tuple(placements), own_blocks, sampling, stop, keep_own_logits
-            )
-            peak = cache.pool.num_used
-        finally:
-            for seg in held:
-                store.release(seg)
-            for blocks in copies:
-                cache.pool.release(blocks)
-            if own_blocks:
-                cache.pool.release(own_blocks)
+                own_blocks = store.allocate(store.blocks_needed(len(request.own) + sampling.max_new_tokens))
+                tokens, logits0, own_logits = self._decode(
+                    request, tuple(placements), own_blocks, sampling, stop, keep_own_logits
+                )
+                peak = cache.pool.num_used
+            finally:
+                for seg in held:
+                    store.release(seg)
+                for blocks in copies:
+                    cache.pool.release(blocks)
+                if own_blocks:
+                    cache.pool.release(own_blocks)
         stats = RequestStats(hits, misses, prefilled, copied, peak)
         return Answer(self.decode(tokens), tokens, logits0, stats), own_logits
+
+    def _place(self, seg, start: int, strategy: str, copies: list) -> tuple[Placement, int]:
+        """The segment at logical ``start`` as ``strategy`` reads it (eq. 6), and the bytes copied."""
+        if strategy == "lazy":  # keys stay as stored at 0..L−1: shift δ = start
+            return Placement(seg.blocks, seg.length, start), 0
+        if strategy == "no_shift":  # the control: the stored keys taken as if they sat at start
+            return Placement(seg.blocks, seg.length, start, stored_start=start), 0
+        blocks, nbytes = self.cache.copy_rerotated(seg, start, self.support.rotation)  # Block-Attention
+        copies.append(blocks)
+        return Placement(tuple(blocks), seg.length, start, stored_start=start), nbytes
 
     def eos_token_ids(self) -> tuple[int, ...]:
         """The model's end-of-sequence ids."""

@@ -11,7 +11,9 @@ from lazyattention.integrations.transformers import (
     Request,
     Sampling,
     UnsupportedModel,
+    attention_implementation,
     check_model,
+    register,
 )
 from lazyattention.integrations.transformers.pretrained import CACHE_ENV, SMOLLM2_PACKAGE, cache_dir, prepare_smollm2
 
@@ -30,8 +32,8 @@ def model(tmp_path_factory):
 
 def test_documents_are_cached_once_and_reused_zero_copy(model):
     rag = LazyRAG(model, None, num_blocks=16, block_size=4)
-    assert model.config._attn_implementation == ATTENTION_NAME
     first = rag.generate(Request(DOCS, (0, 5), (1, 2), 8), sampling=SAMPLING)
+    assert model.config._attn_implementation != ATTENTION_NAME  # switched back after the request
     assert (first.stats.cache_hits, first.stats.cache_misses, first.stats.prefilled_tokens) == (0, 2, 8)
     used = rag.cache.pool.num_used  # the two documents: 2 + 1 blocks stay cached
     assert used == 3
@@ -126,8 +128,11 @@ def test_backends_are_explicit(model, monkeypatch):
 
 
 def test_the_attention_refuses_a_forward_without_a_step(model):
-    LazyRAG(model, None)
-    with pytest.raises(RuntimeError, match="needs a lazyattention Step"), torch.no_grad():
+    with (
+        attention_implementation(model, register()),
+        pytest.raises(RuntimeError, match="needs a lazyattention Step"),
+        torch.no_grad(),
+    ):
         model(input_ids=torch.tensor([[1, 2]]))
 
 
