@@ -32,7 +32,17 @@ from .attention import ATTENTION_NAME, STEP_KWARG, Step, attention_implementatio
 from .cache import PagedCache
 from .support import ModelSupport, check_model
 
-__all__ = ["STRATEGIES", "Sampling", "RequestStats", "Answer", "Request", "LazyRAG", "chat_parts", "eos_token_ids"]
+__all__ = [
+    "STRATEGIES",
+    "INSTRUCTION",
+    "Sampling",
+    "RequestStats",
+    "Answer",
+    "Request",
+    "LazyRAG",
+    "chat_parts",
+    "eos_token_ids",
+]
 
 #: ``"lazy"``: zero copy, the query turned by ``−δ`` per block. ``"block"``: Block-Attention,
 #: each document's K/V copied and re-rotated by ``δ`` per request, then attended at shift 0.
@@ -176,21 +186,28 @@ class Request:
         return tokens, positions
 
 
-def chat_parts(tokenizer, question: str, marker: str = "\x00DOCS\x00") -> tuple[str, str]:
+#: The instruction after the documents (a small model answers more directly with it).
+INSTRUCTION = "Answer the question in a few words, using the documents above."
+
+
+def chat_parts(
+    tokenizer, question: str, instruction: str = INSTRUCTION, marker: str = "\x00DOCS\x00"
+) -> tuple[str, str]:
     """The chat template around the documents: ``(head, tail)`` text.
 
-    The user turn is ``<documents>Question: …``; ``head`` is everything before the
-    documents (a cacheable segment, like a system prompt), ``tail`` the question and the
-    assistant header. Without a chat template: ``("", "Question: …\\nAnswer:")``.
+    The user turn is ``<documents><instruction>\nQuestion: …``; ``head`` is everything
+    before the documents (a cacheable segment, like a system prompt), ``tail`` the
+    instruction, the question and the assistant header. Without a chat template:
+    ``("", "<instruction>\nQuestion: …\nAnswer:")``.
     """
-    content = f"{marker}Question: {question}"
+    content = f"{marker}{instruction}\nQuestion: {question}"
     if getattr(tokenizer, "chat_template", None):
         text = tokenizer.apply_chat_template(
             [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
         )
         head, tail = text.split(marker)
         return head, tail
-    return "", f"Question: {question}\nAnswer:"
+    return "", f"{instruction}\nQuestion: {question}\nAnswer:"
 
 
 class LazyRAG:
