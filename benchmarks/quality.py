@@ -122,8 +122,8 @@ def run_study(
         for offset in offsets:
             request = oracle_rag.request(item.question, item.documents, offset=offset)
             oracle[q, offset] = oracle_rag.generate(request, "lazy", sampling)
+            log(f"{time.strftime('%H:%M:%S')} float64 oracle: question {q}, offset {offset:,}")
     del model64, oracle_rag
-    log(f"float64 oracle: {len(oracle)} answers")
     rows, flips = [], []
     for dtype_name in dtypes:
         model, _ = load_pretrained(folder, dtype=DTYPES[dtype_name], device=device)
@@ -153,7 +153,8 @@ def run_study(
                 }
                 rows.append(row)
                 log(
-                    f"{dtype_name:>8} offset {offset:>9,} {strategy:>9}: accuracy {row['accuracy']:.2f} "
+                    f"{time.strftime('%H:%M:%S')} {dtype_name:>8} offset {offset:>9,} {strategy:>9}: "
+                    f"accuracy {row['accuracy']:.2f} "
                     f"agreement {row['agreement']:.3f} logit error {row['logit_error_max']:.2e}"
                 )
                 if strategy == "lazy":
@@ -468,6 +469,9 @@ def main(argv=None) -> int:
     parser.add_argument("--backend", default="reference", choices=["reference", "fast"])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtypes", default=",".join(DTYPES))
+    parser.add_argument(
+        "--low-precision-strategies", default=",".join(LOW_PRECISION_STRATEGIES), help="what bf16 and fp16 run"
+    )
     parser.add_argument("--offsets", default=",".join(map(str, OFFSETS)))
     parser.add_argument("--model", default=None, help="a checkpoint folder (default: the prepared SmolLM2)")
     parser.add_argument("--tiny", action="store_true", help="a tiny random-weight model instead (smoke test)")
@@ -476,6 +480,7 @@ def main(argv=None) -> int:
     parser.add_argument("--page", action="store_true", help="also write docs/concepts/quality.md from the result")
     parser.add_argument("--render", default=None, help="only write the docs page from this result file")
     args = parser.parse_args(argv)
+    torch.set_num_threads(1)  # batch-1 decoding of a small model: threads only add spin-waits
     if args.render:
         PAGE.write_text(page(json.loads(Path(args.render).read_text()), args.render))
         print(f"wrote {PAGE}")
@@ -490,7 +495,12 @@ def main(argv=None) -> int:
         if args.model is None:
             load_pretrained()  # prepares SmolLM2 once if needed
     began = time.perf_counter()
-    settings = {"questions": args.questions, "max_new_tokens": args.max_new_tokens, "seed": 0}
+    settings = {
+        "questions": args.questions,
+        "max_new_tokens": args.max_new_tokens,
+        "low_precision_strategies": args.low_precision_strategies,
+        "seed": 0,
+    }
     env = environment(args.device, args.backend)
     meta = {
         "device": env["device_name"],
@@ -510,6 +520,7 @@ def main(argv=None) -> int:
         args.questions,
         offsets=tuple(int(o) for o in args.offsets.split(",")),
         dtypes=tuple(args.dtypes.split(",")),
+        low_precision_strategies=tuple(args.low_precision_strategies.split(",")),
         max_new_tokens=args.max_new_tokens,
         backend=args.backend,
         device=args.device,

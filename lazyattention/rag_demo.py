@@ -63,10 +63,23 @@ def run_rag_demo(backend: str, device: str, seed: int = 0) -> int:
         0. Raises ``RuntimeError`` if lazy and Block-Attention disagree on a token, and
         ``ModuleNotFoundError`` (naming the pip command) if the model package is missing.
     """
+    torch.manual_seed(seed)
+    threads = torch.get_num_threads()
+    # One thread for the run, restored after: decoding one token of a 135M model is a
+    # chain of small matmuls that threads do not speed up, and on a shared machine
+    # their spin-waits cost more than the arithmetic (measured: 55 s with one thread,
+    # no answer after 8 min with two, on 2 busy cores).
+    torch.set_num_threads(1)
+    try:
+        return _run(backend, device)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(backend: str, device: str) -> int:
     from lazyattention.integrations.transformers import LazyRAG, Sampling, full_attention
     from lazyattention.integrations.transformers.pretrained import load_pretrained
 
-    torch.manual_seed(seed)
     began = time.perf_counter()
     model, tokenizer = load_pretrained(dtype=torch.float32, device=device)
     rag = LazyRAG(model, tokenizer, backend=backend, num_blocks=256, block_size=16)

@@ -6,6 +6,7 @@ no-shift control must not, and the table and the plot must be produced.
 """
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -54,3 +55,12 @@ def test_study_at_a_tiny_size(tmp_path):
     result["environment"] = quality.environment("cpu", "reference")
     quality.plot(result, tmp_path / "quality.png")
     assert (tmp_path / "quality.png").stat().st_size > 0
+
+
+def test_the_quality_page_is_generated_from_its_result():
+    result = ROOT / "benchmarks" / "results" / "quality_cpu.json"
+    page = _quality().page(json.loads(result.read_text()), "benchmarks/results/quality_cpu.json")
+    assert (ROOT / "docs" / "concepts" / "quality.md").read_text() == page, (
+        "docs/concepts/quality.md is stale: "
+        "run python benchmarks/quality.py --render benchmarks/results/quality_cpu.json"
+    )
