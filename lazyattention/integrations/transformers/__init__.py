@@ -8,8 +8,9 @@ requests with each document's KV cached once and reused at any offset, zero copy
 * :class:`PagedCache`, a transformers ``Cache``, writes K/V into the project's paged
   segment store;
 * :class:`LazyRAG` is the user API: documents and a question in, text out;
-* :func:`prepare_smollm2` / :func:`load_pretrained` give the embedded pretrained model
-  (``python -m lazyattention.integrations.transformers.pretrained`` prepares it).
+* :mod:`~lazyattention.integrations.transformers.pretrained` gives the embedded
+  pretrained model (``python -m lazyattention.integrations.transformers.pretrained``
+  prepares it once).
 
 Install with ``pip install 'lazyattention[transformers]'``. Why the model runs at
 ``position_ids = 0`` (the exact, cheapest way to hand the kernels pre-RoPE queries) is
@@ -27,7 +28,6 @@ from .attention import (
 )
 from .baselines import block_diagonal, block_diagonal_mask, full_attention
 from .cache import PagedCache
-from .pretrained import load_pretrained, prepare_smollm2
 from .rag import STRATEGIES, Answer, LazyRAG, Request, RequestStats, Sampling, chat_parts, eos_token_ids
 from .support import SUPPORTED_MODEL_TYPES, ModelSupport, UnsupportedModel, check_model
 
@@ -55,6 +55,4 @@ __all__ = [
     "ModelSupport",
     "UnsupportedModel",
     "check_model",
-    "load_pretrained",
-    "prepare_smollm2",
 ]
