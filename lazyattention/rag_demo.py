@@ -43,7 +43,7 @@ QUESTIONS = (
     ("Who founded the Vienna Observatory?", (2, 1, 3, 0), 1_048_600),
 )
 
-_MAX_NEW_TOKENS = 16
+_MAX_NEW_TOKENS = 12
 
 
 def _row(label: str, text: str, width: int = 64) -> str:
