@@ -1,4 +1,9 @@
-"""``lazyattention demo``: deferred RoPE shown end to end, on a CPU in a few seconds.
+"""``lazyattention demo``: deferred RoPE shown end to end, on a CPU.
+
+First, a real model in real text (:mod:`lazyattention.rag_demo`): SmolLM2-135M-Instruct
+answers questions from documents cached once and reused in new orders at offsets past
+2^16 and 2^20, lazy beside Block-Attention and full attention. Then the mechanics on a
+tiny random-weight model, in a few seconds:
 
 1. the reference semantics: a document cached once (keys rotated at ``0..L-1``) and
    read at several offsets and in several orders, side by side with eager RoPE (keys
@@ -280,10 +285,20 @@ def progress_printer():
 
 
 def run_demo(backend: str, device: str, seed: int = 0) -> int:
-    """Run the four sections on ``device`` with the chosen attention backend."""
-    cpu_threads_for("tiny", device)
+    """Run the real-text part, then the four sections on ``device`` with the chosen
+    attention backend. Without the real model's packages the first part is skipped
+    with a one-line note naming what to install."""
+    from lazyattention.rag_demo import run_rag_demo
+
     start = time.perf_counter()
     _say(f"lazyattention demo: backend={backend}, device={device}\n")
+    _say("Part 1. A real model, real text\n")
+    try:
+        run_rag_demo(backend, device, seed)
+    except ImportError as exc:  # transformers, or the package that ships SmolLM2, is missing
+        _say(f"   skipped: {exc}\n")
+    _say("Part 2. The mechanics, on a tiny random-weight model\n")
+    cpu_threads_for("tiny", device)
     _semantics_demo(attention_backend(backend), device, seed)
     model = random_model("tiny", backend, torch.float32, device, seed)
     _reuse_demo(model, seed)
