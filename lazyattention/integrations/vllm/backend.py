@@ -28,8 +28,6 @@ from types import ModuleType
 from typing import ClassVar
 
 import torch
-
-from lazyattention import reference
 from vllm.config import get_current_vllm_config
 from vllm.v1.attention.backend import (
     AttentionBackend,
@@ -40,6 +38,8 @@ from vllm.v1.attention.backend import (
     MultipleOf,
 )
 from vllm.v1.kv_cache_layout import KVCacheLayout
+
+from lazyattention import reference
 
 from .attention import LazyMetadata, build_metadata, paged_attention
 from .model import model_rope

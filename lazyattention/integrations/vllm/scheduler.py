@@ -30,13 +30,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from lazyattention.reference import content_key
 from vllm.logger import init_logger
 from vllm.utils.hashing import get_hash_fn_by_name
 from vllm.v1.core.kv_cache_utils import BlockHash, hash_block_tokens
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs, FinishReason
 from vllm.v1.request import Request
+
+from lazyattention.reference import content_key
 
 from .model import model_rope
 from .plan import LaidDocument, RequestPlan, Segment

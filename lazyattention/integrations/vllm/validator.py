@@ -11,7 +11,6 @@ checked by the scheduler, which refuses such a request with its reason.
 from __future__ import annotations
 
 import torch
-
 from vllm.v1.sample.logits_processor import LogitsProcessor
 
 from .request import parse_request
