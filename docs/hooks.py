@@ -736,7 +736,8 @@ def peers_engine() -> str:
     if found is None:
         return "*The serving engine is not yet measured on a GPU*: no engine result is committed."
     name, data = found
-    medians = data.get("medians") or data.get("runs") or []
+    # the offline burst's medians (``burst_medians``; older results: ``medians`` or ``runs``)
+    medians = data.get("burst_medians") or data.get("medians") or data.get("runs") or []
     by_setting: dict[tuple, dict] = {}
     for row in medians:
         key = (row.get("alpha"), row.get("budget_fraction"))
@@ -769,7 +770,8 @@ def peers_engine() -> str:
         f"A model of the `{data.get('model', '?')}` shape, {data.get('dtype', '?')}; "
         f"{workload.get('num_requests', '?')} requests of {workload.get('docs_per_request', '?')} documents "
         f"(about {workload.get('doc_len_mean', '?')} tokens each) in random order, "
-        f"arrivals {data.get('arrivals', 'not recorded')}; medians of the repeats."
+        f"arrivals {data.get('arrivals') or ('all at t = 0' if 'burst_medians' in data else 'not recorded')}; "
+        "medians of the repeats."
     )
     return "\n\n".join([_source(name, data) + " " + what, head + "\n" + "\n".join(lines)])
 
