@@ -628,11 +628,12 @@ PREFILL_PEERS = (
     ("FlashInfer", ("~flashinfer",)),
     ("SDPA flash, pre-rotated keys", ("sdpa_flash",)),
     ("SDPA cuDNN, pre-rotated keys", ("sdpa_cudnn",)),
-    ("materialise: copy + re-rotate, then SDPA", ("materialise_sdpa", "materialise")),
+    ("materialise: copy + re-rotate first", ("materialise_sdpa", "materialise")),
 )
 DECODE_PEERS = (
     ("lazy (ours)", ("lazy",)),
-    ("FlashInfer", ("~flashinfer",)),
+    ("FlashInfer", ("flashinfer", "~flashinfer")),
+    ("FlashInfer tensor-core decode", ("flashinfer_tc",)),
     ("materialise: copy + re-rotate", ("materialise",)),
 )
 OFFICIAL_KERNELS = (
@@ -689,6 +690,8 @@ def peers_kernels() -> str:
             "tflops",
             PREFILL_PEERS,
             [
+                ("requests", lambda r: str(r.get("batch", 1))),
+                ("query tokens", lambda r: str(r.get("Tq", "—"))),
                 ("keys", lambda r: f"{r.get('Tk', 0) // 1024}k"),
                 ("document length", lambda r: str(r.get("segment", "—"))),
             ],
@@ -696,8 +699,8 @@ def peers_kernels() -> str:
         )
         parts += [
             f"**Prefill**, TFLOP/s (higher is better; best in bold): {data.get('heads', '?')} query heads over "
-            f"{data.get('kv_heads', '?')} KV heads, head dim 128, bf16, 1024 new query tokens per request after "
-            "documents cached once. SDPA and FlashInfer read the documents' keys already rotated where they "
+            f"{data.get('kv_heads', '?')} KV heads, head dim 128, bf16, new query tokens per request after the "
+            "documents were cached once. SDPA and FlashInfer read the documents' keys already rotated where they "
             "sit, contiguous: their best case, since neither can shift a cached document.",
             table,
         ]
@@ -711,7 +714,11 @@ def peers_kernels() -> str:
             decode,
             "tb_per_s",
             DECODE_PEERS,
-            [("requests", lambda r: str(r.get("batch", "—"))), ("keys", lambda r: f"{r.get('Tk', 0) // 1024}k")],
+            [
+                ("requests", lambda r: str(r.get("batch", "—"))),
+                ("keys", lambda r: f"{r.get('Tk', 0) // 1024}k"),
+                ("document length", lambda r: str(r.get("segment", "—"))),
+            ],
             ".2f",
             extra=(lambda v: f"({v / copy_bw:.0%})") if copy_bw else None,
         )

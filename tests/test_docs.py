@@ -259,7 +259,7 @@ def test_home_page_compares_with_peers_from_the_newest_result(monkeypatch, tmp_p
     assert "Measured on **H100**, 2026-11-24 (`benchmarks/results/kernels_h100.json`)" in table
     assert "| 16k | 512 | **400** | 350 |" in table and "| 16k | 512 | 1 |" not in table
     assert "*FlashInfer: not yet measured on H100.*" in table
-    assert "| 16 | 16k | **3.00** (75%) | 1.00 (25%) |" in table
+    assert "| 16 | 16k | — | **3.00** (75%) | 1.00 (25%) |" in table
     assert "PASS" not in table and "MISS" not in table  # verdicts stay on the benchmark pages
 
     (tmp_path / "kernels_h200.json").write_text(json.dumps(_kernels_result("H200", "2026-12-01T10:00:00", True)))
