@@ -200,10 +200,12 @@ def eager_attention(
     block each request reads into a private cache (eq. 9), then the :func:`lazy_prefill`
     kernel attends with every shift 0.
 
-    Like the reference's definition, the copy and the attention are float32 (the
-    re-rotated keys are never rounded back to a 16-bit dtype); the output is cast to
-    ``q.dtype``. (The Block-Attention baseline of ``benchmarks/kernels.py`` copies in
-    the cache dtype instead, as a serving engine would.)
+    The copy and the attention are float32: the re-rotated keys are never rounded back
+    to a 16-bit dtype, where the definition rounds each rotated score operand to the
+    input dtype (docs/concepts/numerics.md), so this path is at least as precise and
+    within the tolerance rule; the output is cast to ``q.dtype``. (The Block-Attention
+    baseline of ``benchmarks/kernels.py`` copies in the cache dtype instead, as a
+    serving engine would.)
     """
     check_attention_inputs(q, k_cache, v_cache, layout, rope, scale, False)
     _check_backend("eager_attention", q, k_cache, v_cache)
