@@ -110,8 +110,8 @@ def run_study(
 
     float32 runs ``strategies``; bfloat16 and float16 run ``low_precision_strategies``.
 
-    ``checkpoint(result)``, if given, is called after every dtype with what is measured
-    so far, so a run cut off keeps its finished dtypes.
+    ``checkpoint(result)``, if given, is called after every row with what is measured
+    so far, so a run cut off keeps its finished rows.
     """
     items = qa_set(questions, seed=seed)
     sampling = Sampling(max_new_tokens=max_new_tokens)
@@ -161,9 +161,9 @@ def run_study(
                     lazy_answers = answers
                 if strategy == "block":
                     flips += _flips(rag, dtype_name, offset, lazy_answers, answers)
+                if checkpoint is not None:
+                    checkpoint({"rows": rows, "flips": flips})
         del model, rag
-        if checkpoint is not None:
-            checkpoint({"rows": rows, "flips": flips})
     return {"rows": rows, "flips": flips}
 
 
