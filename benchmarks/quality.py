@@ -331,11 +331,13 @@ def _flip_sentence(result: dict) -> str:
 
 def _mean(rows, **where) -> float:
     picked = [r for r in rows if all(r[k] == v for k, v in where.items())]
-    return sum(r["accuracy"] for r in picked) / max(1, len(picked))
+    return sum(r["accuracy"] for r in picked) / len(picked) if picked else float("nan")
 
 
 def headline(result: dict) -> list[dict]:
-    """The figures the docs' result tables show for this file."""
+    """The figures the docs' result tables show for this file (NaN where a partial
+    result has no row yet)."""
+    nan = float("nan")
     rows = result["rows"]
     fp32 = [r for r in rows if r["dtype"] == "float32"]
     largest = max(r["offset"] for r in rows)
@@ -345,12 +347,13 @@ def headline(result: dict) -> list[dict]:
         items += [
             {
                 "name": "float32 lazy first-token logit error, max over offsets",
-                "value": max(r["logit_error_max"] for r in fp32 if r["strategy"] == "lazy"),
+                "value": max((r["logit_error_max"] for r in fp32 if r["strategy"] == "lazy"), default=nan),
             },
             {
                 "name": f"float32 recompute (eager RoPE) logit error at offset {largest:,}",
                 "value": max(
-                    r["logit_error_max"] for r in fp32 if (r["strategy"], r["offset"]) == ("recompute", largest)
+                    (r["logit_error_max"] for r in fp32 if (r["strategy"], r["offset"]) == ("recompute", largest)),
+                    default=nan,
                 ),
             },
             {"name": "float32 accuracy, lazy", "value": _mean(fp32, strategy="lazy")},

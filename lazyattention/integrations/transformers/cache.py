@@ -113,7 +113,9 @@ class PagedCache(Cache):
         k = key_states[0].transpose(0, 1).contiguous()  # [T, Hkv, D]
         v = value_states[0].transpose(0, 1).contiguous()
         k_cache, v_cache = self.kv.k[layer_idx], self.kv.v[layer_idx]
-        step.ops.write_kv(k, v, k_cache, v_cache, step.slots, step.positions, step.rope)
+        # Every layer writes the step's same slots and positions: their values (a host
+        # synchronisation on a GPU) are checked once, in the first layer.
+        step.ops.write_kv(k, v, k_cache, v_cache, step.slots, step.positions, step.rope, validate=layer_idx == 0)
         return k_cache, v_cache
 
     # ---------------------------------------------------------------- slots and copies
