@@ -21,15 +21,18 @@ Block-Attention is recorded with the two runs' logit margins at the step where t
 
 CPU (the committed ``benchmarks/results/quality_cpu.json``)::
 
-    python benchmarks/quality.py --questions 4 --max-new-tokens 6 --name quality_cpu --page
+    python benchmarks/quality.py --questions 10 --max-new-tokens 12 --name quality_cpu --page
 
-``--page`` regenerates the docs page ``docs/concepts/quality.md`` from the result
-(``python benchmarks/quality.py --render benchmarks/results/quality_cpu.json`` does it
-from a saved file).
+``--page`` regenerates the docs page ``docs/concepts/quality.md`` from the result (a GPU
+run becomes the page's last section, under the committed CPU study);
+``python benchmarks/quality.py --render benchmarks/results/quality_cpu.json
+benchmarks/results/quality_h200.json`` does it from saved files.
 
 GPU, fast backend::
 
-    python benchmarks/quality.py --backend fast --device cuda --questions 60 --name quality_h200
+    python benchmarks/quality.py --backend fast --device cuda --questions 8 --name quality_h200 --page
+
+(``scripts/quality_gpu.sh`` runs it on a machine without a network.)
 
 ``--tiny`` runs a random-weight model (no SmolLM2 needed) for a smoke test.
 """
@@ -59,7 +62,8 @@ STRATEGIES = ("lazy", "block", "recompute", "full", "no_shift")
 LOW_PRECISION_STRATEGIES = ("lazy", "block", "recompute")
 OFFSETS = (0, 70_000, 1_100_000)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-RESULTS = Path(__file__).parent / "results"
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -212,7 +216,7 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-PAGE = Path(__file__).parent.parent / "docs" / "concepts" / "quality.md"
+PAGE = ROOT / "docs" / "concepts" / "quality.md"
 
 _PAGE_HEAD = """# Quality on a real model
 
@@ -233,8 +237,7 @@ year of an invented organisation, with {docs} documents per question (the one ho
 answer and distractors), shuffled; the chat template's head is a cached segment too.
 Documents start at the offset shown, back to back. Greedy decoding, {tokens} new
 tokens. Device: **{device}** (torch {torch}, transformers {transformers}, backend
-`{backend}`); the study took {minutes:.0f} min. The same study with the Triton kernels on a
-GPU is `--backend fast --device cuda`; no GPU run is recorded here yet.
+`{backend}`); the study took {minutes:.0f} min. {gpu_pointer}
 
 * **accuracy**: the expected answer appears in the reply;
 * **agree**: the fraction of the generated tokens reproduced, before the first
@@ -272,6 +275,26 @@ answers {no_shift_acc:.0%} correctly there (lazy: {lazy_acc_last:.0%}).
 **Full attention is another function.** {full_sentence}
 
 Re-run: `python benchmarks/quality.py --questions {questions} --max-new-tokens {tokens} --name {name} --page`.
+"""
+
+_GPU_SECTION = """
+## The same study on a GPU, with the Triton kernels
+
+Device: **{device}** (torch {torch}, Triton {triton}, transformers {transformers}, backend
+`{backend}`): `lazy` and `block` run the compiled kernels of `lazyattention.fast`
+(`write_kv`, `lazy_prefill`, `lazy_decode`); the float64 run they are measured against is
+the reference on the same GPU. {questions} questions, {tokens} new tokens; bfloat16 and
+float16 run `{low}` only. The study took {minutes:.0f} min (`{source}`).
+
+{table}
+
+![accuracy and logit error on the GPU](../benchmarks/results/{name}.png)
+
+**Lazy and Block-Attention, compiled.** {flip_sentence}In float32 the compiled kernels'
+first-token logits are within {lazy_err:.1e} (lazy) and {block_err:.1e} (Block-Attention)
+of the float64 run at every offset up to {largest:,}, against {cpu_lazy_err:.1e} for the
+reference backend on the CPU above: the kernels compute the same function as the definition. Re-run on a CUDA machine:
+`scripts/quality_gpu.sh` (it installs the model from wheels when there is no network).
 """
 
 
@@ -362,8 +385,45 @@ def headline(result: dict) -> list[dict]:
     return items
 
 
-def page(result: dict, source: str) -> str:
-    """The docs page ``docs/concepts/quality.md`` for a result dictionary."""
+def _error(rows: list[dict], strategy: str, dtypes=("float32",), offset=None) -> float:
+    """The largest first-token logit error of ``strategy`` over ``dtypes`` (and ``offset``)."""
+    return max(
+        (
+            r["logit_error_max"]
+            for r in rows
+            if r["strategy"] == strategy and r["dtype"] in dtypes and offset in (None, r["offset"])
+        ),
+        default=float("nan"),
+    )
+
+
+def gpu_section(result: dict, source: str, cpu_rows: list[dict]) -> str:
+    """The page's section for a GPU run of the study (the fast backend)."""
+    env, rows = result["environment"], result["rows"]
+    return _GPU_SECTION.format(
+        device=env["device_name"],
+        torch=env["torch"],
+        triton=env.get("triton", "–"),
+        transformers=env["transformers"],
+        backend=env["backend"],
+        questions=result["settings"]["questions"],
+        tokens=result["settings"]["max_new_tokens"],
+        low=result["settings"]["low_precision_strategies"].replace(",", "`, `"),
+        minutes=result["seconds"] / 60,
+        source=source,
+        table=format_table(rows),
+        name=Path(source).stem,
+        flip_sentence=_flip_sentence(result),
+        lazy_err=_error(rows, "lazy"),
+        block_err=_error(rows, "block"),
+        largest=max(r["offset"] for r in rows),
+        cpu_lazy_err=_error(cpu_rows, "lazy"),
+    )
+
+
+def page(result: dict, source: str, gpu: dict | None = None, gpu_source: str | None = None) -> str:
+    """The docs page ``docs/concepts/quality.md`` for a result dictionary, with a
+    section for a GPU run of the study when ``gpu`` (read from ``gpu_source``) is given."""
     env = result["environment"]
     head = _PAGE_HEAD.format(
         source=source,
@@ -376,20 +436,17 @@ def page(result: dict, source: str) -> str:
         transformers=env["transformers"],
         backend=env["backend"],
         minutes=result["seconds"] / 60,
+        gpu_pointer="The same study with the Triton kernels on a GPU is in the last section."
+        if gpu
+        else "The same study with the Triton kernels on a GPU is `--backend fast --device cuda`; "
+        "no GPU run is recorded here yet.",
     )
     figure = f"![accuracy and logit error](../benchmarks/results/{Path(source).stem}.png)\n"
     rows = result["rows"]
     largest, smallest = max(r["offset"] for r in rows), min(r["offset"] for r in rows)
 
     def err(strategy, dtypes=("float32",), offset=None):
-        return max(
-            (
-                r["logit_error_max"]
-                for r in rows
-                if r["strategy"] == strategy and r["dtype"] in dtypes and offset in (None, r["offset"])
-            ),
-            default=float("nan"),
-        )
+        return _error(rows, strategy, dtypes, offset)
 
     def acc(strategy, offset=None):
         picked = [
@@ -413,7 +470,14 @@ def page(result: dict, source: str) -> str:
         tokens=result["settings"]["max_new_tokens"],
         name=Path(source).stem,
     )
-    return head + format_table(result["rows"]) + "\n\n" + figure + tail
+    section = gpu_section(gpu, gpu_source, rows) if gpu else ""
+    return head + format_table(result["rows"]) + "\n\n" + figure + tail + section
+
+
+def render_page(cpu_source: str, gpu_source: str | None = None) -> str:
+    """The docs page from committed results (paths relative to the repository's root)."""
+    gpu = json.loads((ROOT / gpu_source).read_text()) if gpu_source else None
+    return page(json.loads((ROOT / cpu_source).read_text()), cpu_source, gpu, gpu_source)
 
 
 def plot(result: dict, path: Path) -> None:
@@ -504,11 +568,17 @@ def main(argv=None) -> int:
     parser.add_argument("--name", default=None, help="save results/<name>.json and .png")
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--page", action="store_true", help="also write docs/concepts/quality.md from the result")
-    parser.add_argument("--render", default=None, help="only write the docs page from this result file")
+    parser.add_argument(
+        "--render",
+        nargs="+",
+        default=None,
+        metavar="JSON",
+        help="only write the docs page from a CPU result [and a GPU one]",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # batch-1 decoding of a small model: threads only add spin-waits
     if args.render:
-        PAGE.write_text(page(json.loads(Path(args.render).read_text()), args.render))
+        PAGE.write_text(render_page(*args.render))
         print(f"wrote {PAGE}")
         return 0
     out = Path(args.out)
@@ -562,7 +632,12 @@ def main(argv=None) -> int:
         plot(result, out / f"{args.name}.png")
         print(f"wrote {out / args.name}.json and .png")
     if args.page:
-        PAGE.write_text(page(result, f"benchmarks/results/{args.name}.json"))
+        source = f"benchmarks/results/{args.name}.json"
+        if args.device.startswith("cuda"):  # a GPU run: its section under the committed CPU study
+            cpu = "benchmarks/results/quality_cpu.json"
+            PAGE.write_text(page(json.loads((ROOT / cpu).read_text()), cpu, result, source))
+        else:
+            PAGE.write_text(page(result, source))
         print(f"wrote {PAGE}")
     return 0
 

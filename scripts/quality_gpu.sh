@@ -9,9 +9,9 @@
 #      $LAZYATTENTION_CACHE, default /tmp/lazyattention-cache);
 #   3. the transformers integration's fast-backend tests, compiled (tests/integrations/
 #      transformers/test_fast.py);
-#   4. `lazyattention check --backend fast` on the GPU (the package's own property check);
-#   5. benchmarks/quality.py with the fast backend on SmolLM2 (QUESTIONS, TOKENS), which
-#      writes quality_h200.json and .png under $OUT after every dtype.
+#   4. benchmarks/quality.py with the fast backend on SmolLM2 (QUESTIONS questions, TOKENS
+#      new tokens; bfloat16 and float16 run the strategies LOW), which writes
+#      quality_h200.json under $OUT after every row, and its plot at the end.
 # Logs under $OUT (default ./.out); a short summary is printed last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -46,15 +46,8 @@ tests_rc=$?
 echo "transformers fast-backend tests rc=$tests_rc ($(($(date +%s) - start))s): $(tail -n 1 "$OUT/transformers_fast.log")"
 
 start=$(date +%s)
-timeout "${CHECK_TIMEOUT:-150}" $PY -m lazyattention.cli check --backend fast --device cuda >"$OUT/check.log" 2>&1
-check_rc=$?
-tail -n 15 "$OUT/check.log"
-echo "lazyattention check rc=$check_rc ($(($(date +%s) - start))s)"
-
-start=$(date +%s)
-timeout "${STUDY_TIMEOUT:-330}" $PY benchmarks/quality.py --backend fast --device cuda --questions "${QUESTIONS:-30}" \
-    --max-new-tokens "${TOKENS:-12}" --name quality_h200 --out "$OUT" >"$OUT/quality.log" 2>&1
+timeout "${STUDY_TIMEOUT:-330}" $PY benchmarks/quality.py --backend fast --device cuda --questions "${QUESTIONS:-8}" \
+    --max-new-tokens "${TOKENS:-8}" --low-precision-strategies "${LOW:-lazy,block}" --name quality_h200 --out "$OUT" >"$OUT/quality.log" 2>&1
 study_rc=$?
 grep -v "oracle" "$OUT/quality.log" | tail -n 30
-echo "quality_gpu: prepare rc=$prepare_rc, tests rc=$tests_rc, check rc=$check_rc," \
-    "study rc=$study_rc ($(($(date +%s) - start))s)"
+echo "quality_gpu: prepare rc=$prepare_rc, tests rc=$tests_rc, study rc=$study_rc ($(($(date +%s) - start))s)"
