@@ -284,7 +284,7 @@ Device: **{device}** (torch {torch}, Triton {triton}, transformers {transformers
 `{backend}`): `lazy` and `block` run the compiled kernels of `lazyattention.fast`
 (`write_kv`, `lazy_prefill`, `lazy_decode`); the float64 run they are measured against is
 the reference on the same GPU. {questions} questions, {tokens} new tokens; bfloat16 and
-float16 run `{low}` only. The study took {minutes:.0f} min (`{source}`).
+float16 run `{low}` only. The study took {minutes:.0f} min (`{source}`).{accuracy_note}
 
 {table}
 
@@ -397,6 +397,12 @@ def _error(rows: list[dict], strategy: str, dtypes=("float32",), offset=None) ->
     )
 
 
+_ACCURACY_NOTE = """ Accuracy is 0 here for every
+strategy but the control: {tokens} new tokens end before the answer, since this model's replies
+restate the question's subject first ("The Velfen Society is a public library in …"). This run
+measures equivalence; accuracy is the CPU study's, above."""
+
+
 def gpu_section(result: dict, source: str, cpu_rows: list[dict]) -> str:
     """The page's section for a GPU run of the study (the fast backend)."""
     env, rows = result["environment"], result["rows"]
@@ -418,6 +424,9 @@ def gpu_section(result: dict, source: str, cpu_rows: list[dict]) -> str:
         block_err=_error(rows, "block"),
         largest=max(r["offset"] for r in rows),
         cpu_lazy_err=_error(cpu_rows, "lazy"),
+        accuracy_note=_ACCURACY_NOTE.format(tokens=result["settings"]["max_new_tokens"])
+        if all(r["accuracy"] == 0 for r in rows if r["strategy"] != "no_shift")
+        else "",
     )
 
 

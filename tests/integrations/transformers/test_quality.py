@@ -6,7 +6,6 @@ no-shift control must not, and the table and the plot must be produced.
 """
 
 import importlib.util
-import json
 from pathlib import Path
 
 import pytest
@@ -57,10 +56,9 @@ def test_study_at_a_tiny_size(tmp_path):
     assert (tmp_path / "quality.png").stat().st_size > 0
 
 
-def test_the_quality_page_is_generated_from_its_result():
-    result = ROOT / "benchmarks" / "results" / "quality_cpu.json"
-    page = _quality().page(json.loads(result.read_text()), "benchmarks/results/quality_cpu.json")
+def test_the_quality_page_is_generated_from_its_results():
+    sources = ("benchmarks/results/quality_cpu.json", "benchmarks/results/quality_h200.json")
+    page = _quality().render_page(*sources)
     assert (ROOT / "docs" / "concepts" / "quality.md").read_text() == page, (
-        "docs/concepts/quality.md is stale: "
-        "run python benchmarks/quality.py --render benchmarks/results/quality_cpu.json"
+        f"docs/concepts/quality.md is stale: run python benchmarks/quality.py --render {' '.join(sources)}"
     )
