@@ -82,6 +82,19 @@ def _ratio(row: dict, *fis: str) -> str:
     return f"{lazy / min(base):.2f}" if lazy and base else "n/a"
 
 
+def _table_row(r: dict, size: str, providers, rate: str, rate_format: str, peers) -> str:
+    """One shape's row: batch, size, document length, splits, then each provider's
+    microseconds (its rate), then lazy's time over the fastest of ``peers``."""
+    cells = [
+        "n/a"
+        if r["ms"].get(n) is None
+        else _cell(r["ms"][n] * 1e3, ".1f", r["parity"].get(n)) + f" ({r[rate][n]:{rate_format}})"
+        for n in providers
+    ]
+    head = f"| {r['batch']} | {r[size]} | {r['segment']} | {r['splits']} | "
+    return head + " | ".join(cells) + f" | {_ratio(r, *peers)} |"
+
+
 def page(result: dict, name: str, png: str, notes: str | None) -> str:
     env, ceil = result["environment"], result["ceilings"]
     short = env["device"].removeprefix("NVIDIA ").split()[0]
@@ -146,15 +159,7 @@ def page(result: dict, name: str, png: str, notes: str | None) -> str:
         "| B | Tq | L | P | " + " | ".join(PREFILL) + " | lazy ÷ FlashInfer |",
         "|---|---|---|---|" + "---|" * (len(PREFILL) + 1),
     ]
-    for r in result["prefill"]:
-        cells = [
-            "n/a"
-            if r["ms"].get(n) is None
-            else _cell(r["ms"][n] * 1e3, ".1f", r["parity"].get(n)) + f" ({r['tflops'][n]:.0f})"
-            for n in PREFILL
-        ]
-        lines.append(f"| {r['batch']} | {r['Tq']} | {r['segment']} | {r['splits']} | " + " | ".join(cells)
-                     + f" | {_ratio(r, 'flashinfer')} |")  # fmt: skip
+    lines += [_table_row(r, "Tq", PREFILL, "tflops", ".0f", ("flashinfer",)) for r in result["prefill"]]
     lines += [
         "",
         "## Decode",
@@ -166,15 +171,7 @@ def page(result: dict, name: str, png: str, notes: str | None) -> str:
         "| B | Tk | L | P | " + " | ".join(DECODE) + " | lazy ÷ FlashInfer (faster) |",
         "|---|---|---|---|" + "---|" * (len(DECODE) + 1),
     ]
-    for r in result["decode"]:
-        cells = [
-            "n/a"
-            if r["ms"].get(n) is None
-            else _cell(r["ms"][n] * 1e3, ".1f", r["parity"].get(n)) + f" ({r['tb_per_s'][n]:.2f})"
-            for n in DECODE
-        ]
-        lines.append(f"| {r['batch']} | {r['Tk']} | {r['segment']} | {r['splits']} | " + " | ".join(cells)
-                     + f" | {_ratio(r, 'flashinfer', 'flashinfer_tc')} |")  # fmt: skip
+    lines += [_table_row(r, "Tk", DECODE, "tb_per_s", ".2f", ("flashinfer", "flashinfer_tc")) for r in result["decode"]]
     if notes:
         lines += ["", notes.strip()]
     lines.append("")
