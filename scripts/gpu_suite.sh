@@ -3,14 +3,17 @@
 #   1. the tests in tests/fast, compiled, at realistic shapes (LAZYATTN_GPU_SUITE=1:
 #      head dim 128, thousands of tokens, batch 16+), spread over 16 pytest workers (each
 #      may hold a few GiB of float64 oracle scores);
-#   2. the serving tests that use the fast backend: the model runner's (CUDA graphs
+#   2. (unless SKIP_SERVING=1) the serving tests that use the fast backend: the model runner's (CUDA graphs
 #      against eager, no host synchronisation inside a step; compiled) and the engine's
 #      fast-backend test;
 #   3. the kernel benchmark (benchmarks/kernels.py), which checks parity first, with
 #      FlashInfer side by side when its wheels are in .whl/ (see benchmarks/kernels.py);
-#   4. with ENGINE_BENCH=NAME (e.g. engine_h200), the engine benchmark
+#   4. with CHECK=1, `lazyattention check --backend fast` (CHECK_FUNCTIONS: a subset);
+#   5. with ENGINE_BENCH=NAME (e.g. engine_h200), the engine benchmark
 #      (benchmarks/engine.py --name NAME, about 6 minutes on an H200: run it in a call
 #      of its own, with SKIP_TESTS=1 to skip steps 1-3).
+# Other scripts that follow the same pattern: scripts/quality_gpu.sh (the real-model study)
+# and scripts/shared_gpu.sh (shared-segment decode).
 # Everything is written under $OUT (default ./.out): nvidia-smi.txt, env.txt,
 # tests.log, junit.xml, serving.log, serving.xml, bench.log, kernels.json. A short
 # table is printed last.
@@ -47,18 +50,31 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     export FLASHINFER_WORKSPACE_BASE=/tmp/fiws FLASHINFER_CUDA_ARCH_LIST=9.0 CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
     export MAX_JOBS=${MAX_JOBS:-14}
 fi
+if [ -z "${SKIP_SERVING:-}" ]; then
 start=$(date +%s)
 timeout "${SERVING_TIMEOUT:-300}" $PY -m pytest tests/serving/test_runner.py tests/serving/test_engine.py -k "runner or fast_backend" \
     -q -p no:warnings --durations=5 --junitxml="$OUT/serving.xml" >"$OUT/serving.log" 2>&1
 serving_rc=$?
 serving_s=$(($(date +%s) - start))
 grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/serving.log" | tail -n 15
+fi
 
 start=$(date +%s)
 timeout "${BENCH_TIMEOUT:-240}" $PY benchmarks/kernels.py --out "$OUT/kernels.json" ${BENCH_ARGS:-} >"$OUT/bench.log" 2>&1
 bench_rc=$?
 bench_s=$(($(date +%s) - start))
 tail -n "${TAIL:-45}" "$OUT/bench.log"
+fi
+
+check_rc=0
+if [ -n "${CHECK:-}" ]; then
+    start=$(date +%s)
+    # shellcheck disable=SC2086
+    timeout "${CHECK_TIMEOUT:-300}" $PY -m lazyattention.cli check --backend fast --device cuda \
+        ${CHECK_FUNCTIONS:+--functions $CHECK_FUNCTIONS} >"$OUT/check.log" 2>&1
+    check_rc=$?
+    grep -vE "examples, worst" "$OUT/check.log" | tail -n 15
+    echo "lazyattention check rc=$check_rc ($(($(date +%s) - start))s)"
 fi
 
 engine_rc=0
@@ -71,4 +87,4 @@ if [ -n "${ENGINE_BENCH:-}" ]; then
     echo "engine benchmark rc=$engine_rc ($(($(date +%s) - start))s)"
 fi
 echo "gpu_suite: tests rc=$tests_rc (${tests_s}s), serving rc=$serving_rc (${serving_s}s), benchmark rc=$bench_rc (${bench_s}s)"
-[ "$tests_rc" -eq 0 ] && [ "$serving_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ] && [ "$engine_rc" -eq 0 ]
+[ "$tests_rc" -eq 0 ] && [ "$serving_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ] && [ "$check_rc" -eq 0 ] && [ "$engine_rc" -eq 0 ]
