@@ -6,7 +6,7 @@
 #   2. (unless SKIP_SERVING=1) the serving tests that use the fast backend: the model runner's (CUDA graphs
 #      against eager, no host synchronisation inside a step; compiled) and the engine's
 #      fast-backend test;
-#   3. the kernel benchmark (benchmarks/kernels.py), which checks parity first, with
+#   3. (unless SKIP_BENCH=1) the kernel benchmark (benchmarks/kernels.py), which checks parity first, with
 #      FlashInfer side by side when its wheels are in .whl/ (see benchmarks/kernels.py);
 #   4. with CHECK=1, `lazyattention check --backend fast` (CHECK_FUNCTIONS: a subset);
 #   5. with ENGINE_BENCH=NAME (e.g. engine_h200), the engine benchmark
@@ -36,7 +36,8 @@ if [ -z "${SKIP_TESTS:-}" ]; then
 start=$(date +%s)
 # tests/fast includes test_configurations.py: every function x head dim x dtype x key-load
 # path, compiled once each (skipped without CUDA).
-LAZYATTN_GPU_SUITE=1 timeout "${TEST_TIMEOUT:-360}" $PY -m pytest tests/fast -q -p no:warnings -n "${WORKERS:-16}" --durations=5 \
+# SIGINT at the deadline: pytest then stops and still prints what passed and what failed.
+LAZYATTN_GPU_SUITE=1 timeout -s INT -k 20 "${TEST_TIMEOUT:-360}" $PY -m pytest tests/fast -q -p no:warnings -n "${WORKERS:-16}" --durations=5 -rfE \
     --junitxml="$OUT/junit.xml" >"$OUT/tests.log" 2>&1
 tests_rc=$?
 tests_s=$(($(date +%s) - start))
@@ -59,11 +60,13 @@ serving_s=$(($(date +%s) - start))
 grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/serving.log" | tail -n 15
 fi
 
+if [ -z "${SKIP_BENCH:-}" ]; then
 start=$(date +%s)
 timeout "${BENCH_TIMEOUT:-240}" $PY benchmarks/kernels.py --out "$OUT/kernels.json" ${BENCH_ARGS:-} >"$OUT/bench.log" 2>&1
 bench_rc=$?
 bench_s=$(($(date +%s) - start))
 tail -n "${TAIL:-45}" "$OUT/bench.log"
+fi
 fi
 
 check_rc=0
