@@ -154,8 +154,8 @@ def decode_shape(rows, clock, batch, tk, doc, depth, fi, base):
                   **shape, variant=name)  # fmt: skip
     for name, mode in (("lazy", fast_attend.LAZY), ("norot", fast_attend.NONE)):
         timed(rows, clock, call(fast_attend, q, k_cache, v_cache, meta, tables, 1, mode, True, plan), truth[name],
-              check, **shape, variant=f"{name}_plan", splits=plan.splits, tiles=list(DECODE_TILES[0]),
-              flat=plan.flat)  # fmt: skip
+              check, **shape, variant=f"{name}_plan", splits=plan.splits,
+              tiles=[plan.block_n, plan.num_warps, plan.num_stages], flat=plan.flat)  # fmt: skip
     splits = decode_splits(batch, plan.splits, triton.cdiv(slots, plan.block_n))
     for p in splits:
         lazy(plan._replace(splits=p))
@@ -192,7 +192,8 @@ def prefill_shape(rows, clock, batch, tq, doc, fi, base):
     for name, mode in (("lazy", fast_attend.LAZY), ("norot", fast_attend.NONE)):
         fn = call(fast_attend, q, k_cache, v_cache, meta, tables, tq, mode, False, plan)
         timed(rows, clock, fn, truth[name], tq, **shape, variant=f"{name}_plan", splits=plan.splits,
-              tiles=list(PREFILL_TILES[0]), flat=plan.flat)  # fmt: skip
+              tiles=[plan.block_q * plan.gp, plan.block_n, plan.num_warps, plan.num_stages],
+              flat=plan.flat)  # fmt: skip
     for block_m, block_n, warps, stages in PREFILL_TILES:
         block_q = max(1, block_m // plan.gp)
         for p in PREFILL_SPLITS:
