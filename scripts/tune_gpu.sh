@@ -5,8 +5,10 @@
 #      BASELINE=DIR, also the kernels of DIR/basefast, another checkout's fast/ folder);
 #   2. the attention tests in tests/fast/test_attention.py, compiled, at realistic shapes
 #      (LAZYATTN_GPU_SUITE=1), on 16 pytest workers.
-# Everything is written under $OUT (default ./.out): tune_h200.json, tune.log, tests.log,
-# junit.xml, nvidia-smi.txt. The tests' summary and the sweep's table are printed last.
+# The sweep starts no variant after TUNE_BUDGET seconds; the tests get what is left of
+# DEADLINE seconds. Everything is written under $OUT (default ./.out): tune_h200.json,
+# tune.log, tests.log, junit.xml, nvidia-smi.txt. The tests' summary and the sweep's table
+# are printed last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/.out}
@@ -15,6 +17,7 @@ PY=${PYTHON:-python3}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1
 
+begin=$(date +%s)
 nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1
 if ls .whl/*.whl >/dev/null 2>&1; then
     $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -23,13 +26,15 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 
 start=$(date +%s)
-timeout "${TUNE_TIMEOUT:-190}" $PY benchmarks/tune_h200.py --out "$OUT/tune_h200.json" --budget "${TUNE_BUDGET:-150}" \
+timeout "${TUNE_TIMEOUT:-170}" $PY benchmarks/tune_h200.py --out "$OUT/tune_h200.json" --budget "${TUNE_BUDGET:-135}" \
     ${BASELINE:+--baseline "$BASELINE"} >"$OUT/tune.log" 2>&1
 tune_rc=$?
 tune_s=$(($(date +%s) - start))
 
+# The tests get what is left of DEADLINE seconds (the whole call), at least 30.
 start=$(date +%s)
-LAZYATTN_GPU_SUITE=1 timeout "${TEST_TIMEOUT:-90}" $PY -m pytest tests/fast/test_attention.py -q -p no:warnings -n 16 -x \
+left=$((${DEADLINE:-285} - (start - begin)))
+LAZYATTN_GPU_SUITE=1 timeout "$((left > 30 ? left : 30))" $PY -m pytest tests/fast/test_attention.py -q -p no:warnings -n 16 -x \
     --junitxml="$OUT/junit.xml" >"$OUT/tests.log" 2>&1
 tests_rc=$?
 tests_s=$(($(date +%s) - start))
