@@ -11,7 +11,8 @@ best case), restricted to the rows where the lazy kernels lost on the H200:
 * **decode**, one request of 1k–64k keys and 16 requests of 4k–16k keys, 512-token
   documents (every 8 blocks a new shift): split counts ``P`` (with at least 2 key tiles
   per split), the flat key loop across runs against the loop per run
-  (``Plan.flat``), and a few key tiles / warps / stages;
+  (``Plan.flat``), the query rotated in the attention kernel against the two-step
+  rotation of a query kernel (``Plan.direct``), and a few key tiles / warps / stages;
 * **prefill**, one request of 128 query tokens over 8 documents of 512 or 4096 tokens:
   ``P`` ∈ {1, 2, 4, 8, 16}, and a few query / key tiles, warps and stages.
 
@@ -142,8 +143,9 @@ def decode_shape(rows, clock, batch, tk, doc, depth, fi, base):
     def lazy(tiles, mode=fast_attend.LAZY):
         fn = call(fast_attend, q, k_cache, v_cache, meta, tables, 1, mode, True, tiles)
         name = "lazy" if mode == fast_attend.LAZY else "norot"
-        timed(rows, clock, fn, truth[name], check, **shape, variant=name, splits=tiles.splits,
-              tiles=[tiles.block_n, tiles.num_warps, tiles.num_stages], flat=tiles.flat)  # fmt: skip
+        timed(rows, clock, fn, truth[name], check, **shape, variant=name if tiles.direct else f"{name}_two_step",
+              splits=tiles.splits, tiles=[tiles.block_n, tiles.num_warps, tiles.num_stages],
+              flat=tiles.flat)  # fmt: skip
 
     if fi is not None:
         fn = flashinfer_decode(fi, layout, q, k_cache, v_cache, True)
@@ -158,11 +160,13 @@ def decode_shape(rows, clock, batch, tk, doc, depth, fi, base):
               tiles=[plan.block_n, plan.num_warps, plan.num_stages], flat=plan.flat)  # fmt: skip
     splits = decode_splits(batch, plan.splits, triton.cdiv(slots, plan.block_n))
     for p in splits:
-        lazy(plan._replace(splits=p))
+        lazy(plan._replace(splits=p, flat=True))
         if depth >= 2 or p == plan.splits:
             lazy(plan._replace(splits=p, flat=False))
         if depth >= 2:
             lazy(plan._replace(splits=p), fast_attend.NONE)
+    # The query kernel and the two-step rotation, as before the direct rotation.
+    lazy(plan._replace(direct=False, flat=False))
     if depth >= 2:
         for block_n, warps, stages in DECODE_TILES[1:]:
             for p in sorted({max(1, plan.splits // 2), plan.splits, 2 * plan.splits}):
@@ -204,13 +208,6 @@ def prefill_shape(rows, clock, batch, tq, doc, fi, base):
                 fn = call(fast_attend, q, k_cache, v_cache, meta, tables, tq, mode, False, tiles)
                 timed(rows, clock, fn, truth[name], tq, **shape, variant=name, splits=p,
                       tiles=[block_m, block_n, warps, stages], flat=False)  # fmt: skip
-    # The flat key loop with the two-step rotation (y reloaded inside the loop): ptxas
-    # spills there, so the plan never takes it; timed to price the run restarts.
-    for p in (4,):
-        fn = call(fast_attend, q, k_cache, v_cache, meta, tables, tq, fast_attend.LAZY, False,
-                  plan._replace(splits=p, flat=True))  # fmt: skip
-        timed(rows, clock, fn, truth["lazy"], tq, **shape, variant="lazy_flat_spills", splits=p,
-              tiles=list(PREFILL_TILES[0]), flat=True)  # fmt: skip
 
 
 def load_baseline(path: str | None):

@@ -23,11 +23,12 @@ needs only cos and sin of one ``[D]`` vector of angles ``−δ·θ`` to rotate t
 ``q = y·cos + y_partner·sin`` — the per-token trigonometry is done once per query, not
 once per run.
 
-**Decode rotates the raw query itself.** A tile of one token (``BLOCK_Q = 1``: decode)
-has every row at one position ``p``, so ``R(p − δ)`` directly costs the same one
-``[D]`` vector of angles as ``R(−δ)``. There the attention kernel reads the pre-RoPE
-query (kept in its input dtype, exact, through the key loop) and rotates it at each run:
-no query kernel to launch and wait for, no ``y`` to reload, one rounding fewer.
+**Decode rotates the raw query itself** (``Plan.direct``). A tile of one token
+(``BLOCK_Q = 1``: decode) has every row at one position ``p``, so ``R(p − δ)`` directly
+costs the same one ``[D]`` vector of angles as ``R(−δ)``. There (16-bit inputs, key tiles
+inside one block) the attention kernel reads the pre-RoPE query (kept in its input
+dtype, exact, through the key loop) and rotates it at each run: no query kernel to launch
+and wait for, no ``y`` to reload, one rounding fewer.
 
 **Tiles.** Grid ``(query tiles, B, Hkv · splits)``. GQA is packed into the M dimension
 (:func:`plan`): row ``r`` of a ``[BLOCK_M, DP]`` query tile is query token
@@ -57,7 +58,8 @@ values are zeroed), and own keys after some query of the tile. Each loop holds n
 but loads, two matrix products and the softmax update, so the compiler
 software-pipelines it. Own blocks wholly after a tile's last query are never visited.
 
-**One key loop across runs** (``Plan.flat``, decode). Each run restart drains the
+**One key loop across runs** (``Plan.flat``, with the direct rotation; off in
+:func:`plan` until timed on a GPU). Each run restart drains the
 pipeline: the next run's first key tiles are requested only after its query is
 re-rotated. Where a key tile never spans two blocks (``S % BLOCK_N == 0``), the scan
 instead stops only after partly filled blocks, and each key tile reads its block's shift
@@ -568,6 +570,7 @@ class Plan(NamedTuple):
     num_warps: int
     num_stages: int
     tma: bool
+    direct: bool
     flat: bool
 
 
@@ -627,12 +630,18 @@ def plan(
     else:
         gp = triton.next_power_of_2(g)
         block_q = max(1, block_m // gp)  # a group wider than the tile gets a tile alone
-    # One key loop across runs of different shifts (the query re-rotated inside it where
-    # the shift changes), where a key tile never spans two blocks, so never two shifts;
-    # only for one token per tile (the kernel rotates the raw query, see attend): the
-    # two-step rotation's reload of y inside the loop made ptxas spill (704 bytes at
-    # 64 × 128 bf16 tiles on sm_90).
-    flat = block_q == 1 and block_size % block_n == 0
+    # One token per tile (decode): the attention kernel rotates the raw query itself. Only
+    # for 16-bit inputs and key tiles inside one block: elsewhere ptxas (sm_90) spilled
+    # more than with the two-step rotation (float32 at head dim 128: 1264 bytes against
+    # 720; bf16 row gathers at S = 16: 184 against 124); at bf16, D = 128, S = 64 both
+    # use 254 registers and spill nothing (benchmarks/sweeps/notes_h200.md).
+    direct = block_q == 1 and tma and dtype != torch.float32
+    # The flat key loop across runs (the query re-rotated inside it where the shift
+    # changes) needs key tiles inside one block, so never two shifts, and the direct
+    # rotation (the two-step one's reload of y inside the loop spilled 704 bytes at 64 ×
+    # 128 bf16 prefill tiles). Off until timed on a GPU (benchmarks/tune_h200.py times
+    # both); at D = 64, S = 64 it spilled 40 bytes where the loop per run spills none.
+    flat = False
     key_tiles = triton.cdiv(max_key_slots, block_n)
     if interpret:
         # Exercise the split and the merge under the interpreter, but not in every case.
@@ -643,7 +652,7 @@ def plan(
     else:
         programs = max(1, work_items) * triton.cdiv(max(1, max_queries), block_q)
         splits = prefill_splits(programs, key_tiles, multiprocessors(device))
-    return Plan(block_q, gp, block_n, dp, splits, num_warps, num_stages, tma, flat)
+    return Plan(block_q, gp, block_n, dp, splits, num_warps, num_stages, tma, direct, flat)
 
 
 def prefill_splits(programs: int, key_tiles: int, sms: int) -> int:
@@ -736,7 +745,7 @@ def attend(
     else:
         dest, dest_lse = out, lse
         stride_op = 0
-    direct = pl.block_q == 1  # one token per tile: the kernel rotates the raw query itself
+    direct = pl.direct and pl.block_q == 1  # one token per tile: the kernel rotates the raw query itself
     if direct:
         y_desc, y_rows_per_w = None, 0
     else:
@@ -757,7 +766,7 @@ def attend(
         meta.block_table.stride(0),
         h // hkv, d, blocks_per_split, pl.splits,
         BLOCK_Q=pl.block_q, GP=pl.gp, BLOCK_N=pl.block_n, DP=pl.dp, S=s,
-        MODE=mode, TMA=k_desc is not None, DIRECT=direct, FLAT=pl.flat and mode == LAZY, SPLIT=pl.splits > 1,
+        MODE=mode, TMA=k_desc is not None, DIRECT=direct, FLAT=pl.flat and direct and mode == LAZY, SPLIT=pl.splits > 1,
         DOT_DTYPE=dot_dtype(q.dtype, q.device),
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         WRITE_LSE=return_lse or pl.splits > 1,
