@@ -632,9 +632,9 @@ def plan(
         block_q = max(1, block_m // gp)  # a group wider than the tile gets a tile alone
     # One token per tile (decode): the attention kernel rotates the raw query itself. Only
     # for 16-bit inputs and key tiles inside one block: elsewhere ptxas (sm_90) spilled
-    # more than with the two-step rotation (float32 at head dim 128: 1264 bytes against
-    # 720; bf16 row gathers at S = 16: 184 against 124); at bf16, D = 128, S = 64 both
-    # use 254 registers and spill nothing (benchmarks/sweeps/notes_h200.md).
+    # more than with the two-step rotation (float32 at head dim 128: 1104 bytes against
+    # 720; bf16 row gathers at S = 16: 184 against 124); at bf16, D = 128, S = 64 it needs
+    # 244 registers against 254 and spills nothing (benchmarks/sweeps/notes_h200.md).
     direct = block_q == 1 and tma and dtype != torch.float32
     # The flat key loop across runs (the query re-rotated inside it where the shift
     # changes) needs key tiles inside one block, so never two shifts, and the direct
