@@ -651,24 +651,32 @@ def plan(
         splits = max(1, min(triton.cdiv(4 * multiprocessors(device), max(1, work_items)), key_tiles // 4, 64))
     else:
         programs = max(1, work_items) * triton.cdiv(max(1, max_queries), block_q)
-        splits = prefill_splits(programs, key_tiles, multiprocessors(device))
+        # Programs an SM runs at once. ptxas gives the 4-warp 16-bit tiles 226–255
+        # registers a thread: two fit in an SM's 65,536 (and their 33–66 KB of shared
+        # memory twice in 228 KB). benchmarks/results/kernels_h200.json shows two running at
+        # the speed of one (H200, bf16, D = 128, S = 64: 1.46 µs per key tile of a program
+        # with 128 programs, 1.40 µs with 256, 2.91 µs with 512), so a grid of 64 programs
+        # splits 4 ways, not 2. Wider tiles are counted one to an SM.
+        resident = 2 if num_warps == 4 and not wide else 1
+        splits = prefill_splits(programs, key_tiles, resident * multiprocessors(device))
     return Plan(block_q, gp, block_n, dp, splits, num_warps, num_stages, tma, direct, flat)
 
 
-def prefill_splits(programs: int, key_tiles: int, sms: int) -> int:
+def prefill_splits(programs: int, key_tiles: int, slots: int) -> int:
     """Split-KV for a prefill grid smaller than the GPU (a short query over long context,
     one request: the TTFT of retrieval-augmented generation).
 
-    A prefill program is compute-bound and holds one SM, so the time goes as waves ×
-    work per program: ``ceil(programs · P / sms) / P`` for ``P`` splits. The smallest
-    ``P`` that minimises it wins (each split costs a partial write and the merge), with at
-    least 8 key tiles per split so that the key loop still pipelines.
+    A prefill program is compute-bound and holds one of the GPU's ``slots`` (SMs ×
+    programs resident on one SM), so the time goes as waves × work per program:
+    ``ceil(programs · P / slots) / P`` for ``P`` splits. The smallest ``P`` that minimises
+    it wins (each split costs a partial write and the merge), with at least 8 key tiles
+    per split so that the key loop still pipelines.
     """
-    if programs >= sms:
+    if programs >= slots:
         return 1
     best, best_time = 1, 1.0
     for p in range(2, min(16, key_tiles // 8) + 1):
-        time = triton.cdiv(programs * p, sms) / p
+        time = triton.cdiv(programs * p, slots) / p
         if time < best_time - 1e-9:
             best, best_time = p, time
     return best
