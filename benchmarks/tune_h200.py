@@ -242,14 +242,15 @@ def summary(rows: list[dict]) -> list[dict]:
                     "best_ms": best and best["ms"],
                     "best": best and {k: best.get(k) for k in ("splits", "tiles", "flat")},
                     "best_norot_ms": (pick("norot") or {}).get("ms"),
+                    "two_step_ms": (pick("lazy_two_step") or {}).get("ms"),
                     "bytes": mine[0].get("bytes") if mine else None})  # fmt: skip
     return out
 
 
 def print_summary(result: dict) -> None:
     print(f"\n# {result['environment']['device']}  copy {result['ceilings']['copy_tb_per_s']:.2f} TB/s")
-    print(f"{'shape':24} {'FI':>7} {'base':>7} {'b.nor':>7} {'plan':>7} {'best':>7} {'nor':>7}  best variant"
-          "  plan/FI best/FI")  # fmt: skip
+    print(f"{'shape':24} {'FI':>7} {'base':>7} {'b.nor':>7} {'2step':>7} {'plan':>7} {'best':>7} {'nor':>7}"
+          "  best variant  plan/FI best/FI")  # fmt: skip
     for s in result["summary"]:
 
         def us(x):
@@ -260,7 +261,7 @@ def print_summary(result: dict) -> None:
         tbs = f" {s['bytes'] / s['best_ms'] / 1e9:4.2f}TB/s" if s["bytes"] and s["best_ms"] else ""
         name = f"{s['kind'][:3]} {s['shape']}"
         print(f"{name:24} {us(s['flashinfer_ms'])} {us(s['base_lazy_ms'])} {us(s['base_norot_ms'])} "
-              f"{us(s['plan_ms'])} {us(s['best_ms'])} {us(s['best_norot_ms'])}  {s['best']}  "
+              f"{us(s['two_step_ms'])} {us(s['plan_ms'])} {us(s['best_ms'])} {us(s['best_norot_ms'])}  {s['best']}  "
               f"{ratio[0]} {ratio[1]}{tbs}")  # fmt: skip
 
 
