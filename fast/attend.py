@@ -23,6 +23,13 @@ needs only cos and sin of one ``[D]`` vector of angles ``−δ·θ`` to rotate t
 ``q = y·cos + y_partner·sin`` — the per-token trigonometry is done once per query, not
 once per run.
 
+**Decode rotates the raw query itself** (``Plan.direct``). A tile of one token
+(``BLOCK_Q = 1``: decode) has every row at one position ``p``, so ``R(p − δ)`` directly
+costs the same one ``[D]`` vector of angles as ``R(−δ)``. There (16-bit inputs, key tiles
+inside one block) the attention kernel reads the pre-RoPE query (kept in its input
+dtype, exact, through the key loop) and rotates it at each run: no query kernel to launch
+and wait for, no ``y`` to reload, one rounding fewer.
+
 **Tiles.** Grid ``(query tiles, B, Hkv · splits)``. GQA is packed into the M dimension
 (:func:`plan`): row ``r`` of a ``[BLOCK_M, DP]`` query tile is query token
 ``r // GP`` and head ``r % GP`` of the KV head's group of ``G = H / Hkv`` heads, so a key
@@ -50,6 +57,15 @@ last tiles, which do (eq. 7): slots past ``valid_end`` (which may hold anything:
 values are zeroed), and own keys after some query of the tile. Each loop holds nothing
 but loads, two matrix products and the softmax update, so the compiler
 software-pipelines it. Own blocks wholly after a tile's last query are never visited.
+
+**One key loop across runs** (``Plan.flat``, with the direct rotation; off in
+:func:`plan` until timed on a GPU). Each run restart drains the
+pipeline: the next run's first key tiles are requested only after its query is
+re-rotated. Where a key tile never spans two blocks (``S % BLOCK_N == 0``), the scan
+instead stops only after partly filled blocks, and each key tile reads its block's shift
+and re-rotates the query where it changes — inside the pipelined loop, so the next
+tiles' loads are already in flight. With the two-step rotation (prefill) the reload of
+``y`` inside the loop made the compiler spill, so prefill keeps a loop per run.
 
 **Split-KV.** Decode uses the same kernel with ``BLOCK_Q = 1`` and splits each request's
 blocks among ``splits`` programs (flash-decoding): each writes the attention over its own
@@ -258,10 +274,45 @@ def _key_tile(
     return _softmax_update(s, v, m_i, l_i, acc, MASKED, DOT_DTYPE, PRECISION)
 
 
+@triton.jit
+def _query_at_shift(shift, y, yp, x, xp, q_at, freq_1d, mscale, DIRECT: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """The query tile rotated for keys of shift ``δ`` (eq. 8), as the dot's operand.
+
+    ``DIRECT`` (one token per tile, at position ``q_at``): ``m R(p − δ) x`` from the
+    pre-RoPE query ``x`` and its partner channels ``xp``. Otherwise
+    ``R(p − δ) = R(−δ) R(p)`` from ``y = m R(p) x`` and its partner channels ``yp``
+    (:func:`_query_kernel`). Either way one ``[DP]`` vector of angles.
+    """
+    if DIRECT:
+        cos, sin = rope_cos_sin(q_at - shift.to(tl.int64), freq_1d)
+        q = (x.to(tl.float32) * cos[None, :] + xp.to(tl.float32) * sin[None, :]) * mscale
+    else:
+        cos, sin = rope_cos_sin(tl.zeros([1], tl.int64) - shift.to(tl.int64), freq_1d)
+        q = y * cos[None, :] + yp * sin[None, :]
+    return q.to(DOT_DTYPE)
+
+
+@triton.jit
+def _requery(q, shift, shift_ptr, y_desc, y_row, y_rows_per_w, x, xp, q_at, freq_1d, mscale,
+             DIRECT: tl.constexpr, DOT_DTYPE: tl.constexpr):  # fmt: skip
+    """The flat key loop's query for the key tile whose block's shift is at ``shift_ptr``:
+    ``q`` unchanged while the shift is, re-rotated (``y`` reloaded) where it changes."""
+    tile_shift = tl.load(shift_ptr)
+    if tile_shift != shift:
+        if DIRECT:
+            q = _query_at_shift(tile_shift, x, xp, x, xp, q_at, freq_1d, mscale, DIRECT, DOT_DTYPE)
+        else:
+            y_new = y_desc.load([y_row, 0])
+            yp_new = y_desc.load([y_row + y_rows_per_w, 0])
+            q = _query_at_shift(tile_shift, y_new, yp_new, x, xp, q_at, freq_1d, mscale, DIRECT, DOT_DTYPE)
+    return q, tile_shift
+
+
 @triton.jit(do_not_specialize=["G", "D", "blocks_per_split", "splits"])
 def _attention_kernel(
     # tensors
     y_desc,
+    q_ptr,
     k_ptr,
     v_ptr,
     k_desc,
@@ -285,6 +336,8 @@ def _attention_kernel(
     qk_scale,
     y_rows_per_w,
     Tq,
+    stride_qt,
+    stride_qh,
     stride_kn,
     stride_ks,
     stride_kh,
@@ -309,6 +362,8 @@ def _attention_kernel(
     S: tl.constexpr,
     MODE: tl.constexpr,
     TMA: tl.constexpr,
+    DIRECT: tl.constexpr,
+    FLAT: tl.constexpr,
     SPLIT: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -362,11 +417,31 @@ def _attention_kernel(
     visible_to_all = own_slot0 + (first_q_pos - own_start) + 1
     visible_to_none = own_slot0 + (last_q_pos - own_start) + 1
 
-    # ---- the query, rotated at its own position (_query_kernel); the scale goes on the scores
-    if MODE == 0:
+    # ---- the query; the scale goes on the scores
+    if DIRECT:
+        # One token per tile (decode): every row is at the same position, so R(p − δ)
+        # takes cos and sin of one [DP] vector of angles, as R(−δ) does. The kernel then
+        # rotates the pre-RoPE query itself, kept in its input dtype (exact) through the
+        # loop: no query kernel to launch and wait for, no y to reload at each run.
+        q_rows = q_ptr + (q_lo + tok).to(tl.int64) * stride_qt + head * stride_qh
+        x_mask = row_ok[:, None] & d_ok[None, :]
+        x = tl.load(q_rows[:, None] + d[None, :], mask=x_mask, other=0.0)
+        if MODE == 2:
+            q = x.to(DOT_DTYPE)
+        else:
+            xp = tl.load(q_rows[:, None] + partner, mask=x_mask, other=0.0)
+            q_at = tl.zeros([1], tl.int64) + first_q_pos.to(tl.int64)
+            if MODE == 1:
+                cos, sin = rope_cos_sin(q_at, freq_1d)
+                q = ((x.to(tl.float32) * cos[None, :] + xp.to(tl.float32) * sin[None, :]) * mscale).to(DOT_DTYPE)
+            else:
+                q = tl.zeros([BLOCK_M, DP], dtype=DOT_DTYPE)  # set at the start of each run
+        y, yp = 0, 0  # what _query_at_shift reads on the other path
+    elif MODE == 0:
         q = tl.zeros([BLOCK_M, DP], dtype=DOT_DTYPE)  # set at the start of each run
+        x, xp, q_at = 0, 0, 0
     else:
-        q = y_desc.load([y_row, 0]).to(DOT_DTYPE)
+        q = y_desc.load([y_row, 0]).to(DOT_DTYPE)  # at its own position (_query_kernel)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -375,7 +450,7 @@ def _attention_kernel(
     # ---- runs of blocks; unmasked key tiles, then the run's masked last tiles
     b = block_lo
     while b < block_hi:
-        if MODE == 0:
+        if MODE == 0 and not DIRECT:
             # y and its partner channels are reloaded at each run (hot in L2) by bulk
             # tensor copies: kept in registers through the key loop, or loaded through
             # a [BLOCK_M, DP] tile of 64-bit pointers, they made the compiler spill.
@@ -383,17 +458,18 @@ def _attention_kernel(
             y = y_desc.load([y_row, 0])
             yp = y_desc.load([y_row + y_rows_per_w, 0])
         run_end, shift, last_len = _run_end(block_shift_ptr + meta, block_len_ptr + meta, b, block_hi, S,
-                                            MODE == 0, 64)  # fmt: skip
+                                            MODE == 0 and not FLAT, 64)  # fmt: skip
         if MODE == 0:
-            # Eq. (8) as R(p − δ) = R(−δ) R(p): one [DP] angle vector for the whole run.
-            cos, sin = rope_cos_sin(tl.zeros([1], tl.int64) - shift.to(tl.int64), freq_1d)
-            q = (y * cos[None, :] + yp * sin[None, :]).to(DOT_DTYPE)
+            q = _query_at_shift(shift, y, yp, x, xp, q_at, freq_1d, mscale, DIRECT, DOT_DTYPE)
         run_lo = b * S
         valid_end = (run_end - 1) * S + last_len
         tile_end = tl.minimum(valid_end, visible_to_none)
         safe_end = tl.minimum(valid_end, visible_to_all)
         safe_end = tl.maximum(run_lo, run_lo + (safe_end - run_lo) // BLOCK_N * BLOCK_N)
         for j0 in range(run_lo, safe_end, BLOCK_N):
+            if FLAT:
+                q, shift = _requery(q, shift, block_shift_ptr + meta + j0 // S, y_desc, y_row, y_rows_per_w, x, xp,
+                                    q_at, freq_1d, mscale, DIRECT, DOT_DTYPE)  # fmt: skip
             m_i, l_i, acc = _key_tile(
                 q, m_i, l_i, acc, j0, valid_end, own_slot0, own_start, q_pos, qk_scale,
                 k_ptr, v_ptr, k_desc, v_desc, block_table_ptr + meta, block_pos_ptr + meta,
@@ -402,6 +478,9 @@ def _attention_kernel(
                 S, BLOCK_N, DP, MODE, False, TMA, DOT_DTYPE, PRECISION,
             )  # fmt: skip
         for j0 in range(safe_end, tile_end, BLOCK_N):
+            if FLAT:
+                q, shift = _requery(q, shift, block_shift_ptr + meta + j0 // S, y_desc, y_row, y_rows_per_w, x, xp,
+                                    q_at, freq_1d, mscale, DIRECT, DOT_DTYPE)  # fmt: skip
             m_i, l_i, acc = _key_tile(
                 q, m_i, l_i, acc, j0, valid_end, own_slot0, own_start, q_pos, qk_scale,
                 k_ptr, v_ptr, k_desc, v_desc, block_table_ptr + meta, block_pos_ptr + meta,
@@ -491,6 +570,8 @@ class Plan(NamedTuple):
     num_warps: int
     num_stages: int
     tma: bool
+    direct: bool
+    flat: bool
 
 
 def plan(
@@ -549,6 +630,18 @@ def plan(
     else:
         gp = triton.next_power_of_2(g)
         block_q = max(1, block_m // gp)  # a group wider than the tile gets a tile alone
+    # One token per tile (decode): the attention kernel rotates the raw query itself. Only
+    # for 16-bit inputs and key tiles inside one block: elsewhere ptxas (sm_90) spilled
+    # more than with the two-step rotation (float32 at head dim 128: 1104 bytes against
+    # 720; bf16 row gathers at S = 16: 184 against 124); at bf16, D = 128, S = 64 it needs
+    # 244 registers against 254 and spills nothing (benchmarks/sweeps/notes_h200.md).
+    direct = block_q == 1 and tma and dtype != torch.float32
+    # The flat key loop across runs (the query re-rotated inside it where the shift
+    # changes) needs key tiles inside one block, so never two shifts, and the direct
+    # rotation (the two-step one's reload of y inside the loop spilled 704 bytes at 64 ×
+    # 128 bf16 prefill tiles). Off until timed on a GPU (benchmarks/tune_h200.py times
+    # both); at D = 64, S = 64 it spilled 40 bytes where the loop per run spills none.
+    flat = False
     key_tiles = triton.cdiv(max_key_slots, block_n)
     if interpret:
         # Exercise the split and the merge under the interpreter, but not in every case.
@@ -558,24 +651,32 @@ def plan(
         splits = max(1, min(triton.cdiv(4 * multiprocessors(device), max(1, work_items)), key_tiles // 4, 64))
     else:
         programs = max(1, work_items) * triton.cdiv(max(1, max_queries), block_q)
-        splits = prefill_splits(programs, key_tiles, multiprocessors(device))
-    return Plan(block_q, gp, block_n, dp, splits, num_warps, num_stages, tma)
+        # Programs an SM runs at once. ptxas gives the 4-warp 16-bit tiles 226–255
+        # registers a thread: two fit in an SM's 65,536 (and their 33–66 KB of shared
+        # memory twice in 228 KB). benchmarks/results/kernels_h200.json shows two running at
+        # the speed of one (H200, bf16, D = 128, S = 64: 1.46 µs per key tile of a program
+        # with 128 programs, 1.40 µs with 256, 2.91 µs with 512), so a grid of 64 programs
+        # splits 4 ways, not 2. Wider tiles are counted one to an SM.
+        resident = 2 if num_warps == 4 and not wide else 1
+        splits = prefill_splits(programs, key_tiles, resident * multiprocessors(device))
+    return Plan(block_q, gp, block_n, dp, splits, num_warps, num_stages, tma, direct, flat)
 
 
-def prefill_splits(programs: int, key_tiles: int, sms: int) -> int:
+def prefill_splits(programs: int, key_tiles: int, slots: int) -> int:
     """Split-KV for a prefill grid smaller than the GPU (a short query over long context,
     one request: the TTFT of retrieval-augmented generation).
 
-    A prefill program is compute-bound and holds one SM, so the time goes as waves ×
-    work per program: ``ceil(programs · P / sms) / P`` for ``P`` splits. The smallest
-    ``P`` that minimises it wins (each split costs a partial write and the merge), with at
-    least 8 key tiles per split so that the key loop still pipelines.
+    A prefill program is compute-bound and holds one of the GPU's ``slots`` (SMs ×
+    programs resident on one SM), so the time goes as waves × work per program:
+    ``ceil(programs · P / slots) / P`` for ``P`` splits. The smallest ``P`` that minimises
+    it wins (each split costs a partial write and the merge), with at least 8 key tiles
+    per split so that the key loop still pipelines.
     """
-    if programs >= sms:
+    if programs >= slots:
         return 1
     best, best_time = 1, 1.0
     for p in range(2, min(16, key_tiles // 8) + 1):
-        time = triton.cdiv(programs * p, sms) / p
+        time = triton.cdiv(programs * p, slots) / p
         if time < best_time - 1e-9:
             best, best_time = p, time
     return best
@@ -652,15 +753,20 @@ def attend(
     else:
         dest, dest_lse = out, lse
         stride_op = 0
-    y = _rotated_query(q, meta, tables, max_queries, mode, hkv, pl.gp)
-    y_rows_per_w = hkv * tq * pl.gp
-    y_desc = TensorDescriptor(y, [y.shape[0] * y_rows_per_w, pl.dp], [pl.dp, 1], [pl.block_q * pl.gp, pl.dp])
+    direct = pl.direct and pl.block_q == 1  # one token per tile: the kernel rotates the raw query itself
+    if direct:
+        y_desc, y_rows_per_w = None, 0
+    else:
+        y = _rotated_query(q, meta, tables, max_queries, mode, hkv, pl.gp)
+        y_rows_per_w = hkv * tq * pl.gp
+        y_desc = TensorDescriptor(y, [y.shape[0] * y_rows_per_w, pl.dp], [pl.dp, 1], [pl.block_q * pl.gp, pl.dp])
     grid = (triton.cdiv(max_queries, pl.block_q), b, hkv * pl.splits)
     _attention_kernel[grid](
-        y_desc, k_cache, v_cache, k_desc, v_desc, dest, dest_lse,
+        y_desc, q, k_cache, v_cache, k_desc, v_desc, dest, dest_lse,
         *meta,
         tables.freq, tables.partner, tables.mscale,
         scale * LOG2E, y_rows_per_w, tq,
+        q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         dest.stride(0), dest.stride(1), stride_op,
@@ -668,7 +774,7 @@ def attend(
         meta.block_table.stride(0),
         h // hkv, d, blocks_per_split, pl.splits,
         BLOCK_Q=pl.block_q, GP=pl.gp, BLOCK_N=pl.block_n, DP=pl.dp, S=s,
-        MODE=mode, TMA=k_desc is not None, SPLIT=pl.splits > 1,
+        MODE=mode, TMA=k_desc is not None, DIRECT=direct, FLAT=pl.flat and direct and mode == LAZY, SPLIT=pl.splits > 1,
         DOT_DTYPE=dot_dtype(q.dtype, q.device),
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         WRITE_LSE=return_lse or pl.splits > 1,

@@ -216,7 +216,9 @@ print(f"fast: {err:.2e}   reference in float16: {(reference.double() - oracle).a
 # programs, each writes a partial output and log-sum-exp, and a second kernel merges them
 # (eq. 12). Prefill splits the same way when its grid is smaller than the GPU — one short
 # question over many retrieved documents would otherwise leave most SMs idle
-# (`attend.prefill_splits` chooses how many).
+# (`attend.prefill_splits` chooses how many). A decode tile holds one token, so all its
+# rows share one position: there the attention kernel rotates the pre-RoPE query by
+# $p - \delta$ itself, one vector of angles per run, and no query kernel runs first.
 
 # %%
 eager = fast.eager_attention(*args_dev)

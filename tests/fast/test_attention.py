@@ -152,3 +152,38 @@ def test_common_shift_changes_nothing(case, shift, name):
     tolerance rule against the oracle of the unshifted case."""
     note(case.describe())
     properties.shift_invariance(fast, name, case, torch.bfloat16, DEVICE, shift)
+
+
+#: Decode over runs of one shift that meet at full-block boundaries (documents of 32 and
+#: 48 tokens in blocks of 16), at partly filled blocks (40 and 23 tokens) and past 65,536.
+RUNS = Case(
+    (DocSpec(40), DocSpec(23), DocSpec(32), DocSpec(48)),
+    (
+        RequestSpec((SegmentSpec(0, 70_000), SegmentSpec(1, 5), SegmentSpec(2, 100), SegmentSpec(3, 132)), 20, 200,
+                    200, 1),
+        RequestSpec((SegmentSpec(2, 0), SegmentSpec(3, 32), SegmentSpec(0, 80)), 3, 120, 120, 1),
+    ),
+    16,
+    8,
+    2,
+    RopeConfig(head_dim=64),
+    seed=13,
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("flat", [False, True], ids=["loop_per_run", "flat_loop"])
+@pytest.mark.parametrize("splits", [1, 3])
+def test_decode_key_loops(flat, splits, dtype, monkeypatch):
+    """Decode with the query rotated inside the attention kernel, walking its keys in a
+    loop per run or in one flat loop across runs (the query re-rotated where a key
+    tile's shift changes), whole or split: both forms of the plan, forced here."""
+    plan = _attend.plan
+
+    def forced(*args, **kwargs):
+        pl = plan(*args, **kwargs)
+        assert pl.direct, "a 16-bit decode with key tiles inside one block rotates the raw query in the kernel"
+        return pl._replace(flat=flat, splits=splits)
+
+    monkeypatch.setattr(_attend, "plan", forced)
+    check("lazy_decode", RUNS, dtype)

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The kernel tuning sweep and the compiled attention tests, in one call on a CUDA machine:
+#   1. benchmarks/tune_h200.py (split counts, tiles and kernel variants of the shapes where
+#      the fast path lost; FlashInfer side by side when its wheels are in .whl/; with
+#      BASELINE=DIR, also the kernels of DIR/basefast, another checkout's fast/ folder);
+#   2. the attention tests in tests/fast/test_attention.py, compiled, at realistic shapes
+#      (LAZYATTN_GPU_SUITE=1), on 16 pytest workers.
+# The sweep starts no variant after TUNE_BUDGET seconds; the tests get what is left of
+# DEADLINE seconds. Everything is written under $OUT (default ./.out): tune_h200.json,
+# tune.log, tests.log, junit.xml, nvidia-smi.txt. The tests' summary and the sweep's table
+# are printed last.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/.out}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONUNBUFFERED=1
+
+begin=$(date +%s)
+nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1
+if ls .whl/*.whl >/dev/null 2>&1; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        >"$OUT/flashinfer_install.log" 2>&1 && export PYTHONPATH=$PYTHONPATH:/tmp/site
+    export FLASHINFER_WORKSPACE_BASE=/tmp/fiws FLASHINFER_CUDA_ARCH_LIST=9.0 CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+fi
+
+start=$(date +%s)
+timeout "${TUNE_TIMEOUT:-170}" $PY benchmarks/tune_h200.py --out "$OUT/tune_h200.json" --budget "${TUNE_BUDGET:-135}" \
+    ${BASELINE:+--baseline "$BASELINE"} >"$OUT/tune.log" 2>&1
+tune_rc=$?
+tune_s=$(($(date +%s) - start))
+
+# The tests get what is left of DEADLINE seconds (the whole call), at least 30.
+start=$(date +%s)
+left=$((${DEADLINE:-285} - (start - begin)))
+LAZYATTN_GPU_SUITE=1 timeout "$((left > 30 ? left : 30))" $PY -m pytest tests/fast/test_attention.py -q -p no:warnings -n 16 -x \
+    --junitxml="$OUT/junit.xml" >"$OUT/tests.log" 2>&1
+tests_rc=$?
+tests_s=$(($(date +%s) - start))
+
+grep -E "^(FAILED|ERROR)|passed|failed|error" "$OUT/tests.log" | tail -n 12
+grep -E "Error|Traceback" "$OUT/tune.log" | head -n 8
+sed -n '/^# /,$p' "$OUT/tune.log"
+echo "tune_gpu: sweep rc=$tune_rc (${tune_s}s), tests rc=$tests_rc (${tests_s}s)"
+[ "$tune_rc" -eq 0 ] && [ "$tests_rc" -eq 0 ]
