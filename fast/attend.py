@@ -58,8 +58,8 @@ values are zeroed), and own keys after some query of the tile. Each loop holds n
 but loads, two matrix products and the softmax update, so the compiler
 software-pipelines it. Own blocks wholly after a tile's last query are never visited.
 
-**One key loop across runs** (``Plan.flat``, with the direct rotation; off in
-:func:`plan` until timed on a GPU). Each run restart drains the
+**One key loop across runs** (``Plan.flat``, with the direct rotation: decode at
+head dims above 64, as timed on an H200). Each run restart drains the
 pipeline: the next run's first key tiles are requested only after its query is
 re-rotated. Where a key tile never spans two blocks (``S % BLOCK_N == 0``), the scan
 instead stops only after partly filled blocks, and each key tile reads its block's shift
@@ -639,16 +639,24 @@ def plan(
     # The flat key loop across runs (the query re-rotated inside it where the shift
     # changes) needs key tiles inside one block, so never two shifts, and the direct
     # rotation (the two-step one's reload of y inside the loop spilled 704 bytes at 64 ×
-    # 128 bf16 prefill tiles). Off until timed on a GPU (benchmarks/tune_h200.py times
-    # both); at D = 64, S = 64 it spilled 40 bytes where the loop per run spills none.
-    flat = False
+    # 128 bf16 prefill tiles). On the H200 it beat the loop per run at every decode shape
+    # timed at the same split count, by 1–11% (benchmarks/sweeps/tune_h200.json: bf16,
+    # D = 128, S = 64, 512-token documents); not at D = 64, where it spilled 40 bytes and
+    # the loop per run spills none.
+    flat = direct and dp > 64
     key_tiles = triton.cdiv(max_key_slots, block_n)
     if interpret:
         # Exercise the split and the merge under the interpreter, but not in every case.
         splits = 2 if max_key_slots > (2 if decode else 4) * block_n else 1
     elif decode:
-        # Flash-decoding: about four programs per SM, at least 4 key tiles per split.
-        splits = max(1, min(triton.cdiv(4 * multiprocessors(device), max(1, work_items)), key_tiles // 4, 64))
+        # Flash-decoding: about two programs per SM, at least 2 key tiles per split, at
+        # most 32 splits. From the H200 sweep (benchmarks/sweeps/tune_h200.json; 132 SMs,
+        # Hkv = 8): 16 requests ran fastest at 2 splits (256 programs; 3 and 5 splits,
+        # 384 and 640 programs, were 20–25% slower, 4 splits 7%), one request at 32
+        # (8 splits at 1k keys, 2 key tiles each), 64 requests unsplit. The former rule,
+        # four programs per SM, chose 5 splits at 16 requests and 64 at one request.
+        sms = multiprocessors(device)
+        splits = max(1, min(2 * sms // max(1, work_items), key_tiles // 2, 32))
     else:
         programs = max(1, work_items) * triton.cdiv(max(1, max_queries), block_q)
         # Programs an SM runs at once. ptxas gives the 4-warp 16-bit tiles 226–255
