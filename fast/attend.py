@@ -613,6 +613,7 @@ def attend(
     decode: bool,
     return_lse: bool,
     tiles: Plan | None = None,
+    out_dtype: torch.dtype | None = None,
 ):
     """Launch the attention kernel (after the query kernel, and before the merge when
     decode splits the keys).
@@ -626,9 +627,11 @@ def attend(
         scale: softmax scale.
         mode: :data:`LAZY`, :data:`RAW` or :data:`NONE`.
         tiles: a :class:`Plan` to use instead of :func:`plan`'s (benchmark sweeps).
+        out_dtype: dtype of ``out`` (default ``q.dtype``); float32 keeps a partial
+            result unrounded for a later merge (``fast/shared.py``).
 
     Returns:
-        ``out [Tq, H, D]`` in ``q.dtype`` and ``lse [Tq, H]`` float32 (or ``None``).
+        ``out [Tq, H, D]`` in ``out_dtype`` and ``lse [Tq, H]`` float32 (or ``None``).
     """
     tq, h, d = q.shape
     _, s, hkv, _ = k_cache.shape
@@ -641,7 +644,7 @@ def attend(
     if mode == RAW:
         pl = pl._replace(tma=False)  # the raw keys' partner channels are gathered anyway
     k_desc, v_desc = _cache_descriptors(k_cache, v_cache, pl)
-    out = buffers.empty((tq, h, d), q.dtype, q.device)
+    out = buffers.empty((tq, h, d), out_dtype or q.dtype, q.device)
     lse = buffers.empty((tq, h), torch.float32, q.device)
     blocks_per_split = triton.cdiv(m, pl.splits)
     if pl.splits > 1:
