@@ -16,6 +16,14 @@ once per step and never per layer:
 3. runs the forward: eagerly for a step with prefills (or copies), or, for a
    decode-only step on the fast backend on CUDA, by **replaying a CUDA graph**.
 
+Shared-segment decode (``shared_decode=N``, fast backend, rotated cache): a decode step
+whose layout has a segment read by ``N`` or more of its requests
+(:func:`lazyattention.fast.shared.plan_sharing`, once per step on the host) runs
+:func:`~lazyattention.fast.shared.shared_decode` in every layer — eagerly, outside the
+CUDA graphs, since the plan is data and a graph's launches are fixed per bucket; the
+plan's metadata is uploaded once and reused by every layer. Other decode steps keep
+their graphs.
+
 CUDA graphs (as vLLM and nano-vllm capture decode). A decode-only step of ``B``
 requests whose longest block table has ``M`` blocks runs in the graph of bucket
 ``(B', M')``: ``B'`` the next power of two ``>= B``, ``M'`` the next power of two
@@ -37,7 +45,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -196,6 +204,9 @@ class ModelRunner:
         scratch_block: the block the padding rows write (default: the cache's last
             block, the scratch block of ``Model.new_cache``). Each step is checked
             never to read or write it.
+        shared_decode: run a decode step whose layout has a segment read by at least
+            this many requests through shared-segment decode, eagerly (see the module
+            docstring); ``None`` (default): never. Fast backend only.
 
     Example:
         >>> from lazyattention.serving.model import Model, ModelConfig
@@ -213,7 +224,14 @@ class ModelRunner:
         cuda_graphs: bool | None = None,
         debug: bool = False,
         scratch_block: int | None = None,
+        shared_decode: int | None = None,
     ):
+        if shared_decode is not None:
+            if isinstance(shared_decode, bool) or not isinstance(shared_decode, int) or shared_decode < 1:
+                raise ValueError(f"shared_decode must be None or an int >= 1, got {shared_decode!r}")
+            if model.backend != "fast":
+                raise ValueError(f"shared_decode needs the fast backend, got backend={model.backend!r}")
+        self.shared_decode = shared_decode
         self.model = model
         self.cache = cache
         self.debug = debug
@@ -235,6 +253,7 @@ class ModelRunner:
         self._pool = None
         self.steps_eager = 0
         self.steps_replayed = 0
+        self.steps_shared = 0  # decode steps run through shared-segment decode (eagerly)
 
     # ------------------------------------------------------------------ public
 
@@ -244,9 +263,23 @@ class ModelRunner:
         if token_ids.shape != step.slots.shape:
             raise ValueError(f"token_ids {tuple(token_ids.shape)} and slots {tuple(step.slots.shape)} differ")
         self.check_step(step)
+        sharing = self._sharing(step)
+        if sharing is not None:
+            self.steps_shared += 1
+            return self._eager(token_ids, replace(step, sharing=sharing))
         if self._graphable(step):
             return self._replay(token_ids, step)
         return self._eager(token_ids, step)
+
+    def _sharing(self, step: StepInputs):
+        """The step's sharing plan, when shared-segment decode is on and the step is a
+        decode-only step of a rotated cache with a segment that ``shared_decode`` or
+        more of its requests read; otherwise ``None``."""
+        if self.shared_decode is None or step.prefill is not None or step.decode is None or step.raw:
+            return None
+        from lazyattention.fast.shared import plan_sharing  # the fast backend is loaded already
+
+        return plan_sharing(step.decode, self.shared_decode)
 
     def check_step(self, step: StepInputs) -> None:
         """The value checks of every ``write_kv`` of the step, once, on the host; and,
@@ -309,6 +342,7 @@ class ModelRunner:
             copy_dst=views.get("copy_dst"),
             copy_shift=views.get("copy_shift"),
             logit_rows=views.get("logit_rows"),
+            sharing=step.sharing,
             validate=self.debug,
         )
         self.steps_eager += 1
