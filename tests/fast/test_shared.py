@@ -106,7 +106,7 @@ def _within_rule(got, want, yardstick, dtype, what) -> float:
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@settings(max_examples=examples(4, 10))
+@settings(max_examples=examples(4, 6))
 @example(drawn=EDGES["offsets"])
 @given(drawn=sharing_cases())
 def test_shared_decode_within_tolerance(dtype, drawn):
@@ -129,7 +129,7 @@ def test_pinned_edges(edge):
                  edge)  # fmt: skip
 
 
-@settings(max_examples=examples(4, 10))
+@settings(max_examples=examples(4, 5))
 @given(drawn=sharing_cases())
 def test_shared_path_as_close_as_the_per_request_path(drawn):
     """Metamorphic: reading a segment once for many requests instead of once per
@@ -143,7 +143,7 @@ def test_shared_path_as_close_as_the_per_request_path(drawn):
     _within_rule(got, properties.oracle(case, dtype, DEVICE), per_request, dtype, "shared vs per-request")
 
 
-@settings(max_examples=examples(3, 8))
+@settings(max_examples=examples(3, 4))
 @given(drawn=sharing_cases(), data=st.data())
 def test_permuting_requests_permutes_outputs(drawn, data):
     case, min_requests = drawn
@@ -169,9 +169,9 @@ def test_key_split_and_member_tiles_are_crossed_under_the_interpreter():
     tiles = shared.shared_tiles(case.num_heads, case.num_kv_heads, 64, case.block_size, torch.float16, DEVICE)
     meta = sharing.metadata(DEVICE, tiles, case.num_kv_heads)
     doc0 = next(seg for seg in sharing.segments if seg.length == 33)
-    assert len(doc0.members) == 19 > tiles.block_q
-    if DEVICE.type == "cpu":
-        assert meta.splits[sharing.segments.index(doc0)] == 2
+    assert len(doc0.members) == 19 and meta.slots == 1 + sum(meta.splits)
+    if DEVICE.type == "cpu":  # compiled tiles are larger: the GPU suite's batches cross them
+        assert tiles.block_q < 19 and meta.splits[sharing.segments.index(doc0)] == 2
 
 
 # --------------------------------------------------------------------------- plan_sharing
