@@ -423,15 +423,13 @@ def shared_decode(
     meta = sharing.metadata(q.device, tiles, hkv)
     rest_meta = sharing.rest.metadata(q.device)
 
-    # The rest: the per-request kernel, its output kept in float32 for the merge.
-    rest_out, rest_lse = _attend.attend(
-        q, k_cache, v_cache, rest_meta, tables, 1, scale, _attend.LAZY, True, True, out_dtype=torch.float32
-    )
     part = buffers.empty((b, h, meta.slots, d), torch.float32, q.device)
     part_lse = buffers.empty((b, h, meta.slots), torch.float32, q.device)
     part_lse.fill_(float("-inf"))  # slots a request does not use weigh nothing in the merge
-    part[:, :, 0] = rest_out
-    part_lse[:, :, 0] = rest_lse
+
+    # The rest: the per-request kernel, written in float32 into merge slot 0.
+    _attend.attend(q, k_cache, v_cache, rest_meta, tables, 1, scale, _attend.LAZY, True, True,
+                   out=part[:, :, 0], lse=part_lse[:, :, 0])  # fmt: skip
 
     # The shared segments.
     y = _attend._rotated_query(q, rest_meta, tables, 1, _attend.LAZY, hkv, tiles.gp)
