@@ -21,7 +21,8 @@ of one shared segment (a member is one request's placement of it); row ``i`` of 
 ``[BLOCK_R · GP, DP]`` query tile is member ``i // GP`` and query head ``i % GP`` of the
 KV head's group. The rows are rotated once per program, in two steps
 (``R(p − δ) = R(−δ) R(p)``): ``y = m R(p_r) q`` from the query kernel, then ``R(−δ_r)``
-from one ``[rows, DP]`` angle tile ``−δ_r · θ`` — never per key tile. The program then
+from the angles ``−δ_r · θ`` of each member (``[BLOCK_R, DP]``, shared by its group's
+rows) — never per key tile. The program then
 walks its share of the segment's key tiles (bulk tensor copies when ``S % BLOCK_N == 0``
 and the head dim is unpadded, row gathers otherwise: the attention kernel's
 :func:`~lazyattention.fast.attend._key_tile`) with an online softmax (eq. 11); segment
@@ -64,10 +65,19 @@ from lazyattention.reference.rope import RopeConfig
 from . import attend as _attend
 from . import buffers
 from .attention import _check_backend, _tables
-from .rope import rope_cos_sin
+from .rope import RopeTables, rope_cos_sin
 from .rounding import dot_dtype
 
-__all__ = ["MAX_SPLITS", "MAX_SLOTS", "SharedSegment", "SharingPlan", "plan_sharing", "shared_tiles", "shared_decode"]
+__all__ = [
+    "MAX_SPLITS",
+    "MAX_SLOTS",
+    "SharedSegment",
+    "SharingPlan",
+    "plan_sharing",
+    "shared_tiles",
+    "shared_decode",
+    "attend_shared",
+]
 
 #: Most programs one shared segment's keys are split among.
 MAX_SPLITS = 8
@@ -111,22 +121,26 @@ def _shared_kernel(
     g = rows % GP
     member_ok = mi < num_members
     row_ok = member_ok & (g < G)
-    member = meta_ptr + member_off + (first_member + mi) * 3
-    r = tl.load(member, mask=member_ok, other=0).to(tl.int64)
-    shift = tl.load(member + 1, mask=member_ok, other=0).to(tl.int64)
-    slot = tl.load(member + 2, mask=member_ok, other=0) + split
+    members = meta_ptr + member_off + first_member * 3
+    r = tl.load(members + mi * 3, mask=member_ok, other=0).to(tl.int64)
+    slot = tl.load(members + mi * 3 + 2, mask=member_ok, other=0) + split
     d = tl.arange(0, DP)
     d_ok = d < D
     freq = tl.load(freq_ptr + d)[None, :]
     partner = tl.load(partner_ptr + d)[None, :]
     mscale = tl.load(mscale_ptr + d)[None, :]
-    # y = m R(p_r) q (the query kernel), then R(−δ_r) per row: eq. (8) as
-    # R(p − δ) = R(−δ) R(p), one [BLOCK_M, DP] angle tile for the whole program.
+    # y = m R(p_r) q (the query kernel), then R(−δ_r): eq. (8) as R(p − δ) = R(−δ) R(p).
+    # The angles −δ·θ once per program and member ([BLOCK_R, DP]), shared by the GP rows
+    # of the member's group.
+    m = tl.arange(0, BLOCK_R)
+    shift = tl.load(members + m * 3 + 1, mask=m < num_members, other=0).to(tl.int64)
+    cos_m, sin_m = rope_cos_sin(-shift[:, None], freq)
+    cos = tl.reshape(tl.broadcast_to(cos_m[:, None, :], (BLOCK_R, GP, DP)), (BLOCK_M, DP))
+    sin = tl.reshape(tl.broadcast_to(sin_m[:, None, :], (BLOCK_R, GP, DP)), (BLOCK_M, DP))
     y_rows = y_ptr + kv_head * stride_yh + r * stride_yt + g * DP
-    y = tl.load(y_rows[:, None] + d[None, :], mask=row_ok[:, None], other=0.0)
-    yp = tl.load(y_rows[:, None] + stride_yw + d[None, :], mask=row_ok[:, None], other=0.0)
-    cos, sin = rope_cos_sin(-shift[:, None], freq)
-    q = (y * cos + yp * sin).to(DOT_DTYPE)
+    q = tl.load(y_rows[:, None] + d[None, :], mask=row_ok[:, None], other=0.0) * cos
+    q += tl.load(y_rows[:, None] + stride_yw + d[None, :], mask=row_ok[:, None], other=0.0) * sin
+    q = q.to(DOT_DTYPE)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -359,9 +373,11 @@ def shared_tiles(
     """Tiles of :func:`_shared_kernel`, as an attention :class:`~lazyattention.fast.attend.Plan`
     whose ``block_q`` is the members per program (``BLOCK_R``) and ``gp`` the padded group.
 
-    About 64 rows (16 members of a group of 4) by 64 keys in 16-bit, 32 × 32 in float32
-    or past head dim 128; 16 × 16 under the interpreter. Bulk tensor copies (``tma``)
-    when a key tile lies in one block and the head dim needs no padding."""
+    About 64 rows (16 members of a group of 4) by 64 keys in 16-bit, over 8 warps
+    (``ptxas`` for sm_90: 188 registers, no spill, where 4 warps hit 255 and spill), 32 × 32
+    in float32 or past head dim 128; 16 × 16 under the interpreter. Bulk tensor copies
+    (``tma``) when a key tile lies in one block and the head dim needs no padding.
+    ``benchmarks/compile_sm90.py --functions shared_decode`` compiles them without a GPU."""
     gp = triton.next_power_of_2(num_heads // num_kv_heads)
     dp = max(16, triton.next_power_of_2(head_dim))
     if device.type == "cpu":
@@ -369,7 +385,7 @@ def shared_tiles(
     elif dtype == torch.float32 or dp > 128:
         block_m, block_n, warps, stages = 32, 32, 4, 2
     else:
-        block_m, block_n, warps, stages = 64, 64, 4, 3
+        block_m, block_n, warps, stages = 64, 64, 8, 3
     block_m = max(block_m, gp)
     tma = block_size % block_n == 0 and dp == head_dim
     return _attend.Plan(block_m // gp, gp, block_n, dp, 1, warps, stages, tma)
@@ -415,10 +431,17 @@ def shared_decode(
         raise TypeError(f"sharing must be a SharingPlan (from plan_sharing), got {type(sharing).__name__}")
     elif sharing.layout is not layout:
         raise ValueError("sharing was planned for another layout: pass plan_sharing(layout) of this layout")
+    scale = _attend.default_scale(q.shape[-1], scale)
+    out, lse = attend_shared(q, k_cache, v_cache, sharing, _tables(rope, q.device), scale)
+    return (out, lse) if return_lse else out
+
+
+def attend_shared(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, sharing: SharingPlan,
+                  tables: RopeTables, scale: float) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The launches of :func:`shared_decode` on validated inputs: the rest, the shared
+    segments, the merge. Returns ``out [B, H, D]`` in ``q.dtype`` and ``lse [B, H]``."""
     b, h, d = q.shape
     _, s, hkv, _ = k_cache.shape
-    scale = _attend.default_scale(d, scale)
-    tables = _tables(rope, q.device)
     tiles = shared_tiles(h, hkv, d, s, q.dtype, q.device)
     meta = sharing.metadata(q.device, tiles, hkv)
     rest_meta = sharing.rest.metadata(q.device)
@@ -452,4 +475,4 @@ def shared_decode(
     out = buffers.empty((b, h, d), q.dtype, q.device)
     lse = buffers.empty((b, h), torch.float32, q.device)
     _attend.merge_partials(part, part_lse, out, lse)
-    return (out, lse) if return_lse else out
+    return out, lse
