@@ -374,16 +374,20 @@ def shared_tiles(
     whose ``block_q`` is the members per program (``BLOCK_R``) and ``gp`` the padded group.
 
     About 64 rows (16 members of a group of 4) by 64 keys in 16-bit, over 8 warps
-    (``ptxas`` for sm_90: 188 registers, no spill, where 4 warps hit 255 and spill), 32 × 32
-    in float32 or past head dim 128; 16 × 16 under the interpreter. Bulk tensor copies
+    (``ptxas`` for sm_90: 188 registers, no spill, where 4 warps hit 255 and spill);
+    32 × 32 over 8 warps past head dim 128 (169 registers); 16 × 32 in float32 (head dim
+    128: 740 bytes of spill, as the attention kernel's decode; 256: about 17 KiB, slow
+    but correct); 16 × 16 under the interpreter. Bulk tensor copies
     (``tma``) when a key tile lies in one block and the head dim needs no padding.
     ``benchmarks/compile_sm90.py --functions shared_decode`` compiles them without a GPU."""
     gp = triton.next_power_of_2(num_heads // num_kv_heads)
     dp = max(16, triton.next_power_of_2(head_dim))
     if device.type == "cpu":
         block_m, block_n, warps, stages = 16, 16, 4, 1
-    elif dtype == torch.float32 or dp > 128:
-        block_m, block_n, warps, stages = 32, 32, 4, 2
+    elif dtype == torch.float32:
+        block_m, block_n, warps, stages = 16, 32, 4, 2
+    elif dp > 128:
+        block_m, block_n, warps, stages = 32, 32, 8, 2
     else:
         block_m, block_n, warps, stages = 64, 64, 8, 3
     block_m = max(block_m, gp)
