@@ -31,7 +31,9 @@ for the same result, which is the point. **Parity first**: every provider's outp
 the first two requests is compared with attention computed in float64 from the same
 bf16 numbers (keys rotated in float64 at their logical positions), ``max|diff| ≤ 0.02``;
 and the shared path with the per-request path on every request. A provider that fails
-is marked and counts for no target.
+is marked and counts for no target. Each row also times the shared path's rest alone
+(``rest_only_ms``: the per-request kernel over each request's unshared blocks), which
+says how much of the shared path's time the shared segments themselves take.
 
 Target (printed PASS/MISS): the shared path's effective bandwidth ≥ 2× the per-request
 path's (time ratio ≥ 2) on every row where at least 16 requests share their documents
@@ -57,6 +59,7 @@ from benchmarks.kernels import (
     KV_HEADS,
     PARITY_TOLERANCE,
     ROPE,
+    bench_graph,
     ceilings,
     environment,
     expected_outputs,
@@ -173,6 +176,12 @@ def row(layout: Layout, gen: torch.Generator, fi=None, fi_reason: str | None = N
            "ms": {}, "parity": {}, "max_diff": {}}  # fmt: skip
     measure(out, providers, expected, check, skipped)
     out["parity"]["shared"] = out["parity"].get("shared") is True and same <= PARITY_TOLERANCE
+    # Where the shared path's time goes: its rest alone (the per-request kernel over every
+    # request's unshared blocks), the remainder being the shared kernel, query and merge.
+    try:
+        out["rest_only_ms"] = bench_graph(lambda: fast.lazy_decode(q, k_cache, v_cache, sharing.rest, ROPE))
+    except Exception as exc:  # a diagnostic: recorded, never fatal
+        out["rest_only_ms"], out["rest_only_error"] = None, f"{type(exc).__name__}: {str(exc)[:200]}"
     out["effective_tb_per_s"] = {k: (nbytes / (t * 1e-3) / 1e12 if t else None) for k, t in out["ms"].items()}
     return out
 
@@ -204,7 +213,7 @@ def _where(r: dict) -> str:
 def print_table(result: dict) -> None:
     env = result["environment"]
     print(f"\n# shared-segment decode, {env['device']}  copy {result['ceilings']['copy_tb_per_s']:.2f} TB/s")
-    print(f"{'rows':24} {'readers':>7} " + " ".join(f"{n:>22}" for n in PROVIDERS) + "  per_req/shared")
+    print(f"{'rows':24} {'readers':>7} " + " ".join(f"{n:>22}" for n in PROVIDERS) + "  per_req/shared  rest µs")
     for kind in ("zipf", "prefix"):
         for r in result.get(kind, []):
             cells = []
@@ -213,7 +222,9 @@ def print_table(result: dict) -> None:
                 mark = "!" if r["parity"].get(n) is False else " "
                 cells.append(f"{t * 1e3:9.1f}µs({r['effective_tb_per_s'][n]:5.2f}){mark}" if t else f"{'-':>22}")
             s = speedup(r)
-            print(f"{kind} {_where(r):19} {r['readers']:7.1f} " + " ".join(cells) + (f"  {s:5.2f}" if s else ""))
+            ratio = f"{s:14.2f}" if s else f"{'-':>14}"
+            print(f"{kind} {_where(r):19} {r['readers']:7.1f} " + " ".join(cells) + f"  {ratio}"
+                  + (f"  {r['rest_only_ms'] * 1e3:7.1f}" if r.get("rest_only_ms") else ""))  # fmt: skip
     t = result["target"]
     worst = "n/a" if t["worst"] is None else f"{t['worst']:.2f}"
     print(f"{'PASS' if t['pass'] else 'MISS'}  {t['target']}: worst {worst} at {t['where']} ({t['rows']} rows)")
