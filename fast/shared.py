@@ -38,7 +38,9 @@ per split, at most :data:`MAX_SPLITS`), and the splits merge with the rest.
 **Metadata.** One int32 tensor per (device, tiles), uploaded once and cached on the
 plan: the work items ``[I, 6]`` (table offset, first and end key slot, first member,
 member count, split), the members ``[R, 3]`` (request, shift, first merge slot) and the
-shared segments' block tables, back to back.
+shared segments' block tables, back to back. A request's merge slots past its own
+(requests read different numbers of shared segments) get work items without keys,
+which write ``lse = −inf``: every slot the merge reads is written by a kernel.
 
 Not a switch inside :func:`lazyattention.fast.lazy_decode`: whether and how a batch shares
 is data, and ``lazy_decode``'s CUDA-graph capture relies on a data-independent path. The
@@ -286,9 +288,15 @@ class SharingPlan:
         if slots > MAX_SLOTS:
             worst = max(range(len(used)), key=used.__getitem__)
             raise NotImplementedError(
-                f"lazyattention.fast.shared_decode: request {worst} reads {slots - 1} shared segments; "
-                f"at most {MAX_SLOTS - 1} per request are supported (raise min_requests)"
+                f"lazyattention.fast.shared_decode: request {worst} needs {slots} partials (its rest, and each "
+                f"shared segment it reads times its splits); at most {MAX_SLOTS} are merged (raise min_requests)"
             )
+        # The slots a request does not use get empty work items (no keys: lse = −inf,
+        # weight 0 in the merge), so that the shared kernel writes every slot.
+        m0 = len(members)
+        members += [(r, 0, k) for r in range(len(used)) for k in range(used[r], slots)]
+        for t in range(m0, len(members), tiles.block_q):
+            items.append((0, 0, 0, t, min(tiles.block_q, len(members) - t), 0))
         flat = [x for row in items for x in row] + [x for row in members for x in row] + table
         tensor = torch.tensor(flat, dtype=torch.int32)
         member_off = len(items) * _ITEM
@@ -452,7 +460,6 @@ def attend_shared(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
 
     part = buffers.empty((b, h, meta.slots, d), torch.float32, q.device)
     part_lse = buffers.empty((b, h, meta.slots), torch.float32, q.device)
-    part_lse.fill_(float("-inf"))  # slots a request does not use weigh nothing in the merge
 
     # The rest: the per-request kernel, written in float32 into merge slot 0.
     _attend.attend(q, k_cache, v_cache, rest_meta, tables, 1, scale, _attend.LAZY, True, True,
