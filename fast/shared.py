@@ -302,15 +302,25 @@ class SharingPlan:
         member_off = len(items) * _ITEM
         return tensor, (len(items), 0, member_off, member_off + len(members) * _MEMBER, slots)
 
+    def build_metadata(self, device: torch.device, tiles: _attend.Plan, num_kv_heads: int) -> _Metadata:
+        """The metadata for ``tiles`` on ``device``'s SM count, its tensor on the host
+        (for a caller that uploads it with other tensors, then :meth:`use_metadata`)."""
+        splits = self.splits(tiles, num_kv_heads, device)
+        host, (n, item_off, member_off, table_off, slots) = self.host_metadata(tiles, splits)
+        return _Metadata(host, n, item_off, member_off, table_off, slots, splits)
+
+    def use_metadata(self, meta: _Metadata, tiles: _attend.Plan, num_kv_heads: int) -> None:
+        """Use ``meta`` (from :meth:`build_metadata`, its tensor copied to its device) as
+        :meth:`metadata` there."""
+        self._metadata[(meta.tensor.device, tiles, num_kv_heads)] = meta
+
     def metadata(self, device: torch.device, tiles: _attend.Plan, num_kv_heads: int) -> _Metadata:
         """The metadata on ``device`` for ``tiles`` (built and uploaded once, then kept)."""
         key = (device, tiles, num_kv_heads)
         meta = self._metadata.get(key)
         if meta is None:
-            splits = self.splits(tiles, num_kv_heads, device)
-            host, (n, item_off, member_off, table_off, slots) = self.host_metadata(tiles, splits)
-            meta = _Metadata(host.to(device), n, item_off, member_off, table_off, slots, splits)
-            self._metadata[key] = meta
+            meta = self.build_metadata(device, tiles, num_kv_heads)
+            meta = self._metadata[key] = meta._replace(tensor=meta.tensor.to(device))
         return meta
 
     def __repr__(self) -> str:

@@ -20,9 +20,10 @@ Shared-segment decode (``shared_decode=N``, fast backend, rotated cache): a deco
 whose layout has a segment read by ``N`` or more of its requests
 (:func:`lazyattention.fast.shared.plan_sharing`, once per step on the host) runs
 :func:`~lazyattention.fast.shared.shared_decode` in every layer — eagerly, outside the
-CUDA graphs, since the plan is data and a graph's launches are fixed per bucket; the
-plan's metadata is uploaded once and reused by every layer. Other decode steps keep
-their graphs.
+CUDA graphs, since the plan is data and a graph's launches are fixed per bucket. The
+plan's kernel metadata and its rest layout's block metadata travel in the step's one
+copy with everything else, and every layer reuses them. Other decode steps keep their
+graphs.
 
 CUDA graphs (as vLLM and nano-vllm capture decode). A decode-only step of ``B``
 requests whose longest block table has ``M`` blocks runs in the graph of bucket
@@ -322,16 +323,22 @@ class ModelRunner:
         packer.add("ids", token_ids)
         for name in ("slots", "positions", "logit_rows", "copy_src", "copy_dst", "copy_shift"):
             packer.add(name, getattr(step, name))
-        for prefix in ("prefill", "decode"):
-            layout = getattr(step, prefix)
+        layouts = {"prefill": step.prefill, "decode": step.decode}
+        if step.sharing is not None:
+            layouts["rest"] = step.sharing.rest
+            shared = self._shared_metadata(step.sharing)
+            packer.add("sharing", shared[0].tensor)
+        for prefix, layout in layouts.items():
             if layout is not None:
                 for f, t in zip(BlockMetadata._fields, self._host(layout), strict=True):
                     packer.add(f"{prefix}.{f}", t)
         views = packer.views(self._to_device(packer))
-        for prefix in ("prefill", "decode"):
-            layout = getattr(step, prefix)
+        for prefix, layout in layouts.items():
             if layout is not None:
                 layout.use_metadata(_metadata(views, prefix))
+        if step.sharing is not None:
+            meta, tiles = shared
+            step.sharing.use_metadata(meta._replace(tensor=views["sharing"]), tiles, self.model.cfg.num_kv_heads)
         device_step = StepInputs(
             slots=views["slots"],
             positions=views["positions"],
@@ -347,6 +354,16 @@ class ModelRunner:
         )
         self.steps_eager += 1
         return self.model(views["ids"], self.cache, device_step)
+
+    def _shared_metadata(self, sharing):
+        """The sharing plan's kernel metadata on the host and the tiles it is for, to
+        travel in the step's one upload (``lazyattention.fast.shared``)."""
+        from lazyattention.fast.shared import shared_tiles
+
+        cfg = self.model.cfg
+        tiles = shared_tiles(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, self.cache.block_size, self.model.dtype,
+                             self.device)  # fmt: skip
+        return sharing.build_metadata(self.device, tiles, cfg.num_kv_heads), tiles
 
     def _to_device(self, packer: _Packer) -> torch.Tensor:
         """The packed step on the model's device: on CUDA one ``non_blocking`` copy from
