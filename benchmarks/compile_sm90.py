@@ -36,7 +36,7 @@ from triton.runtime.jit import JITFunction
 
 SM90_SHARED_LIMIT = 232_448
 SMS = 132
-FUNCTIONS = ("lazy_prefill", "raw_prefill", "eager_attention", "lazy_decode", "raw_decode", "write_kv")
+FUNCTIONS = ("lazy_prefill", "raw_prefill", "eager_attention", "lazy_decode", "raw_decode", "write_kv", "shared_decode")
 META = torch.device("meta")
 
 
@@ -70,11 +70,20 @@ def _layout(decode: bool, block_size: int, group: int):
     return Layout([RequestLayout((seg,), Placement(own_blocks, own, start, start), queries)], block_size)
 
 
+def _own(r: int, block_size: int):
+    """Request ``r``'s own tokens: 130, after the segment, in blocks of their own."""
+    from lazyattention.reference import Placement
+
+    blocks = triton.cdiv(130, block_size)
+    start = 3 * block_size + 7 * r
+    return Placement(tuple(range(3 + r * blocks, 3 + (r + 1) * blocks)), 130, start, start)
+
+
 def configure(function: str, head_dim: int, dtype: torch.dtype, block_size: int, group: int) -> None:
     """Run ``function``'s launchers for one configuration (compile-only)."""
     from lazyattention.fast import attend, cache
     from lazyattention.fast.rope import rope_tables
-    from lazyattention.reference import RopeConfig
+    from lazyattention.reference import Layout, RequestLayout, RopeConfig
 
     kv_heads = 2
     heads = kv_heads * group
@@ -84,7 +93,7 @@ def configure(function: str, head_dim: int, dtype: torch.dtype, block_size: int,
     tables = type(tables)(*(t.to(META) for t in tables))
     decode = function.endswith("decode")
     layout = _layout(decode, block_size, group)
-    n = 16
+    n = 16 if function != "shared_decode" else 3 + 3 * triton.cdiv(130, block_size)
     k_cache = torch.empty((n, block_size, kv_heads, head_dim), dtype=dtype, device=META)
     v_cache = torch.empty_like(k_cache)
     if function == "write_kv":
@@ -93,6 +102,14 @@ def configure(function: str, head_dim: int, dtype: torch.dtype, block_size: int,
         slots = torch.empty((t,), dtype=torch.int64, device=META)
         cache.scatter_kv(k, k, k_cache, v_cache, slots, slots, tables)
         cache.scatter_kv(k, k, k_cache, v_cache, slots, slots, None)
+        return
+    if function == "shared_decode":  # three requests sharing the segment, each at its own offset
+        from lazyattention.fast import shared
+
+        reqs = [RequestLayout(layout.requests[0].segments, _own(r, block_size), 1) for r in range(3)]
+        sharing = shared.plan_sharing(Layout(reqs, block_size))
+        q = torch.empty((3, heads, head_dim), dtype=dtype, device=META)
+        shared.attend_shared(q, k_cache, v_cache, sharing, tables, 0.1)
         return
     meta = layout.metadata(META)
     max_q = max(r.num_queries for r in layout.requests)
@@ -145,10 +162,10 @@ def compile_all(configs) -> list[dict]:
 
 
 def _kernels():
-    from lazyattention.fast import attend, cache
+    from lazyattention.fast import attend, cache, shared
 
     return [attend._attention_kernel, attend._query_kernel, attend._merge_kernel,
-            cache.write_kv_kernel, cache._materialise_kernel]  # fmt: skip
+            cache.write_kv_kernel, cache._materialise_kernel, shared._shared_kernel]  # fmt: skip
 
 
 def _name(cfg) -> str:

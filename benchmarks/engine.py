@@ -10,6 +10,10 @@ device: the reference on a CPU, the fast one on CUDA)::
 
     python benchmarks/engine.py --tiny --out /tmp/bench
 
+``--shared-decode N`` serves with ``Engine(shared_decode=N)`` (fast backend): decode
+steps with a segment that ``N`` requests share run shared-segment decode, eagerly
+(``raw_cache`` runs without it); each run records its ``shared_steps``.
+
 What it does, in order, saving the JSON after every section so a cut-off run keeps
 what it measured:
 
@@ -60,6 +64,7 @@ from lazyattention.reference.tolerance import error, tolerance
 from lazyattention.serving.engine import STRATEGIES, Engine, blocks_needed
 from lazyattention.serving.model import Model, ModelConfig, random_model
 from lazyattention.serving.quality import quality_check
+from lazyattention.serving.strategies import get_strategy
 from lazyattention.serving.sweep import environment, format_table
 from lazyattention.serving.workload import WorkloadConfig, make_workload, run_workload
 
@@ -182,6 +187,7 @@ def timed_run(model, workload, strategy: str, num_blocks: int, args, profile: bo
         block_size=BLOCK_SIZE,
         max_num_seqs=args.max_num_seqs,
         max_batch_tokens=args.max_batch_tokens,
+        shared_decode=None if get_strategy(strategy).raw else args.shared_decode,
     )
     row = {}
     if profile:
@@ -197,6 +203,7 @@ def timed_run(model, workload, strategy: str, num_blocks: int, args, profile: bo
     row["gpu_busy_fraction"] = row["gpu_busy_s"] / metrics.makespan if profile else None
     row["steps"] = engine.stats.steps
     row["graph_steps"] = getattr(engine.runner, "steps_replayed", 0)
+    row["shared_steps"] = getattr(engine.runner, "steps_shared", 0)
     return row
 
 
@@ -440,6 +447,9 @@ def main(argv=None) -> int:
     p.add_argument("--rate-repeats", type=int, default=3)
     p.add_argument("--decode-tokens", type=int, default=48, help="new tokens per request of the batch-16 decode")
     p.add_argument("--max-seconds", type=float, default=400.0, help="skip what would start after this")
+    p.add_argument("--shared-decode", type=int, default=None, metavar="N",
+                   help="Engine(shared_decode=N): decode steps with a segment N requests share run shared-segment "
+                   "decode (fast backend; raw_cache runs without it)")  # fmt: skip
     args = p.parse_args(argv)
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -490,6 +500,7 @@ def main(argv=None) -> int:
             "max_num_seqs": args.max_num_seqs,
             "max_batch_tokens": args.max_batch_tokens,
             "cuda_graphs": backend == "fast" and cuda,
+            "shared_decode": args.shared_decode,
         },
         "repeats": args.repeats,
         "complete": False,

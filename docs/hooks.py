@@ -47,6 +47,8 @@ ROOT = Path(__file__).resolve().parent.parent
 TUTORIALS = ROOT / "tutorials"
 RESULTS = ROOT / "benchmarks" / "results"
 FAST_INIT = ROOT / "fast" / "__init__.py"
+FAST_SHARED = ROOT / "fast" / "shared.py"
+SHARED_NAMES = ("plan_sharing", "shared_decode", "SharingPlan", "SharedSegment")
 
 #: Nav pages written by other parts of the project, and the stand-in each gets while absent
 #: (tutorials, also optional, get theirs from ``placeholder_markdown``).
@@ -370,6 +372,9 @@ def fast_api_markdown() -> str:
         parts.append(_objects([f"lazyattention.fast.{name}" for name in names]))
     else:
         parts = [FAST_INTRO, "::: lazyattention.fast"]
+    if FAST_SHARED.exists():  # beyond the attention API: its own module
+        parts += ["## Shared-segment decode", "::: lazyattention.fast.shared\n    options:\n      members: false",
+                  _objects([f"lazyattention.fast.shared.{name}" for name in SHARED_NAMES])]  # fmt: skip
     return "\n\n".join(parts) + "\n"
 
 

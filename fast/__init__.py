@@ -10,6 +10,10 @@ CUDA tensors run compiled kernels; CPU tensors run the same kernels under the Tr
 interpreter (``TRITON_INTERPRET=1`` set before Triton is imported), which is how the
 tests run without a GPU. Unsupported cases (float64, other devices) raise and name
 the case; nothing falls back to the reference.
+
+Beyond that API, :mod:`lazyattention.fast.shared` reads a segment that many requests of a
+decode batch share once for all of them (``plan_sharing``, ``shared_decode``): a caller
+opts in per step, since ``lazy_decode`` keeps one data-independent path for CUDA graphs.
 """
 
 # ruff: noqa: F401  (re-exports: __all__ is the reference's name list)

@@ -722,6 +722,8 @@ def attend(
     decode: bool,
     return_lse: bool,
     tiles: Plan | None = None,
+    out: torch.Tensor | None = None,
+    lse: torch.Tensor | None = None,
 ):
     """Launch the attention kernel (after the query kernel, and before the merge when
     decode splits the keys).
@@ -735,9 +737,12 @@ def attend(
         scale: softmax scale.
         mode: :data:`LAZY`, :data:`RAW` or :data:`NONE`.
         tiles: a :class:`Plan` to use instead of :func:`plan`'s (benchmark sweeps).
+        out, lse: where to write the results (any strides but a contiguous last
+            dimension, e.g. one slot of a merge's partials, float32: ``fast/shared.py``);
+            new tensors when ``None``.
 
     Returns:
-        ``out [Tq, H, D]`` in ``q.dtype`` and ``lse [Tq, H]`` float32 (or ``None``).
+        ``out [Tq, H, D]`` (in ``q.dtype`` when new) and ``lse [Tq, H]`` float32 (or ``None``).
     """
     tq, h, d = q.shape
     _, s, hkv, _ = k_cache.shape
@@ -750,8 +755,8 @@ def attend(
     if mode == RAW:
         pl = pl._replace(tma=False)  # the raw keys' partner channels are gathered anyway
     k_desc, v_desc = _cache_descriptors(k_cache, v_cache, pl)
-    out = buffers.empty((tq, h, d), q.dtype, q.device)
-    lse = buffers.empty((tq, h), torch.float32, q.device)
+    out = buffers.empty((tq, h, d), q.dtype, q.device) if out is None else out
+    lse = buffers.empty((tq, h), torch.float32, q.device) if lse is None else lse
     blocks_per_split = triton.cdiv(m, pl.splits)
     if pl.splits > 1:
         part = buffers.empty((tq, h, pl.splits, d), torch.float32, q.device)

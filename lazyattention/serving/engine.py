@@ -105,6 +105,12 @@ class Engine:
             fast backend; see :class:`~lazyattention.serving.runner.ModelRunner`).
         debug: check every layer's cache write (a host synchronisation per layer on a
             GPU) instead of once per step; the tests turn it on.
+        shared_decode: the fewest requests of a decode step that must read one
+            segment for the step to run shared-segment decode (each such segment read
+            once for the batch, :mod:`lazyattention.fast.shared`); ``None`` (default):
+            off. Those steps run eagerly, outside CUDA graphs; other steps keep them.
+            Needs the fast backend and a strategy whose cache is rotated (not
+            ``raw_cache``).
 
     Example:
         >>> from lazyattention.serving.model import Model, ModelConfig
@@ -128,8 +134,13 @@ class Engine:
         *,
         cuda_graphs: bool | None = None,
         debug: bool = False,
+        shared_decode: int | None = None,
     ):
         self.strategy = get_strategy(strategy)
+        if shared_decode is not None and self.strategy.raw:
+            raise ValueError(
+                f"shared_decode is for a rotated cache; strategy {self.strategy.name!r} stores keys unrotated"
+            )
         for name, value in (("max_batch_tokens", max_batch_tokens), ("max_num_seqs", max_num_seqs)):
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -138,7 +149,7 @@ class Engine:
         self.pool = BlockPool(num_blocks)
         self.store = SegmentStore(self.pool, block_size)
         self.cache = model.new_cache(num_blocks, block_size)
-        self.runner = ModelRunner(model, self.cache, cuda_graphs=cuda_graphs, debug=debug)
+        self.runner = ModelRunner(model, self.cache, cuda_graphs=cuda_graphs, debug=debug, shared_decode=shared_decode)
         self.scheduler = Scheduler(self.strategy, self.store, max_num_seqs, max_batch_tokens)
         self.keep_logits = keep_logits
         self.stats = EngineStats()

@@ -9,7 +9,10 @@ and load from the same code. What is particular here is only the attention layer
   *stored* positions (a document's ``0..L-1`` when it is prefilled alone, eq. 6);
 * it attends through the chosen backend's ``lazy_prefill``/``lazy_decode`` (or
   ``raw_prefill``/``raw_decode`` for the unrotated raw cache), which rotate the
-  query by ``p − δ`` per block shift (eq. 8) and never touch a cached key.
+  query by ``p − δ`` per block shift (eq. 8) and never touch a cached key; a decode
+  step that carries a sharing plan (``StepInputs.sharing``) goes through
+  :func:`lazyattention.fast.shared.shared_decode` instead, which reads each segment
+  several requests share once for all of them.
 
 So the model never knows where a document sits in a request: the
 :class:`~lazyattention.reference.Layout` of the step says it.
@@ -30,6 +33,7 @@ import json
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -39,6 +43,9 @@ from lazyattention.reference import attention as reference_ops
 from lazyattention.reference.cache import PagedKVCache
 from lazyattention.reference.layout import Layout, Placement, RequestLayout
 from lazyattention.reference.rope import RopeConfig
+
+if TYPE_CHECKING:  # the fast path is imported only when it is used (it needs Triton)
+    from lazyattention.fast.shared import SharingPlan
 
 __all__ = [
     "SUPPORTED_ARCHITECTURES",
@@ -252,6 +259,9 @@ class StepInputs:
         copy_dst: ``[C]`` destination slots, request-owned.
         copy_shift: ``[C]`` re-rotation ``δ`` of each copied key (eq. 9).
         logit_rows: rows of ``T`` whose logits are wanted (``None``: all).
+        sharing: a plan of ``decode``'s shared segments
+            (:func:`lazyattention.fast.shared.plan_sharing`): the decode attention then
+            runs :func:`~lazyattention.fast.shared.shared_decode` (fast backend only).
         validate: check the values of ``slots`` and ``positions`` in every layer's
             ``write_kv`` (``validate=`` there). On a GPU that reads them back, a host
             synchronisation per layer; the :class:`~lazyattention.serving.runner.ModelRunner`
@@ -267,6 +277,7 @@ class StepInputs:
     copy_dst: torch.Tensor | None = None
     copy_shift: torch.Tensor | None = None
     logit_rows: torch.Tensor | None = None
+    sharing: SharingPlan | None = None
     validate: bool = True
     num_prefill: int = field(init=False, default=0)
 
@@ -278,6 +289,8 @@ class StepInputs:
                 f"slots {tuple(self.slots.shape)} and positions {tuple(self.positions.shape)} must both be "
                 f"[{self.num_prefill + num_decode}] (prefill queries + decode requests)"
             )
+        if self.sharing is not None and (self.decode is None or self.sharing.layout is not self.decode or self.raw):
+            raise ValueError("sharing must be planned for this step's decode layout, and the cache not raw")
 
     def to(self, device: torch.device | str) -> StepInputs:
         """The same step with every tensor on ``device`` (layouts are device-free)."""
@@ -295,6 +308,7 @@ class StepInputs:
             copy_dst=move(self.copy_dst),
             copy_shift=move(self.copy_shift),
             logit_rows=move(self.logit_rows),
+            sharing=self.sharing,
             validate=self.validate,
         )
 
@@ -345,7 +359,11 @@ class Attention(nn.Module):
         if step.prefill is not None:
             prefill = ops.raw_prefill if step.raw else ops.lazy_prefill
             out[:p] = prefill(q[:p], k_cache, v_cache, step.prefill, rope)
-        if step.decode is not None:
+        if step.sharing is not None:
+            from lazyattention.fast.shared import shared_decode  # only a fast-backend step carries a plan
+
+            out[p:] = shared_decode(q[p:], k_cache, v_cache, step.decode, rope, sharing=step.sharing)
+        elif step.decode is not None:
             decode = ops.raw_decode if step.raw else ops.lazy_decode
             out[p:] = decode(q[p:], k_cache, v_cache, step.decode, rope)
         return self.o_proj(out.reshape(t, -1))

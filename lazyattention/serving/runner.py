@@ -16,6 +16,15 @@ once per step and never per layer:
 3. runs the forward: eagerly for a step with prefills (or copies), or, for a
    decode-only step on the fast backend on CUDA, by **replaying a CUDA graph**.
 
+Shared-segment decode (``shared_decode=N``, fast backend, rotated cache): a decode step
+whose layout has a segment read by ``N`` or more of its requests
+(:func:`lazyattention.fast.shared.plan_sharing`, once per step on the host) runs
+:func:`~lazyattention.fast.shared.shared_decode` in every layer — eagerly, outside the
+CUDA graphs, since the plan is data and a graph's launches are fixed per bucket. The
+plan's kernel metadata and its rest layout's block metadata travel in the step's one
+copy with everything else, and every layer reuses them. Other decode steps keep their
+graphs.
+
 CUDA graphs (as vLLM and nano-vllm capture decode). A decode-only step of ``B``
 requests whose longest block table has ``M`` blocks runs in the graph of bucket
 ``(B', M')``: ``B'`` the next power of two ``>= B``, ``M'`` the next power of two
@@ -37,7 +46,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -196,6 +205,9 @@ class ModelRunner:
         scratch_block: the block the padding rows write (default: the cache's last
             block, the scratch block of ``Model.new_cache``). Each step is checked
             never to read or write it.
+        shared_decode: run a decode step whose layout has a segment read by at least
+            this many requests through shared-segment decode, eagerly (see the module
+            docstring); ``None`` (default): never. Fast backend only.
 
     Example:
         >>> from lazyattention.serving.model import Model, ModelConfig
@@ -213,7 +225,14 @@ class ModelRunner:
         cuda_graphs: bool | None = None,
         debug: bool = False,
         scratch_block: int | None = None,
+        shared_decode: int | None = None,
     ):
+        if shared_decode is not None:
+            if isinstance(shared_decode, bool) or not isinstance(shared_decode, int) or shared_decode < 1:
+                raise ValueError(f"shared_decode must be None or an int >= 1, got {shared_decode!r}")
+            if model.backend != "fast":
+                raise ValueError(f"shared_decode needs the fast backend, got backend={model.backend!r}")
+        self.shared_decode = shared_decode
         self.model = model
         self.cache = cache
         self.debug = debug
@@ -235,6 +254,7 @@ class ModelRunner:
         self._pool = None
         self.steps_eager = 0
         self.steps_replayed = 0
+        self.steps_shared = 0  # decode steps run through shared-segment decode (eagerly)
 
     # ------------------------------------------------------------------ public
 
@@ -244,9 +264,23 @@ class ModelRunner:
         if token_ids.shape != step.slots.shape:
             raise ValueError(f"token_ids {tuple(token_ids.shape)} and slots {tuple(step.slots.shape)} differ")
         self.check_step(step)
+        sharing = self._sharing(step)
+        if sharing is not None:
+            self.steps_shared += 1
+            return self._eager(token_ids, replace(step, sharing=sharing))
         if self._graphable(step):
             return self._replay(token_ids, step)
         return self._eager(token_ids, step)
+
+    def _sharing(self, step: StepInputs):
+        """The step's sharing plan, when shared-segment decode is on and the step is a
+        decode-only step of a rotated cache with a segment that ``shared_decode`` or
+        more of its requests read; otherwise ``None``."""
+        if self.shared_decode is None or step.prefill is not None or step.decode is None or step.raw:
+            return None
+        from lazyattention.fast.shared import plan_sharing  # the fast backend is loaded already
+
+        return plan_sharing(step.decode, self.shared_decode)
 
     def check_step(self, step: StepInputs) -> None:
         """The value checks of every ``write_kv`` of the step, once, on the host; and,
@@ -289,16 +323,22 @@ class ModelRunner:
         packer.add("ids", token_ids)
         for name in ("slots", "positions", "logit_rows", "copy_src", "copy_dst", "copy_shift"):
             packer.add(name, getattr(step, name))
-        for prefix in ("prefill", "decode"):
-            layout = getattr(step, prefix)
+        layouts = {"prefill": step.prefill, "decode": step.decode}
+        if step.sharing is not None:
+            layouts["rest"] = step.sharing.rest
+            shared = self._shared_metadata(step.sharing)
+            packer.add("sharing", shared[0].tensor)
+        for prefix, layout in layouts.items():
             if layout is not None:
                 for f, t in zip(BlockMetadata._fields, self._host(layout), strict=True):
                     packer.add(f"{prefix}.{f}", t)
         views = packer.views(self._to_device(packer))
-        for prefix in ("prefill", "decode"):
-            layout = getattr(step, prefix)
+        for prefix, layout in layouts.items():
             if layout is not None:
                 layout.use_metadata(_metadata(views, prefix))
+        if step.sharing is not None:
+            meta, tiles = shared
+            step.sharing.use_metadata(meta._replace(tensor=views["sharing"]), tiles, self.model.cfg.num_kv_heads)
         device_step = StepInputs(
             slots=views["slots"],
             positions=views["positions"],
@@ -309,10 +349,21 @@ class ModelRunner:
             copy_dst=views.get("copy_dst"),
             copy_shift=views.get("copy_shift"),
             logit_rows=views.get("logit_rows"),
+            sharing=step.sharing,
             validate=self.debug,
         )
         self.steps_eager += 1
         return self.model(views["ids"], self.cache, device_step)
+
+    def _shared_metadata(self, sharing):
+        """The sharing plan's kernel metadata on the host and the tiles it is for, to
+        travel in the step's one upload (``lazyattention.fast.shared``)."""
+        from lazyattention.fast.shared import shared_tiles
+
+        cfg = self.model.cfg
+        tiles = shared_tiles(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, self.cache.block_size, self.model.dtype,
+                             self.device)  # fmt: skip
+        return sharing.build_metadata(self.device, tiles, cfg.num_kv_heads), tiles
 
     def _to_device(self, packer: _Packer) -> torch.Tensor:
         """The packed step on the model's device: on CUDA one ``non_blocking`` copy from

@@ -359,6 +359,58 @@ def test_fast_backend_serves_like_the_reference():
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
 
 
+SHARED_SCRIPT = """
+import torch
+from lazyattention.serving.engine import Engine
+from lazyattention.serving.model import Model, ModelConfig
+
+torch.set_num_threads(1)
+cfg = ModelConfig.tiny(vocab_size=64, num_layers=1)
+base = Model(cfg).init_random(0, std=0.1)
+model = Model(cfg, backend="fast")
+model.load_state_dict(base.state_dict())
+
+g = torch.Generator().manual_seed(1)
+docs = [torch.randint(0, 64, (n,), generator=g).tolist() for n in (21, 9, 16)]
+# Three requests over the same documents in different orders (each at its own offsets),
+# running together: their decode steps share segments.
+requests = [([1, 2], [docs[0], docs[1]]), ([3], [docs[1], docs[0], docs[2]]), ([4, 5, 6], [docs[2], docs[0]])]
+
+def serve(shared_decode):
+    engine = Engine(model, "lazy", num_blocks=64, block_size=8, debug=True, shared_decode=shared_decode)
+    reqs = [engine.add_request(q, d, 3) for q, d in requests]
+    engine.run_until_done()
+    engine.check_invariants()
+    return [r.output for r in reqs], engine.runner.steps_shared, engine.stats.decode_steps
+
+plain, none, _ = serve(None)
+shared, used, decodes = serve(2)
+assert none == 0 and used == decodes > 0, (used, decodes)
+assert shared == plain, (shared, plain)
+print("ok", used)
+"""
+
+
+def test_shared_decode_serves_the_same_tokens():
+    """``Engine(shared_decode=N)`` (fast backend under ``TRITON_INTERPRET=1``, in a fresh
+    process): decode steps whose requests share documents run shared-segment decode
+    and give the tokens of the per-request decode."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    result = subprocess.run([sys.executable, "-c", SHARED_SCRIPT], env=env, capture_output=True, text=True,
+                            timeout=600)  # fmt: skip
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+
+
+def test_shared_decode_is_refused_where_it_cannot_run():
+    with pytest.raises(ValueError, match="shared_decode needs the fast backend"):
+        Engine(MODEL64, "lazy", shared_decode=2)
+    with pytest.raises(ValueError, match="strategy 'raw_cache' stores keys unrotated"):
+        Engine(MODEL64, "raw_cache", shared_decode=2)
+    with pytest.raises(ValueError, match="shared_decode must be None or an int >= 1"):
+        Engine(MODEL64, "lazy", shared_decode=0)
+
+
 def test_block_attention_rerotates_without_the_yarn_attention_factor():
     """Re-rotating an encoded key is a pure rotation R(δ) (eq. 9): YaRN's attention
     factor, already in the stored key, must not be applied twice."""

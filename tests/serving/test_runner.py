@@ -275,3 +275,20 @@ def test_no_host_synchronisation_inside_a_step(graphs):
             engine.runner.run(ids, step)
         finally:
             torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs need a CUDA device")
+@pytest.mark.parametrize("num_requests", [3, 16])
+def test_shared_decode_beside_graph_replay(num_requests):
+    """``shared_decode=2``: decode steps whose requests share documents run
+    shared-segment decode eagerly, the others replay their graphs; the tokens are those
+    of the engine without it."""
+    model = _model("fast", torch.float32, "cuda")
+    outputs, runners = [], []
+    for shared in (None, 2):
+        engine = Engine(model, "lazy", num_blocks=160, block_size=8, max_num_seqs=16, shared_decode=shared)
+        outputs.append(_serve(engine, num_requests, max_new_tokens=6))
+        runners.append(engine.runner)
+    assert runners[0].steps_shared == 0 and runners[1].steps_shared > 0
+    assert runners[1].steps_replayed > 0  # the first request decodes alone: graphs stay for it
+    assert outputs[0] == outputs[1]

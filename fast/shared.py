@@ -1,0 +1,499 @@
+"""Shared-segment decode: a segment read by many requests of a batch, read once.
+
+In a decode batch, many requests may read the same cached segment (the same physical
+blocks: a popular retrieved document, a system prompt), each at its own logical start,
+hence its own shift ``δ_r``. The per-request decode (:func:`lazyattention.fast.lazy_decode`)
+reads that segment's keys and values once per request. Here they are read once for the
+whole batch: the query absorbs the shift (eq. 8), so queries of *different* requests can
+attend to the same key tile, each row rotated by its own ``p_r − δ_r``.
+
+* :func:`plan_sharing` (host, once per step): groups the batch's segment placements by
+  their physical blocks, length and stored start; a group read by at least
+  ``min_requests`` requests is *shared*. The rest of each request (its other segments and
+  its own tokens) is an ordinary :class:`~lazyattention.reference.Layout`.
+* :func:`shared_decode`: the rest through the per-request decode kernel
+  (``fast/attend.py``, with its log-sum-exp and float32 output), each shared segment
+  through :func:`_shared_kernel`, and the partials merged per (request, head) by
+  log-sum-exp (eq. 12, :func:`~lazyattention.fast.attend.merge_partials`).
+
+**The shared kernel.** A program holds one KV head and a tile of ``BLOCK_R`` *members*
+of one shared segment (a member is one request's placement of it); row ``i`` of the
+``[BLOCK_R · GP, DP]`` query tile is member ``i // GP`` and query head ``i % GP`` of the
+KV head's group. The rows are rotated once per program, in two steps
+(``R(p − δ) = R(−δ) R(p)``): ``y = m R(p_r) q`` from the query kernel, then ``R(−δ_r)``
+from the angles ``−δ_r · θ`` of each member (``[BLOCK_R, DP]``, shared by its group's
+rows) — never per key tile. The program then
+walks its share of the segment's key tiles (bulk tensor copies when ``S % BLOCK_N == 0``
+and the head dim is unpadded, row gathers otherwise: the attention kernel's
+:func:`~lazyattention.fast.attend._key_tile`) with an online softmax (eq. 11); segment
+keys are visible to every query (eq. 7), so only the last tile, past the segment's valid
+length, is masked. It writes a partial ``(out, lse)`` per (request, head) into that
+request's merge slot.
+
+**Key split.** A few popular documents give few programs (segments × member tiles ×
+``Hkv``); each segment's blocks are then split among several programs, chosen from the
+SM count as the decode's split is (about four programs per SM, at least two key tiles
+per split, at most :data:`MAX_SPLITS`), and the splits merge with the rest.
+
+**Metadata.** One int32 tensor per (device, tiles), uploaded once and cached on the
+plan: the work items ``[I, 6]`` (table offset, first and end key slot, first member,
+member count, split), the members ``[R, 3]`` (request, shift, first merge slot) and the
+shared segments' block tables, back to back. A request's merge slots past its own
+(requests read different numbers of shared segments) get work items without keys,
+which write ``lse = −inf``: every slot the merge reads is written by a kernel.
+
+Not a switch inside :func:`lazyattention.fast.lazy_decode`: whether and how a batch shares
+is data, and ``lazy_decode``'s CUDA-graph capture relies on a data-independent path. The
+caller decides (the serving engine's ``shared_decode=`` option).
+
+Shape alphabet: ``B`` requests, ``H`` heads, ``Hkv`` KV heads, ``G = H / Hkv`` (``GP``
+padded to a power of two), ``D`` head dim (``DP`` padded), ``S`` block size, ``P`` merge
+slots per request.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from lazyattention.reference.checks import check_attention_inputs
+from lazyattention.reference.layout import Layout, RequestLayout, ceil_div
+from lazyattention.reference.rope import RopeConfig
+
+from . import attend as _attend
+from . import buffers
+from .attention import _check_backend, _tables
+from .rope import RopeTables, rope_cos_sin
+from .rounding import dot_dtype
+
+__all__ = [
+    "MAX_SPLITS",
+    "MAX_SLOTS",
+    "SharedSegment",
+    "SharingPlan",
+    "plan_sharing",
+    "shared_tiles",
+    "shared_decode",
+    "attend_shared",
+]
+
+#: Most programs one shared segment's keys are split among.
+MAX_SPLITS = 8
+#: Most partials merged per request (the rest, plus each shared read times its splits).
+MAX_SLOTS = 64
+
+_ITEM, _MEMBER = 6, 3  # int32 fields per work item and per member in the metadata
+
+
+# --------------------------------------------------------------------------- device code
+
+
+@triton.jit(do_not_specialize=["G", "D", "item_off", "member_off", "table_off"])
+def _shared_kernel(
+    y_ptr, k_ptr, v_ptr, k_desc, v_desc, part_ptr, part_lse_ptr, meta_ptr,
+    freq_ptr, partner_ptr, mscale_ptr,
+    qk_scale, item_off, member_off, table_off,
+    stride_yw, stride_yh, stride_yt,
+    stride_kn, stride_ks, stride_kh, stride_vn, stride_vs, stride_vh,
+    stride_pt, stride_ph, stride_pp, stride_lt, stride_lh,
+    G, D,
+    BLOCK_R: tl.constexpr, GP: tl.constexpr, BLOCK_N: tl.constexpr, DP: tl.constexpr, S: tl.constexpr,
+    TMA: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """One work item (a tile of members of one shared segment, one share of its key
+    slots) for one KV head; grid ``(items, Hkv)``. Writes each row's partial
+    attention and log-sum-exp into ``part [B, H, P, D]`` and ``part_lse [B, H, P]``."""
+    BLOCK_M: tl.constexpr = BLOCK_R * GP
+    item = meta_ptr + item_off + tl.program_id(0) * 6
+    kv_head = tl.program_id(1)
+    table_row = meta_ptr + table_off + tl.load(item)
+    j_lo = tl.load(item + 1)
+    j_hi = tl.load(item + 2)
+    first_member = tl.load(item + 3)
+    num_members = tl.load(item + 4)
+    split = tl.load(item + 5)
+
+    # ---- the query tile: row = (member, head of the group), members from any request
+    rows = tl.arange(0, BLOCK_M)
+    mi = rows // GP
+    g = rows % GP
+    member_ok = mi < num_members
+    row_ok = member_ok & (g < G)
+    members = meta_ptr + member_off + first_member * 3
+    r = tl.load(members + mi * 3, mask=member_ok, other=0).to(tl.int64)
+    slot = tl.load(members + mi * 3 + 2, mask=member_ok, other=0) + split
+    d = tl.arange(0, DP)
+    d_ok = d < D
+    freq = tl.load(freq_ptr + d)[None, :]
+    partner = tl.load(partner_ptr + d)[None, :]
+    mscale = tl.load(mscale_ptr + d)[None, :]
+    # y = m R(p_r) q (the query kernel), then R(−δ_r): eq. (8) as R(p − δ) = R(−δ) R(p).
+    # The angles −δ·θ once per program and member ([BLOCK_R, DP]), shared by the GP rows
+    # of the member's group.
+    m = tl.arange(0, BLOCK_R)
+    shift = tl.load(members + m * 3 + 1, mask=m < num_members, other=0).to(tl.int64)
+    cos_m, sin_m = rope_cos_sin(-shift[:, None], freq)
+    cos = tl.reshape(tl.broadcast_to(cos_m[:, None, :], (BLOCK_R, GP, DP)), (BLOCK_M, DP))
+    sin = tl.reshape(tl.broadcast_to(sin_m[:, None, :], (BLOCK_R, GP, DP)), (BLOCK_M, DP))
+    y_rows = y_ptr + kv_head * stride_yh + r * stride_yt + g * DP
+    q = tl.load(y_rows[:, None] + d[None, :], mask=row_ok[:, None], other=0.0) * cos
+    q += tl.load(y_rows[:, None] + stride_yw + d[None, :], mask=row_ok[:, None], other=0.0) * sin
+    q = q.to(DOT_DTYPE)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, DP], tl.float32)
+    q_pos = tl.zeros([BLOCK_M], tl.int32)  # unused: every segment key is visible (eq. 7)
+
+    # ---- key tiles: full ones unmasked, the last (past the valid end) masked. With
+    # own_slot0 = j_hi every valid slot counts as a segment slot, visible to all rows.
+    safe_end = j_lo + (j_hi - j_lo) // BLOCK_N * BLOCK_N
+    for j0 in range(j_lo, safe_end, BLOCK_N):
+        m_i, l_i, acc = _attend._key_tile(
+            q, m_i, l_i, acc, j0, j_hi, j_hi, 0, q_pos, qk_scale,
+            k_ptr, v_ptr, k_desc, v_desc, table_row, table_row, kv_head, d, d_ok, freq, partner, mscale,
+            stride_kn, stride_ks, stride_kh, stride_vn, stride_vs, stride_vh,
+            S, BLOCK_N, DP, 0, False, TMA, DOT_DTYPE, PRECISION,
+        )  # fmt: skip
+    for j0 in range(safe_end, j_hi, BLOCK_N):
+        m_i, l_i, acc = _attend._key_tile(
+            q, m_i, l_i, acc, j0, j_hi, j_hi, 0, q_pos, qk_scale,
+            k_ptr, v_ptr, k_desc, v_desc, table_row, table_row, kv_head, d, d_ok, freq, partner, mscale,
+            stride_kn, stride_ks, stride_kh, stride_vn, stride_vs, stride_vh,
+            S, BLOCK_N, DP, 0, True, TMA, DOT_DTYPE, PRECISION,
+        )  # fmt: skip
+
+    # ---- write this member's partial into its request's merge slot
+    has_keys = l_i > 0.0
+    lse = tl.where(has_keys, (m_i + tl.log2(tl.where(has_keys, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+    head = kv_head * G + g
+    dst = r * stride_pt + head * stride_ph + slot * stride_pp
+    tl.store(part_ptr + dst[:, None] + d[None, :], out, mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(part_lse_ptr + r * stride_lt + head * stride_lh + slot, lse, mask=row_ok)
+
+
+# --------------------------------------------------------------------------- host: the plan
+
+
+@dataclass(frozen=True)
+class SharedSegment:
+    """One shared segment: its physical blocks, valid length and stored start, and its
+    members ``(request, shift δ)`` in layout order (a request that places it twice is
+    two members)."""
+
+    blocks: tuple[int, ...]
+    length: int
+    stored_start: int
+    members: tuple[tuple[int, int], ...]
+
+    @property
+    def requests(self) -> int:
+        """How many distinct requests read it."""
+        return len({r for r, _ in self.members})
+
+
+class _Metadata(NamedTuple):
+    """A plan's metadata on one device, for one tile plan."""
+
+    tensor: torch.Tensor  # int32: items, members, block tables, back to back
+    num_items: int
+    item_off: int
+    member_off: int
+    table_off: int
+    slots: int  # P: merge slots per request (slot 0 is the rest)
+    splits: tuple[int, ...]  # per shared segment
+
+
+class SharingPlan:
+    """Which segments of a decode layout are shared, and the layout of the rest.
+
+    Built by :func:`plan_sharing`; read by :func:`shared_decode`, which must get the
+    same ``layout`` object. Its device metadata is built once per device and tile plan
+    and kept (every layer of a step reuses it).
+
+    Attributes:
+        layout: the decode layout it was planned for.
+        min_requests: the sharing threshold it was planned with.
+        segments: the shared segments.
+        rest: ``layout`` with every shared placement removed from its requests.
+    """
+
+    def __init__(self, layout: Layout, min_requests: int, segments: tuple[SharedSegment, ...], rest: Layout):
+        self.layout = layout
+        self.min_requests = min_requests
+        self.segments = segments
+        self.rest = rest
+        self._metadata: dict[tuple, _Metadata] = {}
+
+    @property
+    def read_tokens(self) -> int:
+        """Shared-segment tokens the per-request decode would read (every member's)."""
+        return sum(seg.length * len(seg.members) for seg in self.segments)
+
+    @property
+    def unique_tokens(self) -> int:
+        """Shared-segment tokens the shared kernel reads (once per segment)."""
+        return sum(seg.length for seg in self.segments)
+
+    def splits(self, tiles: _attend.Plan, num_kv_heads: int, device: torch.device) -> tuple[int, ...]:
+        """Key splits per shared segment: about four programs per SM over all shared
+        work, at least two key tiles per split, at most :data:`MAX_SPLITS`, and at most
+        :data:`MAX_SLOTS` partials per request (halving the split until it fits).
+        Under the interpreter: two splits wherever a segment has more than two key
+        tiles, so that the tests cross split boundaries."""
+        key_tiles = [ceil_div(seg.length, tiles.block_n) for seg in self.segments]
+        blocks = [len(seg.blocks) for seg in self.segments]
+        if device.type == "cpu":
+            return tuple(min(b, 2 if t > 2 else 1) for t, b in zip(key_tiles, blocks, strict=True))
+        programs = num_kv_heads * sum(ceil_div(len(seg.members), tiles.block_q) for seg in self.segments)
+        want = max(1, min(MAX_SPLITS, ceil_div(4 * _attend.multiprocessors(device), programs)))
+        while True:
+            splits = tuple(min(want, b, max(1, t // 2)) for t, b in zip(key_tiles, blocks, strict=True))
+            if want == 1 or self._slots(splits) <= MAX_SLOTS:
+                return splits
+            want //= 2
+
+    def _slots(self, splits: tuple[int, ...]) -> int:
+        used = [1] * self.layout.batch_size
+        for seg, p in zip(self.segments, splits, strict=True):
+            for r, _ in seg.members:
+                used[r] += p
+        return max(used)
+
+    def host_metadata(self, tiles: _attend.Plan, splits: tuple[int, ...]) -> tuple[torch.Tensor, tuple[int, ...]]:
+        """``(tensor, (items, item_off, member_off, table_off, slots))``: the int32
+        metadata of :func:`_shared_kernel` on the host (see the module docstring)."""
+        s = self.layout.block_size
+        items, members, table = [], [], []
+        used = [1] * self.layout.batch_size  # merge slot 0 of every request: the rest
+        for seg, p in zip(self.segments, splits, strict=True):
+            t0 = len(table)
+            table.extend(seg.blocks)
+            per_split = ceil_div(len(seg.blocks), p)
+            parts = ceil_div(len(seg.blocks), per_split)  # every split has at least one block
+            m0 = len(members)
+            for r, shift in seg.members:
+                members.append((r, shift, used[r]))
+                used[r] += parts
+            for k in range(parts):  # splits outermost: programs that run together share key tiles
+                lo, hi = k * per_split * s, min((k + 1) * per_split * s, seg.length)
+                for t in range(0, len(seg.members), tiles.block_q):
+                    items.append((t0, lo, hi, m0 + t, min(tiles.block_q, len(seg.members) - t), k))
+        slots = max(used)
+        if slots > MAX_SLOTS:
+            worst = max(range(len(used)), key=used.__getitem__)
+            raise NotImplementedError(
+                f"lazyattention.fast.shared_decode: request {worst} needs {slots} partials (its rest, and each "
+                f"shared segment it reads times its splits); at most {MAX_SLOTS} are merged (raise min_requests)"
+            )
+        # The slots a request does not use get empty work items (no keys: lse = −inf,
+        # weight 0 in the merge), so that the shared kernel writes every slot.
+        m0 = len(members)
+        members += [(r, 0, k) for r in range(len(used)) for k in range(used[r], slots)]
+        for t in range(m0, len(members), tiles.block_q):
+            items.append((0, 0, 0, t, min(tiles.block_q, len(members) - t), 0))
+        flat = [x for row in items for x in row] + [x for row in members for x in row] + table
+        tensor = torch.tensor(flat, dtype=torch.int32)
+        member_off = len(items) * _ITEM
+        return tensor, (len(items), 0, member_off, member_off + len(members) * _MEMBER, slots)
+
+    def build_metadata(self, device: torch.device, tiles: _attend.Plan, num_kv_heads: int) -> _Metadata:
+        """The metadata for ``tiles`` on ``device``'s SM count, its tensor on the host
+        (for a caller that uploads it with other tensors, then :meth:`use_metadata`)."""
+        splits = self.splits(tiles, num_kv_heads, device)
+        host, (n, item_off, member_off, table_off, slots) = self.host_metadata(tiles, splits)
+        return _Metadata(host, n, item_off, member_off, table_off, slots, splits)
+
+    def use_metadata(self, meta: _Metadata, tiles: _attend.Plan, num_kv_heads: int) -> None:
+        """Use ``meta`` (from :meth:`build_metadata`, its tensor copied to its device) as
+        :meth:`metadata` there."""
+        self._metadata[(meta.tensor.device, tiles, num_kv_heads)] = meta
+
+    def metadata(self, device: torch.device, tiles: _attend.Plan, num_kv_heads: int) -> _Metadata:
+        """The metadata on ``device`` for ``tiles`` (built and uploaded once, then kept)."""
+        key = (device, tiles, num_kv_heads)
+        meta = self._metadata.get(key)
+        if meta is None:
+            meta = self.build_metadata(device, tiles, num_kv_heads)
+            meta = self._metadata[key] = meta._replace(tensor=meta.tensor.to(device))
+        return meta
+
+    def __repr__(self) -> str:
+        return (
+            f"SharingPlan(segments={len(self.segments)}, members={sum(len(s.members) for s in self.segments)}, "
+            f"min_requests={self.min_requests}, read_tokens={self.read_tokens}, unique_tokens={self.unique_tokens})"
+        )
+
+
+def plan_sharing(layout: Layout, min_requests: int = 2) -> SharingPlan | None:
+    """Find the segments of a decode ``layout`` that ``min_requests`` or more requests read.
+
+    Placements are grouped by ``(blocks, length, stored_start)``: the same cached tokens,
+    wherever each request places them (any start, hence any shift). Empty placements are
+    left to the rest.
+
+    Args:
+        layout: a decode layout (one query per request).
+        min_requests: the fewest distinct requests that make a segment shared (≥ 1).
+
+    Returns:
+        A :class:`SharingPlan`, or ``None`` when no segment is shared that widely.
+
+    Example:
+        >>> from lazyattention.reference import Placement
+        >>> doc = Placement((0, 1), 7, start=0)
+        >>> reqs = [RequestLayout((doc,), Placement((2 + r,), 2, start=7), 1) for r in range(2)]
+        >>> plan_sharing(Layout(reqs, block_size=4)).unique_tokens
+        7
+        >>> plan_sharing(Layout(reqs, block_size=4), min_requests=3) is None
+        True
+    """
+    if not isinstance(layout, Layout):
+        raise TypeError(f"layout must be a Layout, got {type(layout).__name__}")
+    if isinstance(min_requests, bool) or not isinstance(min_requests, int) or min_requests < 1:
+        raise ValueError(f"min_requests must be an int >= 1, got {min_requests!r}")
+    many = [r for r, req in enumerate(layout.requests) if req.num_queries != 1]
+    if many:
+        raise ValueError(f"plan_sharing needs a decode layout (one query per request); requests {many} have more")
+    groups: dict[tuple, list[tuple[int, int]]] = {}
+    for r, req in enumerate(layout.requests):
+        for d, seg in enumerate(req.segments):
+            if seg.length:
+                groups.setdefault((seg.blocks, seg.length, seg.stored_start), []).append((r, d))
+    shared = [(key, m) for key, m in groups.items() if len({r for r, _ in m}) >= min_requests]
+    if not shared:
+        return None
+    taken = {member for _, m in shared for member in m}
+    rest = Layout(
+        [
+            RequestLayout(
+                tuple(seg for d, seg in enumerate(req.segments) if (r, d) not in taken), req.own, req.num_queries
+            )
+            for r, req in enumerate(layout.requests)
+        ],
+        layout.block_size,
+    )
+    segments = tuple(
+        SharedSegment(blocks, length, stored, tuple((r, layout.requests[r].segments[d].shift) for r, d in m))
+        for (blocks, length, stored), m in shared
+    )
+    return SharingPlan(layout, min_requests, segments, rest)
+
+
+def shared_tiles(
+    num_heads: int, num_kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype, device: torch.device
+) -> _attend.Plan:
+    """Tiles of :func:`_shared_kernel`, as an attention :class:`~lazyattention.fast.attend.Plan`
+    whose ``block_q`` is the members per program (``BLOCK_R``) and ``gp`` the padded group.
+
+    About 64 rows (16 members of a group of 4) by 64 keys in 16-bit, over 8 warps
+    (``ptxas`` for sm_90: 188 registers, no spill, where 4 warps hit 255 and spill);
+    32 × 32 over 8 warps past head dim 128 (169 registers); 16 × 32 in float32 (head dim
+    128: 740 bytes of spill, as the attention kernel's decode; 256: about 17 KiB, slow
+    but correct); 16 × 16 under the interpreter. Bulk tensor copies
+    (``tma``) when a key tile lies in one block and the head dim needs no padding.
+    ``benchmarks/compile_sm90.py --functions shared_decode`` compiles them without a GPU."""
+    gp = triton.next_power_of_2(num_heads // num_kv_heads)
+    dp = max(16, triton.next_power_of_2(head_dim))
+    if device.type == "cpu":
+        block_m, block_n, warps, stages = 16, 16, 4, 1
+    elif dtype == torch.float32:
+        block_m, block_n, warps, stages = 16, 32, 4, 2
+    elif dp > 128:
+        block_m, block_n, warps, stages = 32, 32, 8, 2
+    else:
+        block_m, block_n, warps, stages = 64, 64, 8, 3
+    block_m = max(block_m, gp)
+    tma = block_size % block_n == 0 and dp == head_dim
+    return _attend.Plan(block_m // gp, gp, block_n, dp, 1, warps, stages, tma)
+
+
+# --------------------------------------------------------------------------- public
+
+
+def shared_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    layout: Layout,
+    rope: RopeConfig,
+    scale: float | None = None,
+    return_lse: bool = False,
+    *,
+    sharing: SharingPlan | None = None,
+):
+    """:func:`lazyattention.reference.lazy_decode`, each shared segment read once for all
+    the requests that read it (see the module docstring). Same arguments, result and
+    errors as ``lazy_decode``.
+
+    Args:
+        sharing: ``plan_sharing(layout, ...)`` for this very ``layout``; default
+            ``plan_sharing(layout)`` (segments read by two or more requests).
+
+    Raises:
+        ValueError: nothing is shared (``sharing=None`` and no segment is read by two
+            requests), or ``sharing`` was planned for another layout.
+        NotImplementedError: a request reads more shared segments than one merge takes.
+    """
+    check_attention_inputs(q, k_cache, v_cache, layout, rope, scale, True)
+    _check_backend("shared_decode", q, k_cache, v_cache)
+    if sharing is None:
+        sharing = plan_sharing(layout)
+        if sharing is None:
+            raise ValueError(
+                "lazyattention.fast.shared_decode: no segment of this layout is read by 2 or more requests; "
+                "use lazyattention.fast.lazy_decode, or pass sharing=plan_sharing(layout, min_requests=1)"
+            )
+    elif not isinstance(sharing, SharingPlan):
+        raise TypeError(f"sharing must be a SharingPlan (from plan_sharing), got {type(sharing).__name__}")
+    elif sharing.layout is not layout:
+        raise ValueError("sharing was planned for another layout: pass plan_sharing(layout) of this layout")
+    scale = _attend.default_scale(q.shape[-1], scale)
+    out, lse = attend_shared(q, k_cache, v_cache, sharing, _tables(rope, q.device), scale)
+    return (out, lse) if return_lse else out
+
+
+def attend_shared(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, sharing: SharingPlan,
+                  tables: RopeTables, scale: float) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The launches of :func:`shared_decode` on validated inputs: the rest, the shared
+    segments, the merge. Returns ``out [B, H, D]`` in ``q.dtype`` and ``lse [B, H]``."""
+    b, h, d = q.shape
+    _, s, hkv, _ = k_cache.shape
+    tiles = shared_tiles(h, hkv, d, s, q.dtype, q.device)
+    meta = sharing.metadata(q.device, tiles, hkv)
+    rest_meta = sharing.rest.metadata(q.device)
+
+    part = buffers.empty((b, h, meta.slots, d), torch.float32, q.device)
+    part_lse = buffers.empty((b, h, meta.slots), torch.float32, q.device)
+
+    # The rest: the per-request kernel, written in float32 into merge slot 0.
+    _attend.attend(q, k_cache, v_cache, rest_meta, tables, 1, scale, _attend.LAZY, True, True,
+                   out=part[:, :, 0], lse=part_lse[:, :, 0])  # fmt: skip
+
+    # The shared segments.
+    y = _attend._rotated_query(q, rest_meta, tables, 1, _attend.LAZY, hkv, tiles.gp)
+    k_desc, v_desc = _attend._cache_descriptors(k_cache, v_cache, tiles)
+    _shared_kernel[(meta.num_items, hkv)](
+        y, k_cache, v_cache, k_desc, v_desc, part, part_lse, meta.tensor,
+        tables.freq, tables.partner, tables.mscale,
+        scale * _attend.LOG2E, meta.item_off, meta.member_off, meta.table_off,
+        y.stride(0), y.stride(1), y.stride(2),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        part.stride(0), part.stride(1), part.stride(2), part_lse.stride(0), part_lse.stride(1),
+        h // hkv, d,
+        BLOCK_R=tiles.block_q, GP=tiles.gp, BLOCK_N=tiles.block_n, DP=tiles.dp, S=s,
+        TMA=k_desc is not None, DOT_DTYPE=dot_dtype(q.dtype, q.device),
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+    )  # fmt: skip
+
+    out = buffers.empty((b, h, d), q.dtype, q.device)
+    lse = buffers.empty((b, h), torch.float32, q.device)
+    _attend.merge_partials(part, part_lse, out, lse)
+    return out, lse
