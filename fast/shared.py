@@ -410,7 +410,7 @@ def shared_tiles(
         block_m, block_n, warps, stages = 64, 64, 8, 3
     block_m = max(block_m, gp)
     tma = block_size % block_n == 0 and dp == head_dim
-    return _attend.Plan(block_m // gp, gp, block_n, dp, 1, warps, stages, tma)
+    return _attend.Plan(block_m // gp, gp, block_n, dp, 1, warps, stages, tma, direct=False, flat=False)
 
 
 # --------------------------------------------------------------------------- public
