@@ -430,6 +430,31 @@ def gpu_section(result: dict, source: str, cpu_rows: list[dict]) -> str:
     )
 
 
+def targets(result: dict) -> list[dict]:
+    """The study's claims as targets, marked PASS/MISS from the rows: in float32, lazy and
+    Block-Attention agree token for token, and lazy stays within 1e-4 of the float64
+    run at every offset (the error does not grow with the position)."""
+    rows = [r for r in result["rows"] if r["dtype"] == "float32"]
+    flips = [f for f in result["flips"] if f["dtype"] == "float32"]
+    worst = _error(rows, "lazy")
+    return [
+        {
+            "target": "float32: lazy and Block-Attention give the same greedy tokens on every answer",
+            "pass": not flips,
+            "worst": len(flips),
+            "where": "; ".join(f"offset {f['offset']:,}, question {f['question']}" for f in flips) or "every offset",
+        },
+        {
+            "target": "float32: lazy's first-token logits within 1e-4 of the float64 run at every offset",
+            "pass": worst <= 1e-4,
+            "worst": worst,
+            "where": f"offsets {min(r['offset'] for r in rows):,} to {max(r['offset'] for r in rows):,}"
+            if rows
+            else "",
+        },
+    ]
+
+
 def page(result: dict, source: str, gpu: dict | None = None, gpu_source: str | None = None) -> str:
     """The docs page ``docs/concepts/quality.md`` for a result dictionary, with a
     section for a GPU run of the study when ``gpu`` (read from ``gpu_source``) is given."""
@@ -617,7 +642,13 @@ def main(argv=None) -> int:
 
     def save(partial: dict) -> None:
         if args.name:
-            partial = {**meta, **partial, "headline": headline(partial), "seconds": time.perf_counter() - began}
+            partial = {
+                **meta,
+                **partial,
+                "headline": headline(partial),
+                "targets": targets(partial),
+                "seconds": time.perf_counter() - began,
+            }
             (out / f"{args.name}.json").write_text(json.dumps(partial, indent=1) + "\n")
 
     result = run_study(
