@@ -569,6 +569,12 @@ BENCHMARK_PAGES = (
         "the document workload under every reuse strategy: TTFT, throughput, hit ratio and KV "
         "memory against popularity skew and KV budget.",
     ),
+    (
+        "shared-decode.md",
+        "Shared-segment decode",
+        "documents read by many requests of one decode batch, read once for all of them at their "
+        "own offsets, against the per-request decode.",
+    ),
 )
 
 

@@ -344,7 +344,7 @@ def plan_sharing(layout: Layout, min_requests: int = 2) -> SharingPlan | None:
     Returns:
         A :class:`SharingPlan`, or ``None`` when no segment is shared that widely.
 
-    Example:
+    Examples:
         >>> from lazyattention.reference import Placement
         >>> doc = Placement((0, 1), 7, start=0)
         >>> reqs = [RequestLayout((doc,), Placement((2 + r,), 2, start=7), 1) for r in range(2)]

@@ -57,3 +57,12 @@ def test_every_device_result_marks_its_targets():
         assert targets, f"{result.name} has no targets"
         for target in targets:
             assert isinstance(target.get("pass"), bool), (result.name, target)
+
+
+def test_shared_decode_page_is_generated_from_its_result():
+    result = RESULTS / "shared_decode_h200.json"
+    text = (ROOT / "docs" / "benchmarks" / "shared-decode.md").read_text()
+    assert text == _load("shared_decode").render(result), (
+        "docs/benchmarks/shared-decode.md is stale: "
+        "run python benchmarks/shared_decode.py --render benchmarks/results/shared_decode_h200.json"
+    )
