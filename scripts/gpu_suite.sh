@@ -45,12 +45,8 @@ grep -E "^(FAILED|ERROR)|passed|failed|s call" "$OUT/tests.log" | tail -n 30
 
 # FlashInfer, for the benchmark's side-by-side providers: from wheels in .whl/ when the
 # machine has no network (the benchmark skips its providers, saying why, without it).
-if ls .whl/*.whl >/dev/null 2>&1; then
-    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-        >"$OUT/flashinfer_install.log" 2>&1 && export PYTHONPATH=$PYTHONPATH:/tmp/site
-    export FLASHINFER_WORKSPACE_BASE=/tmp/fiws FLASHINFER_CUDA_ARCH_LIST=9.0 CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
-    export MAX_JOBS=${MAX_JOBS:-14}
-fi
+source scripts/flashinfer_wheels.sh
+
 if [ -z "${SKIP_SERVING:-}" ]; then
 start=$(date +%s)
 timeout "${SERVING_TIMEOUT:-300}" $PY -m pytest tests/serving/test_runner.py tests/serving/test_engine.py -k "runner or fast_backend" \

@@ -36,12 +36,7 @@ tests_s=$(($(date +%s) - START))
 grep -E "^(FAILED|ERROR)|passed|failed|s call|Error" "$OUT/shared_tests.log" | tail -n 25
 grep -E "^(FAILED|ERROR)|passed|failed|s call" "$OUT/shared_serving.log" | tail -n 8
 
-if ls .whl/*.whl >/dev/null 2>&1; then
-    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-        >"$OUT/flashinfer_install.log" 2>&1 && export PYTHONPATH=$PYTHONPATH:/tmp/site
-    export FLASHINFER_WORKSPACE_BASE=/tmp/fiws FLASHINFER_CUDA_ARCH_LIST=9.0 CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
-    export MAX_JOBS=${MAX_JOBS:-14}
-fi
+source scripts/flashinfer_wheels.sh
 
 left=$((BUDGET - ($(date +%s) - START)))
 [ "$left" -lt 30 ] && left=30

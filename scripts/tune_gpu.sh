@@ -19,11 +19,7 @@ export PYTHONUNBUFFERED=1
 
 begin=$(date +%s)
 nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1
-if ls .whl/*.whl >/dev/null 2>&1; then
-    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-        >"$OUT/flashinfer_install.log" 2>&1 && export PYTHONPATH=$PYTHONPATH:/tmp/site
-    export FLASHINFER_WORKSPACE_BASE=/tmp/fiws FLASHINFER_CUDA_ARCH_LIST=9.0 CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
-fi
+source scripts/flashinfer_wheels.sh
 
 start=$(date +%s)
 timeout "${TUNE_TIMEOUT:-170}" $PY benchmarks/tune_h200.py --out "$OUT/tune_h200.json" --budget "${TUNE_BUDGET:-135}" \
