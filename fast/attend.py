@@ -188,6 +188,17 @@ def _softmax_update(s, v, m_i, l_i, acc, MASKED: tl.constexpr, DOT_DTYPE: tl.con
 
 
 @triton.jit
+def _finish(m_i, l_i, acc):
+    """The online softmax's result (eq. 11): ``out = acc / l`` and ``lse`` in natural log
+    (the running max and sum are base 2, hence the ln 2); a row that saw no key gets
+    ``lse = −inf`` and a zero output."""
+    has_keys = l_i > 0.0
+    lse = tl.where(has_keys, (m_i + tl.log2(tl.where(has_keys, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+    return out, lse
+
+
+@triton.jit
 def _run_end(shift_row, len_row, b, end_block, S: tl.constexpr, BY_SHIFT: tl.constexpr, SCAN: tl.constexpr):
     """The run that starts at block ``b``: ``(end block, shift, valid slots of its last block)``.
 
@@ -493,10 +504,7 @@ def _attention_kernel(
     # ---- write: the normalised output, or this split's partial (decode)
     out_rows = (q_lo + tok).to(tl.int64) * stride_ot + head * stride_oh
     lse_rows = (q_lo + tok).to(tl.int64) * stride_lt + head * stride_lh
-    has_keys = l_i > 0.0
-    # lse in natural log (eq. 11): the running max and sum are base 2, hence the ln 2.
-    lse = tl.where(has_keys, (m_i + tl.log2(tl.where(has_keys, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
-    out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+    out, lse = _finish(m_i, l_i, acc)
     if SPLIT:
         out_rows += split * stride_op
         lse_rows += split

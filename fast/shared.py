@@ -168,9 +168,7 @@ def _shared_kernel(
         )  # fmt: skip
 
     # ---- write this member's partial into its request's merge slot
-    has_keys = l_i > 0.0
-    lse = tl.where(has_keys, (m_i + tl.log2(tl.where(has_keys, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
-    out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+    out, lse = _attend._finish(m_i, l_i, acc)
     head = kv_head * G + g
     dst = r * stride_pt + head * stride_ph + slot * stride_pp
     tl.store(part_ptr + dst[:, None] + d[None, :], out, mask=row_ok[:, None] & d_ok[None, :])
