@@ -483,10 +483,7 @@ def page(result: dict, source: str, gpu: dict | None = None, gpu_source: str | N
         return _error(rows, strategy, dtypes, offset)
 
     def acc(strategy, offset=None):
-        picked = [
-            r for r in rows if (r["strategy"], r["dtype"]) == (strategy, "float32") and offset in (None, r["offset"])
-        ]
-        return sum(r["accuracy"] for r in picked) / max(1, len(picked))
+        return _mean(rows, strategy=strategy, dtype="float32", **({} if offset is None else {"offset": offset}))
 
     tail = _PAGE_TAIL.format(
         flip_sentence=_flip_sentence(result),
