@@ -7,8 +7,9 @@ This script tells Triton's JIT that the current device is an sm_90 GPU, runs the
 launchers of ``fast/attend.py`` and ``fast/cache.py`` on ``meta`` tensors (shapes and
 dtypes, no data) with every launch turned into a compile-only warm-up, and reports for
 each compiled kernel what the H100 / H200 would check when loading it: the shared memory
-it needs against the hardware limit (232,448 bytes per block on sm_90), and ``ptxas -v``'s
-registers and spill bytes. It exits non-zero when some configuration would not load.
+it needs against the hardware limit (232,448 bytes per block on sm_90), and the registers
+and spill bytes that ``ptxas -v`` reports for that kernel's own PTX. It exits non-zero
+when some configuration would not load.
 
 A configuration is (function, head dim, dtype, block size, GQA group); the plans are
 those :func:`lazyattention.fast.attend.plan` chooses on a 132-SM device. Triton's cache
@@ -23,10 +24,11 @@ import io
 import itertools
 import os
 import re
+import subprocess
 import sys
+import tempfile
 
 os.environ.pop("TRITON_INTERPRET", None)
-os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
 
 import torch
 import triton
@@ -134,24 +136,20 @@ def compile_all(configs) -> list[dict]:
     attend.multiprocessors = lambda device: SMS
     try:
         for i, cfg in enumerate(configs):
-            log = io.StringIO()
             error = None
-            with contextlib.redirect_stdout(log):
+            with contextlib.redirect_stdout(io.StringIO()):
                 try:
                     configure(*cfg)
                 except Exception as exc:  # reported, and the exit status says so
                     error = f"{type(exc).__name__}: {str(exc)[:300]}"
-            regs = [int(x) for x in re.findall(r"Used (\d+) registers", log.getvalue())]
-            spills = [int(x) for x in re.findall(r"(\d+) bytes spill stores", log.getvalue())]
             for fn in _kernels():
                 for key, kernel in fn.device_caches[0][0].items():
                     if (fn.fn.__name__, key) in seen:
                         continue
                     seen.add((fn.fn.__name__, key))
                     rows.append({"config": cfg, "kernel": fn.fn.__name__, "shared": kernel.metadata.shared,
-                                 "warps": kernel.metadata.num_warps, "stages": kernel.metadata.num_stages})  # fmt: skip
-            if rows and regs:
-                rows[-1].update(regs=max(regs), spills=max(spills, default=0))
+                                 "warps": kernel.metadata.num_warps, "stages": kernel.metadata.num_stages,
+                                 **ptxas_usage(kernel.asm["ptx"])})  # fmt: skip
             if error:
                 rows.append({"config": cfg, "kernel": "?", "error": error})
             print(f"[{i + 1}/{len(configs)}] {_name(cfg)}" + (f"  ERROR {error}" if error else ""), file=sys.stderr)
@@ -159,6 +157,21 @@ def compile_all(configs) -> list[dict]:
         JITFunction.run = _run
 
     return rows
+
+
+def ptxas_usage(ptx: str) -> dict:
+    """``{"regs", "spills"}`` of one kernel: its PTX assembled for sm_90a by Triton's ptxas
+    with ``-v`` (each compiled kernel on its own, so the figures are that kernel's)."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as src:
+        src.write(ptx)
+        src.flush()
+        log = subprocess.run([get_ptxas(90).path, "-v", "--gpu-name=sm_90a", src.name, "-o", os.devnull],
+                             capture_output=True, text=True, check=True).stderr  # fmt: skip
+    regs = re.findall(r"Used (\d+) registers", log)
+    spills = re.findall(r"(\d+) bytes spill stores", log)
+    return {"regs": max(map(int, regs), default=0), "spills": max(map(int, spills), default=0)}
 
 
 def _kernels():
@@ -192,8 +205,8 @@ def main() -> None:
             continue
         over = r["shared"] > SM90_SHARED_LIMIT
         bad += over
-        spill = f" regs {r.get('regs', '?')} spills {r.get('spills', '?')}" if "regs" in r else ""
-        print(f"{'OVER ' if over else 'ok   '}{r['kernel']:20} shared {r['shared']:6d}{spill}  ({_name(r['config'])})")
+        print(f"{'OVER ' if over else 'ok   '}{r['kernel']:20} shared {r['shared']:6d} regs {r['regs']:3d} "
+              f"spills {r['spills']:4d}  ({_name(r['config'])})")  # fmt: skip
     print(f"{len(rows)} kernels compiled for sm_90, {bad} would not load")
     sys.exit(1 if bad else 0)
 

@@ -1,7 +1,7 @@
 """Time the split counts, tiles and kernel variants of the shapes where the fast path
 loses, in one GPU call (tuning aid; writes what ``fast/attend.py:plan`` is set from).
 
-Run: ``python benchmarks/tune_h200.py --out FILE [--baseline DIR] [--budget SECONDS]``
+Run: ``python benchmarks/tune_h200.py --out FILE [--baseline DIR] [--budget SECONDS] [--kinds prefill]``
 (``scripts/tune_gpu.sh`` does, with the compiled attention tests after it).
 
 The shapes and providers are those of ``benchmarks/kernels.py`` (bf16, 32/8 heads, head
@@ -13,8 +13,11 @@ best case), restricted to the rows where the lazy kernels lost on the H200:
   per split), the flat key loop across runs against the loop per run
   (``Plan.flat``), the query rotated in the attention kernel against the two-step
   rotation of a query kernel (``Plan.direct``), and a few key tiles / warps / stages;
-* **prefill**, one request of 128 query tokens over 8 documents of 512 or 4096 tokens:
-  ``P`` ∈ {1, 2, 4, 8, 16}, and a few query / key tiles, warps and stages.
+* **prefill**, 128 query tokens over 8 documents of 512 or 4096 tokens (one request,
+  and 8 over 512-token documents): ``P`` ∈ {2, 4, 8}, a few query / key tiles, warps and
+  stages, the flat key loop, and the query rotated by the attention kernel itself (each
+  row at its own position) against the two-step rotation; the query kernel (the two-step
+  rotation's first step) is also timed alone.
 
 Each variant is checked against the float64 truth of ``benchmarks/kernels.py``
 (``expected_outputs``, ``max|diff| <= 0.02``) before it is timed by CUDA-graph replay; a
@@ -71,12 +74,16 @@ DEVICE = torch.device("cuda")
 #: other tiles; 1: every split count with the flat loop; both: the plan's split without.
 DECODE_SHAPES = [(1, 16384, 512, 2), (1, 1024, 512, 1), (16, 4096, 512, 2), (16, 16384, 512, 1), (1, 4096, 512, 1),
                  (1, 65536, 512, 1), (64, 4096, 512, 1), (16, 16384, 4096, 1)]  # fmt: skip
-PREFILL_SHAPES = [(1, 128, 4096), (1, 128, 512)]  # (B, Tq, document length), 8 documents
+PREFILL_SHAPES = [(1, 128, 512), (1, 128, 4096), (8, 128, 512)]  # (B, Tq, document length), 8 documents
 #: (block_n, warps, stages) of decode; the first is the plan's.
 DECODE_TILES = [(64, 4, 4), (64, 4, 2), (32, 4, 4), (64, 8, 4)]
 #: (block_m, block_n, warps, stages) of prefill; the first is the plan's.
-PREFILL_TILES = [(64, 64, 4, 3), (64, 64, 4, 2), (128, 64, 8, 3)]
-PREFILL_SPLITS = (1, 2, 4, 8, 16)
+PREFILL_TILES = [(64, 64, 4, 3), (64, 64, 8, 3)]
+PREFILL_SPLITS = (2, 4, 8)
+#: (direct, flat) of prefill: the query rotated by the attention kernel itself, each row
+#: at its own position, or in two steps (the query kernel, then ``R(−δ)`` per run); one
+#: key loop across runs, or a loop per run.
+PREFILL_ROTATIONS = [(False, False), (False, True), (True, False), (True, True)]
 
 
 def decode_splits(batch: int, plan_splits: int, key_tiles: int) -> list[int]:
@@ -116,7 +123,7 @@ def timed(rows: list, clock: Clock, fn, truth: torch.Tensor, check_rows: int, **
         row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
     rows.append(row)
     rate = row.get("ms") and (row["bytes"] / row["ms"] / 1e9 if "bytes" in row else row["flops"] / row["ms"] / 1e9)
-    what = {k: row[k] for k in ("variant", "splits", "tiles", "flat") if k in row}
+    what = {k: row[k] for k in ("variant", "splits", "tiles", "flat", "direct") if k in row}
     print(f"{row['kind']} {row['shape']} {what} ms={row.get('ms')} rate={rate} "
           f"diff={row.get('max_diff')} {row.get('error', '')}", flush=True)  # fmt: skip
     return row
@@ -198,16 +205,23 @@ def prefill_shape(rows, clock, batch, tq, doc, fi, base):
         timed(rows, clock, fn, truth[name], tq, **shape, variant=f"{name}_plan", splits=plan.splits,
               tiles=[plan.block_q * plan.gp, plan.block_n, plan.num_warps, plan.num_stages],
               flat=plan.flat)  # fmt: skip
+    # The two-step rotation's first step alone: the query kernel, y = m R(p) q.
+    query_kernel = lambda: fast_attend._rotated_query(q, meta, tables, tq, fast_attend.LAZY, KV_HEADS, plan.gp)  # noqa: E731
+    query_kernel()
+    rows.append({**shape, "variant": "query_kernel", "ms": bench_graph(query_kernel)})
+    print(f"prefill {shape['shape']} query kernel alone ms={rows[-1]['ms']}", flush=True)
     for block_m, block_n, warps, stages in PREFILL_TILES:
         block_q = max(1, block_m // plan.gp)
-        for p in PREFILL_SPLITS:
-            tiles = plan._replace(block_q=block_q, block_n=block_n, num_warps=warps, num_stages=stages, splits=p)
-            for name, mode in (("lazy", fast_attend.LAZY), ("norot", fast_attend.NONE)):
-                if name == "norot" and (block_m, block_n, warps, stages) != PREFILL_TILES[0]:
-                    continue
-                fn = call(fast_attend, q, k_cache, v_cache, meta, tables, tq, mode, False, tiles)
-                timed(rows, clock, fn, truth[name], tq, **shape, variant=name, splits=p,
-                      tiles=[block_m, block_n, warps, stages], flat=False)  # fmt: skip
+        for direct, flat in PREFILL_ROTATIONS:
+            for p in PREFILL_SPLITS:
+                tiles = plan._replace(block_q=block_q, block_n=block_n, num_warps=warps, num_stages=stages, splits=p,
+                                      direct=direct, flat=flat)  # fmt: skip
+                for name, mode in (("lazy", fast_attend.LAZY), ("norot", fast_attend.NONE)):
+                    if name == "norot" and (direct or flat):
+                        continue
+                    fn = call(fast_attend, q, k_cache, v_cache, meta, tables, tq, mode, False, tiles)
+                    timed(rows, clock, fn, truth[name], tq, **shape, variant=name, splits=p,
+                          tiles=[block_m, block_n, warps, stages], flat=flat, direct=direct)  # fmt: skip
 
 
 def load_baseline(path: str | None):
@@ -240,7 +254,7 @@ def summary(rows: list[dict]) -> list[dict]:
                     "base_norot_ms": (pick("base_norot") or {}).get("ms"),
                     "plan_ms": plan and plan["ms"], "plan_splits": plan and plan.get("splits"),
                     "best_ms": best and best["ms"],
-                    "best": best and {k: best.get(k) for k in ("splits", "tiles", "flat")},
+                    "best": best and {k: best.get(k) for k in ("splits", "tiles", "flat", "direct")},
                     "best_norot_ms": (pick("norot") or {}).get("ms"),
                     "two_step_ms": (pick("lazy_two_step") or {}).get("ms"),
                     "bytes": mine[0].get("bytes") if mine else None})  # fmt: skip
@@ -270,6 +284,8 @@ def main() -> None:
     parser.add_argument("--out", required=True, help="where to write the JSON results")
     parser.add_argument("--baseline", help="a folder holding another checkout's fast/ as the package basefast")
     parser.add_argument("--budget", type=float, default=150.0, help="seconds after which no variant starts")
+    parser.add_argument("--kinds", nargs="+", choices=("decode", "prefill"), default=["decode", "prefill"],
+                        help="which shapes to time (default: both)")  # fmt: skip
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/tune_h200.py needs a CUDA device")
@@ -281,8 +297,9 @@ def main() -> None:
     result = {"environment": environment(fi), "ceilings": ceilings(), "flashinfer_skipped": fi_reason,
               "baseline": args.baseline, "budget_s": args.budget, "rows": []}  # fmt: skip
     rows = result["rows"]
-    work = [(decode_shape, shape) for shape in DECODE_SHAPES]
-    work[2:2] = [(prefill_shape, shape) for shape in PREFILL_SHAPES]  # after the two B=1 decode shapes
+    work = [(decode_shape, shape) for shape in DECODE_SHAPES] if "decode" in args.kinds else []
+    if "prefill" in args.kinds:
+        work[2:2] = [(prefill_shape, shape) for shape in PREFILL_SHAPES]  # after the two B=1 decode shapes
     for fn, shape in work:
         try:
             fn(rows, clock, *shape, fi, base)

@@ -286,17 +286,32 @@ def _key_tile(
 
 
 @triton.jit
-def _query_at_shift(shift, y, yp, x, xp, q_at, freq_1d, mscale, DIRECT: tl.constexpr, DOT_DTYPE: tl.constexpr):
+def _tile_cos_sin(n, freq_1d, ROWS: tl.constexpr):
+    """cos and sin of the angles ``n · F`` for a query tile, broadcastable to ``[BLOCK_M, DP]``:
+    one ``[DP]`` vector when every row is at one position (``n`` is ``[1]``), a
+    ``[BLOCK_M, DP]`` tile when each row has its own (``ROWS``: ``n`` is ``[BLOCK_M, 1]``)."""
+    if ROWS:
+        cos, sin = rope_cos_sin(n, freq_1d[None, :])
+    else:
+        cos_1d, sin_1d = rope_cos_sin(n, freq_1d)
+        cos, sin = cos_1d[None, :], sin_1d[None, :]
+    return cos, sin
+
+
+@triton.jit
+def _query_at_shift(shift, y, yp, x, xp, q_at, freq_1d, mscale, DIRECT: tl.constexpr, ROWS: tl.constexpr,
+                    DOT_DTYPE: tl.constexpr):  # fmt: skip
     """The query tile rotated for keys of shift ``δ`` (eq. 8), as the dot's operand.
 
-    ``DIRECT`` (one token per tile, at position ``q_at``): ``m R(p − δ) x`` from the
-    pre-RoPE query ``x`` and its partner channels ``xp``. Otherwise
-    ``R(p − δ) = R(−δ) R(p)`` from ``y = m R(p) x`` and its partner channels ``yp``
-    (:func:`_query_kernel`). Either way one ``[DP]`` vector of angles.
+    ``DIRECT``: ``m R(p − δ) x`` from the pre-RoPE query ``x`` and its partner channels
+    ``xp``, at the query positions ``q_at`` (one ``[DP]`` vector of angles for a tile of one
+    token, a ``[BLOCK_M, DP]`` tile with ``ROWS``). Otherwise ``R(p − δ) = R(−δ) R(p)``
+    from ``y = m R(p) x`` and its partner channels ``yp`` (:func:`_query_kernel`): one
+    ``[DP]`` vector of angles.
     """
     if DIRECT:
-        cos, sin = rope_cos_sin(q_at - shift.to(tl.int64), freq_1d)
-        q = (x.to(tl.float32) * cos[None, :] + xp.to(tl.float32) * sin[None, :]) * mscale
+        cos, sin = _tile_cos_sin(q_at - shift.to(tl.int64), freq_1d, ROWS)
+        q = (x.to(tl.float32) * cos + xp.to(tl.float32) * sin) * mscale
     else:
         cos, sin = rope_cos_sin(tl.zeros([1], tl.int64) - shift.to(tl.int64), freq_1d)
         q = y * cos[None, :] + yp * sin[None, :]
@@ -305,17 +320,17 @@ def _query_at_shift(shift, y, yp, x, xp, q_at, freq_1d, mscale, DIRECT: tl.const
 
 @triton.jit
 def _requery(q, shift, shift_ptr, y_desc, y_row, y_rows_per_w, x, xp, q_at, freq_1d, mscale,
-             DIRECT: tl.constexpr, DOT_DTYPE: tl.constexpr):  # fmt: skip
+             DIRECT: tl.constexpr, ROWS: tl.constexpr, DOT_DTYPE: tl.constexpr):  # fmt: skip
     """The flat key loop's query for the key tile whose block's shift is at ``shift_ptr``:
     ``q`` unchanged while the shift is, re-rotated (``y`` reloaded) where it changes."""
     tile_shift = tl.load(shift_ptr)
     if tile_shift != shift:
         if DIRECT:
-            q = _query_at_shift(tile_shift, x, xp, x, xp, q_at, freq_1d, mscale, DIRECT, DOT_DTYPE)
+            q = _query_at_shift(tile_shift, x, xp, x, xp, q_at, freq_1d, mscale, DIRECT, ROWS, DOT_DTYPE)
         else:
             y_new = y_desc.load([y_row, 0])
             yp_new = y_desc.load([y_row + y_rows_per_w, 0])
-            q = _query_at_shift(tile_shift, y_new, yp_new, x, xp, q_at, freq_1d, mscale, DIRECT, DOT_DTYPE)
+            q = _query_at_shift(tile_shift, y_new, yp_new, x, xp, q_at, freq_1d, mscale, DIRECT, ROWS, DOT_DTYPE)
     return q, tile_shift
 
 
@@ -382,6 +397,7 @@ def _attention_kernel(
     EMULATE_RTNE: tl.constexpr,
 ):
     BLOCK_M: tl.constexpr = BLOCK_Q * GP
+    ROWS: tl.constexpr = BLOCK_Q > 1  # rows at different positions (prefill)
     # Heaviest tiles (last queries: most own keys) first, for a better tail.
     q_tile = tl.num_programs(0) - 1 - tl.program_id(0)
     r = tl.program_id(1)
@@ -441,10 +457,13 @@ def _attention_kernel(
             q = x.to(DOT_DTYPE)
         else:
             xp = tl.load(q_rows[:, None] + partner, mask=x_mask, other=0.0)
-            q_at = tl.zeros([1], tl.int64) + first_q_pos.to(tl.int64)
+            if ROWS:
+                q_at = q_pos.to(tl.int64)[:, None]
+            else:
+                q_at = tl.zeros([1], tl.int64) + first_q_pos.to(tl.int64)
             if MODE == 1:
-                cos, sin = rope_cos_sin(q_at, freq_1d)
-                q = ((x.to(tl.float32) * cos[None, :] + xp.to(tl.float32) * sin[None, :]) * mscale).to(DOT_DTYPE)
+                cos, sin = _tile_cos_sin(q_at, freq_1d, ROWS)
+                q = ((x.to(tl.float32) * cos + xp.to(tl.float32) * sin) * mscale).to(DOT_DTYPE)
             else:
                 q = tl.zeros([BLOCK_M, DP], dtype=DOT_DTYPE)  # set at the start of each run
         y, yp = 0, 0  # what _query_at_shift reads on the other path
@@ -471,7 +490,7 @@ def _attention_kernel(
         run_end, shift, last_len = _run_end(block_shift_ptr + meta, block_len_ptr + meta, b, block_hi, S,
                                             MODE == 0 and not FLAT, 64)  # fmt: skip
         if MODE == 0:
-            q = _query_at_shift(shift, y, yp, x, xp, q_at, freq_1d, mscale, DIRECT, DOT_DTYPE)
+            q = _query_at_shift(shift, y, yp, x, xp, q_at, freq_1d, mscale, DIRECT, ROWS, DOT_DTYPE)
         run_lo = b * S
         valid_end = (run_end - 1) * S + last_len
         tile_end = tl.minimum(valid_end, visible_to_none)
@@ -480,7 +499,7 @@ def _attention_kernel(
         for j0 in range(run_lo, safe_end, BLOCK_N):
             if FLAT:
                 q, shift = _requery(q, shift, block_shift_ptr + meta + j0 // S, y_desc, y_row, y_rows_per_w, x, xp,
-                                    q_at, freq_1d, mscale, DIRECT, DOT_DTYPE)  # fmt: skip
+                                    q_at, freq_1d, mscale, DIRECT, ROWS, DOT_DTYPE)  # fmt: skip
             m_i, l_i, acc = _key_tile(
                 q, m_i, l_i, acc, j0, valid_end, own_slot0, own_start, q_pos, qk_scale,
                 k_ptr, v_ptr, k_desc, v_desc, block_table_ptr + meta, block_pos_ptr + meta,
@@ -491,7 +510,7 @@ def _attention_kernel(
         for j0 in range(safe_end, tile_end, BLOCK_N):
             if FLAT:
                 q, shift = _requery(q, shift, block_shift_ptr + meta + j0 // S, y_desc, y_row, y_rows_per_w, x, xp,
-                                    q_at, freq_1d, mscale, DIRECT, DOT_DTYPE)  # fmt: skip
+                                    q_at, freq_1d, mscale, DIRECT, ROWS, DOT_DTYPE)  # fmt: skip
             m_i, l_i, acc = _key_tile(
                 q, m_i, l_i, acc, j0, valid_end, own_slot0, own_start, q_pos, qk_scale,
                 k_ptr, v_ptr, k_desc, v_desc, block_table_ptr + meta, block_pos_ptr + meta,
@@ -760,6 +779,8 @@ def attend(
     pl = tiles or plan(h, hkv, d, s, q.dtype, q.device, decode, b * hkv, m * s, max_queries)
     if tables.freq.shape[0] != pl.dp:
         raise ValueError(f"rope tables padded to {tables.freq.shape[0]} channels, the plan needs {pl.dp}")
+    if pl.flat and s % pl.block_n:
+        raise ValueError(f"the flat key loop needs key tiles inside one block: block size {s}, key tile {pl.block_n}")
     if mode == RAW:
         pl = pl._replace(tma=False)  # the raw keys' partner channels are gathered anyway
     k_desc, v_desc = _cache_descriptors(k_cache, v_cache, pl)
@@ -774,7 +795,7 @@ def attend(
     else:
         dest, dest_lse = out, lse
         stride_op = 0
-    direct = pl.direct and pl.block_q == 1  # one token per tile: the kernel rotates the raw query itself
+    direct = pl.direct
     if direct:
         y_desc, y_rows_per_w = None, 0
     else:
@@ -795,7 +816,7 @@ def attend(
         meta.block_table.stride(0),
         h // hkv, d, blocks_per_split, pl.splits,
         BLOCK_Q=pl.block_q, GP=pl.gp, BLOCK_N=pl.block_n, DP=pl.dp, S=s,
-        MODE=mode, TMA=k_desc is not None, DIRECT=direct, FLAT=pl.flat and direct and mode == LAZY, SPLIT=pl.splits > 1,
+        MODE=mode, TMA=k_desc is not None, DIRECT=direct, FLAT=pl.flat and mode == LAZY, SPLIT=pl.splits > 1,
         DOT_DTYPE=dot_dtype(q.dtype, q.device),
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         WRITE_LSE=return_lse or pl.splits > 1,
@@ -814,7 +835,7 @@ def _rotated_query(q, meta: BlockMetadata, tables: RopeTables, max_queries: int,
     tq, h, d = q.shape
     dp = tables.freq.shape[0]
     y = buffers.empty((2 if mode == LAZY else 1, num_kv_heads, tq, gp, dp), torch.float32, q.device)
-    block_t = max(1, 64 // gp)
+    block_t = max(1, 16 // gp)
     grid = (triton.cdiv(max_queries, block_t), meta.cu_queries.shape[0] - 1, num_kv_heads)
     _query_kernel[grid](
         q, y, meta.query_start, meta.cu_queries, tables.freq, tables.partner, tables.mscale,

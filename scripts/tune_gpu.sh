@@ -23,14 +23,14 @@ source scripts/flashinfer_wheels.sh
 
 start=$(date +%s)
 timeout "${TUNE_TIMEOUT:-170}" $PY benchmarks/tune_h200.py --out "$OUT/tune_h200.json" --budget "${TUNE_BUDGET:-135}" \
-    ${BASELINE:+--baseline "$BASELINE"} >"$OUT/tune.log" 2>&1
+    ${BASELINE:+--baseline "$BASELINE"} ${TUNE_ARGS:-} >"$OUT/tune.log" 2>&1
 tune_rc=$?
 tune_s=$(($(date +%s) - start))
 
 # The tests get what is left of DEADLINE seconds (the whole call), at least 30.
 start=$(date +%s)
 left=$((${DEADLINE:-285} - (start - begin)))
-LAZYATTN_GPU_SUITE=1 timeout "$((left > 30 ? left : 30))" $PY -m pytest tests/fast/test_attention.py -q -p no:warnings -n 16 -x \
+LAZYATTN_GPU_SUITE=1 timeout "$((left > 30 ? left : 30))" $PY -m pytest ${TESTS:-tests/fast/test_attention.py} -q -p no:warnings -n 16 -rfE \
     --junitxml="$OUT/junit.xml" >"$OUT/tests.log" 2>&1
 tests_rc=$?
 tests_s=$(($(date +%s) - start))

@@ -156,46 +156,57 @@ def test_common_shift_changes_nothing(case, shift, name):
     properties.shift_invariance(fast, name, case, torch.bfloat16, DEVICE, shift)
 
 
-#: Decode over runs of one shift that meet at full-block boundaries (documents of 32 and
-#: 48 tokens in blocks of 16), at partly filled blocks (40 and 23 tokens) and past 65,536.
-RUNS = Case(
-    (DocSpec(40), DocSpec(23), DocSpec(32), DocSpec(48)),
-    (
-        RequestSpec((SegmentSpec(0, 70_000), SegmentSpec(1, 5), SegmentSpec(2, 100), SegmentSpec(3, 132)), 20, 200,
-                    200, 1),
-        RequestSpec((SegmentSpec(2, 0), SegmentSpec(3, 32), SegmentSpec(0, 80)), 3, 120, 120, 1),
-    ),
-    16,
-    8,
-    2,
-    RopeConfig(head_dim=64),
-    seed=13,
-)  # fmt: skip
+#: Runs of one shift that meet at full-block boundaries (documents of 32 and 48 tokens in
+#: blocks of 16), at partly filled blocks (40 and 23 tokens) and past 65,536; one query
+#: per request (decode), or ``num_queries`` own tokens (prefill).
+def runs_case(num_queries: int = 1) -> Case:
+    own = max(20, num_queries)
+    return Case(
+        (DocSpec(40), DocSpec(23), DocSpec(32), DocSpec(48)),
+        (
+            RequestSpec((SegmentSpec(0, 70_000), SegmentSpec(1, 5), SegmentSpec(2, 100), SegmentSpec(3, 132)), own,
+                        200, 200, num_queries),
+            RequestSpec((SegmentSpec(2, 0), SegmentSpec(3, 32), SegmentSpec(0, 80)), max(3, num_queries), 120, 120,
+                        num_queries),
+        ),
+        16,
+        8,
+        2,
+        RopeConfig(head_dim=64),
+        seed=13,
+    )  # fmt: skip
+
+
+#: (function, direct, flat): the query rotated inside the attention kernel (``direct``;
+#: prefill: each row at its own position) or in two steps (the query kernel, then
+#: ``R(−δ)`` per run), its keys walked in a loop per run or one flat loop across runs.
+KEY_LOOPS = [("lazy_decode", True, False), ("lazy_decode", True, True), ("lazy_decode", False, True),
+             ("lazy_prefill", False, False), ("lazy_prefill", False, True), ("lazy_prefill", True, False),
+             ("lazy_prefill", True, True)]  # fmt: skip
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("flat", [False, True], ids=["loop_per_run", "flat_loop"])
+@pytest.mark.parametrize(("name", "direct", "flat"), KEY_LOOPS, ids=lambda v: str(v))
 @pytest.mark.parametrize("splits", [1, 3])
-def test_decode_key_loops(flat, splits, dtype, monkeypatch):
-    """Decode with the query rotated inside the attention kernel, walking its keys in a
-    loop per run or in one flat loop across runs (the query re-rotated where a key
-    tile's shift changes), whole or split: both forms of the plan, forced here."""
+def test_key_loops(name, direct, flat, splits, dtype, monkeypatch):
+    """Every form of the key loop the plan can take, whole or split, forced here: the
+    flat loop re-rotates the query where a key tile's shift changes (inside the loop),
+    the loop per run at each run's start."""
     plan = _attend.plan
 
     def forced(*args, **kwargs):
         pl = plan(*args, **kwargs)
-        assert pl.direct, "a 16-bit decode with key tiles inside one block rotates the raw query in the kernel"
-        return pl._replace(flat=flat, splits=splits)
+        assert pl.tma, "the flat loop needs key tiles inside one block"
+        return pl._replace(direct=direct, flat=flat, splits=splits)
 
     monkeypatch.setattr(_attend, "plan", forced)
-    check("lazy_decode", _with_tma_blocks(RUNS), dtype)
+    check(name, _with_tma_blocks(runs_case(1 if name.endswith("decode") else 19)), dtype)
 
 
 def _with_tma_blocks(case: Case) -> Case:
     """``case`` at a block size whose key tiles lie inside one block: under the
-    interpreter (16-key tiles) as it is; compiled, at 64 tokens a block, where the decode
-    plan's tiles are 64 keys (at 16 they are 128-key row gathers, which never take the
-    direct rotation)."""
+    interpreter (16-key tiles) as it is; compiled, at 64 tokens a block, where the plans'
+    key tiles are 64 keys (at 16 they are 128-key row gathers)."""
     if DEVICE == "cpu":
         return case
     return dataclasses.replace(case, block_size=64)
