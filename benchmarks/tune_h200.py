@@ -15,9 +15,8 @@ best case), restricted to the rows where the lazy kernels lost on the H200:
   rotation of a query kernel (``Plan.direct``), and a few key tiles / warps / stages;
 * **prefill**, 128 query tokens over 8 documents of 512 or 4096 tokens (one request,
   and 8 over 512-token documents): ``P`` ∈ {2, 4, 8}, a few query / key tiles, warps and
-  stages, the flat key loop, and the query rotated by the attention kernel itself (each
-  row at its own position) against the two-step rotation; the query kernel (the two-step
-  rotation's first step) is also timed alone.
+  stages, and the flat key loop; the query kernel (the two-step rotation's first step)
+  is also timed alone.
 
 Each variant is checked against the float64 truth of ``benchmarks/kernels.py``
 (``expected_outputs``, ``max|diff| <= 0.02``) before it is timed by CUDA-graph replay; a
@@ -80,10 +79,10 @@ DECODE_TILES = [(64, 4, 4), (64, 4, 2), (32, 4, 4), (64, 8, 4)]
 #: (block_m, block_n, warps, stages) of prefill; the first is the plan's.
 PREFILL_TILES = [(64, 64, 4, 3), (64, 64, 8, 3)]
 PREFILL_SPLITS = (2, 4, 8)
-#: (direct, flat) of prefill: the query rotated by the attention kernel itself, each row
-#: at its own position, or in two steps (the query kernel, then ``R(−δ)`` per run); one
-#: key loop across runs, or a loop per run.
-PREFILL_ROTATIONS = [(False, False), (False, True), (True, False), (True, True)]
+#: (direct, flat) of prefill: the two-step rotation (the query kernel, then ``R(−δ)`` per
+#: run) with one key loop across runs or a loop per run. (Rotating each row directly was
+#: timed too, and lost: ``benchmarks/sweeps/tune_prefill_h200.json``.)
+PREFILL_ROTATIONS = [(False, False), (False, True)]
 
 
 def decode_splits(batch: int, plan_splits: int, key_tiles: int) -> list[int]:

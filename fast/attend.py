@@ -64,8 +64,10 @@ pipeline: the next run's first key tiles are requested only after its query is
 re-rotated. Where a key tile never spans two blocks (``S % BLOCK_N == 0``), the scan
 instead stops only after partly filled blocks, and each key tile reads its block's shift
 and re-rotates the query where it changes — inside the pipelined loop, so the next
-tiles' loads are already in flight. With the two-step rotation (prefill) the reload of
-``y`` inside the loop made the compiler spill, so prefill keeps a loop per run.
+tiles' loads are already in flight. Prefill keeps the loop per run: with the two-step
+rotation the reload of ``y`` inside the flat loop spills (704 bytes, ptxas on sm_90) and
+was 2–13% slower on an H200, and rotating each row of a prefill tile directly spilled
+1.4 KB and was 2.2× slower (``benchmarks/sweeps/tune_prefill_h200.json``).
 
 **Split-KV.** Decode uses the same kernel with ``BLOCK_Q = 1`` and splits each request's
 blocks among ``splits`` programs (flash-decoding): each writes the attention over its own
@@ -286,32 +288,17 @@ def _key_tile(
 
 
 @triton.jit
-def _tile_cos_sin(n, freq_1d, ROWS: tl.constexpr):
-    """cos and sin of the angles ``n · F`` for a query tile, broadcastable to ``[BLOCK_M, DP]``:
-    one ``[DP]`` vector when every row is at one position (``n`` is ``[1]``), a
-    ``[BLOCK_M, DP]`` tile when each row has its own (``ROWS``: ``n`` is ``[BLOCK_M, 1]``)."""
-    if ROWS:
-        cos, sin = rope_cos_sin(n, freq_1d[None, :])
-    else:
-        cos_1d, sin_1d = rope_cos_sin(n, freq_1d)
-        cos, sin = cos_1d[None, :], sin_1d[None, :]
-    return cos, sin
-
-
-@triton.jit
-def _query_at_shift(shift, y, yp, x, xp, q_at, freq_1d, mscale, DIRECT: tl.constexpr, ROWS: tl.constexpr,
-                    DOT_DTYPE: tl.constexpr):  # fmt: skip
+def _query_at_shift(shift, y, yp, x, xp, q_at, freq_1d, mscale, DIRECT: tl.constexpr, DOT_DTYPE: tl.constexpr):
     """The query tile rotated for keys of shift ``δ`` (eq. 8), as the dot's operand.
 
-    ``DIRECT``: ``m R(p − δ) x`` from the pre-RoPE query ``x`` and its partner channels
-    ``xp``, at the query positions ``q_at`` (one ``[DP]`` vector of angles for a tile of one
-    token, a ``[BLOCK_M, DP]`` tile with ``ROWS``). Otherwise ``R(p − δ) = R(−δ) R(p)``
-    from ``y = m R(p) x`` and its partner channels ``yp`` (:func:`_query_kernel`): one
-    ``[DP]`` vector of angles.
+    ``DIRECT`` (one token per tile, at position ``q_at``): ``m R(p − δ) x`` from the
+    pre-RoPE query ``x`` and its partner channels ``xp``. Otherwise
+    ``R(p − δ) = R(−δ) R(p)`` from ``y = m R(p) x`` and its partner channels ``yp``
+    (:func:`_query_kernel`). Either way one ``[DP]`` vector of angles.
     """
     if DIRECT:
-        cos, sin = _tile_cos_sin(q_at - shift.to(tl.int64), freq_1d, ROWS)
-        q = (x.to(tl.float32) * cos + xp.to(tl.float32) * sin) * mscale
+        cos, sin = rope_cos_sin(q_at - shift.to(tl.int64), freq_1d)
+        q = (x.to(tl.float32) * cos[None, :] + xp.to(tl.float32) * sin[None, :]) * mscale
     else:
         cos, sin = rope_cos_sin(tl.zeros([1], tl.int64) - shift.to(tl.int64), freq_1d)
         q = y * cos[None, :] + yp * sin[None, :]
@@ -320,17 +307,17 @@ def _query_at_shift(shift, y, yp, x, xp, q_at, freq_1d, mscale, DIRECT: tl.const
 
 @triton.jit
 def _requery(q, shift, shift_ptr, y_desc, y_row, y_rows_per_w, x, xp, q_at, freq_1d, mscale,
-             DIRECT: tl.constexpr, ROWS: tl.constexpr, DOT_DTYPE: tl.constexpr):  # fmt: skip
+             DIRECT: tl.constexpr, DOT_DTYPE: tl.constexpr):  # fmt: skip
     """The flat key loop's query for the key tile whose block's shift is at ``shift_ptr``:
     ``q`` unchanged while the shift is, re-rotated (``y`` reloaded) where it changes."""
     tile_shift = tl.load(shift_ptr)
     if tile_shift != shift:
         if DIRECT:
-            q = _query_at_shift(tile_shift, x, xp, x, xp, q_at, freq_1d, mscale, DIRECT, ROWS, DOT_DTYPE)
+            q = _query_at_shift(tile_shift, x, xp, x, xp, q_at, freq_1d, mscale, DIRECT, DOT_DTYPE)
         else:
             y_new = y_desc.load([y_row, 0])
             yp_new = y_desc.load([y_row + y_rows_per_w, 0])
-            q = _query_at_shift(tile_shift, y_new, yp_new, x, xp, q_at, freq_1d, mscale, DIRECT, ROWS, DOT_DTYPE)
+            q = _query_at_shift(tile_shift, y_new, yp_new, x, xp, q_at, freq_1d, mscale, DIRECT, DOT_DTYPE)
     return q, tile_shift
 
 
@@ -397,7 +384,6 @@ def _attention_kernel(
     EMULATE_RTNE: tl.constexpr,
 ):
     BLOCK_M: tl.constexpr = BLOCK_Q * GP
-    ROWS: tl.constexpr = BLOCK_Q > 1  # rows at different positions (prefill)
     # Heaviest tiles (last queries: most own keys) first, for a better tail.
     q_tile = tl.num_programs(0) - 1 - tl.program_id(0)
     r = tl.program_id(1)
@@ -457,13 +443,10 @@ def _attention_kernel(
             q = x.to(DOT_DTYPE)
         else:
             xp = tl.load(q_rows[:, None] + partner, mask=x_mask, other=0.0)
-            if ROWS:
-                q_at = q_pos.to(tl.int64)[:, None]
-            else:
-                q_at = tl.zeros([1], tl.int64) + first_q_pos.to(tl.int64)
+            q_at = tl.zeros([1], tl.int64) + first_q_pos.to(tl.int64)
             if MODE == 1:
-                cos, sin = _tile_cos_sin(q_at, freq_1d, ROWS)
-                q = ((x.to(tl.float32) * cos + xp.to(tl.float32) * sin) * mscale).to(DOT_DTYPE)
+                cos, sin = rope_cos_sin(q_at, freq_1d)
+                q = ((x.to(tl.float32) * cos[None, :] + xp.to(tl.float32) * sin[None, :]) * mscale).to(DOT_DTYPE)
             else:
                 q = tl.zeros([BLOCK_M, DP], dtype=DOT_DTYPE)  # set at the start of each run
         y, yp = 0, 0  # what _query_at_shift reads on the other path
@@ -490,7 +473,7 @@ def _attention_kernel(
         run_end, shift, last_len = _run_end(block_shift_ptr + meta, block_len_ptr + meta, b, block_hi, S,
                                             MODE == 0 and not FLAT, 64)  # fmt: skip
         if MODE == 0:
-            q = _query_at_shift(shift, y, yp, x, xp, q_at, freq_1d, mscale, DIRECT, ROWS, DOT_DTYPE)
+            q = _query_at_shift(shift, y, yp, x, xp, q_at, freq_1d, mscale, DIRECT, DOT_DTYPE)
         run_lo = b * S
         valid_end = (run_end - 1) * S + last_len
         tile_end = tl.minimum(valid_end, visible_to_none)
@@ -499,7 +482,7 @@ def _attention_kernel(
         for j0 in range(run_lo, safe_end, BLOCK_N):
             if FLAT:
                 q, shift = _requery(q, shift, block_shift_ptr + meta + j0 // S, y_desc, y_row, y_rows_per_w, x, xp,
-                                    q_at, freq_1d, mscale, DIRECT, ROWS, DOT_DTYPE)  # fmt: skip
+                                    q_at, freq_1d, mscale, DIRECT, DOT_DTYPE)  # fmt: skip
             m_i, l_i, acc = _key_tile(
                 q, m_i, l_i, acc, j0, valid_end, own_slot0, own_start, q_pos, qk_scale,
                 k_ptr, v_ptr, k_desc, v_desc, block_table_ptr + meta, block_pos_ptr + meta,
@@ -510,7 +493,7 @@ def _attention_kernel(
         for j0 in range(safe_end, tile_end, BLOCK_N):
             if FLAT:
                 q, shift = _requery(q, shift, block_shift_ptr + meta + j0 // S, y_desc, y_row, y_rows_per_w, x, xp,
-                                    q_at, freq_1d, mscale, DIRECT, ROWS, DOT_DTYPE)  # fmt: skip
+                                    q_at, freq_1d, mscale, DIRECT, DOT_DTYPE)  # fmt: skip
             m_i, l_i, acc = _key_tile(
                 q, m_i, l_i, acc, j0, valid_end, own_slot0, own_start, q_pos, qk_scale,
                 k_ptr, v_ptr, k_desc, v_desc, block_table_ptr + meta, block_pos_ptr + meta,
@@ -795,6 +778,8 @@ def attend(
     else:
         dest, dest_lse = out, lse
         stride_op = 0
+    if pl.direct and pl.block_q != 1:
+        raise ValueError(f"the direct query rotation needs one token per query tile (decode), not {pl.block_q}")
     direct = pl.direct
     if direct:
         y_desc, y_rows_per_w = None, 0
@@ -835,6 +820,9 @@ def _rotated_query(q, meta: BlockMetadata, tables: RopeTables, max_queries: int,
     tq, h, d = q.shape
     dp = tables.freq.shape[0]
     y = buffers.empty((2 if mode == LAZY else 1, num_kv_heads, tq, gp, dp), torch.float32, q.device)
+    # 16-row tiles: at 64 rows the exact angle reduction of a [64, DP] tile took 255
+    # registers and spilled 108 bytes (sm_90, D = 128), and one request of 128 queries
+    # over 8 × 512 keys took 65.6 µs on an H200 against 58.8 µs with 16 rows.
     block_t = max(1, 16 // gp)
     grid = (triton.cdiv(max_queries, block_t), meta.cu_queries.shape[0] - 1, num_kv_heads)
     _query_kernel[grid](

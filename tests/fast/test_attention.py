@@ -177,12 +177,11 @@ def runs_case(num_queries: int = 1) -> Case:
     )  # fmt: skip
 
 
-#: (function, direct, flat): the query rotated inside the attention kernel (``direct``;
-#: prefill: each row at its own position) or in two steps (the query kernel, then
-#: ``R(−δ)`` per run), its keys walked in a loop per run or one flat loop across runs.
+#: (function, direct, flat): the query rotated inside the attention kernel (``direct``,
+#: decode) or in two steps (the query kernel, then ``R(−δ)`` per run), its keys walked in
+#: a loop per run or in one flat loop across runs.
 KEY_LOOPS = [("lazy_decode", True, False), ("lazy_decode", True, True), ("lazy_decode", False, True),
-             ("lazy_prefill", False, False), ("lazy_prefill", False, True), ("lazy_prefill", True, False),
-             ("lazy_prefill", True, True)]  # fmt: skip
+             ("lazy_prefill", False, False), ("lazy_prefill", False, True)]  # fmt: skip
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
@@ -201,6 +200,22 @@ def test_key_loops(name, direct, flat, splits, dtype, monkeypatch):
 
     monkeypatch.setattr(_attend, "plan", forced)
     check(name, _with_tma_blocks(runs_case(1 if name.endswith("decode") else 19)), dtype)
+
+
+@pytest.mark.parametrize(
+    ("name", "change", "message"),
+    [("lazy_prefill", {"direct": True}, "direct query rotation needs one token per query tile"),
+     ("lazy_decode", {"flat": True, "block_n": 48}, "flat key loop needs key tiles inside one block")],
+)  # fmt: skip
+def test_plans_the_kernel_cannot_run_raise(name, change, message, monkeypatch):
+    """A plan (e.g. a sweep's) that the kernel cannot run raises and names the case,
+    rather than running another form of the kernel."""
+    plan = _attend.plan
+    monkeypatch.setattr(_attend, "plan", lambda *args, **kwargs: plan(*args, **kwargs)._replace(**change))
+    case = runs_case(1 if name.endswith("decode") else 19)
+    x = build(case, torch.float16, device=DEVICE)
+    with pytest.raises(ValueError, match=message):
+        getattr(fast, name)(x.q, x.k_cache, x.v_cache, x.layout, case.rope)
 
 
 def _with_tma_blocks(case: Case) -> Case:
