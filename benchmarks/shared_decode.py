@@ -70,7 +70,8 @@ from benchmarks.kernels import (
     measure,
 )
 from lazyattention.fast import attend as fast_attend
-from lazyattention.fast.shared import plan_sharing, shared_decode, shared_tiles
+from lazyattention.fast.rope import rope_tables
+from lazyattention.fast.shared import plan_sharing, shared_decode, shared_launches, shared_tiles
 from lazyattention.reference import Layout, Placement, RequestLayout, apply_rope
 
 OWN = 64
@@ -182,10 +183,21 @@ def row(layout: Layout, gen: torch.Generator, fi=None, fi_reason: str | None = N
     # request's unshared blocks), the remainder being the shared kernel, query and merge.
     try:
         out["rest_only_ms"] = bench_graph(lambda: fast.lazy_decode(q, k_cache, v_cache, sharing.rest, ROPE))
+        out["stages_ms"] = stages(q, k_cache, v_cache, sharing)
     except Exception as exc:  # a diagnostic: recorded, never fatal
         out["rest_only_ms"], out["rest_only_error"] = None, f"{type(exc).__name__}: {str(exc)[:200]}"
     out["effective_tb_per_s"] = {k: (nbytes / (t * 1e-3) / 1e12 if t else None) for k, t in out["ms"].items()}
     return out
+
+
+def stages(q, k_cache, v_cache, sharing) -> dict[str, float]:
+    """Each launch of the shared path timed alone (ms): the rest, the query kernel, the
+    shared kernel, the merge (:func:`~lazyattention.fast.shared.shared_launches`)."""
+    tables = rope_tables(ROPE, shared_tiles(HEADS, KV_HEADS, HEAD_DIM, BLOCK, DTYPE, q.device).dp, q.device)
+    launches, _, _ = shared_launches(q, k_cache, v_cache, sharing, tables, HEAD_DIM**-0.5)
+    for launch in launches.values():  # in order once: each reads what the one before wrote
+        launch()
+    return {name: bench_graph(launch) for name, launch in launches.items()}
 
 
 def speedup(r: dict, base: str = "per_request") -> float | None:
@@ -215,7 +227,8 @@ def _where(r: dict) -> str:
 def print_table(result: dict) -> None:
     env = result["environment"]
     print(f"\n# shared-segment decode, {env['device']}  copy {result['ceilings']['copy_tb_per_s']:.2f} TB/s")
-    print(f"{'rows':24} {'readers':>7} " + " ".join(f"{n:>22}" for n in PROVIDERS) + "  per_req/shared  rest µs")
+    print(f"{'rows':24} {'readers':>7} " + " ".join(f"{n:>22}" for n in PROVIDERS)
+          + "  per_req/shared  rest µs  alone µs: rest+query+shared+merge")  # fmt: skip
     for kind in ("zipf", "prefix"):
         for r in result.get(kind, []):
             cells = []
@@ -225,8 +238,9 @@ def print_table(result: dict) -> None:
                 cells.append(f"{t * 1e3:9.1f}µs({r['effective_tb_per_s'][n]:5.2f}){mark}" if t else f"{'-':>22}")
             s = speedup(r)
             ratio = f"{s:14.2f}" if s else f"{'-':>14}"
+            alone = "+".join(f"{t * 1e3:.1f}" for t in r.get("stages_ms", {}).values())
             print(f"{kind} {_where(r):19} {r['readers']:7.1f} " + " ".join(cells) + f"  {ratio}"
-                  + (f"  {r['rest_only_ms'] * 1e3:7.1f}" if r.get("rest_only_ms") else ""))  # fmt: skip
+                  + (f"  {r['rest_only_ms'] * 1e3:7.1f}" if r.get("rest_only_ms") else "") + f"  {alone}")  # fmt: skip
     for t in result["targets"]:
         worst = "n/a" if t["worst"] is None else f"{t['worst']:.2f}"
         print(f"{'PASS' if t['pass'] else 'MISS'}  {t['target']}: worst {worst} at {t['where']} ({t['rows']} rows)")

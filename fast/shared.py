@@ -79,6 +79,7 @@ __all__ = [
     "shared_tiles",
     "shared_decode",
     "attend_shared",
+    "shared_launches",
 ]
 
 #: Most programs one shared segment's keys are split among.
@@ -460,38 +461,54 @@ def attend_shared(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                   tables: RopeTables, scale: float) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """The launches of :func:`shared_decode` on validated inputs: the rest, the shared
     segments, the merge. Returns ``out [B, H, D]`` in ``q.dtype`` and ``lse [B, H]``."""
+    launches, out, lse = shared_launches(q, k_cache, v_cache, sharing, tables, scale)
+    for launch in launches.values():
+        launch()
+    return out, lse
+
+
+def shared_launches(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, sharing: SharingPlan,
+                    tables: RopeTables, scale: float):  # fmt: skip
+    """:func:`attend_shared`'s launches, not yet run: ``(launches, out, lse)``, where
+    ``launches`` maps ``"rest"``, ``"query"``, ``"shared"`` and ``"merge"`` to calls that
+    run in that order fill ``out [B, H, D]`` and ``lse [B, H]`` (each reads what the one
+    before wrote, into buffers allocated here: a benchmark may time each alone)."""
     b, h, d = q.shape
     _, s, hkv, _ = k_cache.shape
     tiles = shared_tiles(h, hkv, d, s, q.dtype, q.device)
     meta = sharing.metadata(q.device, tiles, hkv)
     rest_meta = sharing.rest.metadata(q.device)
-
     part = buffers.empty((b, h, meta.slots, d), torch.float32, q.device)
     part_lse = buffers.empty((b, h, meta.slots), torch.float32, q.device)
-
-    # The rest: the per-request kernel, written in float32 into merge slot 0.
-    _attend.attend(q, k_cache, v_cache, rest_meta, tables, 1, scale, _attend.LAZY, True, True,
-                   out=part[:, :, 0], lse=part_lse[:, :, 0])  # fmt: skip
-
-    # The shared segments.
-    y = _attend._rotated_query(q, rest_meta, tables, 1, _attend.LAZY, hkv, tiles.gp)
-    k_desc, v_desc = _attend._cache_descriptors(k_cache, v_cache, tiles)
-    _shared_kernel[(meta.num_items, hkv)](
-        y, k_cache, v_cache, k_desc, v_desc, part, part_lse, meta.tensor,
-        tables.freq, tables.partner, tables.mscale,
-        scale * _attend.LOG2E, meta.item_off, meta.member_off, meta.table_off,
-        y.stride(0), y.stride(1), y.stride(2),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        part.stride(0), part.stride(1), part.stride(2), part_lse.stride(0), part_lse.stride(1),
-        h // hkv, d,
-        BLOCK_R=tiles.block_q, GP=tiles.gp, BLOCK_N=tiles.block_n, DP=tiles.dp, S=s,
-        TMA=k_desc is not None, DOT_DTYPE=dot_dtype(q.dtype, q.device),
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
-    )  # fmt: skip
-
+    y = buffers.empty((2, hkv, b, tiles.gp, tiles.dp), torch.float32, q.device)
     out = buffers.empty((b, h, d), q.dtype, q.device)
     lse = buffers.empty((b, h), torch.float32, q.device)
-    _attend.merge_partials(part, part_lse, out, lse)
-    return out, lse
+    k_desc, v_desc = _attend._cache_descriptors(k_cache, v_cache, tiles)
+
+    def rest():  # the per-request kernel, written in float32 into merge slot 0
+        _attend.attend(q, k_cache, v_cache, rest_meta, tables, 1, scale, _attend.LAZY, True, True,
+                       out=part[:, :, 0], lse=part_lse[:, :, 0])  # fmt: skip
+
+    def query():  # y = m R(p) q, the first step of the shared kernel's rotation
+        _attend._rotated_query(q, rest_meta, tables, 1, _attend.LAZY, hkv, tiles.gp, out=y)
+
+    def shared():
+        _shared_kernel[(meta.num_items, hkv)](
+            y, k_cache, v_cache, k_desc, v_desc, part, part_lse, meta.tensor,
+            tables.freq, tables.partner, tables.mscale,
+            scale * _attend.LOG2E, meta.item_off, meta.member_off, meta.table_off,
+            y.stride(0), y.stride(1), y.stride(2),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+            part.stride(0), part.stride(1), part.stride(2), part_lse.stride(0), part_lse.stride(1),
+            h // hkv, d,
+            BLOCK_R=tiles.block_q, GP=tiles.gp, BLOCK_N=tiles.block_n, DP=tiles.dp, S=s,
+            TMA=k_desc is not None, DOT_DTYPE=dot_dtype(q.dtype, q.device),
+            PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        )  # fmt: skip
+
+    def merge():
+        _attend.merge_partials(part, part_lse, out, lse)
+
+    return {"rest": rest, "query": query, "shared": shared, "merge": merge}, out, lse
