@@ -183,9 +183,12 @@ def row(layout: Layout, gen: torch.Generator, fi=None, fi_reason: str | None = N
     # request's unshared blocks), the remainder being the shared kernel, query and merge.
     try:
         out["rest_only_ms"] = bench_graph(lambda: fast.lazy_decode(q, k_cache, v_cache, sharing.rest, ROPE))
-        out["stages_ms"] = stages(q, k_cache, v_cache, sharing)
     except Exception as exc:  # a diagnostic: recorded, never fatal
         out["rest_only_ms"], out["rest_only_error"] = None, f"{type(exc).__name__}: {str(exc)[:200]}"
+    try:
+        out["stages_ms"] = stages(q, k_cache, v_cache, sharing)
+    except Exception as exc:  # likewise
+        out["stages_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
     out["effective_tb_per_s"] = {k: (nbytes / (t * 1e-3) / 1e12 if t else None) for k, t in out["ms"].items()}
     return out
 
