@@ -19,10 +19,10 @@ attend to the same key tile, each row rotated by its own ``p_r − δ_r``.
 **The shared kernel.** A program holds one KV head and a tile of ``BLOCK_R`` *members*
 of one shared segment (a member is one request's placement of it); row ``i`` of the
 ``[BLOCK_R · GP, DP]`` query tile is member ``i // GP`` and query head ``i % GP`` of the
-KV head's group. The rows are rotated once per program, in two steps
-(``R(p − δ) = R(−δ) R(p)``): ``y = m R(p_r) q`` from the query kernel, then ``R(−δ_r)``
-from the angles ``−δ_r · θ`` of each member (``[BLOCK_R, DP]``, shared by its group's
-rows) — never per key tile. The program then
+KV head's group. The rows are rotated once per program, directly from the pre-RoPE
+query: ``m R(p_r − δ_r) q``, with the angles ``(p_r − δ_r) · θ`` of each member
+(``[BLOCK_R, DP]``, shared by its group's rows) — never per key tile, and with no query
+kernel before (as the decode's direct rotation, ``fast/attend.py``). The program then
 walks its share of the segment's key tiles (bulk tensor copies when ``S % BLOCK_N == 0``
 and the head dim is unpadded, row gathers otherwise: the attention kernel's
 :func:`~lazyattention.fast.attend._key_tile`) with an online softmax (eq. 11); segment
@@ -37,7 +37,7 @@ per split, at most :data:`MAX_SPLITS`), and the splits merge with the rest.
 
 **Metadata.** One int32 tensor per (device, tiles), uploaded once and cached on the
 plan: the work items ``[I, 6]`` (table offset, first and end key slot, first member,
-member count, split), the members ``[R, 3]`` (request, shift, first merge slot) and the
+member count, split), the members ``[R, 3]`` (request, rotation ``p − δ``, first merge slot) and the
 shared segments' block tables, back to back. A request's merge slots past its own
 (requests read different numbers of shared segments) get work items without keys,
 which write ``lse = −inf``: every slot the merge reads is written by a kernel.
@@ -95,10 +95,10 @@ _ITEM, _MEMBER = 6, 3  # int32 fields per work item and per member in the metada
 
 @triton.jit(do_not_specialize=["G", "D", "item_off", "member_off", "table_off"])
 def _shared_kernel(
-    y_ptr, k_ptr, v_ptr, k_desc, v_desc, part_ptr, part_lse_ptr, meta_ptr,
+    q_ptr, k_ptr, v_ptr, k_desc, v_desc, part_ptr, part_lse_ptr, meta_ptr,
     freq_ptr, partner_ptr, mscale_ptr,
     qk_scale, item_off, member_off, table_off,
-    stride_yw, stride_yh, stride_yt,
+    stride_qt, stride_qh,
     stride_kn, stride_ks, stride_kh, stride_vn, stride_vs, stride_vh,
     stride_pt, stride_ph, stride_pp, stride_lt, stride_lh,
     G, D,
@@ -132,18 +132,19 @@ def _shared_kernel(
     freq = tl.load(freq_ptr + d)[None, :]
     partner = tl.load(partner_ptr + d)[None, :]
     mscale = tl.load(mscale_ptr + d)[None, :]
-    # y = m R(p_r) q (the query kernel), then R(−δ_r): eq. (8) as R(p − δ) = R(−δ) R(p).
-    # The angles −δ·θ once per program and member ([BLOCK_R, DP]), shared by the GP rows
-    # of the member's group.
+    # m R(p_r − δ_r) q (eq. 8) from the pre-RoPE query: the angles (p_r − δ_r)·θ once per
+    # program and member ([BLOCK_R, DP]), shared by the GP rows of the member's group.
     m = tl.arange(0, BLOCK_R)
-    shift = tl.load(members + m * 3 + 1, mask=m < num_members, other=0).to(tl.int64)
-    cos_m, sin_m = rope_cos_sin(-shift[:, None], freq)
+    turn = tl.load(members + m * 3 + 1, mask=m < num_members, other=0).to(tl.int64)
+    cos_m, sin_m = rope_cos_sin(turn[:, None], freq)
     cos = tl.reshape(tl.broadcast_to(cos_m[:, None, :], (BLOCK_R, GP, DP)), (BLOCK_M, DP))
     sin = tl.reshape(tl.broadcast_to(sin_m[:, None, :], (BLOCK_R, GP, DP)), (BLOCK_M, DP))
-    y_rows = y_ptr + kv_head * stride_yh + r * stride_yt + g * DP
-    q = tl.load(y_rows[:, None] + d[None, :], mask=row_ok[:, None], other=0.0) * cos
-    q += tl.load(y_rows[:, None] + stride_yw + d[None, :], mask=row_ok[:, None], other=0.0) * sin
-    q = q.to(DOT_DTYPE)
+    head = kv_head * G + g
+    q_rows = q_ptr + r * stride_qt + head * stride_qh
+    x_mask = row_ok[:, None] & d_ok[None, :]
+    x = tl.load(q_rows[:, None] + d[None, :], mask=x_mask, other=0.0).to(tl.float32)
+    xp = tl.load(q_rows[:, None] + partner, mask=x_mask, other=0.0).to(tl.float32)
+    q = ((x * cos + xp * sin) * mscale).to(DOT_DTYPE)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -170,7 +171,6 @@ def _shared_kernel(
 
     # ---- write this member's partial into its request's merge slot
     out, lse = _attend._finish(m_i, l_i, acc)
-    head = kv_head * G + g
     dst = r * stride_pt + head * stride_ph + slot * stride_pp
     tl.store(part_ptr + dst[:, None] + d[None, :], out, mask=row_ok[:, None] & d_ok[None, :])
     tl.store(part_lse_ptr + r * stride_lt + head * stride_lh + slot, lse, mask=row_ok)
@@ -270,6 +270,7 @@ class SharingPlan:
         s = self.layout.block_size
         items, members, table = [], [], []
         used = [1] * self.layout.batch_size  # merge slot 0 of every request: the rest
+        position = [req.query_start for req in self.layout.requests]  # of each request's query
         for seg, p in zip(self.segments, splits, strict=True):
             t0 = len(table)
             table.extend(seg.blocks)
@@ -277,7 +278,7 @@ class SharingPlan:
             parts = ceil_div(len(seg.blocks), per_split)  # every split has at least one block
             m0 = len(members)
             for r, shift in seg.members:
-                members.append((r, shift, used[r]))
+                members.append((r, position[r] - shift, used[r]))  # the query's rotation p − δ (eq. 8)
                 used[r] += parts
             for k in range(parts):  # splits outermost: programs that run together share key tiles
                 lo, hi = k * per_split * s, min((k + 1) * per_split * s, seg.length)
@@ -391,7 +392,7 @@ def shared_tiles(
     whose ``block_q`` is the members per program (``BLOCK_R``) and ``gp`` the padded group.
 
     About 64 rows (16 members of a group of 4) by 64 keys in 16-bit, over 8 warps
-    (``ptxas`` for sm_90: 188 registers, no spill, where 4 warps hit 255 and spill);
+    (``ptxas`` for sm_90: 209 registers, no spill, where 4 warps hit 255 and spill 368 bytes);
     32 × 32 over 8 warps past head dim 128 (169 registers); 16 × 32 in float32 (head dim
     128: 740 bytes of spill, as the attention kernel's decode; 256: about 17 KiB, slow
     but correct); 16 × 16 under the interpreter. Bulk tensor copies
@@ -470,9 +471,9 @@ def attend_shared(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
 def shared_launches(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, sharing: SharingPlan,
                     tables: RopeTables, scale: float):  # fmt: skip
     """:func:`attend_shared`'s launches, not yet run: ``(launches, out, lse)``, where
-    ``launches`` maps ``"rest"``, ``"query"``, ``"shared"`` and ``"merge"`` to calls that
-    run in that order fill ``out [B, H, D]`` and ``lse [B, H]`` (each reads what the one
-    before wrote, into buffers allocated here: a benchmark may time each alone)."""
+    ``launches`` maps ``"rest"``, ``"shared"`` and ``"merge"`` to calls that, run in that
+    order, fill ``out [B, H, D]`` and ``lse [B, H]`` (the merge reads what the others
+    wrote, into buffers allocated here: a benchmark may time each alone)."""
     b, h, d = q.shape
     _, s, hkv, _ = k_cache.shape
     tiles = shared_tiles(h, hkv, d, s, q.dtype, q.device)
@@ -480,7 +481,6 @@ def shared_launches(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     rest_meta = sharing.rest.metadata(q.device)
     part = buffers.empty((b, h, meta.slots, d), torch.float32, q.device)
     part_lse = buffers.empty((b, h, meta.slots), torch.float32, q.device)
-    y = buffers.empty((2, hkv, b, tiles.gp, tiles.dp), torch.float32, q.device)
     out = buffers.empty((b, h, d), q.dtype, q.device)
     lse = buffers.empty((b, h), torch.float32, q.device)
     k_desc, v_desc = _attend._cache_descriptors(k_cache, v_cache, tiles)
@@ -489,15 +489,12 @@ def shared_launches(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         _attend.attend(q, k_cache, v_cache, rest_meta, tables, 1, scale, _attend.LAZY, True, True,
                        out=part[:, :, 0], lse=part_lse[:, :, 0])  # fmt: skip
 
-    def query():  # y = m R(p) q, the first step of the shared kernel's rotation
-        _attend._rotated_query(q, rest_meta, tables, 1, _attend.LAZY, hkv, tiles.gp, out=y)
-
     def shared():
         _shared_kernel[(meta.num_items, hkv)](
-            y, k_cache, v_cache, k_desc, v_desc, part, part_lse, meta.tensor,
+            q, k_cache, v_cache, k_desc, v_desc, part, part_lse, meta.tensor,
             tables.freq, tables.partner, tables.mscale,
             scale * _attend.LOG2E, meta.item_off, meta.member_off, meta.table_off,
-            y.stride(0), y.stride(1), y.stride(2),
+            q.stride(0), q.stride(1),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
             part.stride(0), part.stride(1), part.stride(2), part_lse.stride(0), part_lse.stride(1),
@@ -511,4 +508,4 @@ def shared_launches(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     def merge():
         _attend.merge_partials(part, part_lse, out, lse)
 
-    return {"rest": rest, "query": query, "shared": shared, "merge": merge}, out, lse
+    return {"rest": rest, "shared": shared, "merge": merge}, out, lse
