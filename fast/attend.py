@@ -523,6 +523,7 @@ def _merge_kernel(
     part_lse_ptr,
     out_ptr,
     lse_ptr,
+    H,
     P,
     D,
     stride_pt,
@@ -534,36 +535,37 @@ def _merge_kernel(
     stride_oh,
     stride_rt,
     stride_rh,
+    HB: tl.constexpr,
     PP: tl.constexpr,
     DP: tl.constexpr,
     EMULATE_RTNE: tl.constexpr,
 ):
-    """Combine ``P`` partial attentions of one (token, head) by log-sum-exp (eq. 12).
+    """Combine ``P`` partial attentions of one token's heads ``HB·j … HB·j + HB − 1`` by
+    log-sum-exp (eq. 12); grid ``(T, ⌈H / HB⌉)``.
 
     ``lse = log Σ_p e^{lse_p}``, ``out = Σ_p e^{lse_p − lse} out_p``; a part that saw no
     key has ``lse_p = −inf`` and weight 0.
     """
     t = tl.program_id(0).to(tl.int64)
-    h = tl.program_id(1)
+    h = tl.program_id(1) * HB + tl.arange(0, HB)
     p = tl.arange(0, PP)
     d = tl.arange(0, DP)
-    p_ok = p < P
-    lse_p = tl.load(part_lse_ptr + t * stride_lt + h * stride_lh + p, mask=p_ok, other=float("-inf"))
-    top = tl.max(lse_p, 0)
+    h_ok = h < H
+    hp_ok = h_ok[:, None] & (p < P)[None, :]
+    lse_p = tl.load(part_lse_ptr + t * stride_lt + h[:, None] * stride_lh + p[None, :], mask=hp_ok,
+                    other=float("-inf"))  # fmt: skip
+    top = tl.max(lse_p, 1)
     top = tl.where(top == float("-inf"), 0.0, top)
-    w = tl.exp(lse_p - top)
-    total = tl.sum(w, 0)
-    parts = tl.load(
-        part_ptr + t * stride_pt + h * stride_ph + p[:, None] * stride_pp + d[None, :],
-        mask=p_ok[:, None] & (d < D)[None, :] & (w > 0.0)[:, None],
-        other=0.0,
-    )
-    out = tl.sum(parts * w[:, None], 0) / tl.where(total > 0.0, total, 1.0)
+    w = tl.exp(lse_p - top[:, None])
+    total = tl.sum(w, 1)
+    rows = t * stride_pt + h[:, None, None] * stride_ph + p[None, :, None] * stride_pp + d[None, None, :]
+    mask = (hp_ok & (w > 0.0))[:, :, None] & (d < D)[None, None, :]
+    parts = tl.load(part_ptr + rows, mask=mask, other=0.0)
+    out = tl.sum(parts * w[:, :, None], 1) / tl.where(total > 0.0, total, 1.0)[:, None]
     lse = tl.where(total > 0.0, top + tl.log(total), float("-inf"))
-    tl.store(
-        out_ptr + t * stride_ot + h * stride_oh + d, round_to(out, out_ptr.dtype.element_ty, EMULATE_RTNE), mask=d < D
-    )
-    tl.store(lse_ptr + t * stride_rt + h * stride_rh, lse)
+    out_rows = out_ptr + t * stride_ot + h[:, None] * stride_oh + d[None, :]
+    tl.store(out_rows, round_to(out, out_ptr.dtype.element_ty, EMULATE_RTNE), mask=h_ok[:, None] & (d < D)[None, :])
+    tl.store(lse_ptr + t * stride_rt + h * stride_rh, lse, mask=h_ok)
 
 
 # --------------------------------------------------------------------------- host code
@@ -837,19 +839,25 @@ def _rotated_query(q, meta: BlockMetadata, tables: RopeTables, max_queries: int,
 
 
 def merge_partials(part: torch.Tensor, part_lse: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> None:
-    """``out [T, H, D]``, ``lse [T, H]`` from ``part [T, H, P, D]``, ``part_lse [T, H, P]`` (eq. 12)."""
+    """``out [T, H, D]``, ``lse [T, H]`` from ``part [T, H, P, D]``, ``part_lse [T, H, P]`` (eq. 12).
+
+    A program merges ``HB`` heads of one token, about 8 K partial elements: one program
+    per (token, head) left a decode batch of 256 requests × 32 heads with 8,192 programs
+    of a few kilobytes each."""
     t, h, p, d = part.shape
     if t == 0:
         return
     if part.stride(-1) != 1 or out.stride(-1) != 1 or part_lse.stride(-1) != 1:
         raise ValueError("merge needs the last dimension of its tensors contiguous")
-    _merge_kernel[(t, h)](
-        part, part_lse, out, lse, p, d,
+    pp, dp = max(2, triton.next_power_of_2(p)), max(16, triton.next_power_of_2(d))
+    hb = min(triton.next_power_of_2(h), max(1, 8192 // (pp * dp)))
+    _merge_kernel[(t, triton.cdiv(h, hb))](
+        part, part_lse, out, lse, h, p, d,
         part.stride(0), part.stride(1), part.stride(2),
         part_lse.stride(0), part_lse.stride(1),
         out.stride(0), out.stride(1),
         lse.stride(0), lse.stride(1),
-        PP=max(2, triton.next_power_of_2(p)), DP=max(16, triton.next_power_of_2(d)),
+        HB=hb, PP=pp, DP=dp,
         EMULATE_RTNE=emulate_rtne(out.dtype, out.device),
     )  # fmt: skip
 
