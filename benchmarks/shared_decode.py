@@ -163,8 +163,9 @@ def row(layout: Layout, gen: torch.Generator, fi=None, fi_reason: str | None = N
     if fi is not None:
         try:  # its plan JIT-compiles the configuration at first use
             providers["flashinfer_cascade"] = (flashinfer_cascade(fi, layout, q, k_cache, v_cache), "lazy")
-        except Exception as exc:  # recorded, so that our providers are still timed
-            skipped["flashinfer_cascade"] = f"plan failed: {type(exc).__name__}: {str(exc)[:200]}"
+        except Exception as exc:  # recorded (the end of a failed build's log says why), our providers still timed
+            skipped["flashinfer_cascade"] = f"plan failed: {type(exc).__name__}: {str(exc)[-1500:]}"
+            print(f"flashinfer_cascade: {skipped['flashinfer_cascade']}", flush=True)
     elif fi_reason is not None:
         skipped["flashinfer_cascade"] = fi_reason
     per_request = fast.lazy_decode(q, k_cache, v_cache, layout, ROPE)
