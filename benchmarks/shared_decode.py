@@ -357,6 +357,10 @@ def main() -> None:
         layout = layout_of([[0]] * b, 1, length)
         result["prefix"].append(row(layout, gen, fi, fi_reason, batch=b, length=length))
         r = result["prefix"][-1]
+        failed = str(r["max_diff"].get("flashinfer_cascade", ""))
+        if fi is not None and failed.startswith("plan failed"):  # its build failed: not retried per row
+            fi, fi_reason = None, failed
+            result["flashinfer_skipped"] = failed
         print(f"[prefix {i + 1}/{len(prefix_grid)}] B={b} L={length} ms {r['ms']}", flush=True)
         torch.cuda.empty_cache()
         save()
