@@ -133,18 +133,21 @@ def _shared_kernel(
     partner = tl.load(partner_ptr + d)[None, :]
     mscale = tl.load(mscale_ptr + d)[None, :]
     # m R(p_r − δ_r) q (eq. 8) from the pre-RoPE query: the angles (p_r − δ_r)·θ once per
-    # program and member ([BLOCK_R, DP]), shared by the GP rows of the member's group.
+    # program and member ([BLOCK_R, DP]), shared by the GP rows of the member's group
+    # (the query seen as [BLOCK_R, GP, DP]: broadcast to [BLOCK_M, DP] instead, cos and
+    # sin spilled 368 bytes at 4 warps on sm_90).
     m = tl.arange(0, BLOCK_R)
     turn = tl.load(members + m * 3 + 1, mask=m < num_members, other=0).to(tl.int64)
     cos_m, sin_m = rope_cos_sin(turn[:, None], freq)
-    cos = tl.reshape(tl.broadcast_to(cos_m[:, None, :], (BLOCK_R, GP, DP)), (BLOCK_M, DP))
-    sin = tl.reshape(tl.broadcast_to(sin_m[:, None, :], (BLOCK_R, GP, DP)), (BLOCK_M, DP))
     head = kv_head * G + g
     q_rows = q_ptr + r * stride_qt + head * stride_qh
     x_mask = row_ok[:, None] & d_ok[None, :]
-    x = tl.load(q_rows[:, None] + d[None, :], mask=x_mask, other=0.0).to(tl.float32)
-    xp = tl.load(q_rows[:, None] + partner, mask=x_mask, other=0.0).to(tl.float32)
-    q = ((x * cos + xp * sin) * mscale).to(DOT_DTYPE)
+    x = tl.reshape(tl.load(q_rows[:, None] + d[None, :], mask=x_mask, other=0.0), (BLOCK_R, GP, DP))
+    xp = tl.reshape(tl.load(q_rows[:, None] + partner, mask=x_mask, other=0.0), (BLOCK_R, GP, DP))
+    cos_m = cos_m * mscale
+    sin_m = sin_m * mscale
+    q3 = x.to(tl.float32) * cos_m[:, None, :] + xp.to(tl.float32) * sin_m[:, None, :]
+    q = tl.reshape(q3, (BLOCK_M, DP)).to(DOT_DTYPE)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -391,8 +394,10 @@ def shared_tiles(
     """Tiles of :func:`_shared_kernel`, as an attention :class:`~lazyattention.fast.attend.Plan`
     whose ``block_q`` is the members per program (``BLOCK_R``) and ``gp`` the padded group.
 
-    About 64 rows (16 members of a group of 4) by 64 keys in 16-bit, over 8 warps
-    (``ptxas`` for sm_90: 209 registers, no spill, where 4 warps hit 255 and spill 368 bytes);
+    About 64 rows (16 members of a group of 4) by 64 keys in 16-bit, over 4 warps
+    (``ptxas`` for sm_90: 239 registers, no spill, so two programs share an SM; the
+    attention kernel's prefill, whose key loop this is, ran 1.3–2× slower over 8 warps at
+    64 rows on an H200, ``benchmarks/sweeps/tune_prefill_h200.json``);
     32 × 32 over 8 warps past head dim 128 (169 registers); 16 × 32 in float32 (head dim
     128: 740 bytes of spill, as the attention kernel's decode; 256: about 17 KiB, slow
     but correct); 16 × 16 under the interpreter. Bulk tensor copies
@@ -407,7 +412,7 @@ def shared_tiles(
     elif dp > 128:
         block_m, block_n, warps, stages = 32, 32, 8, 2
     else:
-        block_m, block_n, warps, stages = 64, 64, 8, 3
+        block_m, block_n, warps, stages = 64, 64, 4, 3
     block_m = max(block_m, gp)
     tma = block_size % block_n == 0 and dp == head_dim
     return _attend.Plan(block_m // gp, gp, block_n, dp, 1, warps, stages, tma, direct=False, flat=False)
@@ -469,14 +474,15 @@ def attend_shared(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
 
 
 def shared_launches(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, sharing: SharingPlan,
-                    tables: RopeTables, scale: float):  # fmt: skip
+                    tables: RopeTables, scale: float, tiles: _attend.Plan | None = None):  # fmt: skip
     """:func:`attend_shared`'s launches, not yet run: ``(launches, out, lse)``, where
     ``launches`` maps ``"rest"``, ``"shared"`` and ``"merge"`` to calls that, run in that
     order, fill ``out [B, H, D]`` and ``lse [B, H]`` (the merge reads what the others
-    wrote, into buffers allocated here: a benchmark may time each alone)."""
+    wrote, into buffers allocated here: a benchmark may time each alone). ``tiles``:
+    the shared kernel's, instead of :func:`shared_tiles`' (benchmarks)."""
     b, h, d = q.shape
     _, s, hkv, _ = k_cache.shape
-    tiles = shared_tiles(h, hkv, d, s, q.dtype, q.device)
+    tiles = tiles or shared_tiles(h, hkv, d, s, q.dtype, q.device)
     meta = sharing.metadata(q.device, tiles, hkv)
     rest_meta = sharing.rest.metadata(q.device)
     part = buffers.empty((b, h, meta.slots, d), torch.float32, q.device)
