@@ -37,7 +37,7 @@ per split, at most :data:`MAX_SPLITS`), and the splits merge with the rest.
 
 **Metadata.** One int32 tensor per (device, tiles), uploaded once and cached on the
 plan: the work items ``[I, 6]`` (table offset, first and end key slot, first member,
-member count, split), the members ``[R, 3]`` (request, rotation ``p − δ``, first merge slot) and the
+member count, split), the members ``[R, 3]`` (request, shift, first merge slot) and the
 shared segments' block tables, back to back. A request's merge slots past its own
 (requests read different numbers of shared segments) get work items without keys,
 which write ``lse = −inf``: every slot the merge reads is written by a kernel.
@@ -95,7 +95,7 @@ _ITEM, _MEMBER = 6, 3  # int32 fields per work item and per member in the metada
 
 @triton.jit(do_not_specialize=["G", "D", "item_off", "member_off", "table_off"])
 def _shared_kernel(
-    q_ptr, k_ptr, v_ptr, k_desc, v_desc, part_ptr, part_lse_ptr, meta_ptr,
+    q_ptr, k_ptr, v_ptr, k_desc, v_desc, part_ptr, part_lse_ptr, meta_ptr, query_start_ptr,
     freq_ptr, partner_ptr, mscale_ptr,
     qk_scale, item_off, member_off, table_off,
     stride_qt, stride_qh,
@@ -137,7 +137,10 @@ def _shared_kernel(
     # (the query seen as [BLOCK_R, GP, DP]: broadcast to [BLOCK_M, DP] instead, cos and
     # sin spilled 368 bytes at 4 warps on sm_90).
     m = tl.arange(0, BLOCK_R)
-    turn = tl.load(members + m * 3 + 1, mask=m < num_members, other=0).to(tl.int64)
+    m_ok = m < num_members
+    r_m = tl.load(members + m * 3, mask=m_ok, other=0)
+    shift = tl.load(members + m * 3 + 1, mask=m_ok, other=0)
+    turn = tl.load(query_start_ptr + r_m, mask=m_ok, other=0).to(tl.int64) - shift.to(tl.int64)
     cos_m, sin_m = rope_cos_sin(turn[:, None], freq)
     head = kv_head * G + g
     q_rows = q_ptr + r * stride_qt + head * stride_qh
@@ -273,7 +276,6 @@ class SharingPlan:
         s = self.layout.block_size
         items, members, table = [], [], []
         used = [1] * self.layout.batch_size  # merge slot 0 of every request: the rest
-        position = [req.query_start for req in self.layout.requests]  # of each request's query
         for seg, p in zip(self.segments, splits, strict=True):
             t0 = len(table)
             table.extend(seg.blocks)
@@ -281,7 +283,7 @@ class SharingPlan:
             parts = ceil_div(len(seg.blocks), per_split)  # every split has at least one block
             m0 = len(members)
             for r, shift in seg.members:
-                members.append((r, position[r] - shift, used[r]))  # the query's rotation p − δ (eq. 8)
+                members.append((r, shift, used[r]))
                 used[r] += parts
             for k in range(parts):  # splits outermost: programs that run together share key tiles
                 lo, hi = k * per_split * s, min((k + 1) * per_split * s, seg.length)
@@ -497,7 +499,7 @@ def shared_launches(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 
     def shared():
         _shared_kernel[(meta.num_items, hkv)](
-            q, k_cache, v_cache, k_desc, v_desc, part, part_lse, meta.tensor,
+            q, k_cache, v_cache, k_desc, v_desc, part, part_lse, meta.tensor, rest_meta.query_start,
             tables.freq, tables.partner, tables.mscale,
             scale * _attend.LOG2E, meta.item_off, meta.member_off, meta.table_off,
             q.stride(0), q.stride(1),
