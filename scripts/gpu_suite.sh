@@ -3,12 +3,13 @@
 #   1. the tests in tests/fast, compiled, at realistic shapes (LAZYATTN_GPU_SUITE=1:
 #      head dim 128, thousands of tokens, batch 16+), spread over 16 pytest workers (each
 #      may hold a few GiB of float64 oracle scores);
-#   2. (unless SKIP_SERVING=1) the serving tests that use the fast backend: the model runner's (CUDA graphs
-#      against eager, no host synchronisation inside a step; compiled) and the engine's
-#      fast-backend test;
+#   2. (unless SKIP_SERVING=1) the serving tests that use the fast backend: the model
+#      runner's (CUDA graphs against eager, no host synchronisation inside a step;
+#      compiled) and the engine's fast-backend test (SERVING_K: another -k expression);
 #   3. (unless SKIP_BENCH=1) the kernel benchmark (benchmarks/kernels.py), which checks parity first, with
 #      FlashInfer side by side when its wheels are in .whl/ (see benchmarks/kernels.py);
-#   4. with CHECK=1, `lazyattention check --backend fast` (CHECK_FUNCTIONS: a subset);
+#   4. with CHECK=1, `lazyattention check --backend fast` (CHECK_FUNCTIONS: a subset, in that
+#      order) after the tests; with CHECK=beside, beside them (it checks, it times nothing);
 #   5. with ENGINE_BENCH=NAME (e.g. engine_h200), the engine benchmark
 #      (benchmarks/engine.py --name NAME, about 6 minutes on an H200: run it in a call
 #      of its own, with SKIP_TESTS=1 to skip steps 1-3).
@@ -31,7 +32,17 @@ nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1
 $PY -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__, "device", torch.cuda.get_device_name())' \
     | tee "$OUT/env.txt"
 
-tests_rc=0 serving_rc=0 bench_rc=0 tests_s=0 serving_s=0 bench_s=0
+tests_rc=0 serving_rc=0 bench_rc=0 tests_s=0 serving_s=0 bench_s=0 check_rc=0
+
+run_check() {
+    local start
+    start=$(date +%s)
+    # shellcheck disable=SC2086
+    timeout "${CHECK_TIMEOUT:-300}" $PY -m lazyattention.cli check --backend fast --device cuda \
+        ${CHECK_FUNCTIONS:+--functions $CHECK_FUNCTIONS} >"$OUT/check.log" 2>&1
+    echo "$? $(($(date +%s) - start))" >"$OUT/check.rc"
+}
+[ "${CHECK:-}" = beside ] && { run_check & check_pid=$!; }
 if [ -z "${SKIP_TESTS:-}" ]; then
 start=$(date +%s)
 # tests/fast includes test_configurations.py: every function x head dim x dtype x key-load
@@ -49,7 +60,7 @@ source scripts/flashinfer_wheels.sh
 
 if [ -z "${SKIP_SERVING:-}" ]; then
 start=$(date +%s)
-timeout "${SERVING_TIMEOUT:-300}" $PY -m pytest tests/serving/test_runner.py tests/serving/test_engine.py -k "runner or fast_backend" \
+timeout "${SERVING_TIMEOUT:-300}" $PY -m pytest tests/serving/test_runner.py tests/serving/test_engine.py -k "${SERVING_K:-runner or fast_backend}" \
     -q -p no:warnings --durations=5 --junitxml="$OUT/serving.xml" >"$OUT/serving.log" 2>&1
 serving_rc=$?
 serving_s=$(($(date +%s) - start))
@@ -65,15 +76,11 @@ tail -n "${TAIL:-45}" "$OUT/bench.log"
 fi
 fi
 
-check_rc=0
 if [ -n "${CHECK:-}" ]; then
-    start=$(date +%s)
-    # shellcheck disable=SC2086
-    timeout "${CHECK_TIMEOUT:-300}" $PY -m lazyattention.cli check --backend fast --device cuda \
-        ${CHECK_FUNCTIONS:+--functions $CHECK_FUNCTIONS} >"$OUT/check.log" 2>&1
-    check_rc=$?
+    if [ "$CHECK" = beside ]; then wait "$check_pid"; else run_check; fi
+    read -r check_rc check_s <"$OUT/check.rc"
     grep -vE "examples, worst" "$OUT/check.log" | tail -n 15
-    echo "lazyattention check rc=$check_rc ($(($(date +%s) - start))s)"
+    echo "lazyattention check rc=$check_rc (${check_s}s)"
 fi
 
 engine_rc=0
