@@ -1,6 +1,7 @@
 """Turn a committed kernel benchmark result into its plot and its docs page.
 
-Run: ``python benchmarks/plot_kernels.py benchmarks/results/kernels_h200.json``.
+Run: ``python benchmarks/plot_kernels.py benchmarks/results/kernels_h200.json [--gpu-tests junit.xml]``
+(``--gpu-tests``: record in the result the compiled test run of ``scripts/gpu_suite.sh``).
 
 Writes ``benchmarks/results/<name>.png`` (prefill throughput and decode bandwidth, one
 line per provider) and ``docs/benchmarks/kernels.md`` (the tables, every target with its
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from xml.etree import ElementTree
 
 import matplotlib
 
@@ -178,12 +180,33 @@ def page(result: dict, name: str, png: str, notes: str | None) -> str:
     return "\n".join(lines)
 
 
+def gpu_tests(junit: Path, command: str) -> dict:
+    """``{"command", "result"}`` of a compiled test run, read off its JUnit XML file:
+    ``"N passed, M failed in T s"`` (errors count as failed, skipped tests are named)."""
+    suite = ElementTree.parse(junit).getroot()
+    suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
+    count = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
+    failed = count["failures"] + count["errors"]
+    result = f"{count['tests'] - failed - count['skipped']} passed, {failed} failed"
+    if count["skipped"]:
+        result += f", {count['skipped']} skipped"
+    return {"command": command, "result": f"{result} in {float(suite.get('time', 0)):.0f} s"}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("result", type=Path, help="benchmarks/results/<name>.json")
     parser.add_argument("--page", type=Path, default=ROOT / "docs" / "benchmarks" / "kernels.md")
+    parser.add_argument("--gpu-tests", type=Path, metavar="JUNIT",
+                        help="record the compiled tests' JUnit XML (same device type) in the result")  # fmt: skip
+    parser.add_argument("--gpu-tests-command", help="how those tests ran",
+                        default="LAZYATTN_GPU_SUITE=1 python -m pytest tests/fast -n 16 (scripts/gpu_suite.sh), "
+                        "compiled kernels, realistic shapes")  # fmt: skip
     args = parser.parse_args()
     result = json.loads(args.result.read_text())
+    if args.gpu_tests:
+        result["gpu_tests"] = gpu_tests(args.gpu_tests, args.gpu_tests_command)
+        args.result.write_text(json.dumps(result, indent=1) + "\n")
     png = args.result.with_suffix(".png")
     plot(result, png)
     notes_path = args.result.with_suffix(".notes.md")
