@@ -816,15 +816,12 @@ def attend(
 
 
 def _rotated_query(q, meta: BlockMetadata, tables: RopeTables, max_queries: int, mode: int, num_kv_heads: int,
-                   gp: int, out: torch.Tensor | None = None):  # fmt: skip
-    """``y [W, Hkv, Tq, GP, DP]`` float32 from :func:`_query_kernel` (into ``out`` when
-    given): ``W = 2`` (the query and its partner channels) for :data:`LAZY`, 1 otherwise."""
+                   gp: int):  # fmt: skip
+    """``y [W, Hkv, Tq, GP, DP]`` float32 from :func:`_query_kernel`: ``W = 2`` (the query
+    and its partner channels) for :data:`LAZY`, 1 otherwise."""
     tq, h, d = q.shape
     dp = tables.freq.shape[0]
-    shape = (2 if mode == LAZY else 1, num_kv_heads, tq, gp, dp)
-    if out is not None and tuple(out.shape) != shape:
-        raise ValueError(f"out must have shape {shape} for this query, got {tuple(out.shape)}")
-    y = buffers.empty(shape, torch.float32, q.device) if out is None else out
+    y = buffers.empty((2 if mode == LAZY else 1, num_kv_heads, tq, gp, dp), torch.float32, q.device)
     # 16-row tiles: at 64 rows the exact angle reduction of a [64, DP] tile took 255
     # registers and spilled 108 bytes (sm_90, D = 128), and one request of 128 queries
     # over 8 × 512 keys took 65.6 µs on an H200 against 58.8 µs with 16 rows.
