@@ -180,25 +180,32 @@ def page(result: dict, name: str, png: str, notes: str | None) -> str:
     return "\n".join(lines)
 
 
-def gpu_tests(junit: Path, command: str) -> dict:
-    """``{"command", "result"}`` of a compiled test run, read off its JUnit XML file:
-    ``"N passed, M failed in T s"`` (errors count as failed, skipped tests are named)."""
-    suite = ElementTree.parse(junit).getroot()
-    suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
-    count = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
+def gpu_tests(junits: list[Path], command: str) -> dict:
+    """``{"command", "result"}`` of a compiled test run, read off its JUnit XML files (one
+    per call, when the run took more than one): ``"N passed, M failed in T s"`` (errors
+    count as failed, skipped tests are named)."""
+    count = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
+    seconds = 0.0
+    for junit in junits:
+        suite = ElementTree.parse(junit).getroot()
+        suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
+        for k in count:
+            count[k] += int(suite.get(k, 0))
+        seconds += float(suite.get("time", 0))
     failed = count["failures"] + count["errors"]
     result = f"{count['tests'] - failed - count['skipped']} passed, {failed} failed"
     if count["skipped"]:
         result += f", {count['skipped']} skipped"
-    return {"command": command, "result": f"{result} in {float(suite.get('time', 0)):.0f} s"}
+    calls = f", in {len(junits)} calls" if len(junits) > 1 else ""
+    return {"command": command, "result": f"{result} in {seconds:.0f} s{calls}"}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("result", type=Path, help="benchmarks/results/<name>.json")
     parser.add_argument("--page", type=Path, default=ROOT / "docs" / "benchmarks" / "kernels.md")
-    parser.add_argument("--gpu-tests", type=Path, metavar="JUNIT",
-                        help="record the compiled tests' JUnit XML (same device type) in the result")  # fmt: skip
+    parser.add_argument("--gpu-tests", type=Path, nargs="+", metavar="JUNIT",
+                        help="record the compiled tests' JUnit XML files (same device type) in the result")  # fmt: skip
     parser.add_argument("--gpu-tests-command", help="how those tests ran",
                         default="LAZYATTN_GPU_SUITE=1 python -m pytest tests/fast -n 16 (scripts/gpu_suite.sh), "
                         "compiled kernels, realistic shapes")  # fmt: skip
