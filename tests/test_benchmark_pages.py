@@ -69,11 +69,13 @@ def test_shared_decode_page_is_generated_from_its_result():
 
 
 def test_kernel_page_reads_the_compiled_test_run_off_its_junit_file(tmp_path):
-    """The test count on the kernels page comes from pytest's JUnit file, as pytest wrote it."""
+    """The test count on the kernels page comes from pytest's JUnit files, as pytest wrote them."""
     junit = tmp_path / "junit.xml"
     junit.write_text(
         '<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="pytest" errors="1" failures="2" '
         'skipped="3" tests="40" time="310.4"></testsuite></testsuites>'
     )
-    record = _load("plot_kernels").gpu_tests(junit, "pytest tests/fast")
+    record = _load("plot_kernels").gpu_tests([junit], "pytest tests/fast")
     assert record == {"command": "pytest tests/fast", "result": "34 passed, 3 failed, 3 skipped in 310 s"}
+    again = _load("plot_kernels").gpu_tests([junit, junit], "pytest tests/fast")
+    assert again["result"] == "68 passed, 6 failed, 6 skipped in 621 s, in 2 calls"
