@@ -15,11 +15,12 @@ bf16, ``H = 32`` query heads over ``Hkv = 8`` KV heads, head dim 128, block size
   (:func:`lazyattention.fast.lazy_decode`, every request reads all its blocks).
 * **Shared-prefix rows** (where FlashInfer's cascade applies): all ``B`` requests read one
   document at position 0, then 64 own tokens. Providers: ``shared``, ``per_request`` and
-  ``flashinfer_cascade`` (``flashinfer.MultiLevelCascadeAttentionWrapper``, two levels:
-  the prefix for the whole batch, each request's own pages; ``pos_encoding_mode="NONE"``,
-  so the query is rotated at its position beforehand, outside the timed call, and the
-  keys are read as stored, rotated at their positions — which, with the prefix at 0, they
-  are). FlashInfer JIT-compiles that configuration at first use (minutes on the GPU
+  ``flashinfer_cascade`` (FlashInfer's two-level cascade as its
+  ``MultiLevelCascadeAttentionWrapper`` runs one, with its FA2 prefill: the prefix for
+  the whole batch, each request's own pages, merged by ``merge_state_in_place``;
+  ``pos_encoding_mode="NONE"``, so the query is rotated at its position beforehand,
+  outside the timed call, and the keys are read as stored, rotated at their positions —
+  which, with the prefix at 0, they are). FlashInfer JIT-compiles that configuration at first use (minutes on the GPU
   machine): those rows run last, after the Zipf rows are written. Without FlashInfer the
   provider is skipped with the reason printed.
 
@@ -114,9 +115,19 @@ def zipf_docs(batch: int, num_docs: int, gen: torch.Generator) -> list[list[int]
 # --------------------------------------------------------------------------- FlashInfer
 
 
+#: FlashInfer's prefill backend for the cascade: its FA2 kernels compile from FlashInfer's
+#: own headers; its Hopper ones ("fa3", what "auto" picks on sm_90) also need CUTLASS's,
+#: which the slim wheel carried to the GPU machine does not hold.
+CASCADE_BACKEND = "fa2"
+
+
 def flashinfer_cascade(fi, layout: Layout, q, k_cache, v_cache):
     """FlashInfer's two-level cascade over ``layout`` (every request: one shared prefix
-    at 0, then own tokens): planned once (host), run in a CUDA graph. Returns the call."""
+    at 0, then own tokens), as its ``MultiLevelCascadeAttentionWrapper`` runs one: a
+    ``BatchPrefillWithPagedKVCacheWrapper`` per level (the prefix for the whole batch,
+    each request's own pages) and ``merge_state_in_place`` of their results, here with
+    the :data:`CASCADE_BACKEND` prefill. Planned once (host), run in a CUDA graph.
+    Returns the call."""
     b = layout.batch_size
     dev = "cuda"
     prefix = layout.requests[0].segments[0]
@@ -130,14 +141,25 @@ def flashinfer_cascade(fi, layout: Layout, q, k_cache, v_cache):
     indices = [i32(list(prefix.blocks)), i32([x for p in own for x in p.blocks])]
     last = [i32([(prefix.length - 1) % BLOCK + 1]), i32([(p.length - 1) % BLOCK + 1 for p in own])]
     workspace = torch.empty(256 * 2**20, dtype=torch.uint8, device=dev)
-    wrapper = fi.MultiLevelCascadeAttentionWrapper(
-        2, workspace, "NHD", use_cuda_graph=True, qo_indptr_buf_arr=qo, paged_kv_indptr_buf_arr=indptr,
-        paged_kv_indices_buf_arr=indices, paged_kv_last_page_len_buf_arr=last,
-    )  # fmt: skip
-    wrapper.plan(qo, indptr, indices, last, HEADS, KV_HEADS, HEAD_DIM, BLOCK, causal=False,
-                 pos_encoding_mode="NONE", q_data_type=DTYPE, kv_data_type=DTYPE)  # fmt: skip
+    levels = []
+    for level in zip(qo, indptr, indices, last, strict=True):
+        wrapper = fi.BatchPrefillWithPagedKVCacheWrapper(
+            workspace, "NHD", use_cuda_graph=True, qo_indptr_buf=level[0], paged_kv_indptr_buf=level[1],
+            paged_kv_indices_buf=level[2], paged_kv_last_page_len_buf=level[3], backend=CASCADE_BACKEND,
+        )  # fmt: skip
+        wrapper.plan(*level, HEADS, KV_HEADS, HEAD_DIM, BLOCK, causal=False, pos_encoding_mode="NONE",
+                     q_data_type=DTYPE, kv_data_type=DTYPE)  # fmt: skip
+        levels.append(wrapper)
     q_rot = apply_rope(q, layout.query_positions().to(dev), ROPE).to(DTYPE)  # outside the timed call
-    return lambda: wrapper.run(q_rot, (k_cache, v_cache))
+
+    def run():
+        out, lse = levels[-1].run(q_rot, (k_cache, v_cache), return_lse=True)
+        for wrapper in levels[:-1]:
+            out_level, lse_level = wrapper.run(q_rot, (k_cache, v_cache), return_lse=True)
+            fi.merge_state_in_place(out, lse, out_level, lse_level)
+        return out
+
+    return run
 
 
 # --------------------------------------------------------------------------- one row
