@@ -654,11 +654,12 @@ OFFICIAL_KERNELS = (
 )
 
 
-def _peer_table(rows: list[dict], field: str, peers, key_cols, fmt: str, extra=None) -> tuple[str, list[str]]:
-    """A table of ``field`` per provider, one row per shape; also the peers not measured."""
+def _peer_table(rows: list[dict], field: str, peers, key_cols, fmt: str, extra=None) -> tuple[str, list[tuple]]:
+    """A table of ``field`` per provider, one row per shape; also the peers not measured,
+    as ``(title, provider names)``."""
     chosen = [(title, _provider(rows, field, *cands)) for title, cands in peers]
     present = [(title, name) for title, name in chosen if name]
-    missing = [title for title, name in chosen if not name]
+    missing = [(title, cands) for (title, cands), (_, name) in zip(peers, chosen, strict=True) if not name]
     head = [title for title, _ in key_cols] + [title for title, _ in present]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
@@ -671,10 +672,13 @@ def _peer_table(rows: list[dict], field: str, peers, key_cols, fmt: str, extra=N
     return "\n".join(lines), missing
 
 
-def _missing_peer(title: str, data: dict, device: str, other: str) -> str:
-    """The line for a peer a table could not show: unmeasured, or measured in another form
-    somewhere in the result other than the ``other`` table."""
-    if title.split()[0].lower() in json.dumps({k: v for k, v in data.items() if k != other}).lower():
+def _missing_peer(peer: tuple[str, tuple[str, ...]], data: dict, device: str, other: str) -> str:
+    """The line for a peer ``(title, provider names)`` a table could not show: unmeasured,
+    or one of its providers measured in another form somewhere in the result other than
+    the ``other`` table."""
+    title, cands = peer
+    rest = json.dumps({k: v for k, v in data.items() if k != other}).lower()
+    if any(f'"{c.lstrip("~")}' in rest for c in cands):
         return (
             f"*{title} is in this result in a form this table does not read: see the "
             "[kernels page](benchmarks/kernels.md).*"

@@ -268,6 +268,7 @@ def test_home_page_compares_with_peers_from_the_newest_result(monkeypatch, tmp_p
     assert "| 16k | 512 | 400 | **410** | 350 |" in table
     assert "FlashInfer: not yet measured" not in table.split("**Decode**")[0]
     assert "*FlashInfer: not yet measured on H200.*" in table.split("**Decode**")[1]
+    assert "*SDPA cuDNN, pre-rotated keys: not yet measured on H200.*" in table  # SDPA flash is not cuDNN
     data = _kernels_result("H200", "2026-12-01T10:00:00", False) | {"flashinfer_decode": [{"us": 9.0}]}
     (tmp_path / "kernels_h200.json").write_text(json.dumps(data))
     assert "FlashInfer is in this result in a form this table does not read" in hooks.peers_kernels()
