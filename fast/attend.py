@@ -838,9 +838,10 @@ def _rotated_query(q, meta: BlockMetadata, tables: RopeTables, max_queries: int,
 def merge_partials(part: torch.Tensor, part_lse: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> None:
     """``out [T, H, D]``, ``lse [T, H]`` from ``part [T, H, P, D]``, ``part_lse [T, H, P]`` (eq. 12).
 
-    A program merges ``HB`` heads of one token, about 8 K partial elements: one program
-    per (token, head) left a decode batch of 256 requests × 32 heads with 8,192 programs
-    of a few kilobytes each."""
+    A program merges ``HB`` heads of one token, about 8 K partial elements. One program
+    per (token, head) gave a decode batch of 256 requests × 32 heads 8,192 programs of a
+    few kilobytes each: that merge took 24.6–26.4 µs on an H200, this one 4.9–9.7 µs
+    (``benchmarks/results/shared_decode_h200.json``, its 256-request rows)."""
     t, h, p, d = part.shape
     if t == 0:
         return
