@@ -64,11 +64,12 @@ report_check() {
 }
 # The check beside the tests ends before anything is timed.
 [ "${CHECK:-}" = beside ] && { wait "$check_pid"; report_check; }
-if [ -z "${SKIP_TESTS:-}" ]; then
 
-# FlashInfer, for the benchmark's side-by-side providers: from wheels in .whl/ when the
-# machine has no network (the benchmark skips its providers, saying why, without it).
+# FlashInfer, for the benchmarks' side-by-side providers: from wheels in .whl/ when the
+# machine has no network (the benchmarks skip its providers, saying why, without it).
 source scripts/flashinfer_wheels.sh
+
+if [ -z "${SKIP_TESTS:-}" ]; then
 
 if [ -z "${SKIP_SERVING:-}" ]; then
 start=$(date +%s)
