@@ -79,10 +79,10 @@ DECODE_TILES = [(64, 4, 4), (64, 4, 2), (32, 4, 4), (64, 8, 4)]
 #: (block_m, block_n, warps, stages) of prefill; the first is the plan's.
 PREFILL_TILES = [(64, 64, 4, 3), (64, 64, 8, 3)]
 PREFILL_SPLITS = (2, 4, 8)
-#: (direct, flat) of prefill: the two-step rotation (the query kernel, then ``R(−δ)`` per
-#: run) with one key loop across runs or a loop per run. (Rotating each row directly was
+#: Prefill's key loop, with the two-step rotation (the query kernel, then ``R(−δ)`` per
+#: run): a loop per run, or one flat loop across runs. (Rotating each row directly was
 #: timed too, and lost: ``benchmarks/sweeps/tune_prefill_h200.json``.)
-PREFILL_ROTATIONS = [(False, False), (False, True)]
+PREFILL_FLAT = (False, True)
 
 
 def decode_splits(batch: int, plan_splits: int, key_tiles: int) -> list[int]:
@@ -122,7 +122,7 @@ def timed(rows: list, clock: Clock, fn, truth: torch.Tensor, check_rows: int, **
         row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
     rows.append(row)
     rate = row.get("ms") and (row["bytes"] / row["ms"] / 1e9 if "bytes" in row else row["flops"] / row["ms"] / 1e9)
-    what = {k: row[k] for k in ("variant", "splits", "tiles", "flat", "direct") if k in row}
+    what = {k: row[k] for k in ("variant", "splits", "tiles", "flat") if k in row}
     print(f"{row['kind']} {row['shape']} {what} ms={row.get('ms')} rate={rate} "
           f"diff={row.get('max_diff')} {row.get('error', '')}", flush=True)  # fmt: skip
     return row
@@ -211,16 +211,16 @@ def prefill_shape(rows, clock, batch, tq, doc, fi, base):
     print(f"prefill {shape['shape']} query kernel alone ms={rows[-1]['ms']}", flush=True)
     for block_m, block_n, warps, stages in PREFILL_TILES:
         block_q = max(1, block_m // plan.gp)
-        for direct, flat in PREFILL_ROTATIONS:
+        for flat in PREFILL_FLAT:
             for p in PREFILL_SPLITS:
                 tiles = plan._replace(block_q=block_q, block_n=block_n, num_warps=warps, num_stages=stages, splits=p,
-                                      direct=direct, flat=flat)  # fmt: skip
+                                      flat=flat)  # fmt: skip
                 for name, mode in (("lazy", fast_attend.LAZY), ("norot", fast_attend.NONE)):
-                    if name == "norot" and (direct or flat):
+                    if name == "norot" and flat:
                         continue
                     fn = call(fast_attend, q, k_cache, v_cache, meta, tables, tq, mode, False, tiles)
                     timed(rows, clock, fn, truth[name], tq, **shape, variant=name, splits=p,
-                          tiles=[block_m, block_n, warps, stages], flat=flat, direct=direct)  # fmt: skip
+                          tiles=[block_m, block_n, warps, stages], flat=flat)  # fmt: skip
 
 
 def load_baseline(path: str | None):
@@ -253,7 +253,7 @@ def summary(rows: list[dict]) -> list[dict]:
                     "base_norot_ms": (pick("base_norot") or {}).get("ms"),
                     "plan_ms": plan and plan["ms"], "plan_splits": plan and plan.get("splits"),
                     "best_ms": best and best["ms"],
-                    "best": best and {k: best.get(k) for k in ("splits", "tiles", "flat", "direct")},
+                    "best": best and {k: best.get(k) for k in ("splits", "tiles", "flat")},
                     "best_norot_ms": (pick("norot") or {}).get("ms"),
                     "two_step_ms": (pick("lazy_two_step") or {}).get("ms"),
                     "bytes": mine[0].get("bytes") if mine else None})  # fmt: skip
