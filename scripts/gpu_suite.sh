@@ -23,16 +23,8 @@
 # The package is used from the checkout through PYTHONPATH: nothing is installed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-$PWD/.out}
-mkdir -p "$OUT"
-PY=${PYTHON:-python3}
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-export PYTHONUNBUFFERED=1
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
-
-nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1
-$PY -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__, "device", torch.cuda.get_device_name())' \
-    | tee "$OUT/env.txt"
+source scripts/gpu_env.sh
 
 tests_rc=0 serving_rc=0 bench_rc=0 tests_s=0 serving_s=0 bench_s=0 check_rc=0
 

@@ -13,16 +13,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 START=$(date +%s)
 BUDGET=${BUDGET:-285}
-OUT=${OUT:-$PWD/.out}
-mkdir -p "$OUT"
-PY=${PYTHON:-python3}
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-export PYTHONUNBUFFERED=1
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
-
-nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1
-$PY -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__, "device", torch.cuda.get_device_name())' \
-    | tee "$OUT/env.txt"
+source scripts/gpu_env.sh
 
 timeout "${SERVING_TIMEOUT:-120}" $PY -m pytest tests/serving/test_runner.py -k shared_decode -q -p no:warnings \
     --durations=3 >"$OUT/shared_serving.log" 2>&1 &

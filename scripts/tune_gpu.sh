@@ -7,18 +7,12 @@
 #      (LAZYATTN_GPU_SUITE=1), on 16 pytest workers.
 # The sweep starts no variant after TUNE_BUDGET seconds; the tests get what is left of
 # DEADLINE seconds. Everything is written under $OUT (default ./.out): tune_h200.json,
-# tune.log, tests.log, junit.xml, nvidia-smi.txt. The tests' summary and the sweep's table
+# tune.log, tests.log, junit.xml, nvidia-smi.txt, env.txt. The tests' summary and the sweep's table
 # are printed last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-$PWD/.out}
-mkdir -p "$OUT"
-PY=${PYTHON:-python3}
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-export PYTHONUNBUFFERED=1
-
 begin=$(date +%s)
-nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1
+source scripts/gpu_env.sh
 source scripts/flashinfer_wheels.sh
 
 start=$(date +%s)
