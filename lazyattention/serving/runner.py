@@ -326,8 +326,8 @@ class ModelRunner:
         layouts = {"prefill": step.prefill, "decode": step.decode}
         if step.sharing is not None:
             layouts["rest"] = step.sharing.rest
-            shared = self._shared_metadata(step.sharing)
-            packer.add("sharing", shared[0].tensor)
+            shared_meta, shared_tiles = self._shared_metadata(step.sharing)
+            packer.add("sharing", shared_meta.tensor)
         for prefix, layout in layouts.items():
             if layout is not None:
                 for f, t in zip(BlockMetadata._fields, self._host(layout), strict=True):
@@ -337,8 +337,8 @@ class ModelRunner:
             if layout is not None:
                 layout.use_metadata(_metadata(views, prefix))
         if step.sharing is not None:
-            meta, tiles = shared
-            step.sharing.use_metadata(meta._replace(tensor=views["sharing"]), tiles, self.model.cfg.num_kv_heads)
+            shared_meta = shared_meta._replace(tensor=views["sharing"])
+            step.sharing.use_metadata(shared_meta, shared_tiles, self.model.cfg.num_kv_heads)
         device_step = StepInputs(
             slots=views["slots"],
             positions=views["positions"],
