@@ -1,4 +1,5 @@
-"""The benchmark pages in docs/ are generated from the committed result files.
+"""The benchmark pages in docs/ are generated from the committed result files (and the
+benchmarks' own pieces that run without a GPU hold what they claim).
 
 A page edited by hand, or a result file committed without regenerating its page,
 fails here: every figure a reader sees comes from a measured JSON.
@@ -79,3 +80,21 @@ def test_kernel_page_reads_the_compiled_test_run_off_its_junit_file(tmp_path):
     assert record == {"command": "pytest tests/fast", "result": "34 passed, 3 failed, 3 skipped in 310 s"}
     again = _load("plot_kernels").gpu_tests([junit, junit], "pytest tests/fast")
     assert again["result"] == "68 passed, 6 failed, 6 skipped in 621 s, in 2 calls"
+
+
+def test_cascade_merge_is_the_log_sum_exp_merge(monkeypatch):
+    """The shared-segment benchmark merges FlashInfer's two cascade levels with a kernel
+    of its own (log-sum-exps in base 2, as FlashInfer's): attention over the union of the
+    two key sets (eq. 12), checked against the merge in float64, under Triton's
+    interpreter (chosen when the kernel is defined, as the benchmark is loaded)."""
+    torch = pytest.importorskip("torch")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    gen = torch.Generator().manual_seed(0)
+    v, v_other = torch.randn(2, 3, 4, 16, generator=gen)
+    s, s_other = 4 * torch.randn(2, 3, 4, generator=gen)
+    w, w_other = torch.exp2(s.double()), torch.exp2(s_other.double())
+    want = (v.double() * w[..., None] + v_other.double() * w_other[..., None]) / (w + w_other)[..., None]
+    want_lse = torch.log2(w + w_other)
+    _load("shared_decode").merge_state_in_place(v, s, v_other, s_other)
+    torch.testing.assert_close(v.double(), want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(s.double(), want_lse, rtol=1e-6, atol=1e-6)
