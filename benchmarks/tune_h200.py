@@ -1,8 +1,8 @@
 """Time the split counts, tiles and kernel variants of the shapes where the fast path
 loses, in one GPU call (tuning aid; writes what ``fast/attend.py:plan`` is set from).
 
-Run: ``python benchmarks/tune_h200.py --out FILE [--baseline DIR] [--budget SECONDS] [--kinds prefill]``
-(``scripts/tune_gpu.sh`` does, with the compiled attention tests after it).
+Run: ``python benchmarks/tune_h200.py --out FILE [--baseline DIR] [--budget SECONDS] [--kinds prefill]
+[--stages]`` (``scripts/tune_gpu.sh`` does, with the compiled attention tests after it).
 
 The shapes and providers are those of ``benchmarks/kernels.py`` (bf16, 32/8 heads, head
 dim 128, blocks of 64, documents back to back, FlashInfer on contiguous documents, its
@@ -13,6 +13,8 @@ best case), restricted to the rows where the lazy kernels lost on the H200:
   per split), the flat key loop across runs against the loop per run
   (``Plan.flat``), the query rotated in the attention kernel against the two-step
   rotation of a query kernel (``Plan.direct``), and a few key tiles / warps / stages;
+  with ``--stages``, only the plan at each pipeline depth of :data:`DECODE_STAGES`
+  (and the kernel without rotation at each);
 * **prefill**, 128 query tokens over 8 documents of 512 or 4096 tokens (one request,
   and 8 over 512-token documents): ``P`` ∈ {2, 4, 8}, a few query / key tiles, warps and
   stages, and the flat key loop; the query kernel (the two-step rotation's first step)
@@ -76,6 +78,12 @@ DECODE_SHAPES = [(1, 16384, 512, 2), (1, 1024, 512, 1), (16, 4096, 512, 2), (16,
 PREFILL_SHAPES = [(1, 128, 512), (1, 128, 4096), (8, 128, 512)]  # (B, Tq, document length), 8 documents
 #: (block_n, warps, stages) of decode; the first is the plan's.
 DECODE_TILES = [(64, 4, 4), (64, 4, 2), (32, 4, 4), (64, 8, 4)]
+#: Pipeline depths of decode for ``--stages``. With decode's 16-row tiles (mma.sync, not
+#: wgmma) Triton 3.6 gives the key and value tiles ``stages − 3`` shared-memory buffers
+#: (at least one; sm_90 compile, bf16, D = 128, S = 64): 2 to 4 stages all make one, so
+#: the next tile's copy waits for this tile's dot; 5 and 6 make two (86 KB a program, two
+#: programs an SM), 7 makes three (119 KB, one an SM).
+DECODE_STAGES = (4, 5, 7)
 #: (block_m, block_n, warps, stages) of prefill; the first is the plan's.
 PREFILL_TILES = [(64, 64, 4, 3), (64, 64, 8, 3)]
 PREFILL_SPLITS = (2, 4, 8)
@@ -132,7 +140,7 @@ def call(module, q, k_cache, v_cache, meta, tables, max_queries, mode, decode, t
     return lambda: module.attend(q, k_cache, v_cache, meta, tables, max_queries, SCALE, mode, decode, False, tiles)[0]
 
 
-def decode_shape(rows, clock, batch, tk, doc, depth, fi, base):
+def decode_shape(rows, clock, batch, tk, doc, depth, fi, base, stages_only=False):
     gen = torch.Generator(device=DEVICE).manual_seed(batch * 7 + tk)
     layout = decode_layout(batch, tk, doc)
     k_cache, v_cache = make_cache(layout, gen)
@@ -164,6 +172,13 @@ def decode_shape(rows, clock, batch, tk, doc, depth, fi, base):
         timed(rows, clock, call(fast_attend, q, k_cache, v_cache, meta, tables, 1, mode, True, plan), truth[name],
               check, **shape, variant=f"{name}_plan", splits=plan.splits,
               tiles=[plan.block_n, plan.num_warps, plan.num_stages], flat=plan.flat)  # fmt: skip
+    if stages_only:
+        for stages in DECODE_STAGES:
+            for p in sorted({plan.splits, *((max(1, plan.splits // 2), 2 * plan.splits) if stages == 7 else ())}):
+                if triton.cdiv(slots, plan.block_n) // p >= 2:
+                    lazy(plan._replace(num_stages=stages, splits=p))
+            lazy(plan._replace(num_stages=stages), fast_attend.NONE)
+        return
     splits = decode_splits(batch, plan.splits, triton.cdiv(slots, plan.block_n))
     for p in splits:
         lazy(plan._replace(splits=p, flat=True))
@@ -285,6 +300,8 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=150.0, help="seconds after which no variant starts")
     parser.add_argument("--kinds", nargs="+", choices=("decode", "prefill"), default=["decode", "prefill"],
                         help="which shapes to time (default: both)")  # fmt: skip
+    parser.add_argument("--stages", action="store_true",
+                        help="decode: time only the plan at each pipeline depth of DECODE_STAGES")  # fmt: skip
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/tune_h200.py needs a CUDA device")
@@ -296,12 +313,13 @@ def main() -> None:
     result = {"environment": environment(fi), "ceilings": ceilings(), "flashinfer_skipped": fi_reason,
               "baseline": args.baseline, "budget_s": args.budget, "rows": []}  # fmt: skip
     rows = result["rows"]
-    work = [(decode_shape, shape) for shape in DECODE_SHAPES] if "decode" in args.kinds else []
+    decode = {"stages_only": args.stages}
+    work = [(decode_shape, shape, decode) for shape in DECODE_SHAPES] if "decode" in args.kinds else []
     if "prefill" in args.kinds:
-        work[2:2] = [(prefill_shape, shape) for shape in PREFILL_SHAPES]  # after the two B=1 decode shapes
-    for fn, shape in work:
+        work[2:2] = [(prefill_shape, shape, {}) for shape in PREFILL_SHAPES]  # after the two B=1 decode shapes
+    for fn, shape, options in work:
         try:
-            fn(rows, clock, *shape, fi, base)
+            fn(rows, clock, *shape, fi, base, **options)
         except Exception as exc:  # recorded: the other shapes still run
             rows.append({"kind": "error", "shape": list(shape[:3]), "error": traceback.format_exc()[-1500:]})
             print(f"{fn.__name__} {shape[:3]} failed: {type(exc).__name__}: {exc}", flush=True)
