@@ -597,6 +597,7 @@ def plan(
     work_items: int,
     max_key_slots: int,
     max_queries: int = 1,
+    raw: bool = False,
 ) -> Plan:
     """Choose tiles for one call.
 
@@ -609,6 +610,9 @@ def plan(
             its key slots; decode, and prefill whose grid is smaller than the GPU, split
             them so that the GPU is filled.
         max_queries: the largest ``num_queries`` of a request (prefill).
+        raw: for :data:`RAW` (keys rotated in the kernel, read by row gathers with their
+            partner channels: :func:`attend` turns ``tma`` off), which keeps the pipeline
+            depth of the loads it was tuned with.
     """
     g = num_heads // num_kv_heads
     dp = max(16, triton.next_power_of_2(head_dim))
@@ -669,6 +673,8 @@ def plan(
         # four programs per SM, chose 5 splits at 16 requests and 64 at one request.
         sms = multiprocessors(device)
         splits = max(1, min(2 * sms // max(1, work_items), key_tiles // 2, 32))
+        if tma and not wide and dp == 128 and not raw:
+            num_stages, splits = _decode_pipeline(work_items, key_tiles, sms, splits)
     else:
         programs = max(1, work_items) * triton.cdiv(max(1, max_queries), block_q)
         # Programs an SM runs at once. ptxas gives the 4-warp 16-bit tiles 226–255
@@ -680,6 +686,31 @@ def plan(
         resident = 2 if num_warps == 4 and not wide else 1
         splits = prefill_splits(programs, key_tiles, resident * multiprocessors(device))
     return Plan(block_q, gp, block_n, dp, splits, num_warps, num_stages, tma, direct, flat)
+
+
+def _decode_pipeline(work_items: int, key_tiles: int, sms: int, splits: int) -> tuple[int, int]:
+    """``(stages, splits)`` of a 16-bit decode at head dim 128 with bulk tensor copies.
+
+    Decode's 16-row tiles take ``mma.sync``, and with them Triton 3.6 gives the key and
+    value tiles ``stages − 3`` shared-memory buffers, at least one (sm_90 compile): at 4
+    stages the next tile's copy waits for this tile's dot. Timed on an H200 (bf16, S = 64,
+    512-token documents; ``benchmarks/sweeps/tune_stages_h200.json``):
+
+    * more programs than SMs (64 requests × 4k keys): 5 stages (two buffers, 86 KB, two
+      programs an SM), 249.8 µs against 265.9 at 4;
+    * otherwise, when one program per SM still gives each split at least 16 key tiles: 7
+      stages (three buffers, 119 KB, one program an SM) at one program per SM. 16
+      requests × 4k keys, unsplit: 69.3 µs against 75.3 (2 splits at 4 stages); one
+      request of 16k keys, 16 splits: 25.7 against 26.9;
+    * shorter splits keep 4 stages and ``splits``: one request of 4k keys took 11.6 µs at
+      7 stages (16 splits of 4 tiles) and 11.3 at 5, against 10.9.
+    """
+    if work_items > sms:
+        return 5, splits
+    one_per_sm = max(1, min(sms // max(1, work_items), 32))
+    if key_tiles // one_per_sm >= 16:
+        return 7, one_per_sm
+    return 4, splits
 
 
 def prefill_splits(programs: int, key_tiles: int, slots: int) -> int:
@@ -761,7 +792,7 @@ def attend(
     b, m = meta.block_table.shape
     if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError("lazyattention.fast needs the head dimension of q, k_cache and v_cache contiguous")
-    pl = tiles or plan(h, hkv, d, s, q.dtype, q.device, decode, b * hkv, m * s, max_queries)
+    pl = tiles or plan(h, hkv, d, s, q.dtype, q.device, decode, b * hkv, m * s, max_queries, mode == RAW)
     if tables.freq.shape[0] != pl.dp:
         raise ValueError(f"rope tables padded to {tables.freq.shape[0]} channels, the plan needs {pl.dp}")
     if pl.flat and s % pl.block_n:

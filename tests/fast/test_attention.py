@@ -202,6 +202,40 @@ def test_key_loops(name, direct, flat, splits, dtype, monkeypatch):
     check(name, _with_tma_blocks(runs_case(1 if name.endswith("decode") else 19)), dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("stages", [4, 5, 7])
+@pytest.mark.parametrize("splits", [1, 3])
+def test_decode_pipeline_depths(stages, splits, dtype, monkeypatch):
+    """Decode at each pipeline depth its plan takes at head dim 128 (one, two and three
+    key and value buffers), whole or split, forced here: requests of fewer key tiles than
+    buffers, and the flat loop's re-rotation where a tile's shift changes."""
+    plan = _attend.plan
+
+    def forced(*args, **kwargs):
+        pl = plan(*args, **kwargs)
+        assert pl.tma and pl.dp == 128 and pl.flat
+        return pl._replace(num_stages=stages, splits=splits)
+
+    monkeypatch.setattr(_attend, "plan", forced)
+    check("lazy_decode", dataclasses.replace(_with_tma_blocks(runs_case()), rope=RopeConfig(head_dim=128)), dtype)
+
+
+#: (B, keys) -> (stages, splits) of the fastest variant the H200 sweep timed at that shape
+#: (bf16, 32 / 8 heads, D = 128, S = 64; ``benchmarks/sweeps/tune_stages_h200.json``).
+DECODE_PIPELINES = {(1, 1024): (4, 8), (1, 4096): (4, 32), (1, 16384): (7, 16), (16, 4096): (7, 1),
+                    (64, 4096): (5, 1)}  # fmt: skip
+
+
+@pytest.mark.parametrize(("shape", "want"), DECODE_PIPELINES.items(), ids=str)
+def test_decode_plan_follows_the_h200_sweep(shape, want, monkeypatch):
+    """The decode plan of a 132-SM GPU picks, at the shapes the sweep timed, the pipeline
+    depth and split count that ran fastest there."""
+    batch, keys = shape
+    monkeypatch.setattr(_attend, "multiprocessors", lambda device: 132)
+    pl = _attend.plan(32, 8, 128, 64, torch.bfloat16, torch.device("cuda"), True, batch * 8, keys)
+    assert (pl.num_stages, pl.splits) == want
+
+
 @pytest.mark.parametrize(
     ("name", "change", "message"),
     [("lazy_prefill", {"direct": True}, "direct query rotation needs one token per query tile"),
@@ -222,6 +256,6 @@ def _with_tma_blocks(case: Case) -> Case:
     """``case`` at a block size whose key tiles lie inside one block: under the
     interpreter (16-key tiles) as it is; compiled, at 64 tokens a block, where the plans'
     key tiles are 64 keys (at 16 they are 128-key row gathers)."""
-    if DEVICE == "cpu":
+    if DEVICE.type == "cpu":
         return case
     return dataclasses.replace(case, block_size=64)
