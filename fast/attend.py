@@ -693,23 +693,30 @@ def _decode_pipeline(work_items: int, key_tiles: int, sms: int, splits: int) -> 
 
     Decode's 16-row tiles take ``mma.sync``, and with them Triton 3.6 gives the key and
     value tiles ``stages − 3`` shared-memory buffers, at least one (sm_90 compile): at 4
-    stages the next tile's copy waits for this tile's dot. Timed on an H200 (bf16, S = 64,
-    512-token documents; ``benchmarks/sweeps/tune_stages_h200.json``):
+    stages the next tile's copy waits for this tile's dot. Timed on an H200 (bf16, S = 64;
+    ``benchmarks/sweeps/tune_stages_h200.json`` and the runs below):
 
-    * more programs than SMs (64 requests × 4k keys): 5 stages (two buffers, 86 KB, two
-      programs an SM), 249.8 µs against 265.9 at 4;
-    * otherwise, when one program per SM still gives each split at least 16 key tiles: 7
-      stages (three buffers, 119 KB, one program an SM) at one program per SM. 16
-      requests × 4k keys, unsplit: 69.3 µs against 75.3 (2 splits at 4 stages); one
-      request of 16k keys, 16 splits: 25.7 against 26.9;
-    * shorter splits keep 4 stages and ``splits``: one request of 4k keys took 11.6 µs at
-      7 stages (16 splits of 4 tiles) and 11.3 at 5, against 10.9.
+    * more programs than SMs, at least 8 key tiles a split: 5 stages (two buffers, 86 KB,
+      two programs an SM). 64 requests × 4k keys: 249.8 µs against 265.9 at 4 stages;
+      256 requests of 9 key tiles: 125.0 against 133.0;
+    * fewer programs, at least 16 key tiles a split: 7 stages (three buffers, 119 KB,
+      one program an SM) at one program per SM. 16 requests × 4k keys, unsplit: 69.3
+      µs against 75.3 (2 splits at 4 stages); one request of 16k keys, 16 splits: 25.7
+      against 26.9. One program an SM issues less, which shows where the keys come
+      from L2 rather than memory: 16 requests reading the same 4 documents of 2048
+      tokens took 126 µs against 106 (``per_request`` in
+      ``benchmarks/results/shared_decode_h200.json`` and, at 4 stages,
+      ``benchmarks/sweeps/shared_decode_4_stages_h200.json``);
+    * shorter splits keep 4 stages: one request of 4k keys took 11.6 µs at 7 stages (16
+      splits of 4 tiles) and 11.3 at 5, against 10.9; 256 requests of one key tile each
+      (the shared-segment path's rest launch) took 48.0 µs at 5 stages against 44.4 at 4.
     """
     if work_items > sms:
-        return 5, splits
-    one_per_sm = max(1, min(sms // max(1, work_items), 32))
-    if key_tiles // one_per_sm >= 16:
-        return 7, one_per_sm
+        stages, deep_splits, fewest_tiles = 5, splits, 8
+    else:
+        stages, deep_splits, fewest_tiles = 7, max(1, min(sms // max(1, work_items), 32)), 16
+    if key_tiles // deep_splits >= fewest_tiles:
+        return stages, deep_splits
     return 4, splits
 
 

@@ -220,10 +220,12 @@ def test_decode_pipeline_depths(stages, splits, dtype, monkeypatch):
     check("lazy_decode", dataclasses.replace(_with_tma_blocks(runs_case()), rope=RopeConfig(head_dim=128)), dtype)
 
 
-#: (B, keys) -> (stages, splits) of the fastest variant the H200 sweep timed at that shape
-#: (bf16, 32 / 8 heads, D = 128, S = 64; ``benchmarks/sweeps/tune_stages_h200.json``).
+#: (B, keys) -> (stages, splits) of the fastest variant timed on the H200 at that shape
+#: (bf16, 32 / 8 heads, D = 128, S = 64; ``benchmarks/sweeps/tune_stages_h200.json``, and
+#: 256 requests of 9 key tiles and of one, the shared-segment benchmark's ``per_request``
+#: and rest launch, before and after: ``benchmarks/sweeps/shared_decode_4_stages_h200.json``).
 DECODE_PIPELINES = {(1, 1024): (4, 8), (1, 4096): (4, 32), (1, 16384): (7, 16), (16, 4096): (7, 1),
-                    (64, 4096): (5, 1)}  # fmt: skip
+                    (64, 4096): (5, 1), (256, 576): (5, 1), (256, 64): (4, 1)}  # fmt: skip
 
 
 @pytest.mark.parametrize(("shape", "want"), DECODE_PIPELINES.items(), ids=str)
