@@ -331,7 +331,8 @@ def page(result: dict, name: str, notes: str | None) -> str:
         "drawn under Zipf (or, in the prefix rows, one document at position 0), then "
         f"{result['own_tokens']} own tokens. `shared` is `lazyattention.fast.shared.shared_decode` (every "
         "document read by two or more requests of the batch read once), `per_request` is "
-        "`lazyattention.fast.lazy_decode`. Effective bandwidth is the bytes a per-request read moves ÷ time; "
+        "`lazyattention.fast.lazy_decode`, `cascade` FlashInfer's two-level cascade (prefix rows only: it "
+        "serves one shared prefix at position 0). Effective bandwidth is the bytes a per-request read moves ÷ time; "
         "`readers` is the mean number of requests reading each shared document. The last columns time each "
         "launch of the shared path alone: its rest (the per-request kernel over each request's unshared "
         "blocks), the shared kernel, the merge; and the shared kernel over 8 warps instead of the plan's 4.",
@@ -345,16 +346,18 @@ def page(result: dict, name: str, notes: str | None) -> str:
         lines.append(f"| {t['target']} | {'PASS' if t['pass'] else '**MISS**'} | {worst} | {t['where']} |")
     lines += [
         "",
-        "| rows | B | n | L | readers | shared µs (TB/s) | per-request µs (TB/s) | per-request ÷ shared "
-        "| alone µs: rest / shared / merge | shared, 8 warps µs |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| rows | B | n | L | readers | shared µs (TB/s) | per-request µs (TB/s) | cascade µs (TB/s) "
+        "| per-request ÷ shared | alone µs: rest / shared / merge | shared, 8 warps µs |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for kind in ("zipf", "prefix"):
         for r in result.get(kind, []):
             cells = [
                 f"{r['ms'][n] * 1e3:.1f} ({r['effective_tb_per_s'][n]:.2f})" if r["ms"].get(n) else "n/a"
-                for n in ("shared", "per_request")
+                for n in PROVIDERS
             ]
+            if kind == "zipf":
+                cells[2] = "–"  # the cascade serves a shared prefix only
             ratio = speedup(r)
             stage = r.get("stages_ms", {})
             alone = " / ".join(f"{stage[k] * 1e3:.1f}" if k in stage else "n/a" for k in ("rest", "shared", "merge"))
