@@ -147,7 +147,8 @@ def _merge_state_kernel(v_ptr, s_ptr, v_other_ptr, s_other_ptr, H: tl.constexpr,
 
 
 def merge_state_in_place(v, s, v_other, s_other) -> None:
-    """:func:`_merge_state_kernel` over ``v, v_other [T, H, D]``, ``s, s_other [T, H]`` (contiguous)."""
+    """:func:`_merge_state_kernel` over ``v, v_other [T, H, D]``, ``s, s_other [T, H]``
+    (contiguous; ``H`` and ``D`` powers of two, as in this benchmark)."""
     t, h, d = v.shape
     _merge_state_kernel[(t,)](v, s, v_other, s_other, H=h, D=d)
 

@@ -610,9 +610,9 @@ def plan(
             its key slots; decode, and prefill whose grid is smaller than the GPU, split
             them so that the GPU is filled.
         max_queries: the largest ``num_queries`` of a request (prefill).
-        raw: for :data:`RAW` (keys rotated in the kernel, read by row gathers with their
-            partner channels: :func:`attend` turns ``tma`` off), which keeps the pipeline
-            depth of the loads it was tuned with.
+        raw: for :data:`RAW`, whose keys are read by row gathers with their partner
+            channels (:func:`attend` turns ``tma`` off): decode keeps its pipeline depth,
+            as :func:`_decode_pipeline` was timed with bulk tensor copies.
     """
     g = num_heads // num_kv_heads
     dp = max(16, triton.next_power_of_2(head_dim))
