@@ -820,8 +820,7 @@ def attend(
         stride_op = 0
     if pl.direct and pl.block_q != 1:
         raise ValueError(f"the direct query rotation needs one token per query tile (decode), not {pl.block_q}")
-    direct = pl.direct
-    if direct:
+    if pl.direct:
         y_desc, y_rows_per_w = None, 0
     else:
         y = _rotated_query(q, meta, tables, max_queries, mode, hkv, pl.gp)
@@ -841,7 +840,7 @@ def attend(
         meta.block_table.stride(0),
         h // hkv, d, blocks_per_split, pl.splits,
         BLOCK_Q=pl.block_q, GP=pl.gp, BLOCK_N=pl.block_n, DP=pl.dp, S=s,
-        MODE=mode, TMA=k_desc is not None, DIRECT=direct, FLAT=pl.flat and mode == LAZY, SPLIT=pl.splits > 1,
+        MODE=mode, TMA=k_desc is not None, DIRECT=pl.direct, FLAT=pl.flat and mode == LAZY, SPLIT=pl.splits > 1,
         DOT_DTYPE=dot_dtype(q.dtype, q.device),
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         WRITE_LSE=return_lse or pl.splits > 1,
