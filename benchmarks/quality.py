@@ -49,7 +49,7 @@ import torch
 
 from lazyattention.integrations.transformers import (
     LazyRAG,
-    Request,
+    RAGRequest,
     Sampling,
     block_diagonal,
     full_attention,
@@ -81,7 +81,7 @@ def agreement(tokens: list[int], oracle: list[int]) -> float:
     return 1.0 if longest == 0 else _common_prefix(tokens, oracle) / longest
 
 
-def _answer(rag: LazyRAG, strategy: str, request: Request, sampling: Sampling):
+def _answer(rag: LazyRAG, strategy: str, request: RAGRequest, sampling: Sampling):
     if strategy in ("lazy", "block", "no_shift"):
         return rag.generate(request, strategy, sampling)
     if strategy == "recompute":
@@ -89,9 +89,9 @@ def _answer(rag: LazyRAG, strategy: str, request: Request, sampling: Sampling):
     return full_attention(rag.model, rag.tokenizer, request, sampling)
 
 
-def _margin(rag: LazyRAG, strategy: str, request: Request, prefix: list[int], a: int, b: int) -> float:
+def _margin(rag: LazyRAG, strategy: str, request: RAGRequest, prefix: list[int], a: int, b: int) -> float:
     """``logit[a] − logit[b]`` of ``strategy`` after the own tokens plus ``prefix``."""
-    forced = Request(request.segments, request.starts, request.own + tuple(prefix), request.own_start)
+    forced = RAGRequest(request.segments, request.starts, request.own + tuple(prefix), request.own_start)
     logits = rag.own_logits(forced, strategy)[-1]
     return float(logits[a] - logits[b])
 

@@ -54,7 +54,7 @@ else:
 # %%
 rag = LazyRAG(model, tokenizer, backend="reference", num_blocks=128, block_size=16)
 # greedy, stopping at the model's end of turn (the random model would stop at once: it runs on)
-greedy = Sampling(max_new_tokens=12, stop_token_ids=None if REAL else ())
+greedy = Sampling(max_new_tokens=12, ignore_eos=not REAL)
 segments = len(rag.request(QUESTIONS[0], DOCUMENTS).segments)  # the chat head (if any) and the documents
 
 first = rag.answer(QUESTIONS[0], DOCUMENTS, sampling=greedy)

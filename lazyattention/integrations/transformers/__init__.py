@@ -1,58 +1,51 @@
 """``lazyattention.integrations.transformers``: deferred RoPE inside Hugging Face transformers.
 
 A stock ``LlamaForCausalLM``, ``MistralForCausalLM`` or ``Qwen2ForCausalLM`` serves RAG
-requests with each document's KV cached once and reused at any offset, zero copy:
+requests with each document's KV cached once and reused at any offset, zero copy.
+This package's names are the user API:
 
-* :func:`register` puts the attention implementation ``"lazyattention"`` (and its mask
-  function) into transformers' ``AttentionInterface``;
-* :class:`PagedCache`, a transformers ``Cache``, writes K/V into the project's paged
-  segment store;
-* :class:`LazyRAG` is the user API: documents and a question in, text out;
-* :mod:`~lazyattention.integrations.transformers.pretrained` gives the embedded
-  pretrained model (``python -m lazyattention.integrations.transformers.pretrained``
-  prepares it once).
+* :class:`LazyRAG`: documents and a question in, text out (:meth:`LazyRAG.answer`), many
+  requests together (:meth:`LazyRAG.answer_batch`), token ids in
+  (:meth:`LazyRAG.generate` with a :class:`RAGRequest`);
+* :class:`Sampling`: the decoding options; :class:`Answer` and :class:`RequestStats`:
+  what comes back;
+* :func:`full_attention` and :func:`block_diagonal`: the same request run by
+  transformers itself, for comparison;
+* :func:`check_model` and :class:`UnsupportedModel`: whether a model can be served, and why not;
+* :func:`load_pretrained`: a local checkpoint folder, or the embedded SmolLM2.
 
-Install with ``pip install 'lazyattention[transformers]'``. Why the model runs at
-``position_ids = 0`` (the exact, cheapest way to hand the kernels pre-RoPE queries) is
-explained in :mod:`lazyattention.integrations.transformers.attention`.
+The machinery lives in the submodules: :mod:`~lazyattention.integrations.transformers.attention`
+(the registered attention implementation, and why the model runs at ``position_ids = 0``),
+:mod:`~lazyattention.integrations.transformers.cache` (``PagedCache``, a transformers
+``Cache`` over the project's paged segment store) and
+:mod:`~lazyattention.integrations.transformers.support`.
+
+Install with ``pip install 'lazyattention[transformers]'``.
 """
 
-from .attention import (
-    ATTENTION_NAME,
-    STEP_KWARG,
-    Step,
-    attention_implementation,
-    paged_attention,
-    paged_attention_mask,
-    register,
-)
-from .baselines import block_diagonal, block_diagonal_mask, full_attention
-from .cache import PagedCache
-from .rag import STRATEGIES, Answer, LazyRAG, Request, RequestStats, Sampling, chat_parts, eos_token_ids
-from .support import SUPPORTED_MODEL_TYPES, ModelSupport, UnsupportedModel, check_model
+import importlib.util
+
+if importlib.util.find_spec("transformers") is None:
+    raise ModuleNotFoundError(
+        "lazyattention.integrations.transformers needs Hugging Face transformers, which is not installed: "
+        "pip install 'lazyattention[transformers]'",
+        name="transformers",
+    )
+
+from .baselines import block_diagonal, full_attention
+from .pretrained import load_pretrained
+from .rag import Answer, LazyRAG, RAGRequest, RequestStats, Sampling
+from .support import UnsupportedModel, check_model
 
 __all__ = [
-    "ATTENTION_NAME",
-    "STEP_KWARG",
-    "Step",
-    "paged_attention",
-    "paged_attention_mask",
-    "register",
-    "PagedCache",
     "LazyRAG",
-    "Request",
+    "RAGRequest",
     "Sampling",
     "Answer",
     "RequestStats",
-    "STRATEGIES",
-    "chat_parts",
-    "eos_token_ids",
-    "block_diagonal",
-    "block_diagonal_mask",
     "full_attention",
-    "attention_implementation",
-    "SUPPORTED_MODEL_TYPES",
-    "ModelSupport",
-    "UnsupportedModel",
+    "block_diagonal",
     "check_model",
+    "UnsupportedModel",
+    "load_pretrained",
 ]

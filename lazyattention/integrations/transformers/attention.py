@@ -69,8 +69,9 @@ class Step:
     """Everything one forward pass needs besides the model's own inputs.
 
     Args:
-        layout: one request: its segments (placed, with shifts) and its own tokens,
-            whose last ``num_queries`` are this pass's tokens.
+        layout: the requests of the pass: each one's segments (placed, with shifts) and
+            own tokens, whose last ``num_queries`` are this pass's tokens (requests
+            concatenated in layout order).
         slots: ``[T]`` flat slots ``block * S + offset`` the new K/V go to.
         positions: ``[T]`` stored positions the new keys are rotated at (a document
             prefilled alone: ``0..L−1``; a request's own tokens: their logical positions).
@@ -86,8 +87,8 @@ class Step:
 
     @property
     def decode(self) -> bool:
-        """One query token: ``lazy_decode`` instead of ``lazy_prefill``."""
-        return self.layout.num_queries == 1
+        """One query token per request: ``lazy_decode`` instead of ``lazy_prefill``."""
+        return self.layout.num_queries == self.layout.batch_size
 
 
 def step_of(kwargs: dict) -> Step:
@@ -96,7 +97,7 @@ def step_of(kwargs: dict) -> Step:
     if not isinstance(step, Step):
         raise RuntimeError(
             f"attn_implementation={ATTENTION_NAME!r} needs a lazyattention Step in the forward call "
-            f"({STEP_KWARG}=...); run the model through lazyattention.integrations.transformers.LazyRAG"
+            f"({STEP_KWARG}=...); run the model through lazyattention.LazyRAG"
         )
     return step
 
@@ -115,7 +116,7 @@ def paged_attention(
 
     Args:
         module: the calling attention layer (unused: the step says everything).
-        query: ``[1, H, T, D]`` queries, pre-RoPE (times YaRN's ``m``) since the model ran
+        query: ``[1, H, T, D]`` queries of every request of the step, pre-RoPE (times YaRN's ``m``) since the model ran
             at ``position_ids = 0``.
         key: ``[N, S, Hkv, D]`` the layer's paged key cache, as ``PagedCache.update`` returned it.
         value: ``[N, S, Hkv, D]`` its value cache.
@@ -131,7 +132,7 @@ def paged_attention(
     if dropout != 0.0:
         raise ValueError(f"attn_implementation={ATTENTION_NAME!r} is for inference: dropout must be 0, got {dropout}")
     if query.shape[0] != 1:
-        raise ValueError(f"one request per forward pass: query batch must be 1, got {query.shape[0]}")
+        raise ValueError(f"the requests of a pass run as one sequence: query batch must be 1, got {query.shape[0]}")
     q = query[0].transpose(0, 1).contiguous()  # [T, H, D]
     attend = step.ops.lazy_decode if step.decode else step.ops.lazy_prefill
     out = attend(q, key, value, step.layout, step.rope, scale=scaling)

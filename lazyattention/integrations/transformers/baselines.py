@@ -13,15 +13,17 @@ Both switch the model to ``attn_implementation`` for the call and back afterward
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from .attention import attention_implementation
-from .rag import Answer, Request, RequestStats, Sampling, _widen, eos_token_ids
+from .rag import Answer, RAGRequest, RequestStats, Sampling, _widen, cut_at_stop, eos_token_ids
 
 __all__ = ["block_diagonal_mask", "block_diagonal", "full_attention"]
 
 
-def block_diagonal_mask(request: Request, dtype: torch.dtype, device) -> torch.Tensor:
+def block_diagonal_mask(request: RAGRequest, dtype: torch.dtype, device) -> torch.Tensor:
     """``[1, 1, T, T]`` additive mask: each segment causal within itself only, the own
     tokens seeing every segment token and themselves causally (eq. 7)."""
     lengths = [len(s) for s in request.segments]
@@ -38,18 +40,26 @@ def block_diagonal_mask(request: Request, dtype: torch.dtype, device) -> torch.T
     return mask[None, None].to(device)
 
 
-def _pick_loop(model, logits, sampling: Sampling, first_position: int, cache, stop):
-    """Decode from ``logits [V]`` with explicit positions; ``cache`` holds the prompt."""
+def _pick_loop(model, tokenizer, logits, sampling: Sampling, first_position: int, cache, stop):
+    """Decode from ``logits [V]`` with explicit positions; ``cache`` holds the prompt.
+
+    Returns the new tokens, the first logits and the finish reason (as ``LazyRAG``'s).
+    """
+    began = time.perf_counter()
     gen = sampling.generator()
     first = _widen(logits)
     tokens, position = [], first_position
-    for i in range(sampling.max_new_tokens):
+    while True:
         token = sampling.pick(logits, gen)
         if token in stop:
-            break
+            return tokens, first, "stop_token"
         tokens.append(token)
-        if i == sampling.max_new_tokens - 1:
-            break
+        if sampling.stop and cut_at_stop(_text(tokenizer, tokens), sampling.stop)[1]:
+            return tokens, first, "stop_string"
+        if len(tokens) == sampling.max_new_tokens:
+            return tokens, first, "length"
+        if sampling.max_time is not None and time.perf_counter() - began >= sampling.max_time:
+            return tokens, first, "time"
         ids = torch.tensor([[token]], device=model.device)
         total = cache.get_seq_length() + 1
         mask = torch.zeros(1, 1, 1, total, dtype=model.dtype, device=model.device)
@@ -62,13 +72,20 @@ def _pick_loop(model, logits, sampling: Sampling, first_position: int, cache, st
         )
         logits = out.logits[0, -1]
         position += 1
-    return tokens, first
+
+
+def _text(tokenizer, tokens) -> str:
+    return "" if tokenizer is None else tokenizer.decode(tokens)
+
+
+def _answer(tokenizer, tokens, first, stats, reason, sampling: Sampling) -> Answer:
+    return Answer(cut_at_stop(_text(tokenizer, tokens), sampling.stop)[0], tokens, first, stats, reason)
 
 
 def block_diagonal(
     model,
     tokenizer,
-    request: Request,
+    request: RAGRequest,
     sampling: Sampling | None = None,
     attn_implementation: str = "eager",
     keep_own_logits: bool = False,
@@ -83,7 +100,7 @@ def block_diagonal(
     from transformers import DynamicCache
 
     sampling = sampling or Sampling()
-    stop = set(sampling.stop_token_ids if sampling.stop_token_ids is not None else eos_token_ids(model, tokenizer))
+    stop = sampling.stop_ids(eos_token_ids(model, tokenizer))
     tokens, positions = request.tokens_and_positions()
     with attention_implementation(model, attn_implementation), torch.no_grad():
         cache = DynamicCache(config=model.config)
@@ -96,19 +113,23 @@ def block_diagonal(
         )
         logits = out.logits[0]
         own_logits = _widen(logits[-len(request.own) :]) if keep_own_logits else None
-        new, first = _pick_loop(model, logits[-1], sampling, positions[-1] + 1, cache, stop)
+        new, first, reason = _pick_loop(model, tokenizer, logits[-1], sampling, positions[-1] + 1, cache, stop)
     stats = RequestStats(0, len(request.segments), sum(len(s) for s in request.segments), 0, 0)
-    answer = Answer("" if tokenizer is None else tokenizer.decode(new), new, first, stats)
+    answer = _answer(tokenizer, new, first, stats, reason, sampling)
     return (answer, own_logits) if keep_own_logits else answer
 
 
 def full_attention(
-    model, tokenizer, request: Request, sampling: Sampling | None = None, attn_implementation: str = "sdpa"
+    model, tokenizer, request: RAGRequest, sampling: Sampling | None = None, attn_implementation: str = "sdpa"
 ) -> Answer:
     """The request's tokens as one contiguous prompt at ``0..T−1`` through ``model.generate``
-    (full causal attention: documents see each other; the starts are ignored)."""
+    (full causal attention: documents see each other; the starts are ignored).
+
+    ``sampling`` maps to ``generate``'s options: EOS and ``stop_token_ids`` as
+    ``eos_token_id``, ``stop`` as ``stop_strings``, ``max_time``.
+    """
     sampling = sampling or Sampling()
-    stop = list(sampling.stop_token_ids if sampling.stop_token_ids is not None else eos_token_ids(model, tokenizer))
+    stop = sorted(sampling.stop_ids(eos_token_ids(model, tokenizer)))
     tokens, _ = request.tokens_and_positions()
     ids = torch.tensor([tokens], device=model.device)
     options = {"do_sample": sampling.do_sample, "max_new_tokens": sampling.max_new_tokens}
@@ -117,6 +138,12 @@ def full_attention(
         torch.manual_seed(0 if sampling.seed is None else sampling.seed)
     else:
         options.update(temperature=None, top_k=None, top_p=None)
+    if sampling.stop:
+        if tokenizer is None:
+            raise ValueError("stop strings need a tokenizer")
+        options.update(stop_strings=list(sampling.stop), tokenizer=tokenizer)
+    if sampling.max_time is not None:
+        options.update(max_time=sampling.max_time)
     with attention_implementation(model, attn_implementation), torch.no_grad():
         out = model.generate(
             ids,
@@ -128,7 +155,12 @@ def full_attention(
             **options,
         )
     new = out.sequences[0, len(tokens) :].tolist()
-    while new and new[-1] in stop:
-        new = new[:-1]
+    reason = "length"
+    if new and new[-1] in stop:
+        new, reason = new[:-1], "stop_token"
+    elif sampling.stop and cut_at_stop(_text(tokenizer, new), sampling.stop)[1]:
+        reason = "stop_string"
+    elif sampling.max_time is not None and len(new) < sampling.max_new_tokens:
+        reason = "time"
     stats = RequestStats(0, len(request.segments), len(tokens), 0, 0)
-    return Answer("" if tokenizer is None else tokenizer.decode(new), new, _widen(out.logits[0][0]), stats)
+    return _answer(tokenizer, new, _widen(out.logits[0][0]), stats, reason, sampling)

@@ -7,26 +7,42 @@
 its documents at any starts and decodes with the registered attention implementation,
 which runs the backend's ``lazy_prefill``/``lazy_decode`` over the paged cache.
 
-The loop is the integration's own, because ``model.generate`` derives positions from
-the cache length (contiguous only) and would rotate ``q`` at them; here every forward
-runs at ``position_ids = 0`` and the positions live in the step's layout (the reason is
-in :mod:`lazyattention.integrations.transformers.attention`). Contiguous full attention
-— the ordinary way to run the model — is :func:`~lazyattention.integrations.transformers.baselines.full_attention`,
-a layer over ``model.generate``.
+Many requests run together (:meth:`LazyRAG.answer_batch`): transformers' model runs the
+tokens of several requests as one sequence of batch 1 at ``position_ids = 0`` (its MLP
+and norms act per token), and the step's multi-request layout says which cached blocks
+each token attends to. A decode step of ``B`` requests is one forward of ``B`` tokens;
+documents shared by several requests are read from their one cached copy.
+
+The loop is the integration's own, because ``model.generate`` cannot run a lazy request
+through transformers' supported hooks: it advances ``position_ids`` by one per step from
+the last one given (the model must stay at position 0, the reason is in
+:mod:`lazyattention.integrations.transformers.attention`), and it passes the forward's
+keyword arguments unchanged to every step, while each step needs its own layout and
+slots. :class:`Sampling` gives the loop ``generate``'s options: EOS and extra stop ids,
+stop strings, ``max_time``, and a ``streamer`` with transformers' ``put``/``end``
+interface (``TextStreamer``, ``TextIteratorStreamer``). Contiguous full attention — the
+ordinary way to run the model — is
+:func:`~lazyattention.integrations.transformers.baselines.full_attention`, a layer over
+``model.generate``.
 
 Example:
-    >>> rag = LazyRAG(model, tokenizer, backend="reference")          # doctest: +SKIP
+    >>> rag = LazyRAG(model, tokenizer)                                # doctest: +SKIP
     >>> out = rag.answer("Where is the lab?", ["The lab is in Oslo.", "Ada runs it."])  # doctest: +SKIP
     >>> out.text, out.stats.cache_hits, out.stats.bytes_copied         # doctest: +SKIP
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+import time
+from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import torch
 
-from lazyattention.reference import Layout, Placement, RequestLayout
+from lazyattention.backends import Backend, get_backend
+from lazyattention.reference import Layout, Placement, RequestLayout, ceil_div
 
 from .attention import ATTENTION_NAME, STEP_KWARG, Step, attention_implementation, register
 from .cache import PagedCache
@@ -34,14 +50,16 @@ from .support import ModelSupport, check_model
 
 __all__ = [
     "STRATEGIES",
+    "FINISH_REASONS",
     "INSTRUCTION",
     "Sampling",
     "RequestStats",
     "Answer",
-    "Request",
+    "RAGRequest",
     "LazyRAG",
     "chat_parts",
     "eos_token_ids",
+    "default_cpu_threads",
 ]
 
 #: ``"lazy"``: zero copy, the query turned by ``−δ`` per block. ``"block"``: Block-Attention,
@@ -49,6 +67,10 @@ __all__ = [
 #: ``"no_shift"``: the negative control, wrong on purpose — the cached keys used as if every
 #: document sat where it was stored (at 0), which is what a cache without shifts computes.
 STRATEGIES = ("lazy", "block", "no_shift")
+
+#: Why an answer ended: a stop token (EOS or ``stop_token_ids``), a stop string,
+#: ``max_new_tokens``, or ``max_time``.
+FINISH_REASONS = ("stop_token", "stop_string", "length", "time")
 
 
 @dataclass(frozen=True)
@@ -62,7 +84,13 @@ class Sampling:
         top_k: keep the ``k`` most likely tokens (0: all).
         top_p: nucleus sampling mass (1.0: all).
         seed: seed of the sampling generator (``None``: 0).
-        stop_token_ids: generation ends at any of these (the model's EOS by default).
+        stop_token_ids: more ids that end generation, besides the model's EOS.
+        ignore_eos: do not stop at the model's EOS (``stop_token_ids`` still stop).
+        stop: stop strings: generation ends once the answer's text contains one, and the
+            text is cut before it (the tokens keep the ones that spelled it, as
+            ``generate`` keeps them).
+        max_time: seconds a request may take, from the start of the call (prefills
+            included); the answer ends after the token that crosses it.
     """
 
     max_new_tokens: int = 32
@@ -71,7 +99,10 @@ class Sampling:
     top_k: int = 0
     top_p: float = 1.0
     seed: int | None = None
-    stop_token_ids: tuple[int, ...] | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    stop: tuple[str, ...] = ()
+    max_time: float | None = None
 
     def __post_init__(self):
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -82,6 +113,21 @@ class Sampling:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if self.stop_token_ids is None or isinstance(self.stop_token_ids, int):
+            raise TypeError(
+                f"stop_token_ids must be a tuple of ints (added to EOS; ignore_eos=True turns EOS off), "
+                f"got {self.stop_token_ids!r}"
+            )
+        if isinstance(self.stop, str) or not all(isinstance(s, str) and s for s in self.stop):
+            raise TypeError(f"stop must be a tuple of non-empty strings, got {self.stop!r}")
+        if self.max_time is not None and not self.max_time > 0:
+            raise ValueError(f"max_time must be a positive number of seconds, got {self.max_time!r}")
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        object.__setattr__(self, "stop", tuple(self.stop))
+
+    def stop_ids(self, eos: Sequence[int]) -> frozenset[int]:
+        """The ids that end generation: ``eos`` (unless :attr:`ignore_eos`) and :attr:`stop_token_ids`."""
+        return frozenset(() if self.ignore_eos else eos) | frozenset(self.stop_token_ids)
 
     def generator(self) -> torch.Generator:
         return torch.Generator().manual_seed(0 if self.seed is None else self.seed)
@@ -102,6 +148,12 @@ class Sampling:
         return int(torch.multinomial(torch.softmax(scores, -1), 1, generator=generator))
 
 
+def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
+    """``text`` up to the earliest stop string, and whether one was found."""
+    found = [i for i in (text.find(s) for s in stop) if i >= 0]
+    return (text[: min(found)], True) if found else (text, False)
+
+
 @dataclass(frozen=True)
 class RequestStats:
     """What one request cost the cache.
@@ -111,7 +163,8 @@ class RequestStats:
         cache_misses: segments prefilled alone by this request.
         prefilled_tokens: tokens of those prefills.
         bytes_copied: K/V bytes copied for the request (0 for ``"lazy"``).
-        blocks_in_use: blocks the pool held at the request's peak (cached segments included).
+        blocks_in_use: blocks the pool held at the call's peak (cached segments and the
+            other requests of a batch included).
     """
 
     cache_hits: int
@@ -126,20 +179,22 @@ class Answer:
     """A generated answer.
 
     Args:
-        text: the decoded new tokens (stop token excluded).
+        text: the decoded new tokens (stop token excluded, cut before a stop string).
         tokens: the new token ids (stop token excluded).
         first_logits: ``[V]`` float32 logits that chose the first token.
         stats: the request's :class:`RequestStats`.
+        finish_reason: one of :data:`FINISH_REASONS`.
     """
 
     text: str
     tokens: list[int]
     first_logits: torch.Tensor
     stats: RequestStats
+    finish_reason: str
 
 
 @dataclass(frozen=True)
-class Request:
+class RAGRequest:
     """A request in token ids: segments placed at starts, then its own tokens.
 
     Args:
@@ -155,23 +210,29 @@ class Request:
     own_start: int
 
     @classmethod
-    def packed(cls, segments, own, offset: int = 0, starts=None) -> Request:
-        """Segments back to back from ``offset`` (or at ``starts``), own tokens after the furthest end."""
-        segments = tuple(tuple(int(t) for t in s) for s in segments if len(s))
+    def packed(cls, segments, own, offset: int = 0, starts=None) -> RAGRequest:
+        """Segments back to back from ``offset`` (or at ``starts``), own tokens after the furthest end.
+
+        Empty segments are dropped (with their starts).
+        """
+        segments = [tuple(int(t) for t in s) for s in segments]
         if starts is None:
             starts, pos = [], offset
             for s in segments:
                 starts.append(pos)
                 pos += len(s)
-        starts = tuple(int(s) for s in starts)
+        starts = [int(s) for s in starts]
         if len(starts) != len(segments):
-            raise ValueError(f"starts has {len(starts)} entries for {len(segments)} non-empty segments")
-        end = max((s + len(seg) for s, seg in zip(starts, segments, strict=True)), default=offset)
-        return cls(segments, starts, tuple(int(t) for t in own), end)
+            raise ValueError(f"starts has {len(starts)} entries for {len(segments)} segments")
+        kept = [(seg, s) for seg, s in zip(segments, starts, strict=True) if seg]
+        end = max((s + len(seg) for seg, s in kept), default=offset)
+        return cls(tuple(seg for seg, _ in kept), tuple(s for _, s in kept), tuple(int(t) for t in own), end)
 
     def __post_init__(self):
         if not self.own:
             raise ValueError("a request needs at least one own token")
+        if len(self.starts) != len(self.segments):
+            raise ValueError(f"starts has {len(self.starts)} entries for {len(self.segments)} segments")
         if any(s < 0 for s in self.starts) or self.own_start < 0:
             raise ValueError(f"positions must be non-negative, got starts {self.starts}, own_start {self.own_start}")
 
@@ -191,23 +252,84 @@ INSTRUCTION = "Answer the question in a few words, using the documents above."
 
 
 def chat_parts(
-    tokenizer, question: str, instruction: str = INSTRUCTION, marker: str = "\x00DOCS\x00"
+    tokenizer,
+    question: str,
+    instruction: str = INSTRUCTION,
+    system: str | None = None,
+    marker: str = "\x00DOCS\x00",
 ) -> tuple[str, str]:
     """The chat template around the documents: ``(head, tail)`` text.
 
-    The user turn is ``<documents><instruction>\nQuestion: …``; ``head`` is everything
-    before the documents (a cacheable segment, like a system prompt), ``tail`` the
-    instruction, the question and the assistant header. Without a chat template:
-    ``("", "<instruction>\nQuestion: …\nAnswer:")``.
+    The user turn is ``<documents><instruction>\\nQuestion: …``; ``head`` is everything
+    before the documents (a cacheable segment, like a system prompt: the system turn is
+    in it), ``tail`` the instruction, the question and the assistant header. ``system``
+    ``None`` keeps the template's default system turn. Without a chat template:
+    ``("<system>\\n\\n" or "", "<instruction>\\nQuestion: …\\nAnswer:")``.
     """
     content = f"{marker}{instruction}\nQuestion: {question}"
     if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
-        )
+        messages = [{"role": "user", "content": content}]
+        if system is not None:
+            messages.insert(0, {"role": "system", "content": system})
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         head, tail = text.split(marker)
         return head, tail
-    return "", f"{instruction}\nQuestion: {question}\nAnswer:"
+    return (f"{system}\n\n" if system else ""), f"{instruction}\nQuestion: {question}\nAnswer:"
+
+
+def default_cpu_threads() -> int:
+    """Half the CPU cores, 1 to 8: :class:`LazyRAG`'s intra-op threads on a CPU.
+
+    Decoding a small model is a chain of small matmuls: more threads than that add
+    hand-off and spin-wait cost, and on a machine other work shares, torch's default (every
+    core) made a run 7.6x slower than one thread (836 s against 110 s on 2 busy cores).
+    """
+    return max(1, min(8, (os.cpu_count() or 2) // 2))
+
+
+@contextmanager
+def torch_threads(count: int | None):
+    """Run the block with ``count`` intra-op threads (``None``: as set), then restore them."""
+    before = torch.get_num_threads()
+    if count is not None:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@dataclass
+class _Live:
+    """One request in flight: its placement in the cache and what it has generated."""
+
+    request: RAGRequest
+    sampling: Sampling
+    stop: frozenset[int]
+    streamer: object | None
+    placements: tuple[Placement, ...] = ()
+    own_blocks: list[int] = field(default_factory=list)
+    hits: int = 0
+    misses: int = 0
+    prefilled: int = 0
+    copied: int = 0
+    generator: torch.Generator | None = None
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    first: torch.Tensor | None = None
+    own_logits: torch.Tensor | None = None
+    finish: str | None = None
+
+    @property
+    def length(self) -> int:
+        """Own tokens in the cache once the last generated token is fed back."""
+        return len(self.request.own) + len(self.tokens)
+
+    def layout(self, block_size: int, length: int, num_queries: int) -> RequestLayout:
+        """The request with its first ``length`` own tokens written, the last ``num_queries`` queried."""
+        start = self.request.own_start
+        own = Placement(tuple(self.own_blocks[: ceil_div(length, block_size)]), length, start, stored_start=start)
+        return RequestLayout(self.placements, own, num_queries)
 
 
 class LazyRAG:
@@ -219,26 +341,40 @@ class LazyRAG:
             :data:`~lazyattention.integrations.transformers.attention.ATTENTION_NAME`,
             afterwards the one it had.
         tokenizer: its transformers tokenizer, or ``None`` to work in token ids only
-            (:meth:`generate` with a :class:`Request`; answers then have empty text).
-        backend: ``"reference"`` or ``"fast"``, explicit; ``"fast"`` raises when Triton
-            or a GPU is missing, never falls back.
+            (:meth:`generate` with a :class:`RAGRequest`; answers then have empty text).
+        backend: a backend name of :data:`~lazyattention.backends.BACKENDS` (``"reference"``,
+            ``"fast"``) or a :class:`~lazyattention.backends.Backend`; it raises when it
+            cannot run here (``"fast"`` without Triton or a GPU), never falls back.
         num_blocks: physical blocks of the paged cache.
         block_size: tokens per block.
+        num_threads: torch's intra-op threads while a request runs on a CPU model,
+            restored afterwards (default: :func:`default_cpu_threads`, half the cores,
+            1 to 8); ignored for a model on a GPU.
 
     Raises:
         UnsupportedModel: the architecture or its RoPE cannot be served (see
             :func:`~lazyattention.integrations.transformers.support.check_model`).
     """
 
-    def __init__(self, model, tokenizer, backend: str = "reference", num_blocks: int = 1024, block_size: int = 16):
-        from lazyattention.serving.model import attention_backend
-
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        backend: str | Backend = "reference",
+        num_blocks: int = 1024,
+        block_size: int = 16,
+        num_threads: int | None = None,
+    ):
+        if num_threads is not None and (not isinstance(num_threads, int) or num_threads < 1):
+            raise ValueError(f"num_threads must be a positive int, got {num_threads!r}")
         self.support: ModelSupport = check_model(model)
-        self.ops = attention_backend(backend)
-        self.backend = backend
+        self.backend = get_backend(backend)
+        self.ops = self.backend.ops
         self.model = model
         self.tokenizer = tokenizer
         self.cache = PagedCache.for_model(model, num_blocks, block_size)
+        on_cpu = torch.device(model.device).type == "cpu"
+        self.num_threads = (num_threads or default_cpu_threads()) if on_cpu else None
         register()
 
     # ------------------------------------------------------------------ text API
@@ -246,87 +382,211 @@ class LazyRAG:
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text`` with no special tokens added."""
         if self.tokenizer is None:
-            raise ValueError("this LazyRAG has no tokenizer: pass token ids in a Request to generate()")
+            raise ValueError("this LazyRAG has no tokenizer: pass token ids in a RAGRequest to generate()")
         return list(self.tokenizer.encode(text, add_special_tokens=False))
 
-    def request(self, question: str, documents, offset: int = 0, starts=None) -> Request:
-        """The token-level :class:`Request` of :meth:`answer` (the chat head is segment 0)."""
-        head, tail = chat_parts(self.tokenizer, question)
-        segments = [self.encode(head)] if head else []
-        segments += [self.encode(doc + "\n\n") for doc in documents]
-        if starts is not None and head:
-            starts = [offset, *starts]
-        return Request.packed(segments, self.encode(tail), offset=offset, starts=starts)
+    def request(
+        self,
+        question: str,
+        documents: Sequence[str],
+        offset: int = 0,
+        starts: Sequence[int] | None = None,
+        system: str | None = None,
+        instruction: str = INSTRUCTION,
+    ) -> RAGRequest:
+        """The token-level :class:`RAGRequest` of :meth:`answer` (the chat head is segment 0).
+
+        Args: as :meth:`answer`'s.
+
+        Raises:
+            TypeError: ``documents`` is a string, or holds something other than strings.
+            ValueError: ``starts`` does not give one start per document.
+        """
+        if isinstance(documents, str):
+            raise TypeError("documents must be a list of texts, got one str: pass [text] for a single document")
+        documents = list(documents)
+        if not all(isinstance(d, str) for d in documents):
+            bad = next(d for d in documents if not isinstance(d, str))
+            raise TypeError(f"documents must be texts, got a {type(bad).__name__}")
+        head, tail = chat_parts(self.tokenizer, question, instruction, system)
+        head_ids = self.encode(head) if head else []
+        docs = [self.encode(doc + "\n\n") for doc in documents]
+        first = offset + len(head_ids)
+        if starts is None:
+            doc_starts = list(_running_starts(docs, first))
+        else:
+            starts = list(starts)
+            if len(starts) != len(documents):
+                raise ValueError(f"starts has {len(starts)} entries for {len(documents)} documents")
+            doc_starts = [first + int(s) for s in starts]
+        segments = [head_ids, *docs] if head_ids else docs
+        seg_starts = [offset, *doc_starts] if head_ids else doc_starts
+        return RAGRequest.packed(segments, self.encode(tail), offset=offset, starts=seg_starts)
 
     def answer(
         self,
         question: str,
-        documents,
+        documents: Sequence[str],
         offset: int = 0,
-        starts=None,
+        starts: Sequence[int] | None = None,
         strategy: str = "lazy",
         sampling: Sampling | None = None,
+        system: str | None = None,
+        instruction: str = INSTRUCTION,
+        streamer=None,
     ) -> Answer:
         """Answer ``question`` from ``documents``.
 
         Args:
             question: the question text.
-            documents: document texts, in the order they are placed.
+            documents: document texts, in the order they are placed (a list: one ``str``
+                is refused, not split into characters).
             offset: logical position of the first segment (the chat head).
-            starts: logical start of each document (default: back to back after the head).
+            starts: where each document starts, counted from the first position after
+                the chat head (default: back to back, ``0, L_0, L_0 + L_1, …``); any
+                order, gaps and overlaps.
             strategy: ``"lazy"`` (zero copy), ``"block"`` (Block-Attention: copy + re-rotate)
                 or ``"no_shift"`` (the negative control; see :data:`STRATEGIES`).
-            sampling: decoding options (greedy, 32 new tokens by default).
+            sampling: decoding options (greedy, 32 new tokens, stop at EOS by default).
+            system: the system turn of the chat template (``None``: the template's default).
+            instruction: the line between the documents and the question.
+            streamer: receives the tokens as they come, as ``generate``'s ``streamer``
+                does: ``put`` with the prompt's ids, then each new token, then ``end()``
+                (a transformers ``TextStreamer`` or ``TextIteratorStreamer``).
         """
-        return self.generate(self.request(question, documents, offset, starts), strategy, sampling)
+        request = self.request(question, documents, offset, starts, system, instruction)
+        return self.generate(request, strategy, sampling, streamer)
+
+    def answer_batch(
+        self,
+        questions: Sequence[str],
+        documents: Sequence[Sequence[str]],
+        offsets: Sequence[int] | None = None,
+        strategy: str = "lazy",
+        sampling: Sampling | None = None,
+        system: str | None = None,
+        instruction: str = INSTRUCTION,
+    ) -> list[Answer]:
+        """Answer many questions together, each from its own documents.
+
+        Every answer equals what :meth:`answer` gives for that request alone (up to
+        floating-point rounding of the batched matmuls); a document used by several
+        requests is cached once and read by all of them.
+
+        Args:
+            questions: the questions.
+            documents: one list of document texts per question.
+            offsets: the logical position of each request's first segment (default: 0).
+            strategy: as :meth:`answer`'s.
+            sampling: the decoding options of every request.
+            system: as :meth:`answer`'s.
+            instruction: as :meth:`answer`'s.
+        """
+        if isinstance(questions, str):
+            raise TypeError("questions must be a list of texts, got one str: use answer() for a single question")
+        offsets = [0] * len(questions) if offsets is None else list(offsets)
+        if not len(questions) == len(documents) == len(offsets):
+            raise ValueError(
+                f"one entry per question: {len(questions)} questions, {len(documents)} document lists, "
+                f"{len(offsets)} offsets"
+            )
+        requests = [
+            self.request(q, docs, off, system=system, instruction=instruction)
+            for q, docs, off in zip(questions, documents, offsets, strict=True)
+        ]
+        return self.generate_batch(requests, strategy, sampling)
 
     # ------------------------------------------------------------------ token API
 
-    def generate(self, request: Request, strategy: str = "lazy", sampling: Sampling | None = None) -> Answer:
+    def generate(
+        self, request: RAGRequest, strategy: str = "lazy", sampling: Sampling | None = None, streamer=None
+    ) -> Answer:
         """Decode ``request``: cache its segments (hits reused), prefill its own tokens, decode."""
-        return self._run(request, strategy, sampling or Sampling(), keep_own_logits=False)[0]
+        sampling = sampling or Sampling()
+        return self._run([_Live(request, sampling, self._stop_ids(sampling), streamer)], strategy, False)[0][0]
 
-    def own_logits(self, request: Request, strategy: str = "lazy") -> torch.Tensor:
+    def generate_batch(
+        self, requests: Sequence[RAGRequest], strategy: str = "lazy", sampling: Sampling | None = None
+    ) -> list[Answer]:
+        """Decode ``requests`` together: one forward per step for all of them (see :meth:`answer_batch`)."""
+        sampling = sampling or Sampling()
+        stop = self._stop_ids(sampling)
+        return [answer for answer, _ in self._run([_Live(r, sampling, stop, None) for r in requests], strategy, False)]
+
+    def own_logits(self, request: RAGRequest, strategy: str = "lazy") -> torch.Tensor:
         """``[P, V]`` float32 logits of every own token of ``request`` (for equivalence checks)."""
-        return self._run(request, strategy, Sampling(max_new_tokens=1, stop_token_ids=()), keep_own_logits=True)[1]
+        one = Sampling(max_new_tokens=1, ignore_eos=True)
+        return self._run([_Live(request, one, frozenset(), None)], strategy, True)[0][1]
 
-    def _run(self, request: Request, strategy: str, sampling: Sampling, keep_own_logits: bool):
+    def eos_token_ids(self) -> tuple[int, ...]:
+        """The model's end-of-sequence ids."""
+        return eos_token_ids(self.model, self.tokenizer)
+
+    def decode(self, tokens) -> str:
+        """Text of ``tokens`` (empty without a tokenizer)."""
+        return "" if self.tokenizer is None else self.tokenizer.decode(tokens)
+
+    def _stop_ids(self, sampling: Sampling) -> frozenset[int]:
+        if sampling.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer: this LazyRAG has none")
+        return sampling.stop_ids(self.eos_token_ids())
+
+    # ------------------------------------------------------------------ one call
+
+    def _run(self, live: list[_Live], strategy: str, keep_own_logits: bool):
+        """Place every request's segments (prefilling misses), then generate; release all."""
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-        stop = set(sampling.stop_token_ids if sampling.stop_token_ids is not None else self.eos_token_ids())
-        first = min((*request.starts, request.own_start))
-        self.support.check_span(first, request.own_start + len(request.own) + sampling.max_new_tokens - 2)
-        cache, store = self.cache, self.cache.store
-        held, copies, own_blocks = [], [], []
-        hits = misses = prefilled = copied = 0
-        with attention_implementation(self.model, ATTENTION_NAME):
+        if not live:
+            raise ValueError("no requests to run")
+        for item in live:
+            req = item.request
+            first = min((*req.starts, req.own_start))
+            self.support.check_span(first, req.own_start + len(req.own) + item.sampling.max_new_tokens - 2)
+        began = time.perf_counter()
+        store, held, copies = self.cache.store, [], []
+        with torch_threads(self.num_threads), attention_implementation(self.model, ATTENTION_NAME):
             try:
-                placements = []
-                for tokens, start in zip(request.segments, request.starts, strict=True):
-                    seg, hit = store.acquire(tokens=torch.tensor(tokens))
-                    held.append(seg)
-                    if not hit:
-                        self._prefill_segment(seg, tokens)
-                        store.seal(seg)
-                        prefilled += len(tokens)
-                    hits, misses = hits + hit, misses + (not hit)
-                    placement, nbytes = self._place(seg, start, strategy, copies)
-                    placements.append(placement)
-                    copied += nbytes
-                own_blocks = store.allocate(store.blocks_needed(len(request.own) + sampling.max_new_tokens))
-                tokens, logits0, own_logits = self._decode(
-                    request, tuple(placements), own_blocks, sampling, stop, keep_own_logits
-                )
-                peak = cache.pool.num_used
+                for item in live:
+                    placements = []
+                    for tokens, start in zip(item.request.segments, item.request.starts, strict=True):
+                        seg, hit = store.acquire(tokens=torch.tensor(tokens))
+                        held.append(seg)
+                        if not hit:
+                            self._prefill_segment(seg, tokens)
+                            store.seal(seg)
+                            item.prefilled += len(tokens)
+                        item.hits, item.misses = item.hits + hit, item.misses + (not hit)
+                        placement, nbytes = self._place(seg, start, strategy, copies)
+                        placements.append(placement)
+                        item.copied += nbytes
+                    item.placements = tuple(placements)
+                for item in live:
+                    need = len(item.request.own) + item.sampling.max_new_tokens
+                    item.own_blocks = store.allocate(store.blocks_needed(need))
+                peak = self.cache.pool.num_used
+                self._generate(live, keep_own_logits, began)
             finally:
+                for item in live:
+                    if item.streamer is not None and item.finish is None:
+                        item.streamer.end()
                 for seg in held:
                     store.release(seg)
-                for blocks in copies:
-                    cache.pool.release(blocks)
-                if own_blocks:
-                    cache.pool.release(own_blocks)
-        stats = RequestStats(hits, misses, prefilled, copied, peak)
-        return Answer(self.decode(tokens), tokens, logits0, stats), own_logits
+                for blocks in copies + [item.own_blocks for item in live if item.own_blocks]:
+                    self.cache.pool.release(blocks)
+        return [
+            (
+                Answer(
+                    item.text,
+                    item.tokens,
+                    item.first,
+                    RequestStats(item.hits, item.misses, item.prefilled, item.copied, peak),
+                    item.finish,
+                ),
+                item.own_logits,
+            )
+            for item in live
+        ]
 
     def _place(self, seg, start: int, strategy: str, copies: list) -> tuple[Placement, int]:
         """The segment at logical ``start`` as ``strategy`` reads it (eq. 6), and the bytes copied."""
@@ -338,71 +598,104 @@ class LazyRAG:
         copies.append(blocks)
         return Placement(tuple(blocks), seg.length, start, stored_start=start), nbytes
 
-    def eos_token_ids(self) -> tuple[int, ...]:
-        """The model's end-of-sequence ids."""
-        return eos_token_ids(self.model, self.tokenizer)
-
-    def decode(self, tokens) -> str:
-        """Text of ``tokens`` (empty without a tokenizer)."""
-        return "" if self.tokenizer is None else self.tokenizer.decode(tokens)
-
     # ------------------------------------------------------------------ steps
 
-    def _forward(self, token_ids, step: Step, all_logits: bool = False) -> torch.Tensor:
-        """One forward pass at ``position_ids = 0``; logits ``[T, V]`` (or ``[1, V]``)."""
+    def _forward(self, token_ids, step: Step, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """One forward pass at ``position_ids = 0``; logits ``[T, V]`` of every token, or of
+        the rows ``keep`` only."""
         ids = torch.tensor([list(token_ids)], dtype=torch.long, device=self.model.device)
         out = self.model(
             input_ids=ids,
             position_ids=torch.zeros_like(ids),
             cache=self.cache,
             use_cache=True,
-            logits_to_keep=0 if all_logits else 1,
+            logits_to_keep=0 if keep is None else keep.to(ids.device),
             **{STEP_KWARG: step},
         )
         return out.logits[0]
 
-    def _step(self, segments, own: Placement, num_queries: int, slots, positions) -> Step:
-        layout = Layout([RequestLayout(segments, own, num_queries)], self.cache.block_size)
+    def _step(self, requests: list[RequestLayout], slots: torch.Tensor, positions: torch.Tensor) -> Step:
+        layout = Layout(requests, self.cache.block_size)
         return Step(layout, slots, positions.to(slots.device), self.support.rotation, self.ops)
 
     def _prefill_segment(self, seg, tokens) -> None:
         """A segment alone, at stored positions ``0..L−1`` (its canonical form, eq. 6)."""
         n = len(tokens)
-        own = Placement(seg.blocks, n, 0)
-        step = self._step((), own, n, self.cache.slots(seg.blocks, 0, n), torch.arange(n))
+        step = self._step(
+            [RequestLayout((), Placement(seg.blocks, n, 0), n)], self.cache.slots(seg.blocks, 0, n), torch.arange(n)
+        )
         with torch.no_grad():
-            self._forward(tokens, step)
+            self._forward(tokens, step, keep=torch.tensor([n - 1]))
 
-    def _decode(self, request: Request, placements, own_blocks, sampling: Sampling, stop, keep_own_logits: bool):
-        """Prefill the own tokens, then decode one token per step.
-
-        Returns the new tokens, the first token's logits ``[V]`` and (if asked) the own
-        tokens' logits ``[P, V]``, float32.
-        """
-        p, start, bs = len(request.own), request.own_start, self.cache.block_size
-
-        def own(length):
-            return Placement(tuple(own_blocks[: -(-length // bs)]), length, start, stored_start=start)
-
-        gen = sampling.generator()
+    def _generate(self, live: list[_Live], keep_own_logits: bool, began: float) -> None:
+        """Prefill every request's own tokens in one forward, then decode one token per
+        request per forward until each one finishes."""
+        bs = self.cache.block_size
         with torch.no_grad():
-            step = self._step(placements, own(p), p, self.cache.slots(own_blocks, 0, p), torch.arange(p) + start)
-            logits = self._forward(request.own, step, all_logits=keep_own_logits)
-            own_logits = _widen(logits) if keep_own_logits else None
-            first = _widen(logits[-1])
-            tokens = []
-            for i in range(sampling.max_new_tokens):
-                token = sampling.pick(logits[-1], gen)
-                if token in stop:
-                    break
-                tokens.append(token)
-                if i == sampling.max_new_tokens - 1:
-                    break
-                n = p + i + 1
-                slots = self.cache.slots(own_blocks, n - 1, n)
-                step = self._step(placements, own(n), 1, slots, torch.tensor([start + n - 1]))
-                logits = self._forward([token], step)
-        return tokens, first, own_logits
+            tokens, slots, positions, layouts, ends = [], [], [], [], []
+            for item in live:
+                req, p = item.request, len(item.request.own)
+                tokens += req.own
+                slots.append(self.cache.slots(item.own_blocks, 0, p))
+                positions.append(torch.arange(p) + req.own_start)
+                layouts.append(item.layout(bs, p, p))
+                ends.append(len(tokens) - 1)
+                item.generator = item.sampling.generator()
+                if item.streamer is not None:
+                    item.streamer.put(torch.tensor([req.tokens_and_positions()[0]]))
+            step = self._step(layouts, torch.cat(slots), torch.cat(positions))
+            logits = self._forward(tokens, step, keep=None if keep_own_logits else torch.tensor(ends))
+            if keep_own_logits:
+                for item, end in zip(live, ends, strict=True):
+                    item.own_logits = _widen(logits[end + 1 - len(item.request.own) : end + 1])
+                logits = logits[torch.tensor(ends)]
+            for item, row in zip(live, logits, strict=True):
+                item.first = _widen(row)
+            active = live
+            while True:
+                active = [item for item, row in zip(active, logits, strict=True) if self._take(item, row, began)]
+                if not active:
+                    return
+                n = [item.length for item in active]
+                step = self._step(
+                    [item.layout(bs, length, 1) for item, length in zip(active, n, strict=True)],
+                    torch.cat([self.cache.slots(i.own_blocks, k - 1, k) for i, k in zip(active, n, strict=True)]),
+                    torch.tensor([i.request.own_start + k - 1 for i, k in zip(active, n, strict=True)]),
+                )
+                logits = self._forward([item.tokens[-1] for item in active], step)
+
+    def _take(self, item: _Live, logits: torch.Tensor, began: float) -> bool:
+        """Pick ``item``'s next token from ``logits [V]``; whether it goes on decoding."""
+        token = item.sampling.pick(logits, item.generator)
+        if token in item.stop:
+            return self._finish(item, "stop_token")
+        item.tokens.append(token)
+        if item.streamer is not None:
+            item.streamer.put(torch.tensor([token]))
+        if item.sampling.stop and cut_at_stop(self.decode(item.tokens), item.sampling.stop)[1]:
+            return self._finish(item, "stop_string")
+        if len(item.tokens) == item.sampling.max_new_tokens:
+            return self._finish(item, "length")
+        limit = item.sampling.max_time
+        if limit is not None and time.perf_counter() - began >= limit:
+            return self._finish(item, "time")
+        return True
+
+    def _finish(self, item: _Live, reason: str) -> bool:
+        """End ``item`` for ``reason``: its text, cut before a stop string; its streamer ended."""
+        item.finish = reason
+        item.text = cut_at_stop(self.decode(item.tokens), item.sampling.stop)[0]
+        if item.streamer is not None:
+            item.streamer.end()
+        return False
+
+
+def _running_starts(segments, first: int):
+    """Starts of ``segments`` placed back to back from ``first``."""
+    pos = first
+    for seg in segments:
+        yield pos
+        pos += len(seg)
 
 
 def _widen(logits: torch.Tensor) -> torch.Tensor:

@@ -14,18 +14,18 @@ import torch
 from hypothesis import example, given, note, target
 from hypothesis import strategies as st
 
-from lazyattention.integrations.transformers import LazyRAG, Request, Sampling, block_diagonal, check_model
+from lazyattention.integrations.transformers import LazyRAG, RAGRequest, Sampling, block_diagonal, check_model
 from lazyattention.reference import assert_close
 
 from .models import VOCAB, float64_ops, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-GREEDY = Sampling(max_new_tokens=6, stop_token_ids=())
-ONE = Sampling(max_new_tokens=1, stop_token_ids=())
+GREEDY = Sampling(max_new_tokens=6, ignore_eos=True)
+ONE = Sampling(max_new_tokens=1, ignore_eos=True)
 
 # documents at a gap, out of order and overlapping, question after a gap
-REQUEST = Request(
+REQUEST = RAGRequest(
     segments=((5, 6, 7, 8, 9, 10, 11), (12, 13, 14), (15, 16, 17, 18, 19)),
     starts=(40, 3, 43),
     own=(20, 21, 22, 23),
@@ -86,7 +86,7 @@ def requests(draw):
     starts = tuple(draw(st.integers(0, 3000)) for _ in docs)
     end = max(s + len(d) for s, d in zip(starts, docs, strict=True))
     own = tuple(draw(st.lists(st.integers(1, VOCAB - 1), min_size=1, max_size=5)))
-    return Request(docs, starts, own, end + draw(st.integers(0, 50))), draw(st.sampled_from([1, 3, 4, 16]))
+    return RAGRequest(docs, starts, own, end + draw(st.integers(0, 50))), draw(st.sampled_from([1, 3, 4, 16]))
 
 
 @pytest.fixture(scope="module")
@@ -97,8 +97,8 @@ def llama64(folder):
 
 
 @given(drawn=requests())
-@example(drawn=(Request(((1,),), (0,), (2,), 1), 1))  # one token everywhere, offset 0
-@example(drawn=(Request(((3, 4, 5), (3, 4, 5)), (7, 7), (6, 7), 10), 4))  # one document twice at one start
+@example(drawn=(RAGRequest(((1,),), (0,), (2,), 1), 1))  # one token everywhere, offset 0
+@example(drawn=(RAGRequest(((3, 4, 5), (3, 4, 5)), (7, 7), (6, 7), 10), 4))  # one document twice at one start
 def test_any_layout_float64(llama64, drawn):
     request, block_size = drawn
     note(f"{request}, block_size={block_size}")

@@ -9,7 +9,7 @@ float32 as the rule's reference, and its greedy tokens must equal the reference'
 import pytest
 import torch
 
-from lazyattention.integrations.transformers import LazyRAG, Request, Sampling, block_diagonal, check_model
+from lazyattention.integrations.transformers import LazyRAG, RAGRequest, Sampling, block_diagonal, check_model
 from lazyattention.integrations.transformers.pretrained import load_pretrained, smollm2_available
 from lazyattention.integrations.transformers.qa import qa_set
 from lazyattention.reference import assert_close
@@ -20,7 +20,9 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
-REQUEST = Request(segments=((5, 6, 7, 8, 9, 10), (12, 13, 14)), starts=(70_000, 2), own=(20, 21, 22), own_start=70_010)
+REQUEST = RAGRequest(
+    segments=((5, 6, 7, 8, 9, 10), (12, 13, 14)), starts=(70_000, 2), own=(20, 21, 22), own_start=70_010
+)
 
 
 def test_fast_backend_matches_the_oracle(tmp_path):
@@ -32,7 +34,7 @@ def test_fast_backend_matches_the_oracle(tmp_path):
     fast = LazyRAG(model, None, backend="fast", num_blocks=16, block_size=16)
     got, ref = fast.own_logits(REQUEST).cpu(), reference.own_logits(REQUEST).cpu()
     assert_close(got, want, ref, torch.float32, "fast backend logits")
-    greedy = Sampling(max_new_tokens=3, stop_token_ids=())
+    greedy = Sampling(max_new_tokens=3, ignore_eos=True)
     assert fast.generate(REQUEST, "lazy", greedy).tokens == reference.generate(REQUEST, "lazy", greedy).tokens
 
 

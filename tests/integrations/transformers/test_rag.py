@@ -5,16 +5,8 @@ import re
 import pytest
 import torch
 
-from lazyattention.integrations.transformers import (
-    ATTENTION_NAME,
-    LazyRAG,
-    Request,
-    Sampling,
-    UnsupportedModel,
-    attention_implementation,
-    check_model,
-    register,
-)
+from lazyattention.integrations.transformers import LazyRAG, RAGRequest, Sampling, UnsupportedModel, check_model
+from lazyattention.integrations.transformers.attention import ATTENTION_NAME, attention_implementation, register
 from lazyattention.integrations.transformers.pretrained import CACHE_ENV, SMOLLM2_PACKAGE, cache_dir, prepare_smollm2
 
 from .models import tiny_model
@@ -22,7 +14,7 @@ from .models import tiny_model
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 DOCS = ((5, 6, 7, 8, 9), (10, 11, 12))
-SAMPLING = Sampling(max_new_tokens=3, stop_token_ids=())
+SAMPLING = Sampling(max_new_tokens=3, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
@@ -32,12 +24,12 @@ def model(tmp_path_factory):
 
 def test_documents_are_cached_once_and_reused_zero_copy(model):
     rag = LazyRAG(model, None, num_blocks=16, block_size=4)
-    first = rag.generate(Request(DOCS, (0, 5), (1, 2), 8), sampling=SAMPLING)
+    first = rag.generate(RAGRequest(DOCS, (0, 5), (1, 2), 8), sampling=SAMPLING)
     assert model.config._attn_implementation != ATTENTION_NAME  # switched back after the request
     assert (first.stats.cache_hits, first.stats.cache_misses, first.stats.prefilled_tokens) == (0, 2, 8)
     used = rag.cache.pool.num_used  # the two documents: 2 + 1 blocks stay cached
     assert used == 3
-    again = rag.generate(Request(DOCS[::-1], (100, 7), (1, 2), 200), sampling=SAMPLING)
+    again = rag.generate(RAGRequest(DOCS[::-1], (100, 7), (1, 2), 200), sampling=SAMPLING)
     assert (again.stats.cache_hits, again.stats.cache_misses, again.stats.bytes_copied) == (2, 0, 0)
     assert again.stats.blocks_in_use == used + 2  # own blocks only: prompt + new tokens
     assert rag.cache.pool.num_used == used
@@ -46,7 +38,7 @@ def test_documents_are_cached_once_and_reused_zero_copy(model):
 
 def test_block_attention_copies_every_document_every_request(model):
     rag = LazyRAG(model, None, num_blocks=16, block_size=4)
-    out = rag.generate(Request(DOCS, (3, 30), (1,), 40), "block", SAMPLING)
+    out = rag.generate(RAGRequest(DOCS, (3, 30), (1,), 40), "block", SAMPLING)
     per_token = 2 * model.config.num_hidden_layers * model.config.num_key_value_heads * 16 * 4  # K and V, fp32
     assert out.stats.bytes_copied == per_token * sum(len(d) for d in DOCS)
     assert rag.cache.pool.num_used == 3  # the copies were given back
@@ -55,8 +47,8 @@ def test_block_attention_copies_every_document_every_request(model):
 
 def test_least_recently_used_documents_are_evicted_when_the_pool_is_short(model):
     rag = LazyRAG(model, None, num_blocks=4, block_size=4)
-    rag.generate(Request((DOCS[0],), (0,), (1,), 5), sampling=Sampling(max_new_tokens=1))
-    out = rag.generate(Request((DOCS[1],), (0,), (1, 2, 3), 3), sampling=Sampling(max_new_tokens=6))
+    rag.generate(RAGRequest((DOCS[0],), (0,), (1,), 5), sampling=Sampling(max_new_tokens=1))
+    out = rag.generate(RAGRequest((DOCS[1],), (0,), (1, 2, 3), 3), sampling=Sampling(max_new_tokens=6))
     assert out.stats.cache_misses == 1
     assert len(rag.cache.store) == 1  # the first document made room
     rag.cache.store.check_invariants()
@@ -64,9 +56,9 @@ def test_least_recently_used_documents_are_evicted_when_the_pool_is_short(model)
 
 def test_sampling_is_deterministic_in_its_seed(model):
     rag = LazyRAG(model, None, num_blocks=16, block_size=4)
-    request = Request(DOCS, (0, 5), (1, 2), 8)
+    request = RAGRequest(DOCS, (0, 5), (1, 2), 8)
     draw = [
-        rag.generate(request, sampling=Sampling(max_new_tokens=8, do_sample=True, seed=s, stop_token_ids=()))
+        rag.generate(request, sampling=Sampling(max_new_tokens=8, do_sample=True, seed=s, ignore_eos=True))
         for s in (1, 1, 2)
     ]
     assert draw[0].tokens == draw[1].tokens
@@ -75,8 +67,8 @@ def test_sampling_is_deterministic_in_its_seed(model):
 
 def test_stop_tokens_end_generation(model):
     rag = LazyRAG(model, None, num_blocks=16, block_size=4)
-    request = Request(DOCS, (0, 5), (1, 2), 8)
-    free = rag.generate(request, sampling=Sampling(max_new_tokens=4, stop_token_ids=()))
+    request = RAGRequest(DOCS, (0, 5), (1, 2), 8)
+    free = rag.generate(request, sampling=Sampling(max_new_tokens=4, ignore_eos=True))
     stop = free.tokens[-1]
     stopped = rag.generate(request, sampling=Sampling(max_new_tokens=4, stop_token_ids=(stop,)))
     assert stopped.tokens == free.tokens[: free.tokens.index(stop)]
@@ -113,9 +105,9 @@ def test_unexpressible_rope_is_refused(tmp_path):
 def test_a_request_crossing_the_sliding_window_is_refused(tmp_path):
     model = tiny_model(tmp_path, "mistral", sliding_window=32)
     rag = LazyRAG(model, None, num_blocks=16, block_size=4)
-    rag.generate(Request(DOCS, (0, 5), (1,), 8), sampling=SAMPLING)  # spans 11 positions: fine
+    rag.generate(RAGRequest(DOCS, (0, 5), (1,), 8), sampling=SAMPLING)  # spans 11 positions: fine
     with pytest.raises(UnsupportedModel, match="sliding window of 32"):
-        rag.generate(Request(DOCS, (0, 40), (1,), 50), sampling=SAMPLING)
+        rag.generate(RAGRequest(DOCS, (0, 40), (1,), 50), sampling=SAMPLING)
 
 
 def test_backends_are_explicit(model, monkeypatch):
