@@ -15,7 +15,6 @@ printed the same way; anything else is a bug and shows its traceback.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import inspect
 import math
 import os
@@ -25,6 +24,7 @@ import sys
 import torch
 
 import lazyattention
+from lazyattention.backends import BACKENDS, get_backend
 from lazyattention.bench import DTYPES, output_paths, run_bench
 from lazyattention.demo import run_demo
 from lazyattention.serving.engine import STRATEGIES
@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=_HelpFormatter)
         p.add_argument(
             "--backend",
-            choices=("reference", "fast"),
+            choices=tuple(BACKENDS),
             default="reference",
             help="attention backend: the PyTorch definition, or the Triton kernels (a CUDA GPU, or "
             "TRITON_INTERPRET=1 with --device cpu)",
@@ -230,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="check a backend's properties on this device (Hypothesis)",
         formatter_class=_HelpFormatter,
     )
-    p.add_argument("--backend", choices=("fast", "reference"), default="fast", help="the backend to check")
+    p.add_argument("--backend", choices=tuple(BACKENDS), default="fast", help="the backend to check")
     p.add_argument("--profile", choices=("ci", "nightly"), default="ci", help="10 or 200 examples per function")
     p.add_argument("--functions", nargs="+", default=None, help="attention functions to check (default: all)")
     p.add_argument("--device", type=_device, default=None, help="cpu, cuda or cuda:N (default: cuda when there is one)")
@@ -247,20 +247,9 @@ def _fail(command: str, message: str):
 
 
 def _resolve_device(command: str, backend: str, device: str | None) -> str:
-    """The device to run on: ``--device``, or the backend's default; refuse what cannot run."""
-    interpret = os.environ.get("TRITON_INTERPRET") == "1"
-    on_cpu_hint = "set TRITON_INTERPRET=1 and pass --device cpu to run its kernels on the CPU (slowly)"
-    if backend == "fast" and importlib.util.find_spec("triton") is None:
-        _fail(
-            command, "argument --backend: 'fast' needs Triton, which is not installed: pip install lazyattention[fast]"
-        )
-    if device is None:
-        if backend != "fast" or interpret:
-            return "cpu"
-        if not torch.cuda.is_available():
-            _fail(command, f"argument --backend: 'fast' needs a CUDA GPU and this machine has none; {on_cpu_hint}")
-        return "cuda"
-    if device.startswith("cuda"):
+    """The device to run on: ``--device``, or the CPU where the backend runs there, else CUDA; refuse
+    what cannot run."""
+    if device is not None and device.startswith("cuda"):
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         index = int(device.partition(":")[2] or 0)
         if count == 0:
@@ -270,12 +259,14 @@ def _resolve_device(command: str, backend: str, device: str | None) -> str:
                 command,
                 f"argument --device: {device!r}, but this machine has {count} CUDA device(s): cuda:0..{count - 1}",
             )
-    elif backend == "fast" and not interpret:
-        _fail(
-            command,
-            "argument --device: 'cpu' with --backend fast runs the Triton kernels under the interpreter; "
-            "set TRITON_INTERPRET=1 to do that, or use --backend reference",
-        )
+    try:
+        devices = get_backend(backend).capabilities.devices
+    except RuntimeError as exc:
+        _fail(command, f"argument --backend: {exc}" if device is None else f"argument --device: {device!r}: {exc}")
+    if device is None:
+        return "cpu" if "cpu" in devices else "cuda"
+    if torch.device(device).type not in devices:
+        _fail(command, f"argument --device: {device!r}, but backend {backend!r} runs on {', '.join(devices)} here")
     return device
 
 

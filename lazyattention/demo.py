@@ -21,9 +21,10 @@ from dataclasses import asdict
 
 import torch
 
+from lazyattention.backends import get_backend
 from lazyattention.console import cpu_threads_for
 from lazyattention.console import say as _say
-from lazyattention.serving.model import attention_backend, random_model
+from lazyattention.serving.model import random_model
 from lazyattention.serving.sweep import METRIC_COLUMNS, display_units, format_table, run_sweep
 
 __all__ = ["run_demo"]
@@ -299,7 +300,7 @@ def run_demo(backend: str, device: str, seed: int = 0) -> int:
         _say(f"   skipped: {exc}\n")
     _say("Part 2. The mechanics, on a tiny random-weight model\n")
     cpu_threads_for("tiny", device)
-    _semantics_demo(attention_backend(backend), device, seed)
+    _semantics_demo(get_backend(backend).ops, device, seed)
     model = random_model("tiny", backend, torch.float32, device, seed)
     _reuse_demo(model, seed)
     _quality_demo(model, seed)

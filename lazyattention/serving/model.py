@@ -10,16 +10,17 @@ and load from the same code. What is particular here is only the attention layer
 * it attends through the chosen backend's ``lazy_prefill``/``lazy_decode`` (or
   ``raw_prefill``/``raw_decode`` for the unrotated raw cache), which rotate the
   query by ``p − δ`` per block shift (eq. 8) and never touch a cached key; a decode
-  step that carries a sharing plan (``StepInputs.sharing``) goes through
-  :func:`lazyattention.fast.shared.shared_decode` instead, which reads each segment
-  several requests share once for all of them.
+  step that carries a sharing plan (``StepInputs.sharing``) goes through the backend's
+  shared-segment decode instead (:class:`~lazyattention.backends.SharedDecode`), which
+  reads each segment several requests share once for all of them.
 
 So the model never knows where a document sits in a request: the
 :class:`~lazyattention.reference.Layout` of the step says it.
 
-``backend="reference"`` uses :mod:`lazyattention.reference`; ``backend="fast"``
-imports :mod:`lazyattention.fast` (Triton) when — and only when — it is chosen, and
-raises naming the problem when Triton or a GPU is missing. There is no fallback.
+The backend is a :class:`~lazyattention.backends.Backend`, chosen by name through
+:func:`~lazyattention.backends.get_backend`: ``"fast"`` imports Triton when — and
+only when — it is chosen, and raises naming the problem when Triton or a GPU is
+missing. There is no fallback.
 
 Shape alphabet: ``T`` new tokens of a step, ``H`` query heads, ``Hkv`` KV heads,
 ``D`` head dim, ``E`` hidden size, ``V`` vocabulary, ``N`` physical blocks, ``S`` block
@@ -28,7 +29,6 @@ size, ``C`` copied tokens.
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 from dataclasses import dataclass, field, replace
@@ -38,21 +38,19 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from lazyattention.reference import ATTENTION_API
-from lazyattention.reference import attention as reference_ops
+from lazyattention.backends import Backend, get_backend
 from lazyattention.reference.cache import PagedKVCache
 from lazyattention.reference.layout import Layout, Placement, RequestLayout
 from lazyattention.reference.rope import RopeConfig
 
-if TYPE_CHECKING:  # the fast path is imported only when it is used (it needs Triton)
-    from lazyattention.fast.shared import SharingPlan
+if TYPE_CHECKING:
+    from lazyattention.backends import SharingPlan
 
 __all__ = [
     "SUPPORTED_ARCHITECTURES",
     "ModelConfig",
     "StepInputs",
     "Model",
-    "attention_backend",
     "load_model",
     "load_tokenizer",
     "MODEL_SHAPES",
@@ -205,37 +203,6 @@ class ModelConfig:
         )
 
 
-# --------------------------------------------------------------------------- backend
-
-
-def attention_backend(name: str):
-    """The module whose attention functions the model calls.
-
-    ``"reference"`` is :mod:`lazyattention.reference.attention`. ``"fast"`` imports
-    :mod:`lazyattention.fast` now (never earlier: ``reference`` must not pull in
-    Triton) and raises ``RuntimeError`` naming what is missing: Triton, a CUDA device
-    (unless ``TRITON_INTERPRET=1``), or a function of the attention API
-    (:data:`~lazyattention.reference.ATTENTION_API`).
-    """
-    if name == "reference":
-        return reference_ops
-    if name != "fast":
-        raise ValueError(f"unknown backend {name!r}; choose 'reference' or 'fast'")
-    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError(
-            "backend='fast' needs a CUDA GPU (or TRITON_INTERPRET=1 to run its kernels on the CPU, slowly); "
-            "use backend='reference' on this machine"
-        )
-    try:
-        ops = importlib.import_module("lazyattention.fast")
-    except ImportError as exc:
-        raise RuntimeError(f"backend='fast' needs Triton: importing lazyattention.fast failed ({exc})") from exc
-    missing = [f for f in ATTENTION_API if not hasattr(ops, f)]
-    if missing:
-        raise RuntimeError(f"backend='fast': lazyattention.fast does not provide {', '.join(missing)}")
-    return ops
-
-
 # --------------------------------------------------------------------------- step inputs
 
 
@@ -260,8 +227,8 @@ class StepInputs:
         copy_shift: ``[C]`` re-rotation ``δ`` of each copied key (eq. 9).
         logit_rows: rows of ``T`` whose logits are wanted (``None``: all).
         sharing: a plan of ``decode``'s shared segments
-            (:func:`lazyattention.fast.shared.plan_sharing`): the decode attention then
-            runs :func:`~lazyattention.fast.shared.shared_decode` (fast backend only).
+            (the backend's :class:`~lazyattention.backends.SharedDecode`): the decode
+            attention then runs its ``shared_decode``.
         validate: check the values of ``slots`` and ``positions`` in every layer's
             ``write_kv`` (``validate=`` there). On a GPU that reads them back, a host
             synchronisation per layer; the :class:`~lazyattention.serving.runner.ModelRunner`
@@ -343,8 +310,9 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * d, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.num_heads * d, cfg.hidden_size, bias=cfg.o_bias)
 
-    def forward(self, x, k_cache, v_cache, step: StepInputs, rope: RopeConfig, ops) -> torch.Tensor:
+    def forward(self, x, k_cache, v_cache, step: StepInputs, rope: RopeConfig, backend: Backend) -> torch.Tensor:
         """``x [T, E]`` → ``[T, E]``; writes the step's K/V into ``k_cache, v_cache [N, S, Hkv, D]``."""
+        ops = backend.ops
         t = x.shape[0]
         q = self.q_proj(x).view(t, self.num_heads, self.head_dim)  # pre-RoPE: the kernel rotates it
         k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
@@ -360,8 +328,7 @@ class Attention(nn.Module):
             prefill = ops.raw_prefill if step.raw else ops.lazy_prefill
             out[:p] = prefill(q[:p], k_cache, v_cache, step.prefill, rope)
         if step.sharing is not None:
-            from lazyattention.fast.shared import shared_decode  # only a fast-backend step carries a plan
-
+            shared_decode = backend.shared().shared_decode
             out[p:] = shared_decode(q[p:], k_cache, v_cache, step.decode, rope, sharing=step.sharing)
         elif step.decode is not None:
             decode = ops.raw_decode if step.raw else ops.lazy_decode
@@ -414,8 +381,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, k_cache, v_cache, step, rope, ops):
-        x = x + self.self_attn(self.input_layernorm(x), k_cache, v_cache, step, rope, ops)
+    def forward(self, x, k_cache, v_cache, step, rope, backend):
+        x = x + self.self_attn(self.input_layernorm(x), k_cache, v_cache, step, rope, backend)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -427,7 +394,8 @@ class Model(nn.Module):
 
     Args:
         cfg: the shape.
-        backend: ``"reference"`` or ``"fast"`` (see :func:`attention_backend`).
+        backend: a :class:`~lazyattention.backends.Backend` or its name (see
+            :func:`~lazyattention.backends.get_backend`).
 
     Example:
         >>> model = Model(ModelConfig.tiny()).init_random(seed=0)
@@ -435,17 +403,21 @@ class Model(nn.Module):
         torch.Size([3, 256])
     """
 
-    def __init__(self, cfg: ModelConfig, backend: str = "reference"):
+    def __init__(self, cfg: ModelConfig, backend: str | Backend = "reference"):
         super().__init__()
         self.cfg = cfg
-        self.backend = backend
-        self.ops = attention_backend(backend)
+        self.backend = get_backend(backend)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+
+    @property
+    def ops(self):
+        """The backend's attention functions (``backend.ops``)."""
+        return self.backend.ops
 
     @property
     def dtype(self) -> torch.dtype:
@@ -493,7 +465,7 @@ class Model(nn.Module):
         ``step.logit_rows`` as float32 ``[len(logit_rows), V]``."""
         x = self.embed_tokens(token_ids)
         for layer, k_cache, v_cache in zip(self.layers, cache.k, cache.v, strict=True):
-            x = layer(x, k_cache, v_cache, step, self.cfg.rope, self.ops)
+            x = layer(x, k_cache, v_cache, step, self.cfg.rope, self.backend)
         if step.logit_rows is not None:
             x = x[step.logit_rows]
         return self.lm_head(self.norm(x)).float()
@@ -521,7 +493,7 @@ class Model(nn.Module):
 MODEL_SHAPES = {"tiny": ModelConfig.tiny, "llama3-1b": ModelConfig.llama3_1b}
 
 
-def random_model(name: str, backend: str, dtype: torch.dtype, device: str | torch.device, seed: int) -> Model:
+def random_model(name: str, backend: str | Backend, dtype: torch.dtype, device: str | torch.device, seed: int) -> Model:
     """A model of the named shape (:data:`MODEL_SHAPES`) with seeded random weights.
 
     The weights are drawn on the CPU, so every device gets the same model.
@@ -536,7 +508,7 @@ def random_model(name: str, backend: str, dtype: torch.dtype, device: str | torc
 
 def load_model(
     path: str | os.PathLike,
-    backend: str = "reference",
+    backend: str | Backend = "reference",
     dtype: torch.dtype | None = None,
     device: torch.device | str = "cpu",
 ) -> Model:
@@ -544,7 +516,7 @@ def load_model(
 
     Args:
         path: folder holding ``config.json`` and ``*.safetensors`` (one file or shards).
-        backend: ``"reference"`` or ``"fast"``.
+        backend: a :class:`~lazyattention.backends.Backend` or its name.
         dtype: weights and cache dtype; ``None`` keeps the checkpoint's.
         device: where the model lives.
 

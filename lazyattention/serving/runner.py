@@ -230,18 +230,20 @@ class ModelRunner:
         if shared_decode is not None:
             if isinstance(shared_decode, bool) or not isinstance(shared_decode, int) or shared_decode < 1:
                 raise ValueError(f"shared_decode must be None or an int >= 1, got {shared_decode!r}")
-            if model.backend != "fast":
-                raise ValueError(f"shared_decode needs the fast backend, got backend={model.backend!r}")
+            if not model.backend.capabilities.shared_decode:
+                raise ValueError(
+                    f"shared_decode needs the fast backend (shared-segment decode), got backend={model.backend.name!r}"
+                )
         self.shared_decode = shared_decode
         self.model = model
         self.cache = cache
         self.debug = debug
         self.device = model.device
-        capturable = model.backend == "fast" and self.device.type == "cuda"
+        capturable = model.backend.captures_on(self.device)
         if cuda_graphs and not capturable:
             raise ValueError(
-                f"cuda_graphs=True needs the fast backend on a CUDA device, got backend={model.backend!r} "
-                f"on {self.device}"
+                f"cuda_graphs=True needs the fast backend on a CUDA device (a backend CUDA graphs capture), "
+                f"got backend={model.backend.name!r} on {self.device}"
             )
         self.cuda_graphs = capturable if cuda_graphs is None else bool(cuda_graphs)
         self.scratch_block = cache.num_blocks - 1 if scratch_block is None else scratch_block
@@ -278,9 +280,7 @@ class ModelRunner:
         more of its requests read; otherwise ``None``."""
         if self.shared_decode is None or step.prefill is not None or step.decode is None or step.raw:
             return None
-        from lazyattention.fast.shared import plan_sharing  # the fast backend is loaded already
-
-        return plan_sharing(step.decode, self.shared_decode)
+        return self.model.backend.shared().plan_sharing(step.decode, self.shared_decode)
 
     def check_step(self, step: StepInputs) -> None:
         """The value checks of every ``write_kv`` of the step, once, on the host; and,
@@ -358,9 +358,8 @@ class ModelRunner:
     def _shared_metadata(self, sharing):
         """The sharing plan's kernel metadata on the host and the tiles it is for, to
         travel in the step's one upload (``lazyattention.fast.shared``)."""
-        from lazyattention.fast.shared import shared_tiles
-
         cfg = self.model.cfg
+        shared_tiles = self.model.backend.shared().shared_tiles
         tiles = shared_tiles(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, self.cache.block_size, self.model.dtype,
                              self.device)  # fmt: skip
         return sharing.build_metadata(self.device, tiles, cfg.num_kv_heads), tiles
@@ -461,8 +460,11 @@ class ModelRunner:
         real requests are; the reference reads the layout's requests, which for a
         bucket are the padding placeholders.
         """
-        if self.model.backend != "fast":
-            raise ValueError("padded_decode needs the fast backend (the reference does not read block metadata)")
+        if not self.model.backend.capabilities.cuda_graphs:
+            raise ValueError(
+                f"padded_decode needs the fast backend (a backend CUDA graphs capture: its kernels read the block "
+                f"metadata), got backend={self.model.backend.name!r}"
+            )
         self.check_step(step)
         self._check_scratch(step)
         bucket = graph_bucket(step.decode.batch_size, self._host(step.decode).block_table.shape[1])

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from lazyattention.backends import get_backend
 from lazyattention.reference.layout import ceil_div
 
 __all__ = [
@@ -220,8 +221,5 @@ def environment(device: str, backend: str) -> dict:
         env["device_name"] = torch.cuda.get_device_name()
     else:
         env["device_name"] = platform.processor() or platform.machine()
-    if backend == "fast":
-        import triton
-
-        env["triton"] = triton.__version__
+    env.update(get_backend(backend).versions())
     return env

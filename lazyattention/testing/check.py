@@ -12,11 +12,12 @@ reproduces it.
 
 from __future__ import annotations
 
-import importlib
 import os
 import sys
 import time
 from dataclasses import dataclass, field
+
+from lazyattention.backends import BACKENDS, get_backend
 
 PROFILES = {"ci": 10, "nightly": 200}
 DTYPE_NAMES = ("float16", "bfloat16", "float32")
@@ -59,7 +60,7 @@ def check_function(backend_name: str, name: str, examples: int, device: str, der
     from .properties import differential, shift_invariance
     from .strategies import kernel_cases
 
-    backend = importlib.import_module(f"lazyattention.{backend_name}")
+    backend = get_backend(backend_name).ops
     realistic = device != "cpu"
     summary = Summary(name)
     last: dict = {}
@@ -118,7 +119,7 @@ def run_check(
     """Check ``backend``'s attention functions on this machine; return 0 when all hold.
 
     Args:
-        backend: ``"fast"`` or ``"reference"``.
+        backend: a name of :data:`~lazyattention.backends.BACKENDS`.
         profile: ``"ci"`` (10 examples per function, derandomized, failures reported
             unshrunk) or ``"nightly"`` (200, failures shrunk to a small example).
         functions: names out of :data:`~lazyattention.testing.properties.FUNCTIONS` (default: all).
@@ -127,8 +128,8 @@ def run_check(
     """
     if profile not in PROFILES:
         raise ValueError(f"profile must be one of {', '.join(PROFILES)}, got {profile!r}")
-    if backend not in ("fast", "reference"):
-        raise ValueError(f"backend must be 'fast' or 'reference', got {backend!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
     try:
         import hypothesis  # noqa: F401
     except ImportError as exc:

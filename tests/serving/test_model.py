@@ -35,7 +35,7 @@ from transformers import (
 from lazyattention.reference.rope import Llama3Scaling, YarnScaling
 from lazyattention.reference.tolerance import assert_close
 from lazyattention.serving.engine import Engine
-from lazyattention.serving.model import Model, ModelConfig, attention_backend, load_model, load_tokenizer
+from lazyattention.serving.model import Model, ModelConfig, load_model, load_tokenizer
 
 SMALL = dict(
     vocab_size=96,
@@ -159,8 +159,9 @@ def test_sliding_window_longer_requests_are_refused():
 
 
 def test_backends(monkeypatch):
+    assert Model(ModelConfig.tiny()).backend.name == "reference"
     with pytest.raises(ValueError, match="unknown backend 'cuda'"):
-        attention_backend("cuda")
+        Model(ModelConfig.tiny(), backend="cuda")
     if not torch.cuda.is_available():
         monkeypatch.delenv("TRITON_INTERPRET", raising=False)
         with pytest.raises(RuntimeError, match="needs a CUDA GPU"):

@@ -39,7 +39,7 @@ from vllm.v1.attention.backend import (
 )
 from vllm.v1.kv_cache_layout import KVCacheLayout
 
-from lazyattention import reference
+from lazyattention.backends import get_backend
 
 from .attention import LazyMetadata, build_metadata, paged_attention
 from .model import model_rope
@@ -107,7 +107,7 @@ class LazyMetadataBuilder(AttentionMetadataBuilder[LazyMetadata]):
 class LazyAttentionImpl(AttentionImpl[LazyMetadata]):
     """Deferred-RoPE attention; ``kernels`` is the module whose ``lazy_prefill`` runs."""
 
-    kernels: ClassVar[ModuleType] = reference
+    kernels: ClassVar[ModuleType] = get_backend("reference").ops
 
     def __init__(
         self,
@@ -174,9 +174,7 @@ class LazyTritonImpl(LazyAttentionImpl):
 
     @property
     def kernels(self) -> ModuleType:  # imported on first use: importing Triton is not free
-        import lazyattention.fast
-
-        return lazyattention.fast
+        return get_backend("fast").ops
 
 
 class _LazyBackendBase(AttentionBackend):
