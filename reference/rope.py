@@ -31,7 +31,9 @@ __all__ = [
     "rope_angles",
     "rope_cos_sin",
     "rotate",
+    "rotate_by",
     "apply_rope",
+    "with_attention_factor",
     "check_positions",
 ]
 
@@ -357,7 +359,25 @@ def rotate(
     cos, sin = rope_cos_sin(pos, rope, compute)  # [..., T, F]
     if pos.dim() >= 1 and x.dim() >= pos.dim() + 2:
         cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over heads
-    xc = x.to(compute)
+    return rotate_by(x, cos, sin, rope)
+
+
+def rotate_by(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope: RopeConfig) -> torch.Tensor:
+    """Rotate ``x`` by the angles whose cosines and sines are given (eq. 3).
+
+    :func:`rotate` is this with ``cos, sin = rope_cos_sin(positions)``; a caller that
+    rotates many tensors by the same angles computes them once and calls this.
+
+    Args:
+        x: ``[..., D]``.
+        cos: ``[..., F]`` in the compute dtype (float32, float64 for float64 ``x``),
+            broadcastable against ``x``'s pairs.
+        sin: as ``cos``.
+
+    Returns:
+        ``x``'s shape and dtype.
+    """
+    xc = x.to(cos.dtype)
     a, b = _pairs(xc, rope)
     out = _join(a * cos - b * sin, a * sin + b * cos, xc, rope)
     return out.to(x.dtype)
@@ -375,12 +395,18 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor | int, rope: RopeConfig)
     Returns:
         ``x``'s shape and dtype.
     """
-    out = rotate(x, positions, rope)
+    return with_attention_factor(rotate(x, positions, rope), rope)
+
+
+def with_attention_factor(x: torch.Tensor, rope: RopeConfig) -> torch.Tensor:
+    """``x``'s rotary channels times ``rope.attention_scaling`` (YaRN's ``m``; 1 for the
+    other scalings, and then ``x`` itself): what turns :func:`rotate` into the model's
+    RoPE, :func:`apply_rope`."""
     m = rope.attention_scaling
     if m == 1.0:
-        return out
+        return x
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
-    out = out.to(compute)
+    out = x.to(compute)
     r = rope.rotary_dim
     out = torch.cat([out[..., :r] * m, out[..., r:]], dim=-1)
     return out.to(x.dtype)
