@@ -18,7 +18,7 @@ Example:
     >>> backend.name, backend.capabilities.cuda_graphs, backend.sharing is None
     ('reference', False, True)
     >>> default_backend("cpu").name
-    'reference'
+    'sdpa'
 """
 
 from __future__ import annotations
@@ -159,6 +159,22 @@ def _load_reference() -> Backend:
     )
 
 
+def _load_sdpa() -> Backend:
+    """The CPU-speed PyTorch backend (:mod:`lazyattention.sdpa`): block-wise decode,
+    fused attention per part merged by log-sum-exp for long prefills."""
+    return Backend(
+        name="sdpa",
+        ops=importlib.import_module("lazyattention.sdpa"),
+        capabilities=Capabilities(
+            devices=("cpu",),
+            cuda_graphs=False,
+            raw_cache=True,
+            shared_decode=False,
+            dtypes=(torch.float16, torch.bfloat16, torch.float32, torch.float64),
+        ),
+    )
+
+
 def _load_fast() -> Backend:
     """The Triton kernels: CUDA, or the CPU under ``TRITON_INTERPRET=1``.
 
@@ -202,6 +218,7 @@ REFERENCE = "reference"
 #: one more entry here.
 BACKENDS: dict[str, Callable[[], Backend]] = {
     REFERENCE: _load_reference,
+    "sdpa": _load_sdpa,
     "fast": _load_fast,
 }
 
@@ -223,6 +240,8 @@ def get_backend(backend: str | Backend) -> Backend:
 
 
 def default_backend(device: torch.device | str) -> Backend:
-    """The backend to run on ``device`` when none is named: ``"fast"`` on CUDA,
-    ``"reference"`` elsewhere."""
-    return get_backend("fast" if torch.device(device).type == "cuda" else REFERENCE)
+    """The backend to run on ``device`` when none is named: the Triton kernels
+    (``"fast"``) on CUDA, the vectorised PyTorch backend (``"sdpa"``) on the CPU, the
+    definition itself (``"reference"``) elsewhere."""
+    kind = torch.device(device).type
+    return get_backend({"cuda": "fast", "cpu": "sdpa"}.get(kind, REFERENCE))
