@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lazyattention.backends import Backend, get_backend
+from lazyattention.backends import Backend, default_backend, get_backend
 from lazyattention.reference import Layout, Placement, RequestLayout, ceil_div
 
 from .attention import ATTENTION_NAME, STEP_KWARG, Step, attention_implementation, register
@@ -343,8 +343,10 @@ class LazyRAG:
         tokenizer: its transformers tokenizer, or ``None`` to work in token ids only
             (:meth:`generate` with a :class:`RAGRequest`; answers then have empty text).
         backend: a backend name of :data:`~lazyattention.backends.BACKENDS` (``"reference"``,
-            ``"fast"``) or a :class:`~lazyattention.backends.Backend`; it raises when it
-            cannot run here (``"fast"`` without Triton or a GPU), never falls back.
+            ``"sdpa"``, ``"fast"``) or a :class:`~lazyattention.backends.Backend`; it raises
+            when it cannot run here (``"fast"`` without Triton or a GPU), never falls back.
+            ``None`` picks :func:`~lazyattention.backends.default_backend` for the model's
+            device: ``"sdpa"`` on a CPU, ``"fast"`` on CUDA.
         num_blocks: physical blocks of the paged cache.
         block_size: tokens per block.
         num_threads: torch's intra-op threads while a request runs on a CPU model,
@@ -360,7 +362,7 @@ class LazyRAG:
         self,
         model,
         tokenizer,
-        backend: str | Backend = "reference",
+        backend: str | Backend | None = None,
         num_blocks: int = 1024,
         block_size: int = 16,
         num_threads: int | None = None,
@@ -368,7 +370,7 @@ class LazyRAG:
         if num_threads is not None and (not isinstance(num_threads, int) or num_threads < 1):
             raise ValueError(f"num_threads must be a positive int, got {num_threads!r}")
         self.support: ModelSupport = check_model(model)
-        self.backend = get_backend(backend)
+        self.backend = default_backend(model.device) if backend is None else get_backend(backend)
         self.ops = self.backend.ops
         self.model = model
         self.tokenizer = tokenizer
