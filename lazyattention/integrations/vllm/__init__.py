@@ -9,7 +9,7 @@ vLLM". Importing this package imports no vLLM module; the submodules do.
 """
 
 from .plugin import SUPPORTED_VLLM, check_vllm_version, engine_args, register
-from .request import FIELD, DocumentSpec, LazyRequestError, LazyRequestSpec, parse_request
+from .request import FIELD, ControlSpec, DocumentSpec, LazyRequestError, LazyRequestSpec, parse_request
 
 __all__ = [
     "SUPPORTED_VLLM",
@@ -19,6 +19,7 @@ __all__ = [
     "FIELD",
     "DocumentSpec",
     "LazyRequestSpec",
+    "ControlSpec",
     "LazyRequestError",
     "parse_request",
 ]

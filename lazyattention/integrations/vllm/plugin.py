@@ -1,12 +1,13 @@
-"""The plugin's entry point: check vLLM's version, register the attention backend.
+"""The plugin's entry point, its version check, and the engine arguments that select it.
 
 vLLM calls :func:`register` in every process it starts (the ``vllm.general_plugins``
-entry point). It registers the lazyattention backend over ``CPU_ATTN`` on CPU (the
-only backend vLLM's CPU platform picks) and as ``CUSTOM`` on CUDA (chosen with
-``--attention-backend CUSTOM``). For requests that name no documents the backend
-computes ordinary causal attention. The scheduler and worker classes are chosen by
-the user (:func:`engine_args`), so a vLLM that has the plugin installed but not
-selected schedules as before.
+entry point), whether or not a server asked for the plugin, so it changes nothing:
+a vLLM with the plugin installed but not selected keeps its own scheduler, workers,
+attention and model support. The plugin is selected by the engine arguments of
+:func:`engine_args` (``--scheduler-cls``, ``--worker-cls``, ``--logits-processors``);
+its worker installs the attention backend (:mod:`.worker`) and its scheduler checks
+vLLM's version (:func:`check_vllm_version`). For requests that name no documents the
+backend computes ordinary causal attention.
 """
 
 from __future__ import annotations
@@ -58,17 +59,8 @@ def _installed_vllm() -> str:
 
 
 def register() -> None:
-    """The ``vllm.general_plugins`` entry point (runs in every vLLM process)."""
-    import vllm
-
-    check_vllm_version(vllm.__version__)
-    from vllm.platforms import current_platform
-    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
-
-    if current_platform.is_cpu():
-        register_backend(AttentionBackendEnum.CPU_ATTN, "lazyattention.integrations.vllm.backend.LazyCPUBackend")
-    else:
-        register_backend(AttentionBackendEnum.CUSTOM, "lazyattention.integrations.vllm.backend.LazyTritonBackend")
+    """The ``vllm.general_plugins`` entry point: does nothing (the plugin acts only when
+    selected; see the module docstring)."""
 
 
 def engine_args(device: str = "cpu") -> dict:
@@ -76,13 +68,14 @@ def engine_args(device: str = "cpu") -> dict:
 
     ``LLM(model, **engine_args())``; on the command line, the same as
     ``--scheduler-cls … --worker-cls … --logits-processors …`` (and ``--attention-backend
-    CUSTOM`` on CUDA). The logits processor only validates the request's field
-    (:mod:`.validator`).
+    CUSTOM`` on CUDA, where vLLM must also run its V1 model runner:
+    ``VLLM_USE_V2_MODEL_RUNNER=0``). The logits processor only validates the request's
+    field (:mod:`.validator`).
     """
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
     args = {
-        "scheduler_cls": "lazyattention.integrations.vllm.scheduler.LazyScheduler",
+        "scheduler_cls": "lazyattention.integrations.vllm.scheduler.lazy_scheduler",
         "worker_cls": LAZY_WORKERS[0] if device == "cpu" else LAZY_WORKERS[1],
         "enable_prefix_caching": True,
         "logits_processors": ["lazyattention.integrations.vllm.validator:LazyRequestValidator"],

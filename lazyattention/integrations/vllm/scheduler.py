@@ -18,33 +18,53 @@ queue. An uncached document is prefilled alone at 0 inside the first request tha
 needs it: its tokens attend only to their own document, at their local positions, so
 the blocks are the same as a separate prefill of the document would write.
 
+Ids: a document's id belongs to the request's ``cache_salt`` (:mod:`.registry`), as the
+document's blocks do (their hash chain is rooted in the salt), so tenants neither read
+nor block each other's ids, and the same text under two salts is cached apart.
+
 Accounting: each finished request's output carries, in ``kv_transfer_params
 ["lazyattention"]``, its document blocks, how many were cache hits, the prompt's
-prefix hits, and the bytes copied (0: blocks are shared by reference). A request the
-plugin cannot serve finishes at once (``finish_reason="abort"``) with the reason in
-``kv_transfer_params["lazyattention"]["error"]``; nothing is allocated for it.
+prefix hits, the bytes copied (0: blocks are shared by reference) and, when the
+length bound cut ``max_tokens``, the number it was cut to. vLLM's own
+``num_cached_tokens`` (``usage.prompt_tokens_details.cached_tokens``) counts the
+prompt's tokens only, as its definition says; document tokens are not prompt tokens.
+A request the plugin cannot serve finishes at once (``finish_reason="abort"``) with
+the reason in ``kv_transfer_params["lazyattention"]["error"]``; nothing is allocated
+for it. A registry operation (:class:`~.request.ControlSpec`) finishes the same way,
+its answer in the same place.
+
+Two classes, one behaviour: :class:`LazyScheduler` over vLLM's ``Scheduler`` and
+:class:`LazyAsyncScheduler` over its ``AsyncScheduler``; :func:`lazy_scheduler`
+(the ``scheduler_cls`` of :func:`~.plugin.engine_args`) picks the one matching
+vLLM's async-scheduling decision, so the plugin keeps async scheduling wherever vLLM
+allows it.
 """
 
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from dataclasses import dataclass
 
+import vllm
 from vllm.logger import init_logger
 from vllm.utils.hashing import get_hash_fn_by_name
 from vllm.v1.core.kv_cache_utils import BlockHash, hash_block_tokens
+from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs, FinishReason
 from vllm.v1.request import Request
 
 from lazyattention.reference import content_key
 
+from .guard import short
 from .model import model_rope
 from .plan import LaidDocument, RequestPlan, Segment
-from .plugin import LAZY_WORKERS
-from .request import FIELD, PLAN_FIELD, LazyRequestError, LazyRequestSpec, parse_request
+from .plugin import LAZY_WORKERS, check_vllm_version
+from .registry import DocumentRegistry
+from .request import FIELD, PLAN_FIELD, ControlSpec, LazyRequestError, LazyRequestSpec, parse_request
 
-__all__ = ["LazyScheduler", "RequestAccount", "Totals"]
+__all__ = ["LazyScheduler", "LazyAsyncScheduler", "lazy_scheduler", "RequestAccount", "Totals"]
 
 logger = init_logger(__name__)
 
@@ -56,6 +76,7 @@ class RequestAccount:
     document_blocks: int = 0
     document_blocks_hit: int = 0
     prefix_blocks_hit: int = 0
+    max_tokens_cut_to: int | None = None
     admitted: bool = False
 
     def as_dict(self) -> dict:
@@ -64,6 +85,7 @@ class RequestAccount:
             "document_blocks_hit": self.document_blocks_hit,
             "prefix_blocks_hit": self.prefix_blocks_hit,
             "bytes_copied": 0,
+            "max_tokens_cut_to": self.max_tokens_cut_to,
         }
 
 
@@ -86,8 +108,16 @@ class Totals:
         self.prefix_blocks_hit += account.prefix_blocks_hit
 
 
-class LazyScheduler(Scheduler):
-    """vLLM's ``Scheduler`` with per-document block-hash chains; see the module docstring."""
+class _LazyScheduling:
+    """The plugin's scheduling, mixed into vLLM's ``Scheduler`` or ``AsyncScheduler``;
+    see the module docstring."""
+
+    #: Bounds of the document-id registry (:mod:`.registry`); a subclass may change them.
+    max_document_ids = 65536
+    max_document_id_tokens = 1 << 24
+
+    #: Finished requests' counters kept for an ``account`` query, by (salt, tag).
+    max_tagged_accounts = 4096
 
     def __init__(self, vllm_config, kv_cache_config, structured_output_manager, block_size, *args, **kwargs):
         super().__init__(vllm_config, kv_cache_config, structured_output_manager, block_size, *args, **kwargs)
@@ -98,9 +128,10 @@ class LazyScheduler(Scheduler):
         hf = vllm_config.model_config.hf_config
         self._pad_token = _pad_token(hf)
         self._tokenizer = None  # loaded on the first document given as text
-        self._documents_by_id: dict[str, tuple[int, ...]] = {}
-        self._accounts: dict[str, tuple[RequestAccount, RequestPlan | None]] = {}
-        self._refused: list[tuple[Request, str]] = []
+        self.registry = DocumentRegistry(self.max_document_ids, self.max_document_id_tokens)
+        self._accounts: dict[str, tuple[RequestAccount, RequestPlan | None, tuple | None]] = {}
+        self._tagged: OrderedDict[tuple, dict] = OrderedDict()
+        self._answers: list[tuple[Request, dict]] = []  # refusals and registry answers, sent next step
         self.totals = Totals()
 
     # ------------------------------------------------------------------ admission
@@ -109,30 +140,61 @@ class LazyScheduler(Scheduler):
         if request.request_id in self.requests:  # a streaming continuation: vLLM's business
             super().add_request(request)
             return
+        spec = None
         try:
             extra = request.sampling_params.extra_args if request.sampling_params is not None else None
             spec = parse_request(extra)
-            plan = None
+            if isinstance(spec, ControlSpec):
+                self._answers.append((request, self._control(spec, request.cache_salt)))
+                return
+            plan, cut = None, None
             if spec is not None:
-                request, plan = self._lay_out(request, spec)
-        except LazyRequestError as e:
-            logger.warning("lazyattention refused request %s: %s", request.request_id, e)
-            self._refused.append((request, str(e)))
+                request, plan, cut = self._lay_out(request, spec)
+        except Exception as e:  # no request's input may stop the engine: logged, and the client told
+            if isinstance(e, LazyRequestError):
+                message = str(e)
+                logger.warning("lazyattention refused request %s: %s", request.request_id, message)
+            else:
+                message = f"lazyattention could not lay the request out: {type(e).__name__}: {short(str(e), 200)}"
+                logger.exception("lazyattention refused request %s", request.request_id)
+            answer = {"error": message}
+            self._answers.append((request, answer))
+            self._remember(request.cache_salt, getattr(spec, "tag", None), answer)
             self.totals.refused += 1
             return
         account = RequestAccount()
         if plan is not None:
             account.document_blocks = sum(len(plan.document_blocks(d)) for d in range(len(plan.documents)))
-        self._accounts[request.request_id] = (account, plan)
+            account.max_tokens_cut_to = cut
+        tag = (request.cache_salt or "", spec.tag) if spec is not None and spec.tag is not None else None
+        self._accounts[request.request_id] = (account, plan, tag)
         super().add_request(request)
 
-    def _resolve(self, spec: LazyRequestSpec) -> list[tuple[int, ...]]:
-        """The token ids of each named document, registering and looking up ids."""
-        resolved = []
+    def _control(self, spec: ControlSpec, salt: str | None) -> dict:
+        """Answer a registry operation of the tenant ``salt``."""
+        if spec.list_ids:
+            return {"ids": self.registry.ids(salt)}
+        if spec.forget:
+            return {"forgotten": self.registry.forget(salt, spec.forget)}
+        account = self._tagged.pop((salt or "", spec.account), None)
+        if account is None:
+            return {"error": f"no finished request with tag {short(spec.account)} (each tag is answered once)"}
+        return account
+
+    def _remember(self, salt: str | None, tag: str | None, answer: dict) -> None:
+        if tag is None:
+            return
+        self._tagged[(salt or "", tag)] = answer
+        while len(self._tagged) > self.max_tagged_accounts:
+            self._tagged.popitem(last=False)
+
+    def _resolve(self, spec: LazyRequestSpec, salt: str | None) -> list[tuple[int, ...]]:
+        """The token ids of each named document, registering and looking up ids of ``salt``."""
+        resolved, given = [], {}
         for d, doc in enumerate(spec.documents):
             what = f"lazyattention.documents[{d}]"
             if doc.text is not None:
-                tokens = tuple(self._tokenize(doc.text))
+                tokens = tuple(self._tokenize(doc.text, what))
                 if not tokens:
                     raise LazyRequestError(f"{what}.text tokenizes to no tokens")
             elif doc.token_ids is not None:
@@ -141,22 +203,33 @@ class LazyScheduler(Scheduler):
                 if bad:
                     raise LazyRequestError(f"{what}.token_ids: {bad[0]} is outside the vocabulary ({self._vocab_size})")
             else:
-                if doc.id not in self._documents_by_id:
+                tokens = given.get(doc.id) or self.registry.get(salt, doc.id)
+                if tokens is None:
                     raise LazyRequestError(
-                        f"{what}: unknown document id {doc.id!r} (give its 'text' or 'token_ids' once, with the id)"
+                        f"{what}: unknown document id {short(doc.id)} (give its 'text' or 'token_ids' once, with the "
+                        "id, under the same cache_salt)"
                     )
-                tokens = self._documents_by_id[doc.id]
             if doc.id is not None:
-                known = self._documents_by_id.get(doc.id)
+                if doc.id in given and given[doc.id] != tokens:
+                    raise LazyRequestError(
+                        f"{what}: id {short(doc.id)} is given twice in this request, with other content"
+                    )
+                known = self.registry.get(salt, doc.id)
                 if known is not None and known != tokens:
-                    raise LazyRequestError(f"{what}: id {doc.id!r} was given earlier with other content")
+                    raise LazyRequestError(f"{what}: id {short(doc.id)} was given earlier with other content")
+                given[doc.id] = tokens
             resolved.append(tokens)
-        for doc, tokens in zip(spec.documents, resolved, strict=True):  # register only once all are valid
-            if doc.id is not None:
-                self._documents_by_id[doc.id] = tokens
+        if sum(len(t) for t in given.values()) > self.registry.max_tokens:
+            raise LazyRequestError(
+                f"the documents given with ids exceed the registry's {self.registry.max_tokens} tokens"
+            )
+        for doc_id, tokens in given.items():  # register only once all are valid
+            self.registry.put(salt, doc_id, tokens)
         return resolved
 
-    def _lay_out(self, request: Request, spec: LazyRequestSpec) -> tuple[Request, RequestPlan]:
+    def _lay_out(self, request: Request, spec: LazyRequestSpec) -> tuple[Request, RequestPlan, int | None]:
+        """The request laid out with its documents, its plan, and ``max_tokens`` if the
+        length bound cut it (else None)."""
         params = request.sampling_params
         if request.prompt_token_ids is None or request.prompt_embeds is not None:
             raise LazyRequestError("requests with documents need prompt token ids, not prompt embeddings")
@@ -168,7 +241,7 @@ class LazyScheduler(Scheduler):
             raise LazyRequestError("streaming-input sessions cannot name documents")
         if request.lora_request is not None:
             raise LazyRequestError("LoRA requests cannot name documents")
-        tokens = self._resolve(spec)
+        tokens = self._resolve(spec, request.cache_salt)
 
         S = self.block_size
         starts, running = [], 0
@@ -211,7 +284,10 @@ class LazyScheduler(Scheduler):
                 f"{logical_end - 1}; at least one position must remain for the output"
             )
         params = params.clone()
-        params.max_tokens = min(params.max_tokens, limit - max(len(sequence), logical_end))
+        allowed, cut = limit - max(len(sequence), logical_end), None
+        if params.max_tokens > allowed:
+            logger.info("lazyattention cut max_tokens of %s to %d (length bound)", request.request_id, allowed)
+            params.max_tokens = cut = allowed
         params.extra_args = {**(params.extra_args or {}), PLAN_FIELD: plan.to_dict()}
         laid_request = Request(
             request_id=request.request_id,
@@ -225,14 +301,17 @@ class LazyScheduler(Scheduler):
             trace_headers=request.trace_headers,
             block_hasher=self._plan_hasher(plan, request.cache_salt),
         )
-        return laid_request, plan
+        return laid_request, plan, cut
 
-    def _tokenize(self, text: str) -> list[int]:
+    def _tokenize(self, text: str, what: str) -> list[int]:
         if self._tokenizer is None:
             from vllm.tokenizers.registry import cached_tokenizer_from_config
 
             self._tokenizer = cached_tokenizer_from_config(self.vllm_config.model_config)
-        return list(self._tokenizer.encode(text, add_special_tokens=False))
+        try:
+            return list(self._tokenizer.encode(text, add_special_tokens=False))
+        except Exception as e:  # the tokenizer's own errors name no field
+            raise LazyRequestError(f"{what}.text cannot be tokenized: {type(e).__name__}: {short(str(e))}") from None
 
     # ------------------------------------------------------------------ hashing
 
@@ -298,7 +377,7 @@ class LazyScheduler(Scheduler):
             entry = self._accounts.get(new.req_id)
             if entry is None or entry[0].admitted:
                 continue
-            account, plan = entry
+            account, plan, _ = entry
             account.admitted = True
             hit_blocks = new.num_computed_tokens // self.block_size
             if plan is None:
@@ -319,24 +398,59 @@ class LazyScheduler(Scheduler):
         outputs = super().update_from_output(scheduler_output, model_runner_output)
         for client_outputs in outputs.values():
             for out in client_outputs.outputs:
-                if out.finish_reason is None or out.request_id not in self._accounts:
+                entry = self._accounts.get(out.request_id)
+                if entry is None:
                     continue
-                account, _ = self._accounts.pop(out.request_id)
+                if out.prefill_stats is not None and entry[1] is not None:
+                    _count_prompt_only(out.prefill_stats, entry[1])
+                if out.finish_reason is None:
+                    continue
+                account, _, tag = self._accounts.pop(out.request_id)
                 self.totals.add(account)
-                out.kv_transfer_params = {**(out.kv_transfer_params or {}), FIELD: account.as_dict()}
-        for request, message in self._refused:
+                counters = account.as_dict()
+                out.kv_transfer_params = {**(out.kv_transfer_params or {}), FIELD: counters}
+                if tag is not None:
+                    self._remember(tag[0], tag[1], counters)
+        for request, answer in self._answers:
             refusal = EngineCoreOutput(
                 request_id=request.request_id,
                 new_token_ids=[],
                 finish_reason=FinishReason.ABORT,
-                kv_transfer_params={FIELD: {"error": message}},
+                kv_transfer_params={FIELD: answer},
             )
             outputs.setdefault(request.client_index, EngineCoreOutputs()).outputs.append(refusal)
-        self._refused.clear()
+        self._answers.clear()
         return outputs
 
     def has_requests(self) -> bool:
-        return bool(self._refused) or super().has_requests()
+        return bool(self._answers) or super().has_requests()
+
+
+class LazyScheduler(_LazyScheduling, Scheduler):
+    """vLLM's ``Scheduler`` with per-document block-hash chains; see the module docstring."""
+
+
+class LazyAsyncScheduler(_LazyScheduling, AsyncScheduler):
+    """vLLM's ``AsyncScheduler`` with per-document block-hash chains; see the module docstring."""
+
+
+def lazy_scheduler(vllm_config, *args, **kwargs):
+    """The ``scheduler_cls`` of :func:`~.plugin.engine_args`: :class:`LazyAsyncScheduler`
+    where vLLM chose async scheduling, else :class:`LazyScheduler`."""
+    cls = LazyAsyncScheduler if vllm_config.scheduler_config.async_scheduling else LazyScheduler
+    return cls(vllm_config, *args, **kwargs)
+
+
+def _count_prompt_only(stats, plan: RequestPlan) -> None:
+    """Make vLLM's prefill counts those of the client's prompt: the documents' tokens
+    precede it in vLLM's sequence and are not prompt tokens."""
+    own = plan.own_vllm_start
+    stats.num_prompt_tokens = max(0, stats.num_prompt_tokens - own)
+    stats.num_local_cached_tokens = max(0, stats.num_local_cached_tokens - own)
+    stats.num_external_cached_tokens = 0
+    stats.num_cached_tokens = stats.num_local_cached_tokens
+    stats.num_computed_tokens = stats.num_prompt_tokens - stats.num_cached_tokens
+    stats.num_cache_creation_tokens = max(0, stats.num_cache_creation_tokens - own)
 
 
 def _pad_token(hf_config) -> int:
@@ -352,6 +466,12 @@ def _pad_token(hf_config) -> int:
 
 def _check_config(vllm_config, block_size: int, hash_block_size: int) -> None:
     """Refuse configurations the plugin cannot serve, naming the setting."""
+    check_vllm_version(vllm.__version__)
+    if vllm_config.device_config.device_type == "cuda" and vllm_config.use_v2_model_runner:
+        raise ValueError(
+            "lazyattention's GPU worker runs with vLLM's V1 model runner (its builder reads the runner's "
+            "input batch): start the server with VLLM_USE_V2_MODEL_RUNNER=0"
+        )
     cache = vllm_config.cache_config
     if not cache.enable_prefix_caching:
         raise ValueError("LazyScheduler needs prefix caching: drop --no-enable-prefix-caching")

