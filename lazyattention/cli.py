@@ -32,6 +32,14 @@ from lazyattention.serving.model import MODEL_SHAPES
 
 __all__ = ["build_parser", "main", "parse_args"]
 
+#: What ``demo --backend fast --device cpu`` says before it starts: the Triton interpreter
+#: runs every kernel instance in Python, so the demo takes many minutes.
+INTERPRETED_DEMO = (
+    "lazyattention demo: the Triton kernels run under the interpreter (TRITON_INTERPRET=1), one Python call per "
+    "kernel instance: this takes many minutes (--backend reference runs the same demo far sooner). "
+    "Each part and each answer prints when it is done."
+)
+
 #: ``run_bench``'s defaults, shown by ``lazyattention bench --help``.
 BENCH_DEFAULTS = {k: p.default for k, p in inspect.signature(run_bench).parameters.items()}
 
@@ -55,17 +63,23 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 # --------------------------------------------------------------------------- value types
 
 
-def _integer(low: int):
+def _integer(low: int, high: int | None = None):
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if high is not None and not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be an integer in [{low}, {high}], got {text!r}")
         if value < low:
             raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text!r}")
         return value
 
     return parse
+
+
+#: The largest ``--seed``: seeds feed torch generators (64-bit), some as ``seed + 1``.
+MAX_SEED = 2**63 - 1
 
 
 def _number(positive: bool, allow_inf: bool = False):
@@ -138,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_HelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {lazyattention.__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,bench}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,bench,check}")
     for name, help_text in (
         ("demo", "show the semantics, document reuse and the strategies side by side"),
         ("bench", "run the workload under every strategy; write a table, JSON and a plot"),
@@ -157,7 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
             default=None,
             help="cpu, cuda or cuda:N (default: cpu, but cuda for --backend fast unless TRITON_INTERPRET=1)",
         )
-        p.add_argument("--seed", type=_integer(0), metavar="N", default=0, help="seeds the weights and the data")
+        p.add_argument(
+            "--seed", type=_integer(0, MAX_SEED), metavar="N", default=0, help="seeds the weights and the data"
+        )
 
     d = BENCH_DEFAULTS
     p = sub.choices["bench"]
@@ -301,6 +317,8 @@ def main(argv: list[str] | None = None) -> int:
 
             return run_check(args.backend, args.profile, args.functions, args.device)
         if args.command == "demo":
+            if args.backend == "fast" and args.device == "cpu":
+                print(INTERPRETED_DEMO, file=sys.stderr, flush=True)
             return run_demo(args.backend, args.device, args.seed)
         params = {k: v for k, v in vars(args).items() if k in BENCH_DEFAULTS}
         run_bench(**params, progress=not args.quiet)

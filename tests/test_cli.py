@@ -15,6 +15,7 @@ import textwrap
 import pytest
 
 import lazyattention
+from lazyattention.bench import check_size
 from lazyattention.cli import BENCH_DEFAULTS, main, parse_args
 from lazyattention.serving.engine import STRATEGIES
 
@@ -81,6 +82,8 @@ BAD_FLAGS = [
     (["demo", "--backend", "nope"], "--backend", "'nope'"),
     (["demo", "--device", "mps"], "--device", "'mps'"),
     (["demo", "--seed", "-1"], "--seed", "'-1'"),
+    (["demo", "--seed", "99999999999999999999999"], "--seed", "'99999999999999999999999'"),
+    (["bench", "--seed", str(2**63)], "--seed", f"'{2**63}'"),
 ]
 
 
@@ -215,3 +218,126 @@ def test_bench_smoke_run(quiet, tmp_path, capsys):
         assert "warm-up: lazy" in captured.err and "skew: alpha=1 budget=1 lazy" in captured.err
         assert "/3 [" in captured.err and "req/s" in captured.err  # 3 requests per run
         assert "building the tiny model" in captured.err
+
+
+def test_the_usage_line_names_every_command(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "{demo,bench,check}" in err
+
+
+def test_a_sweep_too_large_for_memory_is_refused_before_any_work(tmp_path, capsys):
+    assert main(["bench", *TINY, "--doc-len", "1000000000", "--out", str(tmp_path)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("lazyattention bench: error: this sweep needs about"), lines
+    assert "lower --documents, --doc-len" in lines[0]
+
+
+def test_size_check_counts_the_pool_and_the_workload():
+    sizes = dict(requests=1000, documents=10, doc_len=1000, docs_per_request=2, query_len=8, output_len=4)
+    args = ("tiny", "cpu", "float32", *sizes.values(), [0.5, 1.0], 1.0, 16)
+    per_run = check_size(*args, free=lambda device: 10**12)
+    assert per_run == 1000 * (2 * 1000 + 8 + 4)
+    with pytest.raises(ValueError, match=r"needs about .* GB on cpu .* and 0.0 GB is free"):
+        check_size(*args, free=lambda device: 10**6)
+    # ten times the documents need about ten times the memory
+    small = _needed(args)
+    large = _needed(("tiny", "cpu", "float32", 1000, 100, 1000, 2, 8, 4, [0.5, 1.0], 1.0, 16))
+    assert 5 * small < large < 15 * small
+
+
+def _needed(args) -> int:
+    """The bytes ``check_size`` asks for: the largest ``free`` it refuses."""
+    low, high = 0, 10**15
+    while low < high:
+        mid = (low + high) // 2
+        try:
+            check_size(*args, free=lambda device, mid=mid: mid)
+            high = mid
+        except ValueError:
+            low = mid + 1
+    return low
+
+
+def test_ctrl_c_keeps_the_finished_runs(tmp_path, monkeypatch, capsys):
+    import lazyattention.bench as bench
+
+    real, calls = bench.run_sweep, []
+
+    def interrupted_after_one(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 1:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bench, "run_sweep", interrupted_after_one)
+    argv = [*TINY[:-4], "--alphas", "0,1", "--budgets", "1", "--strategies", "lazy", "--quiet"]
+    assert main(["bench", *argv, "--out", str(tmp_path)]) == 130
+    result = json.loads((tmp_path / "engine.json").read_text())
+    assert result["interrupted"] is True
+    assert [(r["sweep"], r["alpha"]) for r in result["runs"]] == [("skew", 0.0)]
+    err = capsys.readouterr().err
+    assert "the 1 finished runs are in" in err and "interrupted" in err.splitlines()[-1]
+
+
+def test_the_interpreted_demo_says_it_is_slow_before_it_starts(monkeypatch, capsys):
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr("lazyattention.cli.run_demo", lambda *a: print("demo ran") or 0)
+    assert main(["demo", "--backend", "fast", "--device", "cpu"]) == 0
+    captured = capsys.readouterr()
+    assert "interpreter" in captured.err and "many minutes" in captured.err and "demo ran" in captured.out
+
+
+def test_the_reference_check_speaks_of_the_reference():
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+    argv = ["check", "--backend", "reference", "--functions", "lazy_decode", "--device", "cpu"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "lazyattention.cli", *argv], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr
+    first = proc.stdout.splitlines()[0]
+    assert "backend=reference" in first and "small cases" in first and "Triton" not in proc.stdout
+    assert proc.stderr == "", "nothing but the summary: no warnings beside ok"
+
+
+def test_a_plain_install_says_what_to_install_for_the_real_model_demo():
+    script = textwrap.dedent(
+        """
+        import importlib.util, sys
+        sys.modules["transformers"] = None
+        real = importlib.util.find_spec
+        importlib.util.find_spec = lambda name, *a: None if name == "transformers" else real(name, *a)
+        from lazyattention.rag_demo import run_rag_demo
+        try:
+            run_rag_demo("reference", "cpu")
+        except ImportError as exc:
+            print(f"skipped: {exc}")
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert "skipped:" in proc.stdout and "pip install 'lazyattention[transformers]'" in proc.stdout, proc
+
+
+def test_warnings_while_checking_are_named_in_the_summary(monkeypatch, capsys):
+    import warnings
+
+    import lazyattention.testing.properties as properties
+    from lazyattention.testing.check import run_check
+
+    def overflowing(*args):
+        warnings.warn("overflow encountered in scalar add", RuntimeWarning, stacklevel=1)
+        return 0.25
+
+    monkeypatch.setattr(properties, "differential", overflowing)
+    monkeypatch.setattr(properties, "shift_invariance", overflowing)
+    lines = []
+    assert run_check("reference", "ci", ["lazy_decode"], "cpu", say=lines.append) == 0
+    assert capsys.readouterr().err == ""
+    summary = "\n".join(lines)
+    assert "lazy_decode: 10 warning(s) while checking; RuntimeWarning: overflow encountered in scalar add" in summary
+    assert "ok" in summary and "Triton" not in summary

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 
 from lazyattention.backends import BACKENDS, get_backend
@@ -39,12 +40,12 @@ class Summary:
     notes: list[str] = field(default_factory=list)
 
 
-def _prepare(device: str | None) -> str:
-    """The device to use; on a CPU, the Triton interpreter (set before Triton loads)."""
+def _prepare(device: str | None, backend: str) -> str:
+    """The device to use; on a CPU, for the Triton kernels, the interpreter (set before Triton loads)."""
     import torch
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    if backend == "fast" and device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         if "triton" in sys.modules:
             raise RuntimeError("checking on the CPU needs TRITON_INTERPRET=1 set before Triton is imported")
         os.environ["TRITON_INTERPRET"] = "1"
@@ -88,11 +89,18 @@ def check_function(backend_name: str, name: str, examples: int, device: str, der
         if summary.examples % max(1, examples // 5) == 0:
             say(f"  {name}: {summary.examples} examples, worst error/bound {summary.worst:.3f}")
 
-    try:
-        prop()
-    except Exception as exc:  # the falsifying example: shrunk, the last one run
-        summary.failure = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
-        summary.reproduce = _reproduce(backend_name, name, last, device)
+    # Warnings raised while checking (numpy's integer-overflow warnings of the Triton
+    # interpreter among them) are collected and named once in the summary, not printed
+    # between the progress lines.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            prop()
+        except Exception as exc:  # the falsifying example: shrunk, the last one run
+            summary.failure = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+            summary.reproduce = _reproduce(backend_name, name, last, device)
+    kinds = sorted({f"{w.category.__name__}: {str(w.message).splitlines()[0][:120]}" for w in caught})
+    summary.notes += [f"{len(caught)} warning(s) while checking; {k}" for k in kinds[:1]] + kinds[1:3]
     summary.seconds = time.perf_counter() - start
     return summary
 
@@ -134,7 +142,7 @@ def run_check(
         import hypothesis  # noqa: F401
     except ImportError as exc:
         raise RuntimeError("lazyattention check needs Hypothesis: pip install 'lazyattention[testing]'") from exc
-    device = _prepare(device)
+    device = _prepare(device, backend)
     from .properties import FUNCTIONS
 
     chosen = list(functions or FUNCTIONS)
@@ -142,7 +150,7 @@ def run_check(
     if unknown:
         raise ValueError(f"unknown function {unknown[0]!r}; choose from {', '.join(FUNCTIONS)}")
     examples = PROFILES[profile]
-    sizes = "serving-sized" if device != "cpu" else "small, Triton interpreter"
+    sizes = "serving-sized" if device != "cpu" else "small" if backend != "fast" else "small, Triton interpreter"
     say(f"lazyattention check: backend={backend} profile={profile} device={device} ({sizes} cases), "
         f"{examples} examples per function")  # fmt: skip
     summaries = []
@@ -154,6 +162,9 @@ def run_check(
     for s in summaries:
         verdict = "FAIL" if s.failure else "ok"
         say(f"{s.function:16} {s.examples:8d} {s.worst:16.3f}  {s.where:20} {s.seconds:6.1f}s  {verdict}")
+    for s in summaries:
+        for line in s.notes:
+            say(f"  {s.function}: {line}")
     failed = [s for s in summaries if s.failure]
     for s in failed:
         say("")
