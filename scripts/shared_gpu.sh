@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Shared-segment decode on a CUDA machine, in one call of at most ~5 minutes:
 #   1. tests/fast/test_shared.py compiled at realistic shapes (LAZYATTN_GPU_SUITE=1), over
-#      8 pytest workers, and beside it the runner's compiled test of Engine(shared_decode=2)
+#      8 pytest workers, and beside it the runner's compiled test of Engine(shared_decode_min_requests=2)
 #      next to CUDA-graph replay (tests/serving/test_runner.py);
 #   2. FlashInfer from wheels in .whl/ when they are there (for the cascade provider);
 #   3. benchmarks/shared_decode.py (parity first, then CUDA-graph timing), given what is

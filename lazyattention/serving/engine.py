@@ -14,6 +14,21 @@ paged blocks of ``block_size`` tokens. One concern per file:
   :class:`~lazyattention.serving.model.StepInputs` on the host, has the
   :class:`~lazyattention.serving.runner.ModelRunner` run it, and applies the tokens.
 
+**The host runs one step ahead of the device** (``overlap=True``, the default). A step
+is launched, and while it runs the host takes in the previous step's tokens (the one
+wait of a step: its sampled tokens, copied back without blocking the stream) and
+schedules and builds the next step. That is possible because nothing the scheduler
+decides depends on a token's value: how many tokens a request has (hence its blocks,
+whether it is done) is known at launch, and a decode step's input token that the host
+has not yet seen is taken on the device from the previous step's sampled tokens
+(:class:`~lazyattention.serving.runner.CarriedTokens`). All bookkeeping — sealing
+prefilled documents, finishing requests, giving blocks back — happens at launch; the
+device's stream order keeps a block given back from being rewritten before the
+launched step has read it. A request's tokens land in ``output`` (and its
+``first_token_time`` and ``finish_time`` are taken) when they reach the host; until
+then they are ``pending``. A preempted request is re-admitted no earlier than the next
+step, by which time its tokens have landed, so it recomputes known tokens.
+
 A step is a **prefill step** — segment prefills (a missing document encoded alone) and
 request prefills (a request's own tokens over its documents, a resumed request's
 included), plus Block-Attention's copies — or a **decode step**: one token per running
@@ -52,7 +67,7 @@ engine's tests check exactly that.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -61,7 +76,7 @@ from lazyattention.reference.layout import Layout, Placement, RequestLayout
 
 from .model import Model, StepInputs
 from .request import Request, RequestStatus
-from .runner import ModelRunner
+from .runner import CarriedTokens, ModelRunner
 from .scheduler import Batch, Scheduler
 from .strategies import STRATEGIES, Strategy, blocks_needed, get_strategy
 
@@ -105,12 +120,15 @@ class Engine:
             fast backend; see :class:`~lazyattention.serving.runner.ModelRunner`).
         debug: check every layer's cache write (a host synchronisation per layer on a
             GPU) instead of once per step; the tests turn it on.
-        shared_decode: the fewest requests of a decode step that must read one
-            segment for the step to run shared-segment decode (each such segment read
-            once for the batch, :mod:`lazyattention.fast.shared`); ``None`` (default):
-            off. Those steps run eagerly, outside CUDA graphs; other steps keep them.
-            Needs the fast backend and a strategy whose cache is rotated (not
-            ``raw_cache``).
+        shared_decode_min_requests: the threshold of shared-segment decode: the
+            fewest requests of a decode step that must read one segment for the step
+            to read that segment once for all of them (the backend's shared-segment
+            decode, :class:`~lazyattention.backends.SharedDecode`); ``None`` (default):
+            off. Such steps replay CUDA graphs like the others. Needs a backend that
+            has it (fast) and a strategy whose cache is rotated (not ``raw_cache``).
+        overlap: run the host one step ahead of the device (see the module
+            docstring). ``False``: each :meth:`step` waits for its own tokens and
+            returns the requests it finished.
 
     Example:
         >>> from lazyattention.serving.model import Model, ModelConfig
@@ -134,12 +152,14 @@ class Engine:
         *,
         cuda_graphs: bool | None = None,
         debug: bool = False,
-        shared_decode: int | None = None,
+        shared_decode_min_requests: int | None = None,
+        overlap: bool = True,
     ):
         self.strategy = get_strategy(strategy)
-        if shared_decode is not None and self.strategy.raw:
+        if shared_decode_min_requests is not None and self.strategy.raw:
             raise ValueError(
-                f"shared_decode is for a rotated cache; strategy {self.strategy.name!r} stores keys unrotated"
+                "shared_decode_min_requests is for a rotated cache; "
+                f"strategy {self.strategy.name!r} stores keys unrotated"
             )
         for name, value in (("max_batch_tokens", max_batch_tokens), ("max_num_seqs", max_num_seqs)):
             if not isinstance(value, int) or value <= 0:
@@ -149,13 +169,21 @@ class Engine:
         self.pool = BlockPool(num_blocks)
         self.store = SegmentStore(self.pool, block_size)
         self.cache = model.new_cache(num_blocks, block_size)
-        self.runner = ModelRunner(model, self.cache, cuda_graphs=cuda_graphs, debug=debug, shared_decode=shared_decode)
+        self.runner = ModelRunner(
+            model,
+            self.cache,
+            cuda_graphs=cuda_graphs,
+            debug=debug,
+            shared_decode_min_requests=shared_decode_min_requests,
+        )
         self.scheduler = Scheduler(self.strategy, self.store, max_num_seqs, max_batch_tokens)
         self.keep_logits = keep_logits
         self.stats = EngineStats()
         self.finished: list[Request] = []
         self._requests: dict[int, Request] = {}  # waiting and running, by id
         self._next_id = 0
+        self.overlap = overlap
+        self._in_flight: _InFlight | None = None  # the launched step whose tokens are not on the host yet
 
     @property
     def waiting(self):
@@ -235,28 +263,31 @@ class Engine:
         return req
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        """Requests waiting or running, or a launched step whose tokens have not landed
+        (unless all its requests were aborted)."""
+        flight = self._in_flight
+        landing = flight is not None and any(r.status is not RequestStatus.ABORTED for r in flight.requests)
+        return bool(self.waiting or self.running or landing)
 
     def step(self) -> list[Request]:
-        """Run one prefill or decode step; return the requests that finished."""
+        """Launch one prefill or decode step, then take in the tokens of the step
+        before it (``overlap``) or of this one; return the requests whose last token
+        thereby landed."""
         batch = self.scheduler.schedule()
         self.stats.preemptions += len(batch.preempted)
         for req in batch.prefills:
             if req.preemptions == 0:  # hits count once per request, at its first admission
                 self.stats.hits += req.hits
                 self.stats.lookups += req.lookups
-        if not batch:
-            if self.has_work():  # cannot happen: every request fits the budget alone
-                raise RuntimeError(f"no request can run: {len(self.waiting)} waiting, {len(self.running)} running")
-            return []
-        self.stats.peak_blocks = max(self.stats.peak_blocks, self.pool.num_used)
-        ids, step = self._prefill_inputs(batch) if batch.prefills else self._decode_inputs(batch.decodes)
-        logits = self.runner.run(ids, step)
-        next_tokens = logits.argmax(-1).tolist()  # .tolist() synchronises the device
-        self.stats.steps += 1
-        self.stats.decode_steps += not batch.prefills
-        self.stats.forward_tokens += len(ids)
-        return self._apply(batch, next_tokens, logits)
+        if not batch and (self.waiting or self.running):  # cannot happen: every request fits the budget alone
+            raise RuntimeError(f"no request can run: {len(self.waiting)} waiting, {len(self.running)} running")
+        launched = self._launch(batch) if batch else None
+        done = self._land(self._in_flight) if self._in_flight is not None else []
+        self._in_flight = launched
+        if not self.overlap and launched is not None:
+            done += self._land(launched)
+            self._in_flight = None
+        return done
 
     def run_until_done(self) -> list[Request]:
         """Step until every queued request finished; return them in finishing order."""
@@ -273,7 +304,7 @@ class Engine:
         Returns the generated token ids.
         """
         req = self.add_request(query_ids, documents, max_new_tokens)
-        while not req.done:
+        while not req.done or req.pending:
             self.step()
         return list(req.output)
 
@@ -342,15 +373,25 @@ class Engine:
             self.stats.bytes_copied += step.copy_src.numel() * self.cache.bytes_per_block // s
         return torch.tensor(ids), step
 
-    def _decode_inputs(self, decodes: list[Request]) -> tuple[torch.Tensor, StepInputs]:
-        """One token per request: its last output, written at its next own slot."""
+    def _decode_inputs(self, decodes: list[Request]) -> tuple[torch.Tensor, StepInputs, CarriedTokens | None]:
+        """One token per request: its last token, written at its next own slot. A
+        token still pending is carried from the step in flight, on the device."""
         s = self.block_size
-        entries, slots, positions = [], [], []
+        entries, slots, positions, ids, rows = [], [], [], [], []
+        flight = self._in_flight
         for req in decodes:
             own = req.own_placement(s)
             entries.append(RequestLayout(tuple(req.placements), own, num_queries=1))
             slots.append(own.slots(s, first=own.length - 1))
             positions.append(own.stored_start + own.length - 1)
+            if req.pending:
+                if req.pending != 1 or flight is None or req.id not in flight.rows:
+                    raise RuntimeError(f"request {req.id}: {req.pending} pending token(s), not from the step in flight")
+                ids.append(0)
+                rows.append(flight.rows[req.id])
+            else:
+                ids.append(req.output[-1])
+                rows.append(-1)
         step = StepInputs(
             slots=torch.cat(slots),
             positions=torch.tensor(positions),
@@ -358,28 +399,93 @@ class Engine:
             raw=self.strategy.raw,
             logit_rows=torch.arange(len(decodes)),
         )
-        return torch.tensor([req.output[-1] for req in decodes]), step
+        carried = CarriedTokens(torch.tensor(rows), flight.tokens) if max(rows) >= 0 else None
+        return torch.tensor(ids), step, carried
 
-    def _apply(self, batch: Batch, next_tokens: list[int], logits: torch.Tensor) -> list[Request]:
-        now = time.perf_counter()
+    def _launch(self, batch: Batch) -> _InFlight:
+        """Run the batch's step on the device and do its bookkeeping now: sealed
+        documents, finished requests' blocks given back (the stream runs this step
+        before anything that could rewrite them). Its tokens land later."""
+        self.stats.peak_blocks = max(self.stats.peak_blocks, self.pool.num_used)
+        if batch.prefills:
+            ids, step = self._prefill_inputs(batch)
+            carried = None
+        else:
+            ids, step, carried = self._decode_inputs(batch.decodes)
+        logits = self.runner.run(ids, step, carried)
+        tokens = logits.argmax(-1)
+        keep = logits[: len(batch.prefills)] if self.keep_logits and batch.prefills else None
+        flight = _InFlight(
+            requests=batch.prefills + batch.decodes,
+            prefills=len(batch.prefills),
+            tokens=tokens,
+            host_tokens=_to_host(tokens),
+            first_logits=None if keep is None else _to_host(keep),
+            landed=torch.cuda.Event() if tokens.is_cuda else None,
+        )
+        if flight.landed is not None:
+            flight.landed.record()
+        self.stats.steps += 1
+        self.stats.decode_steps += not batch.prefills
+        self.stats.forward_tokens += len(ids)
         for job in batch.segment_prefills:
             self.store.seal(job.segment)
-        for i, req in enumerate(batch.prefills):
-            if req.first_token_time is None:  # not a resumed request
-                req.first_token_time = now
-                if self.keep_logits:
-                    req.first_logits = logits[i].cpu()
+        for req in batch.prefills:
             self.scheduler.prefilled(req)
-        done = []
-        for req, token in zip(batch.prefills + batch.decodes, next_tokens, strict=True):
-            req.output.append(token)
+        for req in flight.requests:
+            req.pending += 1
             if req.done:
                 self.scheduler.finish(req)
                 del self._requests[req.id]
+        return flight
+
+    def _land(self, flight: _InFlight) -> list[Request]:
+        """Take in a launched step's tokens (waiting for that step only); return the
+        requests whose last token this was."""
+        if flight.landed is not None:
+            flight.landed.synchronize()
+        now = time.perf_counter()
+        done = []
+        for i, (req, token) in enumerate(zip(flight.requests, flight.host_tokens.tolist(), strict=True)):
+            req.output.append(token)
+            req.pending -= 1
+            if i < flight.prefills and req.first_token_time is None:  # not a resumed request
+                req.first_token_time = now
+                if flight.first_logits is not None:
+                    req.first_logits = flight.first_logits[i]
+            if req.status is RequestStatus.FINISHED and not req.pending:
                 req.finish_time = now
                 self.finished.append(req)
                 done.append(req)
         return done
+
+
+@dataclass
+class _InFlight:
+    """A launched step: its requests in row order (prefills first), its sampled tokens
+    on the device and their copy on the way to the host, and the event that marks the
+    copy done (``None`` off CUDA, where the copy is synchronous)."""
+
+    requests: list[Request]
+    prefills: int
+    tokens: torch.Tensor
+    host_tokens: torch.Tensor
+    first_logits: torch.Tensor | None
+    landed: torch.cuda.Event | None
+    rows: dict[int, int] = field(init=False)  # request id -> row
+
+    def __post_init__(self) -> None:
+        self.rows = {req.id: i for i, req in enumerate(self.requests)}
+
+
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    """A host copy of ``t``: on CUDA into pinned memory without blocking (ready when
+    an event recorded after it completes)."""
+    if not t.is_cuda:
+        return t.clone()
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    return host
 
 
 def _token_list(tokens, what: str, vocab_size: int) -> list[int]:

@@ -44,6 +44,7 @@ class Request:
     max_new_tokens: int
     arrival: float
     output: list[int] = field(default_factory=list)
+    pending: int = 0  # tokens sampled on the device, not yet in output
     status: RequestStatus = RequestStatus.WAITING
     first_token_time: float | None = None
     finish_time: float | None = None
@@ -66,16 +67,23 @@ class Request:
 
     @property
     def own_tokens(self) -> list[int]:
-        """The tokens it computes itself: ``own_prefix + query + output``."""
+        """The tokens it computes itself: ``own_prefix + query + output``.
+
+        Raises:
+            RuntimeError: a token is still pending (its value is on the device).
+        """
+        if self.pending:
+            raise RuntimeError(f"request {self.id}: {self.pending} sampled token(s) have not reached the host yet")
         return self.own_prefix + self.query + self.output
 
     @property
     def num_own(self) -> int:
-        return len(self.own_prefix) + len(self.query) + len(self.output)
+        return len(self.own_prefix) + len(self.query) + len(self.output) + self.pending
 
     @property
     def done(self) -> bool:
-        return len(self.output) >= self.max_new_tokens
+        """All ``max_new_tokens`` tokens are sampled (some may still be pending)."""
+        return len(self.output) + self.pending >= self.max_new_tokens
 
     def own_placement(self, block_size: int, length: int | None = None) -> Placement:
         """Its own tokens ``0..length-1`` (all of them by default), stored where they

@@ -16,6 +16,11 @@ The model runs in float64: batching changes matmul shapes, and a preempted reque
 recomputes in a prefill what it had computed in decodes; in float32 such rounding
 differences can flip a greedy near-tie, in float64 they stay ~1e-15, far below any gap
 between the top two logits of a random model.
+
+The same machine runs on the fast backend with shared-segment decode on (its threshold
+drawn; under ``TRITON_INTERPRET=1`` in a fresh process without CUDA), in float32 (the
+kernels' widest dtype), against the same request served alone through the per-request
+decode: fewer examples outside the nightly profile, since the interpreter is slow.
 """
 
 from __future__ import annotations
@@ -59,12 +64,12 @@ def _tokens(g: torch.Generator, n: int) -> list[int]:
 _ALONE: dict = {}
 
 
-def _serve_alone(strategy, block_size, query, docs, new):
+def _serve_alone(strategy, block_size, query, docs, new, model=MODEL64):
     """The request served alone on an empty engine with room for everything (cached:
     the engine is deterministic)."""
-    key = (str(strategy), block_size, tuple(query), tuple(map(tuple, docs)), new)
+    key = (id(model), str(strategy), block_size, tuple(query), tuple(map(tuple, docs)), new)
     if key not in _ALONE:
-        engine = Engine(MODEL64, strategy, num_blocks=256, block_size=block_size, keep_logits=True)
+        engine = Engine(model, strategy, num_blocks=256, block_size=block_size, keep_logits=True)
         req = engine.add_request(query, docs, new)
         engine.run_until_done()
         assert engine.stats.preemptions == 0
@@ -74,6 +79,12 @@ def _serve_alone(strategy, block_size, query, docs, new):
 
 class EngineMachine(RuleBasedStateMachine):
     """Requests added, stepped and aborted in any interleaving, under a tight budget."""
+
+    model = MODEL64
+
+    def options(self, strategy: str, threshold: int) -> dict:
+        """Engine options besides the budget (the shared-decode machine adds its own)."""
+        return {}
 
     @initialize(
         strategy=st.sampled_from(STRATEGIES),
@@ -92,15 +103,16 @@ class EngineMachine(RuleBasedStateMachine):
         max_num_seqs=st.integers(1, 4),
         max_batch_tokens=st.sampled_from([1, 8, 64]),
         seed=st.integers(0, 2**16),
+        threshold=st.integers(1, 3),  # shared-segment decode's (the shared-decode machine)
     )
-    def setup(self, strategy, block_size, doc_lengths, shapes, slack, max_num_seqs, max_batch_tokens, seed):
+    def setup(self, strategy, block_size, doc_lengths, shapes, slack, max_num_seqs, max_batch_tokens, seed, threshold):
         g = torch.Generator().manual_seed(seed)
         docs = [_tokens(g, n) for n in doc_lengths]
         self.shapes = [(_tokens(g, q), [docs[i % len(docs)] for i in order], new) for order, q, new in shapes]
         self.strategy, self.block_size = strategy, block_size
         biggest = max(blocks_needed(strategy, block_size, *shape) for shape in self.shapes)
         self.engine = Engine(
-            MODEL64,
+            self.model,
             strategy,
             num_blocks=biggest + slack,
             block_size=block_size,
@@ -108,9 +120,11 @@ class EngineMachine(RuleBasedStateMachine):
             max_batch_tokens=max_batch_tokens,
             debug=True,  # every layer checks its cache write
             keep_logits=True,
+            **self.options(strategy, threshold),
         )
         self.requests = []  # (request, shape) in the order they were added
         note(f"{strategy} S={block_size} budget={biggest + slack} docs={doc_lengths} shapes={shapes}")
+        note(f"options: {self.options(strategy, threshold)}")
 
     @rule(i=st.integers(0, 3))
     def add(self, i):
@@ -157,18 +171,88 @@ class EngineMachine(RuleBasedStateMachine):
             if req.status is RequestStatus.ABORTED:
                 continue
             assert req.status is RequestStatus.FINISHED
-            alone = _serve_alone(self.strategy, self.block_size, *shape)
+            alone = _serve_alone(self.strategy, self.block_size, *shape, model=self.model)
             assert req.output == alone.output, f"request {req.id}: batched {req.output} != alone {alone.output}"
-            worst = max(
-                worst,
-                assert_close(req.first_logits, alone.first_logits, None, torch.float64, f"request {req.id} logits"),
-            )
+            dtype = self.model.dtype
+            first, alone_first = req.first_logits, alone.first_logits
+            worst = max(worst, assert_close(first, alone_first, None, dtype, f"request {req.id} logits"))
         target(worst, label="batched vs alone logits")
 
 
 _LIVE = (RequestStatus.WAITING, RequestStatus.RUNNING)
 EngineMachine.TestCase.settings = settings(settings(), stateful_step_count=30)
 test_engine_under_adds_steps_and_aborts = EngineMachine.TestCase
+
+FAST_HERE = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+NIGHTLY = os.environ.get("HYPOTHESIS_PROFILE") == "nightly"
+
+
+def _fast_model() -> Model:
+    """``MODEL64``'s weights on the fast backend, in float32 (on CUDA where there is one)."""
+    model = Model(MODEL64.cfg, backend="fast")
+    model.load_state_dict(MODEL64.state_dict())
+    return model.to(device="cuda" if torch.cuda.is_available() else "cpu", dtype=torch.float32)
+
+
+class SharedDecodeMachine(EngineMachine):
+    """The machine on the fast backend in float32, shared-segment decode on wherever
+    the cache is rotated (threshold 1 to 3 requests)."""
+
+    model = _fast_model() if FAST_HERE else None
+
+    def options(self, strategy, threshold):
+        return {} if strategy == "raw_cache" else {"shared_decode_min_requests": threshold}
+
+    def teardown(self):
+        super().teardown()
+        runner = self.engine.runner
+        event(f"shared steps: {runner.steps_shared > 0}")
+        assert runner.plans_built <= runner.steps_shared + self.engine.stats.decode_steps
+
+
+SharedDecodeMachine.TestCase.settings = settings(
+    settings(), stateful_step_count=20, max_examples=settings().max_examples if NIGHTLY else 4
+)
+test_shared_decode_engine_under_adds_steps_and_aborts = pytest.mark.skipif(
+    not FAST_HERE, reason="the fast backend needs CUDA or TRITON_INTERPRET=1 (the next test runs it so)"
+)(SharedDecodeMachine.TestCase)
+
+
+@pytest.mark.skipif(FAST_HERE, reason="the test above runs here")
+def test_shared_decode_engine_under_the_interpreter():
+    """Without CUDA, the shared-decode machine in a fresh process with
+    ``TRITON_INTERPRET=1`` (set before Triton is imported)."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    test = f"{__file__}::test_shared_decode_engine_under_adds_steps_and_aborts"
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1800)
+    assert result.returncode == 0 and "1 passed" in result.stdout, result.stdout[-3000:] + result.stderr[-2000:]
+
+
+def test_the_host_runs_one_step_ahead():
+    """``overlap=True`` (the default): a step's tokens land in ``output`` one step
+    later (pending until then, and counted), with the tokens, first-token logits and
+    finishing order of an engine that waits for every step's tokens."""
+    docs = _docs(seed=9, lengths=(9, 14, 5, 11))
+    runs = []
+    for overlap in (False, True):
+        engine = Engine(MODEL64, "lazy", num_blocks=64, block_size=4, keep_logits=True, overlap=overlap)
+        reqs = [engine.add_request([i + 1, 2], docs[i:] + docs[:i], 3 + i) for i in range(3)]
+        assert engine.step() == []  # the prefills: nothing finishes
+        landed = [(len(r.output), r.pending) for r in reqs]
+        assert landed == ([(0, 1)] * 3 if overlap else [(1, 0)] * 3), landed
+        assert all(r.num_own == len(r.query) + 1 for r in reqs)
+        finished = []
+        while engine.has_work():
+            finished += [r.id for r in engine.step()]
+            engine.check_invariants()
+        assert all(not r.pending and r.finish_time is not None for r in reqs)
+        runs.append(([r.output for r in reqs], [r.first_logits for r in reqs], finished))
+    (outputs, logits, order), (outputs_ahead, logits_ahead, order_ahead) = runs
+    assert outputs == outputs_ahead and order == order_ahead
+    for a, b in zip(logits, logits_ahead, strict=True):
+        assert torch.equal(a, b)
 
 
 def _docs(seed=0, lengths=(9, 14, 5)):
@@ -376,8 +460,8 @@ docs = [torch.randint(0, 64, (n,), generator=g).tolist() for n in (21, 9, 16)]
 # running together: their decode steps share segments.
 requests = [([1, 2], [docs[0], docs[1]]), ([3], [docs[1], docs[0], docs[2]]), ([4, 5, 6], [docs[2], docs[0]])]
 
-def serve(shared_decode):
-    engine = Engine(model, "lazy", num_blocks=64, block_size=8, debug=True, shared_decode=shared_decode)
+def serve(threshold):
+    engine = Engine(model, "lazy", num_blocks=64, block_size=8, debug=True, shared_decode_min_requests=threshold)
     reqs = [engine.add_request(q, d, 3) for q, d in requests]
     engine.run_until_done()
     engine.check_invariants()
@@ -392,7 +476,7 @@ print("ok", used)
 
 
 def test_shared_decode_serves_the_same_tokens():
-    """``Engine(shared_decode=N)`` (fast backend under ``TRITON_INTERPRET=1``, in a fresh
+    """``Engine(shared_decode_min_requests=N)`` (fast backend under ``TRITON_INTERPRET=1``, in a fresh
     process): decode steps whose requests share documents run shared-segment decode
     and give the tokens of the per-request decode."""
     pytest.importorskip("triton")
@@ -403,12 +487,12 @@ def test_shared_decode_serves_the_same_tokens():
 
 
 def test_shared_decode_is_refused_where_it_cannot_run():
-    with pytest.raises(ValueError, match="shared_decode needs the fast backend"):
-        Engine(MODEL64, "lazy", shared_decode=2)
+    with pytest.raises(ValueError, match="shared_decode_min_requests needs the fast backend"):
+        Engine(MODEL64, "lazy", shared_decode_min_requests=2)
     with pytest.raises(ValueError, match="strategy 'raw_cache' stores keys unrotated"):
-        Engine(MODEL64, "raw_cache", shared_decode=2)
-    with pytest.raises(ValueError, match="shared_decode must be None or an int >= 1"):
-        Engine(MODEL64, "lazy", shared_decode=0)
+        Engine(MODEL64, "raw_cache", shared_decode_min_requests=2)
+    with pytest.raises(ValueError, match="shared_decode_min_requests must be None or an int >= 1"):
+        Engine(MODEL64, "lazy", shared_decode_min_requests=0)
 
 
 def test_block_attention_rerotates_without_the_yarn_attention_factor():

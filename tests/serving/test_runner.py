@@ -5,9 +5,15 @@
   decode step padded to its CUDA-graph bucket (what a capture records, run eagerly)
   gives the same logits and leaves every block but the scratch block as it was; bad
   step values are refused before any layer runs.
+* Shared-segment decode (fast backend; under the interpreter without CUDA): a step
+  with shared segments, run eagerly or padded to its graph's bucket (the sharing
+  metadata in fixed shapes, tokens carried from the device), gives the per-request
+  decode's logits, and the sharing plan is built once while the batch stays the same.
 * With CUDA and the fast backend (the GPU suite): graph replay gives the eager
-  runner's tokens for several batch sizes, and neither a prefill step nor a decode
-  step synchronises the host inside its forward.
+  runner's tokens for several batch sizes, with shared-segment decode too (every
+  decode step replayed, none eager); neither a prefill step nor a decode step
+  synchronises the host inside its forward; an engine step waits once, for the
+  previous step's tokens.
 
 Steps come from real engines (every strategy that writes or copies differently), so
 prefills, decodes, Block-Attention copies and the raw cache are all exercised.
@@ -25,7 +31,7 @@ import torch
 from lazyattention.reference.layout import BlockMetadata, Layout
 from lazyattention.serving.engine import Engine
 from lazyattention.serving.model import Model, ModelConfig, StepInputs
-from lazyattention.serving.runner import ModelRunner, graph_bucket
+from lazyattention.serving.runner import CarriedTokens, ModelRunner, SharedBucket, graph_bucket
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -59,16 +65,18 @@ def _serve(engine: Engine, num_requests: int = 3, max_new_tokens: int = 4) -> li
 
 
 class _Recorder(ModelRunner):
-    """A runner that keeps every step it ran (host tensors) with a copy of the cache
-    before the step."""
+    """A runner that keeps every step it ran (host tensors, the carried tokens put in)
+    with a copy of the cache before the step."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.steps = []
 
-    def run(self, token_ids, step):
+    def run(self, token_ids, step, carried=None):
         before = ([k.clone() for k in self.cache.k], [v.clone() for v in self.cache.v])
-        logits = super().run(token_ids, step)
+        logits = super().run(token_ids, step, carried)
+        if carried is not None:
+            token_ids = carried.fill(token_ids.to(carried.source.device), carried.rows.to(carried.source.device)).cpu()
         self.steps.append((token_ids.clone(), step, before, logits))
         return logits
 
@@ -167,10 +175,28 @@ def test_host_metadata_equals_the_layouts(strategy):
 def test_graph_buckets():
     assert graph_bucket(1, 1) == (1, 16)
     assert graph_bucket(3, 16) == (4, 16)
-    assert graph_bucket(16, 17) == (16, 32)
-    assert graph_bucket(17, 130) == (32, 256)
+    assert graph_bucket(16, 17) == (16, 18)
+    assert graph_bucket(17, 130) == (24, 144)
+    assert graph_bucket(16, 516) == (16, 576)
     with pytest.raises(ValueError, match="batch >= 1"):
         graph_bucket(0, 4)
+
+
+@pytest.mark.parametrize("batch", [1, 5, 8, 9, 31, 64, 100])
+def test_graph_buckets_pad_the_keys_by_at_most_an_eighth(batch):
+    """Every block count up to 4,096: ``M'`` covers it by at most 1/8 (or is the
+    16-block floor), buckets grow with the count, eight per octave; ``B'`` covers the
+    batch, a power of two up to 8 and a multiple of 8 above."""
+    buckets = set()
+    last = 0
+    for m in range(1, 4097):
+        bb, mb = graph_bucket(batch, m)
+        assert m <= mb and (mb == 16 or 8 * (mb - m) < mb), (m, mb)
+        assert mb >= last
+        last = mb
+        buckets.add(mb)
+        assert batch <= bb and (bb & (bb - 1) == 0 if bb <= 8 else bb % 8 == 0) and bb - batch < max(8, batch)
+    assert len(buckets) == 1 + 8 * 8  # 16, then eight per octave from 16 to 4,096
 
 
 def _decode_step(model: Model):
@@ -225,6 +251,53 @@ def test_debug_validates_in_every_layer_and_runs_eagerly(monkeypatch):
     assert seen == [True] * layers + [False] * layers
 
 
+@pytest.mark.skipif(not FAST_HERE, reason="the fast backend needs CUDA or TRITON_INTERPRET=1 (see the next test)")
+def test_a_shared_decode_step_padded_to_its_bucket_is_unchanged():
+    """Steps with shared segments (``shared_decode_min_requests=2``): run eagerly (the
+    sharing metadata in fixed shapes) and padded to their graph's bucket (request rows
+    and sharing metadata padded, as a capture records; the tokens carried from the
+    device), they give the per-request decode's logits, and write only their own
+    slots outside the scratch block. Two consecutive steps of one batch: the plan is
+    built once (without CUDA: those two steps only, so that the interpreter stays
+    quick)."""
+    device = "cuda" if CUDA else "cpu"
+    engine, recorder = _record("lazy", _model(dtype=torch.float32))
+    fast = _model("fast", torch.float32, device)
+    cache = fast.new_cache(engine.pool.num_blocks, engine.block_size)
+    runner = ModelRunner(fast, cache, cuda_graphs=False, shared_decode_min_requests=2)
+    threes = [x for x in recorder.steps if x[1].prefill is None and x[1].decode.batch_size == 3]
+    assert len(threes) >= 2
+    scratch = runner.scratch_block
+    for ids, step, before, _ in threes if CUDA else threes[:2]:
+        _restore(cache, [[t.to(device) for t in ts] for ts in before])
+        eager = fast(ids.to(device), cache, step.to(device))  # the per-request decode
+        eager_k = [k.clone() for k in cache.k]
+        _restore(cache, [[t.to(device) for t in ts] for ts in before])
+        torch.testing.assert_close(runner.run(ids, step), eager, rtol=1e-4, atol=1e-4)
+        _restore(cache, [[t.to(device) for t in ts] for ts in before])
+        carried = CarriedTokens(torch.arange(3), ids.to(device))  # every token from the device
+        padded = runner.padded_decode(torch.zeros_like(ids), step, carried)
+        torch.testing.assert_close(padded, eager, rtol=1e-4, atol=1e-4)
+        for k, e in zip(cache.k, eager_k, strict=True):
+            torch.testing.assert_close(k[:scratch], e[:scratch], rtol=1e-4, atol=1e-4)
+    steps = len(threes) if CUDA else 2
+    assert runner.steps_shared == 2 * steps and runner.steps_eager == steps
+    assert runner.plans_built == 1  # kept across the steps of one batch
+    ((_, rows, _, bucket),) = [k for k in runner._padded if k[0]]
+    assert rows == 4 and isinstance(bucket, SharedBucket)  # a padding request, and its empty slots
+
+
+@pytest.mark.skipif(FAST_HERE, reason="the test above runs here")
+def test_shared_decode_padded_under_the_interpreter():
+    """Without CUDA, the test above in a fresh process with ``TRITON_INTERPRET=1``."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    test = f"{__file__}::test_a_shared_decode_step_padded_to_its_bucket_is_unchanged"
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0 and "1 passed" in result.stdout, result.stdout[-3000:] + result.stderr[-2000:]
+
+
 def test_cuda_graphs_only_for_the_fast_backend_on_cuda():
     model = _model()
     cache = model.new_cache(8, 4)
@@ -258,15 +331,18 @@ def test_graph_replay_gives_the_eager_tokens(strategy, num_requests):
 
 @pytest.mark.skipif(not CUDA, reason="host synchronisation is a CUDA notion")
 @pytest.mark.parametrize("graphs", [False, True])
-def test_no_host_synchronisation_inside_a_step(graphs):
+@pytest.mark.parametrize("shared", [None, 2])
+def test_no_host_synchronisation_inside_a_step(graphs, shared):
     """``torch.cuda.set_sync_debug_mode("error")`` around a prefill step and a decode
-    step (after a warm-up that compiles the kernels and fills the RoPE tables)."""
+    step (after a warm-up that compiles the kernels and fills the RoPE tables), with
+    shared-segment decode too."""
     model = _model("fast", torch.float32, "cuda")
-    engine = Engine(model, "block_attention", num_blocks=160, block_size=8)
-    engine.runner = _Recorder(model, engine.cache, cuda_graphs=graphs)
+    engine = Engine(model, "lazy" if shared else "block_attention", num_blocks=160, block_size=8)
+    engine.runner = _Recorder(model, engine.cache, cuda_graphs=graphs, shared_decode_min_requests=shared)
     _serve(engine)
-    prefill = next(x for x in engine.runner.steps if x[1].prefill is not None and x[1].copy_src is not None)
-    decode = next(x for x in engine.runner.steps if x[1].prefill is None)
+    steps = engine.runner.steps
+    prefill = next(x for x in steps if x[1].prefill is not None and (shared or x[1].copy_src is not None))
+    decode = next(x for x in steps if x[1].prefill is None and (not shared or x[1].decode.batch_size > 1))
     for ids, step, before, _ in (prefill, decode):
         _restore(engine.cache, before)
         torch.cuda.synchronize()
@@ -279,16 +355,54 @@ def test_no_host_synchronisation_inside_a_step(graphs):
 
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs need a CUDA device")
 @pytest.mark.parametrize("num_requests", [3, 16])
-def test_shared_decode_beside_graph_replay(num_requests):
-    """``shared_decode=2``: decode steps whose requests share documents run
-    shared-segment decode eagerly, the others replay their graphs; the tokens are those
-    of the engine without it."""
+def test_shared_decode_graph_replay_gives_the_eager_tokens(num_requests):
+    """``shared_decode_min_requests=2``: decode steps whose requests share documents
+    replay their CUDA graphs (shared-segment decode captured with fixed-shape
+    metadata) like every other decode step — none runs eagerly — and give the tokens
+    of the same engine run eagerly, with and without shared decode."""
     model = _model("fast", torch.float32, "cuda")
     outputs, runners = [], []
-    for shared in (None, 2):
-        engine = Engine(model, "lazy", num_blocks=160, block_size=8, max_num_seqs=16, shared_decode=shared)
+    for graphs, threshold in ((False, None), (False, 2), (True, 2)):
+        engine = Engine(model, "lazy", num_blocks=160, block_size=8, max_num_seqs=16)
+        engine.runner = ModelRunner(model, engine.cache, cuda_graphs=graphs, shared_decode_min_requests=threshold)
         outputs.append(_serve(engine, num_requests, max_new_tokens=6))
-        runners.append(engine.runner)
-    assert runners[0].steps_shared == 0 and runners[1].steps_shared > 0
-    assert runners[1].steps_replayed > 0  # the first request decodes alone: graphs stay for it
-    assert outputs[0] == outputs[1]
+        runners.append((engine.runner, engine.stats))
+    (plain, _), (eager, _), (replayed, stats) = runners
+    assert plain.steps_shared == 0 and eager.steps_shared > 0 and replayed.steps_shared == eager.steps_shared
+    assert replayed.shared_graphs and replayed.steps_replayed == stats.decode_steps
+    assert replayed.steps_eager == stats.steps - stats.decode_steps  # prefills only
+    assert replayed.plans_built < replayed.steps_shared
+    assert outputs[0] == outputs[1] == outputs[2]
+
+
+@pytest.mark.skipif(not CUDA, reason="host synchronisation is a CUDA notion")
+@pytest.mark.parametrize("threshold", [None, 2])
+def test_an_engine_step_waits_once_for_tokens(threshold, monkeypatch):
+    """In steady decode (graphs captured), an engine step synchronises nothing but one
+    wait on an event: the previous step's tokens (``set_sync_debug_mode("error")``
+    catches every other synchronisation; the event waits are counted)."""
+    model = _model("fast", torch.float32, "cuda")
+    engine = Engine(model, "lazy", num_blocks=160, block_size=8, max_num_seqs=16, shared_decode_min_requests=threshold)
+    docs = _documents()
+    for i in range(6):
+        engine.add_request([1 + i, 2], [docs[(i + j) % 4] for j in range(3)], 12)
+    while engine.waiting or engine.stats.decode_steps < 3:  # admitted, and the decode graphs captured
+        engine.step()
+    waits = []
+    synchronize = torch.cuda.Event.synchronize
+
+    def counted(event):
+        waits.append(event)
+        return synchronize(event)
+
+    monkeypatch.setattr(torch.cuda.Event, "synchronize", counted)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(4):
+            before = len(waits)
+            engine.step()
+            assert len(waits) - before <= 1
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert engine.runner.steps_shared > 0 if threshold else engine.runner.steps_shared == 0
+    engine.run_until_done()

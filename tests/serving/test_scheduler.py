@@ -32,9 +32,9 @@ def _run_checked(engine, steps):
     inputs."""
     run = engine.runner.run
 
-    def recording(ids, step):
+    def recording(ids, step, carried=None):
         steps.append(step)
-        return run(ids, step)
+        return run(ids, step, carried)
 
     engine.runner.run = recording
     while engine.has_work():
