@@ -10,9 +10,10 @@ device: the reference on a CPU, the fast one on CUDA)::
 
     python benchmarks/engine.py --tiny --out /tmp/bench
 
-``--shared-decode N`` serves with ``Engine(shared_decode=N)`` (fast backend): decode
-steps with a segment that ``N`` requests share run shared-segment decode, eagerly
-(``raw_cache`` runs without it); each run records its ``shared_steps``.
+``--shared-decode-min-requests N`` serves with ``Engine(shared_decode_min_requests=N)``
+(fast backend): decode steps with a segment that ``N`` requests share run shared-segment
+decode, from CUDA graphs (``raw_cache`` runs without it); each run records its
+``shared_steps``.
 
 What it does, in order, saving the JSON after every section so a cut-off run keeps
 what it measured:
@@ -187,7 +188,7 @@ def timed_run(model, workload, strategy: str, num_blocks: int, args, profile: bo
         block_size=BLOCK_SIZE,
         max_num_seqs=args.max_num_seqs,
         max_batch_tokens=args.max_batch_tokens,
-        shared_decode=None if get_strategy(strategy).raw else args.shared_decode,
+        shared_decode_min_requests=None if get_strategy(strategy).raw else args.shared_decode_min_requests,
     )
     row = {}
     if profile:
@@ -447,9 +448,9 @@ def main(argv=None) -> int:
     p.add_argument("--rate-repeats", type=int, default=3)
     p.add_argument("--decode-tokens", type=int, default=48, help="new tokens per request of the batch-16 decode")
     p.add_argument("--max-seconds", type=float, default=400.0, help="skip what would start after this")
-    p.add_argument("--shared-decode", type=int, default=None, metavar="N",
-                   help="Engine(shared_decode=N): decode steps with a segment N requests share run shared-segment "
-                   "decode (fast backend; raw_cache runs without it)")  # fmt: skip
+    p.add_argument("--shared-decode-min-requests", type=int, default=None, metavar="N",
+                   help="Engine(shared_decode_min_requests=N): decode steps with a segment N requests share run "
+                   "shared-segment decode (fast backend; raw_cache runs without it)")  # fmt: skip
     args = p.parse_args(argv)
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -500,7 +501,7 @@ def main(argv=None) -> int:
             "max_num_seqs": args.max_num_seqs,
             "max_batch_tokens": args.max_batch_tokens,
             "cuda_graphs": backend == "fast" and cuda,
-            "shared_decode": args.shared_decode,
+            "shared_decode_min_requests": args.shared_decode_min_requests,
         },
         "repeats": args.repeats,
         "complete": False,
