@@ -655,20 +655,32 @@ class LazyRAG:
                 item.first = _widen(row)
             active = live
             while True:
-                active = [item for item, row in zip(active, logits, strict=True) if self._take(item, row, began)]
+                picks = self._pick(active, logits)
+                active = [item for item, token in zip(active, picks, strict=True) if self._take(item, token, began)]
                 if not active:
                     return
-                n = [item.length for item in active]
+                lengths = [item.length for item in active]  # the fed token is the last own token
+                slots = [_slot(item.own_blocks, k - 1, bs) for item, k in zip(active, lengths, strict=True)]
                 step = self._step(
-                    [item.layout(bs, length, 1) for item, length in zip(active, n, strict=True)],
-                    torch.cat([self.cache.slots(i.own_blocks, k - 1, k) for i, k in zip(active, n, strict=True)]),
-                    torch.tensor([i.request.own_start + k - 1 for i, k in zip(active, n, strict=True)]),
+                    [item.layout(bs, k, 1) for item, k in zip(active, lengths, strict=True)],
+                    torch.tensor(slots, device=self.model.device),
+                    torch.tensor([item.request.own_start + k - 1 for item, k in zip(active, lengths, strict=True)]),
                 )
                 logits = self._forward([item.tokens[-1] for item in active], step)
 
-    def _take(self, item: _Live, logits: torch.Tensor, began: float) -> bool:
-        """Pick ``item``'s next token from ``logits [V]``; whether it goes on decoding."""
-        token = item.sampling.pick(logits, item.generator)
+    @staticmethod
+    def _pick(live: list[_Live], logits: torch.Tensor) -> list[int]:
+        """The next token of each request from its row of ``logits [B, V]``: the greedy
+        ones in one ``argmax`` (one device-to-host copy per step), the sampled ones each
+        from its own generator."""
+        picks = logits.argmax(-1).tolist()
+        for i, item in enumerate(live):
+            if item.sampling.do_sample:
+                picks[i] = item.sampling.pick(logits[i], item.generator)
+        return picks
+
+    def _take(self, item: _Live, token: int, began: float) -> bool:
+        """Give ``item`` its next token; whether it goes on decoding."""
         if token in item.stop:
             return self._finish(item, "stop_token")
         item.tokens.append(token)
@@ -690,6 +702,11 @@ class LazyRAG:
         if item.streamer is not None:
             item.streamer.end()
         return False
+
+
+def _slot(blocks, j: int, block_size: int) -> int:
+    """The flat cache slot of token ``j`` of a run in ``blocks``."""
+    return blocks[j // block_size] * block_size + j % block_size
 
 
 def _running_starts(segments, first: int):
