@@ -8,6 +8,8 @@
 * Arrivals: a Poisson process at ``rate`` requests per second (``inf``: all at 0).
 
 Everything is drawn from one seeded ``torch.Generator``: a seed fixes the workload.
+The arrivals are drawn last, so workloads that differ only in ``rate`` hold the same
+documents and requests, and a curve against the rate compares like with like.
 
 Metrics (:class:`Metrics`): TTFT p50/p99, TPOT, throughput in requests/s and tokens/s
 (each request's document tokens counted once), cache hit ratio (each document of a
@@ -134,17 +136,21 @@ def make_workload(cfg: WorkloadConfig) -> Workload:
     lengths = lengths.round().clamp(cfg.doc_len_min, cfg.doc_len_max).long().tolist()
     documents = [torch.randint(1, cfg.vocab_size, (n,), generator=g).tolist() for n in lengths]
     popularity = zipf_probabilities(cfg.num_documents, cfg.zipf_alpha)
+    drawn = []
+    for _ in range(cfg.num_requests):
+        chosen = torch.multinomial(popularity, cfg.docs_per_request, replacement=False, generator=g)
+        chosen = chosen[torch.randperm(cfg.docs_per_request, generator=g)]  # random order in the prompt
+        drawn.append((torch.randint(1, cfg.vocab_size, (cfg.query_len,), generator=g).tolist(), chosen.tolist()))
+    # arrivals last, so that a rate changes when the requests come and nothing else
     if math.isinf(cfg.rate):
         arrivals = [0.0] * cfg.num_requests
     else:
         gaps = torch.empty(cfg.num_requests, dtype=torch.float64).exponential_(cfg.rate, generator=g)
         arrivals = (torch.cumsum(gaps, 0) - gaps[0]).tolist()  # the first request arrives at 0
-    requests = []
-    for arrival in arrivals:
-        chosen = torch.multinomial(popularity, cfg.docs_per_request, replacement=False, generator=g)
-        chosen = chosen[torch.randperm(cfg.docs_per_request, generator=g)]  # random order in the prompt
-        query = torch.randint(1, cfg.vocab_size, (cfg.query_len,), generator=g).tolist()
-        requests.append(WorkloadRequest(float(arrival), query, chosen.tolist(), cfg.output_len))
+    requests = [
+        WorkloadRequest(float(arrival), query, chosen, cfg.output_len)
+        for arrival, (query, chosen) in zip(arrivals, drawn, strict=True)
+    ]
     return Workload(cfg, documents, requests)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from dataclasses import replace
 
 import pytest
 import torch
@@ -140,3 +141,12 @@ def test_run_workload_serves_everything(strategy):
     assert m.peak_blocks <= 40
     with pytest.raises(ValueError, match="fresh engine"):
         run_workload(engine, w)
+
+
+@given(rate=st.sampled_from([5.0, 200.0]), seed=st.integers(0, 2**16))
+def test_a_rate_changes_the_arrivals_and_nothing_else(rate, seed):
+    burst = make_workload(WorkloadConfig(num_requests=12, num_documents=6, docs_per_request=2, seed=seed))
+    timed = make_workload(replace(burst.config, rate=rate))
+    assert timed.documents == burst.documents
+    assert [(r.query, r.documents) for r in timed.requests] == [(r.query, r.documents) for r in burst.requests]
+    assert {r.arrival for r in burst.requests} == {0.0} and len({r.arrival for r in timed.requests}) > 1
