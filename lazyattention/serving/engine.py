@@ -129,6 +129,9 @@ class Engine:
         overlap: run the host one step ahead of the device (see the module
             docstring). ``False``: each :meth:`step` waits for its own tokens and
             returns the requests it finished.
+        compile_backend: run the model's norms and MLPs through ``torch.compile``
+            with this backend (``"inductor"`` on a GPU), in place; ``None`` (default):
+            eagerly (see :class:`~lazyattention.serving.runner.ModelRunner`).
 
     Example:
         >>> from lazyattention.serving.model import Model, ModelConfig
@@ -154,6 +157,7 @@ class Engine:
         debug: bool = False,
         shared_decode_min_requests: int | None = None,
         overlap: bool = True,
+        compile_backend: str | None = None,
     ):
         self.strategy = get_strategy(strategy)
         if shared_decode_min_requests is not None and self.strategy.raw:
@@ -175,6 +179,7 @@ class Engine:
             cuda_graphs=cuda_graphs,
             debug=debug,
             shared_decode_min_requests=shared_decode_min_requests,
+            compile_backend=compile_backend,
         )
         self.scheduler = Scheduler(self.strategy, self.store, max_num_seqs, max_batch_tokens)
         self.keep_logits = keep_logits

@@ -20,6 +20,14 @@ once per step and never per layer:
    decode-only step on a backend that captures on this device, by **replaying a CUDA
    graph**.
 
+``compile_backend``: every part of a layer but its attention — the two RMSNorms and
+the MLP, and the final norm — runs through ``torch.compile`` (``dynamic=True``: one
+compiled graph serves every token count; ``nn.Module.compile``, in place, so the state
+dict is unchanged and every user of the model runs them compiled). The attention (the
+backend's kernels, whose host code reads layouts) stays eager. It is a switch, so that
+its gain can be measured against eager on a GPU; a decode step compiles before its
+graph is captured, in the warm-up run.
+
 Shared-segment decode (``shared_decode_min_requests=N``, a backend that has it, rotated
 cache): a decode step whose layout has a segment read by ``N`` or more of its requests
 runs the backend's shared-segment decode in every layer. The sharing plan
@@ -353,6 +361,13 @@ class _DecodeGraph:
     turn: int = 0
 
 
+def _outside_attention(model: Model) -> list[torch.nn.Module]:
+    """The modules of a step's forward that are not attention: each layer's two
+    RMSNorms and MLP, and the final norm."""
+    layers = [(layer.input_layernorm, layer.mlp, layer.post_attention_layernorm) for layer in model.layers]
+    return [module for modules in layers for module in modules] + [model.norm]
+
+
 class ModelRunner:
     """Runs engine steps of ``model`` over ``cache``.
 
@@ -373,6 +388,9 @@ class ModelRunner:
             step whose layout has a segment read by at least this many requests runs
             it (see the module docstring), from CUDA graphs where decode is captured;
             ``None`` (default): never. Needs a backend that has shared-segment decode.
+        compile_backend: run the norms and MLPs of the model compiled by
+            ``torch.compile`` with this backend (``"inductor"`` on a GPU; see the
+            module docstring); ``None`` (default): eagerly.
 
     Example:
         >>> from lazyattention.serving.model import Model, ModelConfig
@@ -391,6 +409,7 @@ class ModelRunner:
         debug: bool = False,
         scratch_block: int | None = None,
         shared_decode_min_requests: int | None = None,
+        compile_backend: str | None = None,
     ):
         threshold = shared_decode_min_requests
         if threshold is not None:
@@ -416,6 +435,10 @@ class ModelRunner:
         self.scratch_block = cache.num_blocks - 1 if scratch_block is None else scratch_block
         if not 0 <= self.scratch_block < cache.num_blocks:
             raise ValueError(f"scratch_block {self.scratch_block} is outside the cache ({cache.num_blocks} blocks)")
+        self.compile_backend = compile_backend
+        if compile_backend is not None:
+            for module in _outside_attention(model):
+                module.compile(backend=compile_backend, dynamic=True)
         self.graphs: dict[tuple[int, int, bool], _DecodeGraph] = {}  # (B', M', raw) -> graph
         self.shared_graphs: dict[tuple[int, int, SharedBucket], _DecodeGraph] = {}  # with shared segments
         self._padded: dict[tuple, _DecodeGraph] = {}

@@ -298,6 +298,27 @@ def test_shared_decode_padded_under_the_interpreter():
     assert result.returncode == 0 and "1 passed" in result.stdout, result.stdout[-3000:] + result.stderr[-2000:]
 
 
+def test_compiled_norms_and_mlps_give_the_eager_tokens():
+    """``compile_backend`` (here ``"eager"``: dynamo's capture alone, quick on a CPU;
+    the GPU suite runs ``"inductor"`` below): the norms and MLPs run compiled, one
+    graph for every token count, and the engine gives the eager tokens and first-token
+    logits."""
+    from torch._dynamo.utils import counters
+
+    runs = []
+    for backend in (None, "eager"):
+        model = _model()  # a fresh one: compiling is in place
+        engine = Engine(model, "lazy", num_blocks=64, block_size=8, keep_logits=True, compile_backend=backend)
+        frames = counters["frames"]["ok"]
+        outputs = _serve(engine)
+        assert (counters["frames"]["ok"] > frames) == (backend is not None)
+        runs.append((outputs, [r.first_logits for r in engine.finished]))
+    (eager, eager_logits), (compiled, compiled_logits) = runs
+    assert compiled == eager
+    for a, b in zip(compiled_logits, eager_logits, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
 def test_cuda_graphs_only_for_the_fast_backend_on_cuda():
     model = _model()
     cache = model.new_cache(8, 4)
@@ -373,6 +394,19 @@ def test_shared_decode_graph_replay_gives_the_eager_tokens(num_requests):
     assert replayed.steps_eager == stats.steps - stats.decode_steps  # prefills only
     assert replayed.plans_built < replayed.steps_shared
     assert outputs[0] == outputs[1] == outputs[2]
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs need a CUDA device")
+def test_inductor_compiled_layers_with_graphs_give_the_eager_tokens():
+    """``compile_backend="inductor"`` with CUDA graphs and shared-segment decode: the
+    tokens of the eager engine without either."""
+    outputs = []
+    for options in ({}, {"compile_backend": "inductor", "shared_decode_min_requests": 2}):
+        model = _model("fast", torch.float32, "cuda")  # a fresh one: compiling is in place
+        engine = Engine(model, "lazy", num_blocks=160, block_size=8, max_num_seqs=16, **options)
+        outputs.append(_serve(engine, 6, max_new_tokens=6))
+        assert engine.runner.steps_replayed > 0
+    assert outputs[0] == outputs[1]
 
 
 @pytest.mark.skipif(not CUDA, reason="host synchronisation is a CUDA notion")
