@@ -17,6 +17,7 @@ import base64
 import contextlib
 import io
 import json
+import linecache
 import sys
 import time
 import traceback
@@ -80,9 +81,12 @@ def run(path: Path, keep: list[str]) -> dict:
         if cell.cell_type != "code" or not cell.source.strip():
             continue
         stdout = io.StringIO()
+        filename = f"{path.name} (cell {index})"
+        # The cell's source where `inspect` looks for it: `@triton.jit` reads a kernel's source.
+        linecache.cache[filename] = (len(cell.source), None, cell.source.splitlines(keepends=True), filename)
         try:
             with contextlib.redirect_stdout(stdout):
-                exec(compile(cell.source, f"{path.name} (cell {index})", "exec"), namespace)
+                exec(compile(cell.source, filename, "exec"), namespace)
         except BaseException:
             error = traceback.format_exc(limit=-8)
         cells.append({"index": index, "stdout": stdout.getvalue(), "figures": _figures()})

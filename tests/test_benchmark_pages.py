@@ -98,3 +98,38 @@ def test_cascade_merge_is_the_log_sum_exp_merge(monkeypatch):
     _load("shared_decode").merge_state_in_place(v, s, v_other, s_other)
     torch.testing.assert_close(v.double(), want, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(s.double(), want_lse, rtol=1e-6, atol=1e-6)
+
+
+def test_kernel_targets_show_their_worst_value_in_their_own_units():
+    """A target checked as an expression ("…, as 1 - fraction <= 0.10") shows its worst
+    value as what the target states (a percentage of the copy bandwidth, TB/s); a form
+    the page cannot show raises."""
+    cells = _load("plot_kernels").target_cells
+    assert cells({"target": "decode >= 90% of copy bandwidth, as 1 - fraction <= 0.10", "worst": 0.083}) == (
+        "decode >= 90% of copy bandwidth",
+        "91.7% of copy bandwidth",
+    )
+    assert cells({"target": "decode B=1 >= 1.8 TB/s, as 1.8 - TB/s <= 0", "worst": -0.804}) == (
+        "decode B=1 >= 1.8 TB/s",
+        "2.60 TB/s",
+    )
+    assert cells({"target": "prefill: rotation overhead <= 5%", "worst": 0.483}) == (
+        "prefill: rotation overhead <= 5%",
+        "48.3%",
+    )
+    assert cells({"target": "lazy time / FlashInfer time <= 1", "worst": 0.948})[1] == "0.95"
+    with pytest.raises(ValueError, match="as 'log TB/s <= 2'"):
+        cells({"target": "x, as log TB/s <= 2", "worst": 1.0})
+
+
+#: Words of a lab diary: a result page says what a run measured, in the present tense;
+#: the history of a result is kept in its notes file, inside a comment the page hides.
+DIARY = re.compile(r"\bnow\b|has since|next steps?\b|the run before|what moved|what changed since", re.I)
+
+
+def test_result_pages_read_as_documentation():
+    for page in ("engine.md", "kernels.md", "shared-decode.md"):
+        text = (ROOT / "docs" / "benchmarks" / page).read_text()
+        shown = re.sub(r"<!--.*?-->", "", text, flags=re.S)
+        found = sorted({m.group(0).lower() for m in DIARY.finditer(shown)})
+        assert not found, f"docs/benchmarks/{page} narrates its history: {found}"

@@ -16,6 +16,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+import posixpath
 import re
 import subprocess
 import sys
@@ -82,9 +83,6 @@ def test_reference_api_page_lists_every_public_name(site: Path):
 def test_fast_api_page(site: Path):
     html = (site / "api" / "fast" / "index.html").read_text(encoding="utf-8")
     init = ROOT / "fast" / "__init__.py"
-    if not init.exists():
-        assert "being written" in html
-        return
     missing = [name for name in _static_all(init) if f'id="lazyattention.fast.{name}"' not in html]
     assert not missing, f"not on the fast API page: {missing}"
 
@@ -178,59 +176,94 @@ def test_quickstart_runs_on_the_fast_backend(tmp_path: Path):
 # --------------------------------------------------------------------------- figures from files
 
 
-def _hooks(monkeypatch, results: Path):
-    """``docs/hooks.py`` as a module, reading result files from ``results``."""
-    import importlib.util
+def _sitegen(monkeypatch, results: Path | None = None):
+    """The modules of ``docs/sitegen`` (as ``docs/hooks.py`` imports them), the result
+    files read from ``results`` when given."""
+    monkeypatch.syspath_prepend(str(ROOT / "docs"))
+    import sitegen.api
+    import sitegen.results
+    import sitegen.source
+    import sitegen.tutorials
 
-    spec = importlib.util.spec_from_file_location("lazyattention_docs_hooks", ROOT / "docs" / "hooks.py")
-    hooks = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(hooks)
-    monkeypatch.setattr(hooks, "RESULTS", results)
-    return hooks
+    if results is not None:
+        monkeypatch.setattr(sitegen.results, "RESULTS", results)
+    return sitegen
 
 
-def test_headline_figures_come_from_result_files(monkeypatch, tmp_path: Path):
-    hooks = _hooks(monkeypatch, tmp_path)
-    assert "Not yet measured" in hooks.headline_table()
-    assert "Not yet measured" in hooks.results_table()
+def test_headline_figures_come_from_result_files(monkeypatch, tmp_path: Path, caplog):
+    results = _sitegen(monkeypatch, tmp_path).results
+    with caplog.at_level("WARNING", logger="mkdocs.hooks.lazyattention"):
+        results.headline_table()
+    assert caplog.records, "no result file must fail the strict build"
 
-    (tmp_path / "engine.json").write_text(
+    (tmp_path / "engine_h100.json").write_text(
         '{"device": "NVIDIA H100 80GB HBM3", "date": "2026-11-24", "versions": {"torch": "2.13.0"},'
         ' "headline": [{"name": "TTFT p50 block/lazy", "value": 1.52, "unit": "x", "pass": true}]}'
     )
-    (tmp_path / "kernels.json").write_text(
+    (tmp_path / "kernels_h100.json").write_text(
         '{"environment": {"device": "NVIDIA H100", "date": "2026-11-24T01:00:00+00:00"},'
         ' "targets": [{"target": "decode >= 85% of copy bandwidth", "pass": false, "worst": 0.81, "where": "B=16"}]}'
     )
-    table = hooks.headline_table()
-    assert "From `benchmarks/results/engine.json`, measured on **NVIDIA H100 80GB HBM3**, 2026-11-24" in table
+    table = results.headline_table()
+    assert "From `benchmarks/results/engine_h100.json`, measured on **NVIDIA H100 80GB HBM3**, 2026-11-24" in table
     assert "| TTFT p50 block/lazy | 1.52 x | PASS |" in table
-    assert "measured on **NVIDIA H100**, 2026-11-24T01:00:00+00:00" in table
     assert "| decode >= 85% of copy bandwidth (worst at B=16) | 0.81 | **MISS** |" in table
-    assert "torch 2.13.0" in hooks.results_table()
+    assert "torch 2.13.0" in results.results_table()
+    (tmp_path / "engine_h100.png").write_bytes(b"\x89PNG")
+    assert "![engine_h100](results/engine_h100.png)" in results.plots_markdown()
 
-    assert "No plot" in hooks.plots_markdown()
-    (tmp_path / "engine.png").write_bytes(b"\x89PNG")
-    assert "![engine](results/engine.png)" in hooks.plots_markdown()
+    # A newer GPU run of a kind replaces the older one: listed as earlier, shown nowhere.
+    (tmp_path / "engine_h200.json").write_text(
+        '{"device": "NVIDIA H200", "date": "2026-12-01", "headline": [{"name": "TTFT", "value": 1.8}]}'
+    )
+    (tmp_path / "engine_h200.png").write_bytes(b"\x89PNG")
+    table = results.headline_table()
+    assert "engine_h200.json" in table and "engine_h100.json" not in table
+    assert "earlier run, other kernels and engine code; replaced by `engine_h200.json`" in results.results_table()
+    assert "engine_h100.png" not in results.plots_markdown() and "engine_h200.png" in results.plots_markdown()
+    # A CPU result stands beside a GPU one of its kind.
+    (tmp_path / "engine_cpu.json").write_text('{"device": "CPU (x86_64)", "date": "2026-12-05"}')
+    assert "engine_h200.json" in results.headline_table()
 
 
-def test_drifted_api_names_are_caught(monkeypatch, tmp_path: Path, caplog):
+def test_drifted_api_names_are_caught(monkeypatch, caplog):
     """A page naming an API that does not exist warns, which fails the strict build."""
-    hooks = _hooks(monkeypatch, tmp_path)
+    api = _sitegen(monkeypatch).api
     with caplog.at_level("WARNING", logger="mkdocs.hooks.lazyattention"):
-        hooks.check_api_names("see `lazyattention.reference.lazy_prefill`", "page.md")
-        linked = hooks.link_api_names("`lazy_prefill` and `RopeConfig.attention_scaling`", "page.md")
+        api.check_api_names("see `lazyattention.reference.lazy_prefill`", "page.md")
+        linked = api.link_api_names("`lazy_prefill` and `RopeConfig.attention_scaling`", "page.md")
     assert not caplog.records
     assert "[`lazy_prefill`][lazyattention.reference.lazy_prefill]" in linked
     assert "[`RopeConfig.attention_scaling`][lazyattention.reference.RopeConfig]" in linked
 
     with caplog.at_level("WARNING", logger="mkdocs.hooks.lazyattention"):
-        hooks.check_api_names("see `lazyattention.reference.lazy_prefil`", "page.md")
-        hooks.check_api_names("see `lazyattention.serving.engine.Engin`", "page.md")
-        hooks.link_api_names("`RopeConfig.attention_scale`\n```python\n`RopeConfig.inside_code`\n```", "page.md")
+        api.check_api_names("see `lazyattention.reference.lazy_prefil`", "page.md")
+        api.check_api_names("see `lazyattention.serving.engine.Engin`", "page.md")
+        api.link_api_names("`RopeConfig.attention_scale`\n```python\n`RopeConfig.inside_code`\n```", "page.md")
     messages = [r.getMessage() for r in caplog.records]
     assert len(messages) == 3, messages
     assert "lazy_prefil" in messages[0] and "Engin" in messages[1] and "attention_scale" in messages[2]
+
+
+def test_source_links_land_on_the_named_lines(monkeypatch, caplog):
+    """``source:NAME[#TEXT]`` links resolve to the line of the definition (or of the text
+    inside it) on the source page, from the code as it is; a name that nothing defines
+    fails the build."""
+    source = _sitegen(monkeypatch).source
+    path = next(p for p in source.source_files() if "def _merge_kernel" in p.read_text(encoding="utf-8"))
+    lines = path.read_text(encoding="utf-8").splitlines()
+    jit = next(i for i, line in enumerate(lines, 1) if line.startswith("def _merge_kernel")) - 1
+    assert lines[jit - 1].startswith("@triton.jit")
+    linked = source.link_source("[merge](source:_merge_kernel) [top](source:fast/rope.py)", "tutorials/05_x.md")
+    page = posixpath.relpath(source.page_uri(path), "tutorials")
+    assert f"[merge]({page}#__codelineno-0-{jit})" in linked
+    assert "[top](../source/fast/rope.md)" in linked
+    inside = source.link_source("[x](source:_merge_kernel#tl.store(lse_ptr)", "index.md")
+    number = int(inside.rsplit("-", 1)[1].rstrip(")"))
+    assert "tl.store(lse_ptr" in lines[number - 1]
+    with caplog.at_level("WARNING", logger="mkdocs.hooks.lazyattention"):
+        source.link_source("[x](source:_no_such_kernel) [y](source:_merge_kernel#no such text)", "index.md")
+    assert len(caplog.records) == 2
 
 
 def _kernels_result(device: str, date: str, flashinfer: bool) -> dict:
@@ -249,64 +282,56 @@ def _kernels_result(device: str, date: str, flashinfer: bool) -> dict:
 
 
 def test_home_page_compares_with_peers_from_the_newest_result(monkeypatch, tmp_path: Path):
-    hooks = _hooks(monkeypatch, tmp_path)
-    assert "not yet measured" in hooks.peers_kernels()
-    assert "not yet measured" in hooks.peers_engine()
-    assert "Not yet measured" in hooks.peers_quality()
-
+    results = _sitegen(monkeypatch, tmp_path).results
     (tmp_path / "kernels_h100.json").write_text(json.dumps(_kernels_result("H100", "2026-11-24T02:00:00", False)))
-    table = hooks.peers_kernels()
+    table = results.peers_kernels()
     assert "Measured on **H100**, 2026-11-24 (`benchmarks/results/kernels_h100.json`)" in table
     assert "| 16k | 512 | **400** | 350 |" in table and "| 16k | 512 | 1 |" not in table
-    assert "*FlashInfer: not yet measured on H100.*" in table
+    assert "*FlashInfer: not measured on H100.*" in table
     assert "| 16 | 16k | — | **3.00** (75%) | 1.00 (25%) |" in table
     assert "PASS" not in table and "MISS" not in table  # verdicts stay on the benchmark pages
 
     (tmp_path / "kernels_h200.json").write_text(json.dumps(_kernels_result("H200", "2026-12-01T10:00:00", True)))
-    table = hooks.peers_kernels()
+    table = results.peers_kernels()
     assert "on **H200**, 2026-12-01" in table and "FlashInfer |" in table
     assert "| 16k | 512 | 400 | **410** | 350 |" in table
-    assert "FlashInfer: not yet measured" not in table.split("**Decode**")[0]
-    assert "*FlashInfer: not yet measured on H200.*" in table.split("**Decode**")[1]
-    assert "*SDPA cuDNN, pre-rotated keys: not yet measured on H200.*" in table  # SDPA flash is not cuDNN
+    assert "FlashInfer: not measured" not in table.split("**Decode**")[0]
+    assert "*FlashInfer: not measured on H200.*" in table.split("**Decode**")[1]
+    assert "*SDPA cuDNN, pre-rotated keys: not measured on H200.*" in table  # SDPA flash is not cuDNN
     data = _kernels_result("H200", "2026-12-01T10:00:00", False) | {"flashinfer_decode": [{"us": 9.0}]}
     (tmp_path / "kernels_h200.json").write_text(json.dumps(data))
-    assert "FlashInfer is in this result in a form this table does not read" in hooks.peers_kernels()
+    assert "FlashInfer is in this result in a form this table does not read" in results.peers_kernels()
 
-    row = {"ttft_p50": 1.0, "requests_per_s": 10.0, "bytes_copied": 0}
-    medians = [
-        {"alpha": 1.0, "budget_fraction": 1.0, "strategy": "lazy", **row},
-        {
-            **row,
-            "alpha": 1.0,
-            "budget_fraction": 1.0,
-            "strategy": "block_attention",
-            "ttft_p50": 1.5,
-            "bytes_copied": 2e9,
-        },
-    ]
-    (tmp_path / "engine_h200.json").write_text(
-        json.dumps({"device": "H200", "date": "2026-12-01", "model": "m", "medians": medians})
-    )
-    engine = hooks.peers_engine()
-    assert "| skewed documents (Zipf α = 1), KV budget 100% | 1000 / 1500 ms | **1.50×** |" in engine
+
+def test_engine_ratios_are_medians_of_each_runs_ratio(monkeypatch, tmp_path: Path):
+    """The home page's engine ratios are the statistic of the engine page's targets: the
+    median over the runs of each run's ratio, not the ratio of the medians."""
+    results = _sitegen(monkeypatch, tmp_path).results
+    runs, medians = [], []
+    for repeat, (lazy_ttft, block_ttft) in enumerate([(1.0, 3.0), (2.0, 2.0), (1.0, 1.2)]):
+        for strategy, ttft in (("lazy", lazy_ttft), ("block_attention", block_ttft)):
+            runs.append({"alpha": 1.0, "budget_fraction": 1.0, "repeat": repeat, "strategy": strategy,
+                         "ttft_p50": ttft, "requests_per_s": 10.0 / ttft, "bytes_copied": 2e9})  # fmt: skip
+    for strategy, ttft in (("lazy", 1.0), ("block_attention", 2.0)):  # medians of each strategy's runs
+        medians.append({"alpha": 1.0, "budget_fraction": 1.0, "strategy": strategy, "ttft_p50": ttft,
+                        "requests_per_s": 10.0 / ttft, "bytes_copied": 2e9})  # fmt: skip
+    data = {"device": "H200", "date": "2026-12-01", "model": "m", "burst": runs, "burst_medians": medians}
+    (tmp_path / "engine_h200.json").write_text(json.dumps(data))
+    engine = results.peers_engine()
+    # each run's ratio: 3.0, 1.0, 1.2 -> median 1.2 (the ratio of the medians would be 2.0)
+    assert "| skewed documents (Zipf α = 1), KV budget 100% | 3 | 1000 / 2000 ms | **1.20×** |" in engine
     assert "| 2.00 GB |" in engine and "1.37×" in engine and "1.40×" in engine
-
-    (tmp_path / "quality_llama.json").write_text(
-        json.dumps({"device": "H200", "date": "2026-12-01", "model": "llama", "table": [{"task": "qa", "lazy": 0.5}]})
-    )
-    quality = hooks.peers_quality()
-    assert "Model: `llama`" in quality and "| qa | 0.5 |" in quality
+    assert "median over the runs of each run's ratio" in engine
 
 
-def test_optional_pages_have_stand_ins(monkeypatch, tmp_path: Path):
-    hooks = _hooks(monkeypatch, tmp_path)
-    for uri in ("concepts/quality.md", "howto/vllm.md", "benchmarks/kernels.md", "benchmarks/engine.md"):
-        assert hooks.placeholder_markdown(uri).startswith("# "), uri
-    assert "tutorials/08_huggingface_lazily.py" in hooks.placeholder_markdown("tutorials/08_huggingface_lazily.md")
-    nav = (ROOT / "mkdocs.yml").read_text(encoding="utf-8")
-    for uri in ("concepts/quality.md", "howto/vllm.md", "tutorials/08_huggingface_lazily.md"):
-        assert uri in nav, f"{uri} is not in the nav"
+def test_home_page_quality_table_is_the_cpu_study(monkeypatch):
+    """The home page's quality table reads the committed CPU study, float32, every offset."""
+    table = _sitegen(monkeypatch).results.peers_quality()
+    data = json.loads((ROOT / "benchmarks" / "results" / "quality_cpu.json").read_text())
+    lazy = [r for r in data["rows"] if r["dtype"] == "float32" and r["strategy"] == "lazy"]
+    for row in lazy:
+        assert f"{row['logit_error_max']:.1e}" in table
+    assert "What this table does not say" in table and "not fine-tuned" in table
 
 
 def test_the_committed_idea_figure_is_what_its_script_draws():
@@ -315,23 +340,32 @@ def test_the_committed_idea_figure_is_what_its_script_draws():
     spec = importlib.util.spec_from_file_location("make_idea_svg", ROOT / "docs" / "figures" / "make_idea_svg.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    committed = (ROOT / "docs" / "assets" / "idea.svg").read_text(encoding="utf-8")
-    assert committed == module.idea_svg(), "docs/assets/idea.svg is stale: run python docs/figures/make_idea_svg.py"
-    assert "currentColor" in committed and 'fill="#fff"' in committed  # reads on light and dark pages
+    for name, svg in module.idea_panels().items():
+        committed = (ROOT / "docs" / "assets" / name).read_text(encoding="utf-8")
+        assert committed == svg, f"docs/assets/{name} is stale: run python docs/figures/make_idea_svg.py"
+        assert "currentColor" in committed and 'fill="#fff"' in committed  # reads on light and dark pages
+        # Readable on a phone: no text smaller than 15 units in a panel about 420 wide.
+        sizes = [int(size) for size in re.findall(r'font-size="(\d+)"', committed)]
+        assert min(sizes) >= 15 and 'viewBox="0 0 420 ' in committed
+    copy, lazy = (module.idea_panels()[name] for name in ("idea-copy.svg", "idea-lazy.svg"))
+    # Lazy: an arrow from every block of every request to the shared copy; copy: one per copied block.
+    blocks = sum(module.DOCS.values()) * len(module.REQUESTS)
+    assert lazy.count("lazy-arrow-") - len(module.COLORS) == blocks
+    assert copy.count("copy-arrow-") - len(module.COLORS) == blocks
 
 
 def test_a_tutorial_page_shows_what_its_cells_print(monkeypatch, tmp_path: Path):
     """The build runs each tutorial cell by cell: prints and figures land under their cell."""
-    hooks = _hooks(monkeypatch, tmp_path)
+    tutorials = _sitegen(monkeypatch).tutorials
     script = tmp_path / "01_tiny.py"
     script.write_text(
         '# %% [markdown]\n# # Tiny\n\n# %%\nprint("hello from a cell")\n\n'
         "# %%\nimport matplotlib.pyplot as plt\nplt.plot([0, 1])\nplt.show()\n"
     )
-    monkeypatch.setattr(hooks, "ROOT", tmp_path)
-    run = hooks.run_tutorial(script, hooks._tutorial_environment(1))
+    monkeypatch.setattr(tutorials, "ROOT", tmp_path)
+    run = tutorials.run_tutorial(script, tutorials._tutorial_environment(1))
     assert run["error"] is None, run["error"]
-    page, figures = hooks.tutorial_markdown(script, run)
+    page, figures = tutorials.tutorial_markdown(script, run)
     assert "```text\nhello from a cell\n```" in page
     assert len(figures) == 1 and figures[0][1][:4] == b"\x89PNG"
     assert f"](figures/{figures[0][0]})" in page

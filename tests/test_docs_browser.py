@@ -1,17 +1,22 @@
 """Every page of the built site, read in headless Chromium as a newcomer would.
 
 The site of ``tests/docs_site.py`` is served on 127.0.0.1 (a free port) and every page is
-loaded at 1280 px wide through Playwright driving Debian's ``chromium``. A page fails on:
+loaded at 1280 px wide (a desktop) and at 390 px wide (a phone) through Playwright
+driving Debian's ``chromium``. A page fails, at either width, on:
 
 * a KaTeX error, or TeX left unrendered in the text;
+* an equation number that overlaps its formula;
 * a table or code block wider than its container that is not a scroll box;
 * an image that did not load, or any request of the page that failed;
 * a console error or an uncaught exception;
 * text that mentions an issue number or a session (the pages speak of the project only).
 
-One full-page screenshot per page is kept in ``build/docs/screenshots`` (or in
-``$LAZYATTENTION_DOCS_SCREENSHOTS``), named after the page's path, and one of the home
-page on the dark theme (``home-dark.png``).
+The kernel tutorial fails without a ``@triton.jit`` kernel in a code block of its page.
+
+One full-page screenshot per page and width is kept in ``build/docs/screenshots`` (or in
+``$LAZYATTENTION_DOCS_SCREENSHOTS``), named after the page's path and the width
+(``home-1280.png``, ``home-390.png``), and one of the home page on the dark theme
+(``home-dark.png``).
 
 Chromium: when ``/usr/bin/chromium`` is missing and the tests run as root, it is installed
 with ``apt-get`` (a fresh CI machine has none). Playwright is the Python package of the
@@ -50,7 +55,10 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-WIDTH = 1280
+#: A desktop and a phone (an iPhone 12 to 15 is 390 CSS pixels wide).
+WIDTHS = (1280, 390)
+#: The tutorial that teaches the kernel: its page must show one.
+KERNEL_TUTORIAL = "tutorials/05_triton_kernel/"
 #: An issue number ("issue 4", "issue #12", "#12 ") or a session, in any case.
 FORBIDDEN_TEXT = re.compile(r"\bissues?\s*#?\d+|(?<![\w&#/])#\d{1,4}\b|\bsessions?\b", re.I)
 
@@ -122,6 +130,22 @@ INSPECT = """() => {
   const images = [...document.images]
     .filter((img) => !img.complete || img.naturalWidth === 0)
     .map((img) => img.getAttribute("src"));
+  // An equation number (KaTeX's .tag) that overlaps the formula it numbers.
+  const overlapping = [];
+  for (const tag of article.querySelectorAll(".katex-display .tag")) {
+    const t = tag.getBoundingClientRect();
+    const html = tag.closest(".katex-html");
+    for (const base of html.querySelectorAll(":scope > .base")) {
+      const b = base.getBoundingClientRect();
+      const apart = t.right <= b.left + 0.5 || t.left >= b.right - 0.5
+        || t.bottom <= b.top + 0.5 || t.top >= b.bottom - 0.5;
+      if (!apart) {
+        overlapping.push(tag.textContent.trim());
+        break;
+      }
+    }
+  }
+  const kernels = [...article.querySelectorAll("pre code")].filter((c) => c.textContent.includes("@triton.jit")).length;
   const clone = article.cloneNode(true);
   clone.querySelectorAll("annotation, pre, code, script").forEach((e) => e.remove());
   return {
@@ -130,10 +154,27 @@ INSPECT = """() => {
     mathSpans: document.querySelectorAll(".arithmatex").length,
     rendered: document.querySelectorAll(".arithmatex .katex").length,
     overflowing: overflowing,
+    overlapping: overlapping,
+    kernels: kernels,
     images: images,
     text: article.innerText,
   };
 }"""
+
+
+def _issues(found: dict, events: list[str]) -> list[str]:
+    """What went wrong on one page, from :data:`INSPECT`'s findings and the page's events."""
+    issues = list(events)
+    issues += [f"KaTeX error: {e}" for e in found["katexErrors"]]
+    if found["rawTex"]:
+        issues.append(f"{found['rawTex']} TeX delimiters left unrendered")
+    if found["rendered"] < found["mathSpans"]:
+        issues.append(f"{found['mathSpans']} math spans but {found['rendered']} rendered")
+    issues += [f"equation number {tag} overlaps its formula" for tag in found["overlapping"]]
+    issues += [f"wider than the page, no scroll box: {e}" for e in found["overflowing"]]
+    issues += [f"image did not load: {src}" for src in found["images"]]
+    issues += [f"mentions {m!r}" for m in sorted({m.group(0) for m in FORBIDDEN_TEXT.finditer(found["text"])})]
+    return issues
 
 
 def _pages(site: Path) -> list[str]:
@@ -177,7 +218,7 @@ def test_every_page_renders_cleanly(screenshots: Path):
             executable_path=chromium,
             args=CHROMIUM_ARGS,
             headless=True,
-            viewport={"width": WIDTH, "height": 900},
+            viewport={"width": WIDTHS[0], "height": 900},
         )
         tab = browser.new_page()
         events: list[str] = []
@@ -185,28 +226,28 @@ def test_every_page_renders_cleanly(screenshots: Path):
         tab.on("pageerror", lambda exc: events.append(f"uncaught: {exc}"))
         tab.on("requestfailed", lambda req: events.append(f"request failed: {req.url} ({req.failure})"))
         tab.on("response", lambda res: events.append(f"HTTP {res.status}: {res.url}") if res.status >= 400 else None)
-        for page in pages:
-            events.clear()
-            tab.goto(server.url + page, wait_until="load")
-            found = tab.evaluate(INSPECT)
-            name = page.strip("/").replace("/", "__") or "home"
-            tab.screenshot(path=str(screenshots / f"{name}.png"), full_page=True)
-            issues = list(events)
-            issues += [f"KaTeX error: {e}" for e in found["katexErrors"]]
-            if found["rawTex"]:
-                issues.append(f"{found['rawTex']} TeX delimiters left unrendered")
-            if found["rendered"] < found["mathSpans"]:
-                issues.append(f"{found['mathSpans']} math spans but {found['rendered']} rendered")
-            issues += [f"wider than the page, no scroll box: {e}" for e in found["overflowing"]]
-            issues += [f"image did not load: {src}" for src in found["images"]]
-            issues += [f"mentions {m!r}" for m in sorted({m.group(0) for m in FORBIDDEN_TEXT.finditer(found["text"])})]
-            if issues:
-                problems[page or "/"] = issues
+        for width in WIDTHS:
+            tab.set_viewport_size({"width": width, "height": 900})
+            for page in pages:
+                events.clear()
+                tab.goto(server.url + page, wait_until="load")
+                found = tab.evaluate(INSPECT)
+                name = page.strip("/").replace("/", "__") or "home"
+                tab.screenshot(path=str(screenshots / f"{name}-{width}.png"), full_page=True)
+                issues = _issues(found, events)
+                if page == KERNEL_TUTORIAL and not found["kernels"]:
+                    issues.append("no @triton.jit kernel in a code block: the kernel tutorial must show one")
+                if issues:
+                    problems[f"{page or '/'} at {width} px"] = issues
         # The home page on the dark theme too: the picture of the idea must read there.
+        tab.set_viewport_size({"width": WIDTHS[0], "height": 900})
         tab.goto(server.url, wait_until="load")
         tab.evaluate("() => document.body.setAttribute('data-md-color-scheme', 'slate')")
         tab.screenshot(path=str(screenshots / "home-dark.png"), full_page=True)
         browser.close()
     seconds = time.perf_counter() - start
-    print(f"\n{len(pages)} pages in {seconds:.1f} s (site built in {build_seconds:.1f} s); screenshots: {screenshots}")
+    print(
+        f"\n{len(pages)} pages at {len(WIDTHS)} widths in {seconds:.1f} s (site built in {build_seconds:.1f} s); "
+        f"screenshots: {screenshots}"
+    )
     assert not problems, "\n".join(f"{page}:\n  " + "\n  ".join(issues) for page, issues in problems.items())
