@@ -14,6 +14,7 @@
 #   evicted.
 
 # %%
+import matplotlib.pyplot as plt
 import torch
 
 import lazyattention.reference as la
@@ -106,6 +107,39 @@ for r, expected_shift in enumerate((0, 9, 1000)):
     row = meta.block_table[r, : int(meta.num_blocks[r])].tolist()
     shifts = {int(meta.block_shift[r, i]) for i, b in enumerate(row) if b in manual.blocks}
     assert shifts == {expected_shift}, (r, shifts)
+
+
+def draw_block_table(meta, names):
+    """Each request's logical blocks (rows), coloured by what they hold, each labelled with
+    the physical block it reads and its shift; the physical blocks below, with how many
+    requests read each."""
+    colours = {"manual": "#4e79a7", "faq": "#e15759", "own": "#9c9c9c"}
+    rows = [meta.block_table[r, : int(meta.num_blocks[r])].tolist() for r in range(meta.block_table.shape[0])]
+    _, ax = plt.subplots(figsize=(8, 3.6), layout="constrained")
+    for r, row in enumerate(rows):
+        y = len(rows) - r
+        for i, phys in enumerate(row):
+            ax.add_patch(plt.Rectangle((i, y), 0.92, 0.8, color=colours[names[phys]]))
+            label = f"#{phys}\nδ={int(meta.block_shift[r, i])}"
+            ax.text(i + 0.46, y + 0.4, label, ha="center", va="center", color="white", fontsize=9)
+        ax.text(-0.15, y + 0.4, f"request {r}", ha="right", va="center")
+    used = sorted({phys for row in rows for phys in row})
+    for j, phys in enumerate(used):
+        readers = sum(phys in row for row in rows)
+        ax.add_patch(plt.Rectangle((j * 0.75, -0.6), 0.68, 0.7, color=colours[names[phys]]))
+        ax.text(j * 0.75 + 0.34, -0.25, f"#{phys}\n×{readers}", ha="center", va="center", color="white", fontsize=8)
+    ax.text(-0.15, -0.25, "physical", ha="right", va="center")
+    ax.set_xlim(-1.6, max(max(map(len, rows)), len(used) * 0.75) + 0.2)
+    ax.set_ylim(-0.8, len(rows) + 1)
+    ax.axis("off")
+    ax.set_title("block table: physical block # and shift δ per logical block; ×n: requests reading it")
+    plt.show()
+
+
+names = {b: "manual" for b in manual.blocks}
+names.update({b: "faq" for b in store.get(la.content_key(documents["faq"])).blocks})
+names.update({b: "own" for blocks in own_blocks for b in blocks})
+draw_block_table(meta, names)
 
 snapshot = k_cache[list(manual.blocks)].clone(), v_cache[list(manual.blocks)].clone()
 q = torch.randn(layout.num_queries, H, D, dtype=f64, generator=generator)  # pre-RoPE
