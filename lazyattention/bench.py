@@ -217,7 +217,9 @@ def run_bench(
         model, device, dtype, requests, documents, doc_len, docs_per_request, query_len, output_len,
         budgets, budget, block_size,
     )  # fmt: skip
-    say(f"lazyattention bench: model={model} backend={backend} device={device} dtype={dtype}")
+    cpu_threads_for(model, device)
+    threads = f" threads={torch.get_num_threads()}" if device == "cpu" else ""
+    say(f"lazyattention bench: model={model} backend={backend} device={device}{threads} dtype={dtype}")
     runs_total = sweep_size(alphas, budgets, strategies)
     if per_run > LARGE_RUN_TOKENS:
         note(
@@ -228,7 +230,6 @@ def run_bench(
     if plot_path is None:
         say(f"matplotlib is not installed: {name}.png will be skipped (pip install lazyattention[plot])")
     start = time.perf_counter()
-    cpu_threads_for(model, device)
     with ticking(f"building the {model} model (random weights) on {device}:", enabled=progress):
         net = random_model(model, backend, DTYPES[dtype], device, seed)
     params = sum(p.numel() for p in net.parameters())

@@ -25,7 +25,8 @@ def say(text: str = "") -> None:
 
 def cpu_threads_for(model_name: str, device: str) -> None:
     """The tiny model's matmuls are far too small for intra-op threads: on a CPU they
-    only add hand-off cost (about 100x on a loaded 2-core machine), so use one."""
+    only add hand-off cost (about 100x on a loaded 2-core machine), so use one. Other
+    models keep torch's count; ``lazyattention bench`` prints the count it runs with."""
     if device == "cpu" and model_name == "tiny":
         torch.set_num_threads(1)
 

@@ -208,6 +208,7 @@ def test_bench_smoke_run(quiet, tmp_path, capsys):
     assert main(["bench", *TINY, "--out", str(tmp_path), *(["--quiet"] if quiet else [])]) == 0
     captured = capsys.readouterr()
     assert "vs skew" in captured.out and "vs budget" in captured.out
+    assert "device=cpu threads=1 dtype=float32" in captured.out  # the thread count it runs with, said
     assert "%|" not in captured.out, "progress bars go to stderr, never into the tables"
     assert json.loads((tmp_path / "engine.json").read_text())["runs"]
     if quiet:
