@@ -59,3 +59,12 @@ def test_smollm2_compiled_matches_the_oracle():
     assert_close(got, want.cpu(), ref, torch.float32, "SmolLM2 fast logits")
     greedy = Sampling(max_new_tokens=12)
     assert fast.generate(request, "lazy", greedy).tokens == reference.generate(request, "lazy", greedy).tokens
+
+
+def test_fast_backend_answers_a_batch_as_the_reference_does(tmp_path):
+    model = tiny_model(tmp_path, "llama", dtype=torch.float32).to(DEVICE)
+    requests = [REQUEST, RAGRequest(REQUEST.segments[::-1], (0, 40), (23, 24), 46)]
+    greedy = Sampling(max_new_tokens=3, ignore_eos=True)
+    fast = LazyRAG(model, None, backend="fast", num_blocks=16, block_size=16).generate_batch(requests, "lazy", greedy)
+    reference = LazyRAG(model, None, backend="reference", num_blocks=16, block_size=16)
+    assert [a.tokens for a in fast] == [a.tokens for a in reference.generate_batch(requests, "lazy", greedy)]
