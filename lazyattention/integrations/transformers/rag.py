@@ -278,13 +278,15 @@ def chat_parts(
 
 
 def default_cpu_threads() -> int:
-    """Half the CPU cores, 1 to 8: :class:`LazyRAG`'s intra-op threads on a CPU.
+    """:class:`LazyRAG`'s intra-op threads on a CPU unless told: torch's current count,
+    capped at half the CPU cores (1 to 8).
 
     Decoding a small model is a chain of small matmuls: more threads than that add
     hand-off and spin-wait cost, and on a machine other work shares, torch's default (every
-    core) made a run 7.6x slower than one thread (836 s against 110 s on 2 busy cores).
+    core) made a run 7.6x slower than one thread (836 s against 110 s on 2 busy cores). A
+    lower count set with ``torch.set_num_threads`` is kept.
     """
-    return max(1, min(8, (os.cpu_count() or 2) // 2))
+    return max(1, min(torch.get_num_threads(), 8, (os.cpu_count() or 2) // 2))
 
 
 @contextmanager
@@ -350,8 +352,8 @@ class LazyRAG:
         num_blocks: physical blocks of the paged cache.
         block_size: tokens per block.
         num_threads: torch's intra-op threads while a request runs on a CPU model,
-            restored afterwards (default: :func:`default_cpu_threads`, half the cores,
-            1 to 8); ignored for a model on a GPU.
+            restored afterwards (default: :func:`default_cpu_threads` at each call, torch's
+            count capped at half the cores, 1 to 8); ignored for a model on a GPU.
 
     Raises:
         UnsupportedModel: the architecture or its RoPE cannot be served (see
@@ -376,7 +378,8 @@ class LazyRAG:
         self.tokenizer = tokenizer
         self.cache = PagedCache.for_model(model, num_blocks, block_size)
         on_cpu = torch.device(model.device).type == "cpu"
-        self.num_threads = (num_threads or default_cpu_threads()) if on_cpu else None
+        self.num_threads = num_threads if on_cpu else None
+        self._on_cpu = on_cpu
         register()
 
     # ------------------------------------------------------------------ text API
@@ -547,7 +550,8 @@ class LazyRAG:
             self.support.check_span(first, req.own_start + len(req.own) + item.sampling.max_new_tokens - 2)
         began = time.perf_counter()
         store, held, copies = self.cache.store, [], []
-        with torch_threads(self.num_threads), attention_implementation(self.model, ATTENTION_NAME):
+        threads = (self.num_threads or default_cpu_threads()) if self._on_cpu else None
+        with torch_threads(threads), attention_implementation(self.model, ATTENTION_NAME):
             try:
                 for item in live:
                     placements = []

@@ -2,6 +2,7 @@
 streaming, the system turn and the instruction, starts, documents, threads; and the
 package's face (what ``import lazyattention`` gives, and what it does not import)."""
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -148,7 +149,11 @@ def test_threads_are_set_for_the_call_and_restored(pair, monkeypatch):
     before = torch.get_num_threads()
     rag.answer(QUESTION, DOCS, sampling=Sampling(max_new_tokens=2))
     assert set(seen) == {3} and torch.get_num_threads() == before
-    assert LazyRAG(model, tokenizer).num_threads == default_cpu_threads()
+    cores = (os.cpu_count() or 2) // 2
+    for set_before in (1, 2, 64):
+        torch.set_num_threads(set_before)
+        assert default_cpu_threads() == max(1, min(set_before, 8, cores))  # never above what torch was told
+    torch.set_num_threads(before)
     with pytest.raises(ValueError, match="num_threads must be a positive int"):
         LazyRAG(model, tokenizer, num_threads=0)
 
