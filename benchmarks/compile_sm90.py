@@ -12,7 +12,7 @@ and spill bytes that ``ptxas -v`` reports for that kernel's own PTX. It exits no
 when some configuration would not load.
 
 A configuration is (function, head dim, dtype, block size, GQA group); the plans are
-those :func:`lazyattention.fast.attend.plan` chooses on a 132-SM device. Triton's cache
+those :func:`lazyattention.fast.plan.plan` chooses on a 132-SM device. Triton's cache
 keeps compiled kernels, so a second run only reports.
 """
 
@@ -128,12 +128,12 @@ def configure(function: str, head_dim: int, dtype: torch.dtype, block_size: int,
 
 def compile_all(configs) -> list[dict]:
     """Compile ``configs`` and return one report row per distinct compiled kernel."""
-    from lazyattention.fast import attend
+    from lazyattention.fast import plan
 
     rows, seen = [], set()
     driver.set_active(_Sm90Driver())
     JITFunction.run = _compile_only
-    attend.multiprocessors = lambda device: SMS
+    plan.multiprocessors = lambda device: SMS
     try:
         for i, cfg in enumerate(configs):
             error = None
@@ -175,9 +175,9 @@ def ptxas_usage(ptx: str) -> dict:
 
 
 def _kernels():
-    from lazyattention.fast import attend, cache, shared
+    from lazyattention.fast import cache, kernels, merge, shared
 
-    return [attend._attention_kernel, attend._query_kernel, attend._merge_kernel,
+    return [kernels._attention_kernel, kernels._query_kernel, merge._merge_kernel,
             cache.write_kv_kernel, cache._materialise_kernel, shared._shared_kernel]  # fmt: skip
 
 

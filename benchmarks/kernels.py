@@ -61,6 +61,7 @@ import triton.testing
 
 import lazyattention.fast as fast
 from lazyattention.fast import attend as fast_attend
+from lazyattention.fast import kernels as fast_kernels
 from lazyattention.fast.cache import materialise
 from lazyattention.fast.rope import rope_tables
 from lazyattention.reference import Layout, Placement, RequestLayout, RopeConfig, apply_rope
@@ -592,7 +593,7 @@ def compiled_report() -> list[dict]:
     warpgroup MMAs in the TTGIR), for every compiled variant of the attention kernel."""
     out = []
     try:
-        for device_cache in fast_attend._attention_kernel.device_caches.values():
+        for device_cache in fast_kernels._attention_kernel.device_caches.values():
             for key, kernel in device_cache[0].items():
                 ttgir = kernel.asm.get("ttgir", "")
                 out.append({

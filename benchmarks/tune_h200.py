@@ -1,5 +1,5 @@
 """Time the split counts, tiles and kernel variants of the shapes where the fast path
-loses, in one GPU call (tuning aid; writes what ``fast/attend.py:plan`` is set from).
+loses, in one GPU call (tuning aid; writes what ``fast/plan.py:plan`` is set from).
 
 Run: ``python benchmarks/tune_h200.py --out FILE [--baseline DIR] [--budget SECONDS] [--kinds prefill]
 [--stages]`` (``scripts/tune_gpu.sh`` does, with the compiled attention tests after it).

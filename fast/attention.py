@@ -125,7 +125,7 @@ def lazy_prefill(
     query heads packed in the tile) and walks the request's blocks; the query tile is
     rotated by ``p − δ`` from the pre-RoPE query each time the shift changes; online
     softmax (eq. 11). Tiles and key loads (bulk tensor copies or row gathers) are
-    chosen by ``fast/attend.py``'s ``plan()``.
+    chosen by ``fast/plan.py``'s ``plan()``.
     """
     return _attention(
         "lazy_prefill", q, k_cache, v_cache, layout, rope, scale, return_lse=return_lse, decode=False, mode=_attend.LAZY

@@ -91,13 +91,13 @@ def scatter_kv(k, v, k_cache, v_cache, slots, positions, tables: RopeTables | No
     block_t = 16
     dummy = slots  # unused pointers when ROTATE is off
     write_kv_kernel[(triton.cdiv(t, block_t), hkv)](
-        k, v, kc, vc, slots, positions,
-        tables.freq if tables is not None else dummy,
-        tables.partner if tables is not None else dummy,
-        tables.mscale if tables is not None else dummy,
-        t, hkv, d,
-        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        kc.stride(0), kc.stride(1), vc.stride(0), vc.stride(1),
+        k_ptr=k, v_ptr=v, k_cache_ptr=kc, v_cache_ptr=vc, slots_ptr=slots, positions_ptr=positions,
+        freq_ptr=tables.freq if tables is not None else dummy,
+        partner_ptr=tables.partner if tables is not None else dummy,
+        mscale_ptr=tables.mscale if tables is not None else dummy,
+        T=t, Hkv=hkv, D=d,
+        stride_kt=k.stride(0), stride_kh=k.stride(1), stride_vt=v.stride(0), stride_vh=v.stride(1),
+        stride_cs=kc.stride(0), stride_ch=kc.stride(1), stride_ds=vc.stride(0), stride_dh=vc.stride(1),
         BLOCK_T=block_t, DP=dp, ROTATE=tables is not None, EMULATE_RTNE=emulate_rtne(k.dtype, k.device),
     )  # fmt: skip
 
@@ -183,13 +183,14 @@ def materialise(
     v_out = buffers.empty((b * m, s, hkv, d), dtype, v_cache.device)
     dp = tables.freq.shape[0]
     _materialise_kernel[(b * m, hkv)](
-        k_cache, v_cache, k_out, v_out,
-        meta.block_table, meta.block_shift, meta.block_len, meta.num_blocks,
-        tables.freq, tables.partner,
-        d, m,
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        k_out.stride(0), k_out.stride(1), k_out.stride(2),
+        k_ptr=k_cache, v_ptr=v_cache, k_out_ptr=k_out, v_out_ptr=v_out,
+        block_table_ptr=meta.block_table, block_shift_ptr=meta.block_shift, block_len_ptr=meta.block_len,
+        num_blocks_ptr=meta.num_blocks,
+        freq_ptr=tables.freq, partner_ptr=tables.partner,
+        D=d, M=m,
+        stride_kn=k_cache.stride(0), stride_ks=k_cache.stride(1), stride_kh=k_cache.stride(2),
+        stride_vn=v_cache.stride(0), stride_vs=v_cache.stride(1), stride_vh=v_cache.stride(2),
+        stride_on=k_out.stride(0), stride_os=k_out.stride(1), stride_oh=k_out.stride(2),
         BLOCK_S=max(16, triton.next_power_of_2(s)), DP=dp,
         EMULATE_RTNE=emulate_rtne(dtype, k_cache.device),
     )  # fmt: skip

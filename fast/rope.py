@@ -188,8 +188,8 @@ def _run_angles(positions: torch.Tensor, rope: RopeConfig, what: int) -> torch.T
     out = torch.empty(positions.shape[0], tables.freq.shape[0], dtype=torch.float32, device=positions.device)
     block_t = 16
     _angles_kernel[(triton.cdiv(positions.shape[0], block_t),)](
-        positions.to(torch.int64), tables.freq, out, positions.shape[0], BLOCK_T=block_t, DP=tables.freq.shape[0],
-        WHAT=what,
+        pos_ptr=positions.to(torch.int64), freq_ptr=tables.freq, out_ptr=out, T=positions.shape[0],
+        BLOCK_T=block_t, DP=tables.freq.shape[0], WHAT=what,
     )  # fmt: skip
     # One column per frequency, with the positive sign: the second channel of each pair.
     half = rope.rotary_dim // 2

@@ -14,7 +14,7 @@ attend to the same key tile, each row rotated by its own ``p_r − δ_r``.
 * :func:`shared_decode`: the rest through the per-request decode kernel
   (``fast/attend.py``, with its log-sum-exp and float32 output), each shared segment
   through :func:`_shared_kernel`, and the partials merged per (request, head) by
-  log-sum-exp (eq. 12, :func:`~lazyattention.fast.attend.merge_partials`).
+  log-sum-exp (eq. 12, :func:`~lazyattention.fast.merge.merge_partials`).
 
 **The shared kernel.** A program holds one KV head and a tile of ``BLOCK_R`` *members*
 of one shared segment (a member is one request's placement of it); row ``i`` of the
@@ -22,10 +22,10 @@ of one shared segment (a member is one request's placement of it); row ``i`` of 
 KV head's group. The rows are rotated once per program, directly from the pre-RoPE
 query: ``m R(p_r − δ_r) q``, with the angles ``(p_r − δ_r) · θ`` of each member
 (``[BLOCK_R, DP]``, shared by its group's rows) — never per key tile, and with no query
-kernel before (as the decode's direct rotation, ``fast/attend.py``). The program then
+kernel before (as the decode's direct rotation, ``fast/kernels.py``). The program then
 walks its share of the segment's key tiles (bulk tensor copies when ``S % BLOCK_N == 0``
 and the head dim is unpadded, row gathers otherwise: the attention kernel's
-:func:`~lazyattention.fast.attend._key_tile`) with an online softmax (eq. 11); segment
+:func:`~lazyattention.fast.kernels.key_tile`) with an online softmax (eq. 11); segment
 keys are visible to every query (eq. 7), so only the last tile, past the segment's valid
 length, is masked. It writes a partial ``(out, lse)`` per (request, head) into that
 request's merge slot.
@@ -64,15 +64,22 @@ from lazyattention.reference.checks import check_attention_inputs
 from lazyattention.reference.layout import Layout, RequestLayout, ceil_div
 from lazyattention.reference.rope import RopeConfig
 
-from . import attend as _attend
 from . import buffers
+from . import plan as _plan
+from .attend import attend, default_scale
 from .attention import _check_backend, _tables
+from .kernels import LAZY, LOG2E, cache_descriptors, finish, key_tile
+from .merge import merge_partials
+from .plan import Plan
 from .rope import RopeTables, rope_cos_sin
 from .rounding import dot_dtype
 
 __all__ = [
     "MAX_SPLITS",
     "MAX_SLOTS",
+    "ITEM_FIELDS",
+    "MEMBER_FIELDS",
+    "SharedMetadata",
     "SharedSegment",
     "SharingPlan",
     "plan_sharing",
@@ -87,7 +94,9 @@ MAX_SPLITS = 8
 #: Most partials merged per request (the rest, plus each shared read times its splits).
 MAX_SLOTS = 64
 
-_ITEM, _MEMBER = 6, 3  # int32 fields per work item and per member in the metadata
+#: Int32 fields per work item (table offset, first and end key slot, first member, member
+#: count, split) and per member (request, shift, first merge slot) of :class:`SharedMetadata`.
+ITEM_FIELDS, MEMBER_FIELDS = 6, 3
 
 
 # --------------------------------------------------------------------------- device code
@@ -161,14 +170,14 @@ def _shared_kernel(
     # own_slot0 = j_hi every valid slot counts as a segment slot, visible to all rows.
     safe_end = j_lo + (j_hi - j_lo) // BLOCK_N * BLOCK_N
     for j0 in range(j_lo, safe_end, BLOCK_N):
-        m_i, l_i, acc = _attend._key_tile(
+        m_i, l_i, acc = key_tile(
             q, m_i, l_i, acc, j0, j_hi, j_hi, 0, q_pos, qk_scale,
             k_ptr, v_ptr, k_desc, v_desc, table_row, table_row, kv_head, d, d_ok, freq, partner, mscale,
             stride_kn, stride_ks, stride_kh, stride_vn, stride_vs, stride_vh,
             S, BLOCK_N, DP, 0, False, TMA, DOT_DTYPE, PRECISION,
         )  # fmt: skip
     for j0 in range(safe_end, j_hi, BLOCK_N):
-        m_i, l_i, acc = _attend._key_tile(
+        m_i, l_i, acc = key_tile(
             q, m_i, l_i, acc, j0, j_hi, j_hi, 0, q_pos, qk_scale,
             k_ptr, v_ptr, k_desc, v_desc, table_row, table_row, kv_head, d, d_ok, freq, partner, mscale,
             stride_kn, stride_ks, stride_kh, stride_vn, stride_vs, stride_vh,
@@ -176,7 +185,7 @@ def _shared_kernel(
         )  # fmt: skip
 
     # ---- write this member's partial into its request's merge slot
-    out, lse = _attend._finish(m_i, l_i, acc)
+    out, lse = finish(m_i, l_i, acc)
     dst = r * stride_pt + head * stride_ph + slot * stride_pp
     tl.store(part_ptr + dst[:, None] + d[None, :], out, mask=row_ok[:, None] & d_ok[None, :])
     tl.store(part_lse_ptr + r * stride_lt + head * stride_lh + slot, lse, mask=row_ok)
@@ -202,8 +211,9 @@ class SharedSegment:
         return len({r for r, _ in self.members})
 
 
-class _Metadata(NamedTuple):
-    """A plan's metadata on one device, for one tile plan."""
+class SharedMetadata(NamedTuple):
+    """A sharing plan's kernel metadata on one device, for one tile plan: what the shared
+    kernel reads, by name (:meth:`SharingPlan.build_metadata`)."""
 
     tensor: torch.Tensor  # int32: items, members, block tables, back to back
     num_items: int
@@ -233,7 +243,7 @@ class SharingPlan:
         self.min_requests = min_requests
         self.segments = segments
         self.rest = rest
-        self._metadata: dict[tuple, _Metadata] = {}
+        self._metadata: dict[tuple, SharedMetadata] = {}
 
     @property
     def read_tokens(self) -> int:
@@ -245,7 +255,7 @@ class SharingPlan:
         """Shared-segment tokens the shared kernel reads (once per segment)."""
         return sum(seg.length for seg in self.segments)
 
-    def splits(self, tiles: _attend.Plan, num_kv_heads: int, device: torch.device) -> tuple[int, ...]:
+    def splits(self, tiles: Plan, num_kv_heads: int, device: torch.device) -> tuple[int, ...]:
         """Key splits per shared segment: about four programs per SM over all shared
         work, at least two key tiles per split, at most :data:`MAX_SPLITS`, and at most
         :data:`MAX_SLOTS` partials per request (halving the split until it fits).
@@ -256,7 +266,7 @@ class SharingPlan:
         if device.type == "cpu":
             return tuple(min(b, 2 if t > 2 else 1) for t, b in zip(key_tiles, blocks, strict=True))
         programs = num_kv_heads * sum(ceil_div(len(seg.members), tiles.block_q) for seg in self.segments)
-        want = max(1, min(MAX_SPLITS, ceil_div(4 * _attend.multiprocessors(device), programs)))
+        want = max(1, min(MAX_SPLITS, ceil_div(4 * _plan.multiprocessors(device), programs)))
         while True:
             splits = tuple(min(want, b, max(1, t // 2)) for t, b in zip(key_tiles, blocks, strict=True))
             if want == 1 or self._slots(splits) <= MAX_SLOTS:
@@ -270,7 +280,7 @@ class SharingPlan:
                 used[r] += p
         return max(used)
 
-    def host_metadata(self, tiles: _attend.Plan, splits: tuple[int, ...]) -> tuple[torch.Tensor, tuple[int, ...]]:
+    def host_metadata(self, tiles: Plan, splits: tuple[int, ...]) -> tuple[torch.Tensor, tuple[int, ...]]:
         """``(tensor, (items, item_off, member_off, table_off, slots))``: the int32
         metadata of :func:`_shared_kernel` on the host (see the module docstring)."""
         s = self.layout.block_size
@@ -304,22 +314,22 @@ class SharingPlan:
             items.append((0, 0, 0, t, min(tiles.block_q, len(members) - t), 0))
         flat = [x for row in items for x in row] + [x for row in members for x in row] + table
         tensor = torch.tensor(flat, dtype=torch.int32)
-        member_off = len(items) * _ITEM
-        return tensor, (len(items), 0, member_off, member_off + len(members) * _MEMBER, slots)
+        member_off = len(items) * ITEM_FIELDS
+        return tensor, (len(items), 0, member_off, member_off + len(members) * MEMBER_FIELDS, slots)
 
-    def build_metadata(self, device: torch.device, tiles: _attend.Plan, num_kv_heads: int) -> _Metadata:
+    def build_metadata(self, device: torch.device, tiles: Plan, num_kv_heads: int) -> SharedMetadata:
         """The metadata for ``tiles`` on ``device``'s SM count, its tensor on the host
         (for a caller that uploads it with other tensors, then :meth:`use_metadata`)."""
         splits = self.splits(tiles, num_kv_heads, device)
         host, (n, item_off, member_off, table_off, slots) = self.host_metadata(tiles, splits)
-        return _Metadata(host, n, item_off, member_off, table_off, slots, splits)
+        return SharedMetadata(host, n, item_off, member_off, table_off, slots, splits)
 
-    def use_metadata(self, meta: _Metadata, tiles: _attend.Plan, num_kv_heads: int) -> None:
+    def use_metadata(self, meta: SharedMetadata, tiles: Plan, num_kv_heads: int) -> None:
         """Use ``meta`` (from :meth:`build_metadata`, its tensor copied to its device) as
         :meth:`metadata` there."""
         self._metadata[(meta.tensor.device, tiles, num_kv_heads)] = meta
 
-    def metadata(self, device: torch.device, tiles: _attend.Plan, num_kv_heads: int) -> _Metadata:
+    def metadata(self, device: torch.device, tiles: Plan, num_kv_heads: int) -> SharedMetadata:
         """The metadata on ``device`` for ``tiles`` (built and uploaded once, then kept)."""
         key = (device, tiles, num_kv_heads)
         meta = self._metadata.get(key)
@@ -392,8 +402,8 @@ def plan_sharing(layout: Layout, min_requests: int = 2) -> SharingPlan | None:
 
 def shared_tiles(
     num_heads: int, num_kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype, device: torch.device
-) -> _attend.Plan:
-    """Tiles of :func:`_shared_kernel`, as an attention :class:`~lazyattention.fast.attend.Plan`
+) -> Plan:
+    """Tiles of :func:`_shared_kernel`, as an attention :class:`~lazyattention.fast.plan.Plan`
     whose ``block_q`` is the members per program (``BLOCK_R``) and ``gp`` the padded group.
 
     About 64 rows (16 members of a group of 4) by 64 keys in 16-bit, over 4 warps
@@ -417,7 +427,7 @@ def shared_tiles(
         block_m, block_n, warps, stages = 64, 64, 4, 3
     block_m = max(block_m, gp)
     tma = block_size % block_n == 0 and dp == head_dim
-    return _attend.Plan(block_m // gp, gp, block_n, dp, 1, warps, stages, tma, direct=False, flat=False)
+    return Plan(block_m // gp, gp, block_n, dp, 1, warps, stages, tma, direct=False, flat=False)
 
 
 # --------------------------------------------------------------------------- public
@@ -460,7 +470,7 @@ def shared_decode(
         raise TypeError(f"sharing must be a SharingPlan (from plan_sharing), got {type(sharing).__name__}")
     elif sharing.layout is not layout:
         raise ValueError("sharing was planned for another layout: pass plan_sharing(layout) of this layout")
-    scale = _attend.default_scale(q.shape[-1], scale)
+    scale = default_scale(q.shape[-1], scale)
     out, lse = attend_shared(q, k_cache, v_cache, sharing, _tables(rope, q.device), scale)
     return (out, lse) if return_lse else out
 
@@ -476,7 +486,7 @@ def attend_shared(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
 
 
 def shared_launches(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, sharing: SharingPlan,
-                    tables: RopeTables, scale: float, tiles: _attend.Plan | None = None):  # fmt: skip
+                    tables: RopeTables, scale: float, tiles: Plan | None = None):  # fmt: skip
     """:func:`attend_shared`'s launches, not yet run: ``(launches, out, lse)``, where
     ``launches`` maps ``"rest"``, ``"shared"`` and ``"merge"`` to calls that, run in that
     order, fill ``out [B, H, D]`` and ``lse [B, H]`` (the merge reads what the others
@@ -491,22 +501,24 @@ def shared_launches(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     part_lse = buffers.empty((b, h, meta.slots), torch.float32, q.device)
     out = buffers.empty((b, h, d), q.dtype, q.device)
     lse = buffers.empty((b, h), torch.float32, q.device)
-    k_desc, v_desc = _attend._cache_descriptors(k_cache, v_cache, tiles)
+    k_desc, v_desc = cache_descriptors(k_cache, v_cache, tiles)
 
     def rest():  # the per-request kernel, written in float32 into merge slot 0
-        _attend.attend(q, k_cache, v_cache, rest_meta, tables, 1, scale, _attend.LAZY, True, True,
-                       out=part[:, :, 0], lse=part_lse[:, :, 0])  # fmt: skip
+        attend(q, k_cache, v_cache, rest_meta, tables, 1, scale, LAZY, True, True,
+               out=part[:, :, 0], lse=part_lse[:, :, 0])  # fmt: skip
 
     def shared():
         _shared_kernel[(meta.num_items, hkv)](
-            q, k_cache, v_cache, k_desc, v_desc, part, part_lse, meta.tensor, rest_meta.query_start,
-            tables.freq, tables.partner, tables.mscale,
-            scale * _attend.LOG2E, meta.item_off, meta.member_off, meta.table_off,
-            q.stride(0), q.stride(1),
-            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-            part.stride(0), part.stride(1), part.stride(2), part_lse.stride(0), part_lse.stride(1),
-            h // hkv, d,
+            q_ptr=q, k_ptr=k_cache, v_ptr=v_cache, k_desc=k_desc, v_desc=v_desc,
+            part_ptr=part, part_lse_ptr=part_lse, meta_ptr=meta.tensor, query_start_ptr=rest_meta.query_start,
+            freq_ptr=tables.freq, partner_ptr=tables.partner, mscale_ptr=tables.mscale,
+            qk_scale=scale * LOG2E, item_off=meta.item_off, member_off=meta.member_off, table_off=meta.table_off,
+            stride_qt=q.stride(0), stride_qh=q.stride(1),
+            stride_kn=k_cache.stride(0), stride_ks=k_cache.stride(1), stride_kh=k_cache.stride(2),
+            stride_vn=v_cache.stride(0), stride_vs=v_cache.stride(1), stride_vh=v_cache.stride(2),
+            stride_pt=part.stride(0), stride_ph=part.stride(1), stride_pp=part.stride(2),
+            stride_lt=part_lse.stride(0), stride_lh=part_lse.stride(1),
+            G=h // hkv, D=d,
             BLOCK_R=tiles.block_q, GP=tiles.gp, BLOCK_N=tiles.block_n, DP=tiles.dp, S=s,
             TMA=k_desc is not None, DOT_DTYPE=dot_dtype(q.dtype, q.device),
             PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
@@ -514,6 +526,6 @@ def shared_launches(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         )  # fmt: skip
 
     def merge():
-        _attend.merge_partials(part, part_lse, out, lse)
+        merge_partials(part, part_lse, out, lse)
 
     return {"rest": rest, "shared": shared, "merge": merge}, out, lse

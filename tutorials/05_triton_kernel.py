@@ -353,7 +353,7 @@ for block_n in (16, 64):
 # is a run's last. Own blocks wholly after the tile's last query are never visited. A key
 # tile that lies inside one block (`S % BLOCK_N == 0`) arrives on Hopper by one bulk
 # tensor copy (TMA); otherwise each row gathers its own block's physical id
-# ([`_key_tile`](source:_key_tile)).
+# ([`key_tile`](source:key_tile)).
 #
 # The production kernel passes the same check as the tiny one, in prefill and decode,
 # and so does the materialise path (Block-Attention's copy and re-rotation, then the same

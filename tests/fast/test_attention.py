@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 
 import lazyattention.fast as fast
 from lazyattention.fast import attend as _attend
+from lazyattention.fast import plan as _plan
 from lazyattention.reference import RopeConfig, assert_close
 from lazyattention.testing import properties
 from tests.strategies import Case, DocSpec, RequestSpec, SegmentSpec, build, edge_cases
@@ -233,8 +234,8 @@ def test_decode_plan_follows_the_h200_sweep(shape, want, monkeypatch):
     """The decode plan of a 132-SM GPU picks, at the shapes the sweep timed, the pipeline
     depth and split count that ran fastest there."""
     batch, keys = shape
-    monkeypatch.setattr(_attend, "multiprocessors", lambda device: 132)
-    pl = _attend.plan(32, 8, 128, 64, torch.bfloat16, torch.device("cuda"), True, batch * 8, keys)
+    monkeypatch.setattr(_plan, "multiprocessors", lambda device: 132)
+    pl = _plan.plan(32, 8, 128, 64, torch.bfloat16, torch.device("cuda"), True, batch * 8, keys)
     assert (pl.num_stages, pl.splits) == want
 
 
