@@ -62,8 +62,10 @@ from pathlib import Path
 import torch
 
 from lazyattention.reference.tolerance import error, tolerance
+from lazyattention.serving.config import ModelConfig
 from lazyattention.serving.engine import STRATEGIES, Engine, blocks_needed
-from lazyattention.serving.model import Model, ModelConfig, random_model
+from lazyattention.serving.loading import random_model
+from lazyattention.serving.model import Model
 from lazyattention.serving.quality import quality_check
 from lazyattention.serving.strategies import get_strategy
 from lazyattention.serving.sweep import environment, format_table

@@ -30,8 +30,8 @@ _HOMES = {
     "full_attention": "lazyattention.integrations.transformers",
     "load_pretrained": "lazyattention.integrations.transformers",
     "Engine": "lazyattention.serving.engine",
-    "load_model": "lazyattention.serving.model",
-    "load_tokenizer": "lazyattention.serving.model",
+    "load_model": "lazyattention.serving.loading",
+    "load_tokenizer": "lazyattention.serving.loading",
 }
 
 #: Submodules reachable as attributes (``lazyattention.fast`` imports Triton when first used).

@@ -23,8 +23,9 @@ from pathlib import Path
 import torch
 
 from lazyattention.console import SweepProgress, cpu_threads_for, note, say, ticking
+from lazyattention.serving.config import MODEL_SHAPES
 from lazyattention.serving.engine import STRATEGIES
-from lazyattention.serving.model import MODEL_SHAPES, random_model
+from lazyattention.serving.loading import random_model
 from lazyattention.serving.sweep import (
     METRIC_COLUMNS,
     display_units,

@@ -27,8 +27,8 @@ import lazyattention
 from lazyattention.backends import BACKENDS, get_backend
 from lazyattention.bench import DTYPES, output_paths, run_bench
 from lazyattention.demo import run_demo
+from lazyattention.serving.config import MODEL_SHAPES
 from lazyattention.serving.engine import STRATEGIES
-from lazyattention.serving.model import MODEL_SHAPES
 
 __all__ = ["build_parser", "main", "parse_args"]
 

@@ -24,7 +24,7 @@ import torch
 from lazyattention.backends import get_backend
 from lazyattention.console import cpu_threads_for
 from lazyattention.console import say as _say
-from lazyattention.serving.model import random_model
+from lazyattention.serving.loading import random_model
 from lazyattention.serving.sweep import METRIC_COLUMNS, display_units, format_table, run_sweep
 
 __all__ = ["run_demo"]

@@ -4,7 +4,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from lazyattention.serving.engine import Engine
-from lazyattention.serving.model import load_model
+from lazyattention.serving.loading import load_model
 
 # A stand-in for a downloaded checkpoint: a tiny random Llama, saved the usual way.
 folder = tempfile.mkdtemp()

@@ -15,7 +15,9 @@ and load from the same code. What is particular here is only the attention layer
   reads each segment several requests share once for all of them.
 
 So the model never knows where a document sits in a request: the
-:class:`~lazyattention.reference.Layout` of the step says it.
+:class:`~lazyattention.reference.Layout` of the step says it. Its shape is a
+:class:`~lazyattention.serving.config.ModelConfig`; checkpoints and seeded random
+weights load through :mod:`lazyattention.serving.loading`.
 
 The backend is a :class:`~lazyattention.backends.Backend`, chosen by name through
 :func:`~lazyattention.backends.get_backend`: ``"fast"`` imports Triton when — and
@@ -29,10 +31,7 @@ size, ``C`` copied tokens.
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -43,164 +42,12 @@ from lazyattention.reference.cache import PagedKVCache
 from lazyattention.reference.layout import Layout, Placement, RequestLayout
 from lazyattention.reference.rope import RopeConfig
 
+from .config import ModelConfig
+
 if TYPE_CHECKING:
     from lazyattention.backends import SharingPlan
 
-__all__ = [
-    "SUPPORTED_ARCHITECTURES",
-    "ModelConfig",
-    "StepInputs",
-    "Model",
-    "load_model",
-    "load_tokenizer",
-    "MODEL_SHAPES",
-    "random_model",
-]
-
-#: ``model_type`` values of ``config.json`` this loader understands.
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
-
-# --------------------------------------------------------------------------- config
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """The shape of a Llama-family decoder.
-
-    Args:
-        vocab_size: ``V``.
-        hidden_size: ``E``.
-        intermediate_size: width of the SwiGLU MLP.
-        num_layers: decoder layers.
-        num_heads: ``H`` query heads.
-        num_kv_heads: ``Hkv`` key/value heads (``H % Hkv == 0``; GQA when smaller).
-        rope: the model's RoPE (its ``head_dim`` is ``D``).
-        rms_norm_eps: RMSNorm epsilon.
-        qkv_bias: bias on the q, k, v projections (Qwen2).
-        o_bias: bias on the output projection (Llama's ``attention_bias``).
-        mlp_bias: bias on the MLP projections.
-        tie_word_embeddings: the output head reuses the embedding matrix.
-        sliding_window: Mistral's window; sequences longer than it are refused
-            (sliding-window attention is not implemented, and silently attending to
-            everything would compute another function).
-        model_type: ``"llama"``, ``"mistral"`` or ``"qwen2"``, for messages.
-
-    Example:
-        >>> cfg = ModelConfig.tiny()
-        >>> cfg.head_dim, cfg.num_heads // cfg.num_kv_heads
-        (16, 2)
-    """
-
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    rope: RopeConfig
-    rms_norm_eps: float = 1e-5
-    qkv_bias: bool = False
-    o_bias: bool = False
-    mlp_bias: bool = False
-    tie_word_embeddings: bool = False
-    sliding_window: int | None = None
-    model_type: str = "llama"
-
-    def __post_init__(self) -> None:
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
-
-    @property
-    def head_dim(self) -> int:
-        return self.rope.head_dim
-
-    @classmethod
-    def tiny(cls, vocab_size: int = 256, num_layers: int = 2, base: float = 10000.0) -> ModelConfig:
-        """A small random-weight configuration for demos and tests (GQA ratio 2)."""
-        return cls(
-            vocab_size=vocab_size,
-            hidden_size=64,
-            intermediate_size=128,
-            num_layers=num_layers,
-            num_heads=4,
-            num_kv_heads=2,
-            rope=RopeConfig(head_dim=16, base=base),
-        )
-
-    @classmethod
-    def llama3_1b(cls) -> ModelConfig:
-        """The shape of Llama-3.2-1B (random weights in benchmarks: shapes set the cost)."""
-        return cls.from_hf(
-            {
-                "model_type": "llama",
-                "vocab_size": 128256,
-                "hidden_size": 2048,
-                "intermediate_size": 8192,
-                "num_hidden_layers": 16,
-                "num_attention_heads": 32,
-                "num_key_value_heads": 8,
-                "head_dim": 64,
-                "rms_norm_eps": 1e-5,
-                "rope_theta": 500000.0,
-                "rope_scaling": {
-                    "rope_type": "llama3",
-                    "factor": 32.0,
-                    "low_freq_factor": 1.0,
-                    "high_freq_factor": 4.0,
-                    "original_max_position_embeddings": 8192,
-                },
-                "tie_word_embeddings": True,
-            }
-        )
-
-    @classmethod
-    def from_hf(cls, config: dict) -> ModelConfig:
-        """Build from a Hugging Face ``config.json`` dictionary.
-
-        Raises:
-            ValueError: an architecture outside :data:`SUPPORTED_ARCHITECTURES`, an
-                activation other than SiLU, or an unsupported RoPE type (dynamic NTK
-                among them: :meth:`RopeConfig.from_hf` says why).
-        """
-        model_type = config.get("model_type")
-        if model_type not in SUPPORTED_ARCHITECTURES:
-            archs = config.get("architectures")
-            raise ValueError(
-                f"unsupported architecture: model_type={model_type!r} (architectures={archs}); "
-                f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
-            )
-        act = config.get("hidden_act", "silu")
-        if act != "silu":
-            raise ValueError(f"unsupported activation {act!r}: the Llama-family MLP here is SwiGLU (silu)")
-        num_heads = config["num_attention_heads"]
-        head_dim = config.get("head_dim") or config["hidden_size"] // num_heads
-        attention_bias = bool(config.get("attention_bias", False))
-        # Qwen2 always has q/k/v bias and no o bias; Llama's attention_bias covers all four.
-        qkv_bias = True if model_type == "qwen2" else attention_bias
-        o_bias = False if model_type == "qwen2" else attention_bias
-        window = None
-        if model_type == "mistral" or config.get("use_sliding_window"):
-            window = config.get("sliding_window")
-        return cls(
-            vocab_size=config["vocab_size"],
-            hidden_size=config["hidden_size"],
-            intermediate_size=config["intermediate_size"],
-            num_layers=config["num_hidden_layers"],
-            num_heads=num_heads,
-            num_kv_heads=config.get("num_key_value_heads") or num_heads,
-            rope=RopeConfig.from_hf(config, head_dim=head_dim),
-            rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
-            qkv_bias=qkv_bias,
-            o_bias=o_bias,
-            mlp_bias=bool(config.get("mlp_bias", False)),
-            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-            sliding_window=window,
-            model_type=model_type,
-        )
+__all__ = ["StepInputs", "Model"]
 
 
 # --------------------------------------------------------------------------- step inputs
@@ -487,83 +334,3 @@ class Model(nn.Module):
         layout = Layout([RequestLayout((), own, num_queries=t)], block_size)
         positions = torch.arange(t, device=self.device)
         return self.forward(token_ids, cache, StepInputs(slots=positions, positions=positions, prefill=layout))
-
-
-#: The named random-weight shapes of the demo and the benchmarks.
-MODEL_SHAPES = {"tiny": ModelConfig.tiny, "llama3-1b": ModelConfig.llama3_1b}
-
-
-def random_model(name: str, backend: str | Backend, dtype: torch.dtype, device: str | torch.device, seed: int) -> Model:
-    """A model of the named shape (:data:`MODEL_SHAPES`) with seeded random weights.
-
-    The weights are drawn on the CPU, so every device gets the same model.
-    """
-    if name not in MODEL_SHAPES:
-        raise ValueError(f"unknown model shape {name!r}; choose one of {', '.join(MODEL_SHAPES)}")
-    return Model(MODEL_SHAPES[name](), backend=backend).init_random(seed).to(device=device, dtype=dtype).eval()
-
-
-# --------------------------------------------------------------------------- loading
-
-
-def load_model(
-    path: str | os.PathLike,
-    backend: str | Backend = "reference",
-    dtype: torch.dtype | None = None,
-    device: torch.device | str = "cpu",
-) -> Model:
-    """Load a Hugging Face ``config.json`` + safetensors checkpoint from a local folder.
-
-    Args:
-        path: folder holding ``config.json`` and ``*.safetensors`` (one file or shards).
-        backend: a :class:`~lazyattention.backends.Backend` or its name.
-        dtype: weights and cache dtype; ``None`` keeps the checkpoint's.
-        device: where the model lives.
-
-    Raises:
-        FileNotFoundError: no ``config.json`` or no safetensors file in ``path``.
-        ValueError: unsupported architecture or RoPE type; weights that do not match.
-    """
-    from safetensors.torch import load_file  # an optional dependency: only the loader needs it
-
-    folder = Path(path)
-    config_file = folder / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"no config.json in {folder}")
-    cfg = ModelConfig.from_hf(json.loads(config_file.read_text()))
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no *.safetensors weights in {folder}")
-    state = {}
-    for f in files:
-        state.update(load_file(str(f)))
-    state = {k.removeprefix("model."): v for k, v in state.items()}
-    if cfg.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
-    model = Model(cfg, backend=backend)
-    expected = set(model.state_dict())
-    if cfg.tie_word_embeddings:
-        expected.discard("lm_head.weight")
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-    if missing or unexpected:
-        raise ValueError(
-            f"checkpoint in {folder} does not match a {cfg.model_type} model: "
-            f"missing {missing[:5]}, unexpected {unexpected[:5]}"
-        )
-    model.load_state_dict(state, strict=False)
-    target = dtype or next(iter(state.values())).dtype
-    return model.to(device=device, dtype=target).eval()
-
-
-def load_tokenizer(path: str | os.PathLike):
-    """The folder's ``tokenizer.json`` as a ``tokenizers.Tokenizer``, or ``None`` when
-    the file is absent. Raises ``ImportError`` if the file exists but the optional
-    ``tokenizers`` package is not installed (the model itself takes token ids)."""
-    file = Path(path) / "tokenizer.json"
-    if not file.is_file():
-        return None
-    try:
-        from tokenizers import Tokenizer
-    except ImportError as exc:
-        raise ImportError(f"{file} needs the 'tokenizers' package: pip install tokenizers") from exc
-    return Tokenizer.from_file(str(file))

@@ -34,8 +34,10 @@ from transformers import (
 
 from lazyattention.reference.rope import Llama3Scaling, YarnScaling
 from lazyattention.reference.tolerance import assert_close
+from lazyattention.serving.config import ModelConfig
 from lazyattention.serving.engine import Engine
-from lazyattention.serving.model import Model, ModelConfig, load_model, load_tokenizer
+from lazyattention.serving.loading import load_model, load_tokenizer
+from lazyattention.serving.model import Model
 
 SMALL = dict(
     vocab_size=96,
@@ -170,7 +172,7 @@ def test_backends(monkeypatch):
 
 def test_model_modules_never_import_triton():
     code = (
-        "import sys; import lazyattention.serving.model, lazyattention.serving.engine, "
+        "import sys; import lazyattention.serving.model, lazyattention.serving.loading, lazyattention.serving.engine, "
         "lazyattention.serving.workload, lazyattention.cli; "
         "assert 'triton' not in sys.modules, sorted(m for m in sys.modules if 'triton' in m)"
     )
