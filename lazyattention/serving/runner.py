@@ -47,8 +47,9 @@ requests whose longest block table has ``M`` blocks runs in the graph of bucket
 ``(B', M')`` (:func:`graph_bucket`): ``B'`` the next power of two up to 8, then the next
 multiple of 8; ``M'`` at least 16 and otherwise ``M`` rounded up to one of eight sizes
 per octave, so a bucket pads the keys by at most an eighth. (The decode kernel
-splits ``M'`` among its programs: padding a 130-block batch to 256 blocks left its
-second split with 2 blocks against the first's 128.) The graph reads static device
+splits ``M'`` blocks among its programs: at two splits, a 130-block batch padded to
+256 blocks gives the first split 128 blocks and the second 2; padded to 144, 72 and
+58.) The graph reads static device
 buffers padded to that bucket: padding requests have one token in the cache's scratch
 block (the block after the pool, see ``Model.new_cache``), which no request owns, so
 their writes change nothing a real request reads; padding blocks have length 0. Every
