@@ -3,25 +3,38 @@
 :func:`run_sweep` serves workloads drawn from one configuration under every strategy
 and returns one row of metrics per run; :func:`plot_sweep` draws TTFT and throughput
 against skew and against budget; :func:`format_table` prints rows as text.
+
+:func:`dry_run` serves an offline burst through the engine's scheduler and block
+accounting with no forward pass (host work only, any machine): what it admits,
+evicts and preempts, and so its cache hit ratio, is exactly a real run's, since an
+offline burst is scheduled the same whatever the steps cost. :func:`hit_ratio_table`
+uses it for the hit ratio against the KV budget in GiB, beside the paper's figures
+(:data:`PAPER_HIT_RATIO`).
 """
 
 from __future__ import annotations
 
 import math
 import platform
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from lazyattention.backends import get_backend
 from lazyattention.reference.layout import ceil_div
+from lazyattention.reference.rope import RopeConfig
 
 __all__ = [
     "METRIC_COLUMNS",
+    "PAPER_HIT_RATIO",
+    "DryRun",
     "display_units",
+    "dry_run",
     "environment",
     "format_table",
+    "hit_ratio_table",
+    "kv_block_bytes",
     "plot_sweep",
     "run_sweep",
     "sweep_size",
@@ -223,3 +236,155 @@ def environment(device: str, backend: str) -> dict:
         env["device_name"] = platform.processor() or platform.machine()
     env.update(get_backend(backend).versions())
     return env
+
+
+# --------------------------------------------------------------------------- dry runs and hit ratios
+
+#: The paper's VRAM hit ratios at a 1 GB KV budget and Zipf skew 2.1 (DESIGN §6): its
+#: model and workload, not this engine's. CacheBlend is not a strategy here.
+PAPER_HIT_RATIO = {
+    "alpha": 2.1,
+    "budget_gib": 1.0,
+    "prefix_cache": 0.0,
+    "cacheblend": 0.0596,
+    "block_attention": 0.0727,
+    "lazy": 0.1357,
+}
+
+
+def kv_block_bytes(cfg, dtype: torch.dtype, block_size: int) -> int:
+    """Bytes of one KV block of a model of config ``cfg``: K and V, every layer,
+    ``block_size`` tokens of ``num_kv_heads × head_dim`` in ``dtype``."""
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    return 2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * itemsize
+
+
+class _NoForward:
+    """Stands in for the engine's model runner in a dry run: no forward pass, one
+    zero logit per row (so token 0 is sampled), and the ``(batch, blocks)`` shape of
+    every decode step: its requests and its longest block table."""
+
+    def __init__(self):
+        self.decode_shapes: set[tuple[int, int]] = set()
+
+    def run(self, token_ids: torch.Tensor, step, carried=None) -> torch.Tensor:
+        if step.prefill is None and step.decode is not None:
+            widths = [sum(len(p.blocks) for p in r.segments) + len(r.own.blocks) for r in step.decode.requests]
+            self.decode_shapes.add((len(widths), max(widths)))
+        return torch.zeros(step.logit_rows.numel(), 1)
+
+
+def _accounting_model(vocab_size: int):
+    """The smallest model the engine accepts for ``vocab_size`` (its cache holds the
+    budget's blocks at a few bytes each); a dry run never calls it."""
+    from lazyattention.serving.config import ModelConfig
+    from lazyattention.serving.model import Model
+
+    shape = dict(hidden_size=2, intermediate_size=2, num_layers=1, num_heads=1, num_kv_heads=1)
+    return Model(ModelConfig(vocab_size=vocab_size, rope=RopeConfig(head_dim=2), **shape))
+
+
+@dataclass(frozen=True)
+class DryRun:
+    """What a dry run of an offline burst counted.
+
+    Attributes:
+        stats: the engine's counters (:class:`~lazyattention.serving.engine.EngineStats`:
+            hits and lookups, preemptions, steps, peak blocks).
+        decode_shapes: ``(batch, blocks)`` of every decode step: its requests and its
+            longest block table (what picks a CUDA-graph bucket).
+    """
+
+    stats: object
+    decode_shapes: frozenset[tuple[int, int]]
+
+
+def dry_run(
+    workload, strategy, num_blocks: int, block_size: int = 16, max_num_seqs: int = 16, max_batch_tokens: int = 8192
+) -> DryRun:
+    """Serve ``workload`` as an offline burst (every request at once, in order) with
+    the engine's scheduler and block accounting, and no forward pass.
+
+    The engine admits, evicts, copies and preempts exactly as in a real run of the
+    burst: those decisions depend on the requests (documents, lengths) and the
+    budget, never on the tokens sampled or on how long a step takes. So the cache hit
+    ratio (``stats.hit_ratio``: each document of a request counted once, at its first
+    admission; a hit when its K/V is cached, or computed for another request of the
+    same step) is the real run's.
+
+    Raises:
+        ValueError: a request needs more blocks than ``num_blocks`` under ``strategy``.
+    """
+    from lazyattention.serving.engine import Engine
+
+    engine = Engine(
+        _accounting_model(workload.config.vocab_size),
+        strategy,
+        num_blocks=num_blocks,
+        block_size=block_size,
+        max_batch_tokens=max_batch_tokens,
+        max_num_seqs=max_num_seqs,
+    )
+    engine.runner = runner = _NoForward()
+    for r in workload.requests:
+        engine.add_request(r.query, workload.request_documents(r), r.max_new_tokens)
+    engine.run_until_done()
+    engine.check_invariants()
+    return DryRun(engine.stats, frozenset(runner.decode_shapes))
+
+
+def hit_ratio_table(
+    base,
+    alphas,
+    budgets_gib,
+    block_bytes: int,
+    strategies=("prefix_cache", "block_attention", "lazy"),
+    block_size: int = 16,
+    max_num_seqs: int = 16,
+    max_batch_tokens: int = 8192,
+) -> list[dict]:
+    """The cache hit ratio of each strategy against the KV budget, by :func:`dry_run`.
+
+    Args:
+        base: the workload configuration (its ``zipf_alpha`` is replaced by each of
+            ``alphas``; offline burst).
+        alphas: Zipf skews.
+        budgets_gib: KV budgets in GiB (``2^30`` bytes).
+        block_bytes: bytes of one KV block of the model the budget is for
+            (:func:`kv_block_bytes`).
+        strategies: the strategies, by name.
+        block_size: the engine's block size.
+        max_num_seqs: the engine's limit on running requests.
+        max_batch_tokens: the engine's prefill tokens per step.
+
+    Returns:
+        one row per skew, budget and strategy: ``alpha``, ``budget_gib``,
+        ``num_blocks`` (``floor(budget / block_bytes)``), ``pool_fraction`` (blocks ÷
+        the blocks of the whole document pool), ``strategy``, ``fits``, and
+        ``hit_ratio``, ``preemptions``, ``peak_blocks`` — ``None`` where a request needs
+        more blocks than the budget under that strategy (``fits`` false).
+    """
+    from lazyattention.serving.workload import make_workload
+
+    rows = []
+    for alpha in alphas:
+        workload = make_workload(replace(base, zipf_alpha=alpha))
+        pool = sum(ceil_div(len(d), block_size) for d in workload.documents)
+        for gib in budgets_gib:
+            num_blocks = int(gib * 2**30 // block_bytes)
+            row = {"alpha": alpha, "budget_gib": gib, "num_blocks": num_blocks, "pool_fraction": num_blocks / pool}
+            for strategy in strategies:
+                counted = None
+                if num_blocks >= _min_blocks(workload, [strategy], block_size):
+                    counted = dry_run(workload, strategy, num_blocks, block_size, max_num_seqs, max_batch_tokens).stats
+                rows.append(
+                    {
+                        **row,
+                        "strategy": strategy,
+                        "fits": counted is not None,
+                        "hit_ratio": None if counted is None else counted.hit_ratio,
+                        "preemptions": None if counted is None else counted.preemptions,
+                        "peak_blocks": None if counted is None else counted.peak_blocks,
+                    }
+                )
+    return rows
