@@ -33,6 +33,7 @@ Example:
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from collections.abc import Sequence
@@ -67,6 +68,10 @@ __all__ = [
 #: ``"no_shift"``: the negative control, wrong on purpose — the cached keys used as if every
 #: document sat where it was stored (at 0), which is what a cache without shifts computes.
 STRATEGIES = ("lazy", "block", "no_shift")
+
+#: Tokens of cached segments prefilled in one forward at most (several segments missing
+#: from the cache go through one forward, each seeing only itself).
+PREFILL_TOKENS = 8192
 
 #: Why an answer ended: a stop token (EOS or ``stop_token_ids``), a stop string,
 #: ``max_new_tokens``, or ``max_time``.
@@ -553,16 +558,23 @@ class LazyRAG:
         threads = (self.num_threads or default_cpu_threads()) if self._on_cpu else None
         with torch_threads(threads), attention_implementation(self.model, ATTENTION_NAME):
             try:
+                missing, segments = [], []
                 for item in live:
-                    placements = []
-                    for tokens, start in zip(item.request.segments, item.request.starts, strict=True):
+                    segments.append([])
+                    for tokens in item.request.segments:
                         seg, hit = store.acquire(tokens=torch.tensor(tokens))
                         held.append(seg)
+                        segments[-1].append(seg)
                         if not hit:
-                            self._prefill_segment(seg, tokens)
-                            store.seal(seg)
+                            missing.append((seg, tokens))
                             item.prefilled += len(tokens)
                         item.hits, item.misses = item.hits + hit, item.misses + (not hit)
+                self._prefill_segments(missing)
+                for seg, _ in missing:
+                    store.seal(seg)
+                for item, segs in zip(live, segments, strict=True):
+                    placements = []
+                    for seg, start in zip(segs, item.request.starts, strict=True):
                         placement, nbytes = self._place(seg, start, strategy, copies)
                         placements.append(placement)
                         item.copied += nbytes
@@ -624,14 +636,18 @@ class LazyRAG:
         layout = Layout(requests, self.cache.block_size)
         return Step(layout, slots, positions.to(slots.device), self.support.rotation, self.ops)
 
-    def _prefill_segment(self, seg, tokens) -> None:
-        """A segment alone, at stored positions ``0..L−1`` (its canonical form, eq. 6)."""
-        n = len(tokens)
-        step = self._step(
-            [RequestLayout((), Placement(seg.blocks, n, 0), n)], self.cache.slots(seg.blocks, 0, n), torch.arange(n)
-        )
-        with torch.no_grad():
-            self._forward(tokens, step, keep=torch.tensor([n - 1]))
+    def _prefill_segments(self, missing) -> None:
+        """Each segment of ``missing`` (``(segment, tokens)`` pairs) alone, at stored
+        positions ``0..L−1`` (its canonical form, eq. 6): as many per forward as
+        :data:`PREFILL_TOKENS` holds, each one a request of the step's layout that sees
+        only itself."""
+        for group in _groups(missing, PREFILL_TOKENS):
+            layouts = [RequestLayout((), Placement(seg.blocks, len(t), 0), len(t)) for seg, t in group]
+            slots = torch.cat([self.cache.slots(seg.blocks, 0, len(t)) for seg, t in group])
+            positions = torch.cat([torch.arange(len(t)) for _, t in group])
+            last = torch.tensor(list(itertools.accumulate(len(t) for _, t in group))) - 1
+            with torch.no_grad():
+                self._forward([x for _, t in group for x in t], self._step(layouts, slots, positions), keep=last)
 
     def _generate(self, live: list[_Live], keep_own_logits: bool, began: float) -> None:
         """Prefill every request's own tokens in one forward, then decode one token per
@@ -706,6 +722,20 @@ class LazyRAG:
         if item.streamer is not None:
             item.streamer.end()
         return False
+
+
+def _groups(items, budget: int):
+    """``(segment, tokens)`` pairs in order, grouped so that each group holds at most
+    ``budget`` tokens (a longer segment forms a group of its own)."""
+    group, size = [], 0
+    for item in items:
+        if group and size + len(item[1]) > budget:
+            yield group
+            group, size = [], 0
+        group.append(item)
+        size += len(item[1])
+    if group:
+        yield group
 
 
 def _slot(blocks, j: int, block_size: int) -> int:

