@@ -43,8 +43,10 @@ __all__ = [
     "Capabilities",
     "REFERENCE",
     "SharedDecode",
+    "INTERPRETED_ON_CPU",
     "default_backend",
     "get_backend",
+    "interpreted",
 ]
 
 
@@ -221,6 +223,17 @@ BACKENDS: dict[str, Callable[[], Backend]] = {
     "sdpa": _load_sdpa,
     "fast": _load_fast,
 }
+
+
+#: The backends whose kernels run on the CPU only under the Triton interpreter
+#: (``TRITON_INTERPRET=1``, set before Triton is imported; one Python call per kernel
+#: instance, so slowly). Known without loading them: loading one imports Triton.
+INTERPRETED_ON_CPU = frozenset({"fast"})
+
+
+def interpreted(backend: str, device: torch.device | str) -> bool:
+    """Whether the backend named runs its kernels under the Triton interpreter on ``device``."""
+    return backend in INTERPRETED_ON_CPU and torch.device(device).type == "cpu"
 
 
 def get_backend(backend: str | Backend) -> Backend:

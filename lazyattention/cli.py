@@ -24,7 +24,7 @@ import sys
 import torch
 
 import lazyattention
-from lazyattention.backends import BACKENDS, get_backend
+from lazyattention.backends import BACKENDS, get_backend, interpreted
 from lazyattention.bench import DTYPES, output_paths, run_bench
 from lazyattention.demo import run_demo
 from lazyattention.serving.config import MODEL_SHAPES
@@ -317,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return run_check(args.backend, args.profile, args.functions, args.device)
         if args.command == "demo":
-            if args.backend == "fast" and args.device == "cpu":
+            if interpreted(args.backend, args.device):
                 print(INTERPRETED_DEMO, file=sys.stderr, flush=True)
             return run_demo(args.backend, args.device, args.seed)
         params = {k: v for k, v in vars(args).items() if k in BENCH_DEFAULTS}

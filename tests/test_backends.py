@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import lazyattention.reference as reference
-from lazyattention.backends import BACKENDS, Backend, Capabilities, default_backend, get_backend
+from lazyattention.backends import BACKENDS, Backend, Capabilities, default_backend, get_backend, interpreted
 from lazyattention.reference import ATTENTION_API
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,6 +51,13 @@ def test_default_backend_on_the_cpu_is_the_vectorised_one():
     assert default_backend("cpu").name == "sdpa"
     assert default_backend(torch.device("cpu")).name == "sdpa"
     assert default_backend("meta").name == "reference"
+
+
+def test_interpreted_is_the_triton_backends_on_the_cpu():
+    """Known before loading (loading ``fast`` imports Triton, which fixes the interpreter)."""
+    assert interpreted("fast", "cpu") and interpreted("fast", torch.device("cpu"))
+    assert not interpreted("fast", "cuda") and not interpreted("fast", "cuda:1")
+    assert not any(interpreted(name, "cpu") for name in BACKENDS if name != "fast")
 
 
 def test_a_backend_is_checked_when_it_is_made():

@@ -18,7 +18,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 
-from lazyattention.backends import BACKENDS, get_backend
+from lazyattention.backends import BACKENDS, get_backend, interpreted
 
 PROFILES = {"ci": 10, "nightly": 200}
 DTYPE_NAMES = ("float16", "bfloat16", "float32")
@@ -45,7 +45,7 @@ def _prepare(device: str | None, backend: str) -> str:
     import torch
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if backend == "fast" and device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    if interpreted(backend, device) and os.environ.get("TRITON_INTERPRET") != "1":
         if "triton" in sys.modules:
             raise RuntimeError("checking on the CPU needs TRITON_INTERPRET=1 set before Triton is imported")
         os.environ["TRITON_INTERPRET"] = "1"
@@ -150,7 +150,9 @@ def run_check(
     if unknown:
         raise ValueError(f"unknown function {unknown[0]!r}; choose from {', '.join(FUNCTIONS)}")
     examples = PROFILES[profile]
-    sizes = "serving-sized" if device != "cpu" else "small" if backend != "fast" else "small, Triton interpreter"
+    sizes = "serving-sized" if device != "cpu" else "small"
+    if interpreted(backend, device):
+        sizes += ", Triton interpreter"
     say(f"lazyattention check: backend={backend} profile={profile} device={device} ({sizes} cases), "
         f"{examples} examples per function")  # fmt: skip
     summaries = []
