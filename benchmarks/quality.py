@@ -47,6 +47,7 @@ from pathlib import Path
 
 import torch
 
+from lazyattention.backends import BACKENDS, get_backend
 from lazyattention.integrations.transformers import (
     LazyRAG,
     RAGRequest,
@@ -576,10 +577,7 @@ def environment(device: str, backend: str) -> dict:
         env["device_name"] = torch.cuda.get_device_name()
     else:
         env["device_name"] = f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
-    if backend == "fast":
-        import triton
-
-        env["triton"] = triton.__version__
+    env.update(get_backend(backend).versions())
     return env
 
 
@@ -587,7 +585,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--questions", type=int, default=6)
     parser.add_argument("--max-new-tokens", type=int, default=8)
-    parser.add_argument("--backend", default="reference", choices=["reference", "fast"])
+    parser.add_argument("--backend", default="reference", choices=tuple(BACKENDS))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtypes", default=",".join(DTYPES))
     parser.add_argument(
