@@ -14,11 +14,13 @@ that adapter. ``scripts/block_ft_gpu.sh`` runs it on a CUDA machine without a ne
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -150,26 +152,43 @@ def run_evaluation(args, folder: Path, adapter: Path, out: Path, env: dict, dead
         (out / "block_ft_eval.json").write_text(json.dumps(result, indent=1) + "\n")
         _log(f"phase {phase} done ({result['phases'][phase]:.0f} s)")
 
+    def guarded(phase: str, work) -> bool:
+        """Run one phase; an exception is recorded under ``errors`` and the next phase runs."""
+        try:
+            work()
+        except Exception as exc:  # one call on the GPU: a failing phase must not lose the others
+            result.setdefault("errors", {})[phase] = f"{type(exc).__name__}: {exc}"
+            _log(f"phase {phase} FAILED:\n{traceback.format_exc()}")
+            save(f"{phase} (failed)")
+            return False
+        save(phase)
+        return True
+
     everything = items + prose
-    for name, rag in rags.items():
+
+    def transformers_runs(name, rag):
         for strategy in ("full", "recompute"):
             tokens = ev.greedy(rag, ev.prompts(rag, everything, strategy), args.max_new_tokens, args.generate_batch)
             for r, t in zip(records, tokens, strict=True):
                 r[f"{name}/{strategy}"] = tokenizer.decode(t)
                 r[f"{name}/{strategy}_tokens"] = t
-        save(f"{name}: full and recompute")
-    result["kl"] = {name: ev.answer_kl(rag, items, args.generate_batch // 2 or 1) for name, rag in rags.items()}
-    save("kl")
-    heads = items[: args.attention_questions]
-    result["head_attention"] = {name: ev.head_attention(rag, heads) for name, rag in rags.items()}
-    save("head attention")
-    # LazyRAG: prose first (few), then the held-out questions chunk by chunk, both models
-    # per chunk, until the deadline.
-    order = [(n, prose)] + [(s, items[s : s + args.lazy_chunk]) for s in range(0, n, args.lazy_chunk)]
-    for first, chunk in order:
-        if time.perf_counter() > deadline:
-            _log(f"deadline: LazyRAG stopped before question {first}")
-            break
+
+    for name, rag in rags.items():
+        guarded(f"{name}: full and recompute", lambda name=name, rag=rag: transformers_runs(name, rag))
+
+    def kl():
+        result["kl"] = {name: ev.answer_kl(rag, items, max(1, args.generate_batch // 2)) for name, rag in rags.items()}
+
+    def heads():
+        chosen = items[: args.attention_questions]
+        result["head_attention"] = {name: ev.head_attention(rag, chosen) for name, rag in rags.items()}
+
+    guarded("kl", kl)
+    guarded("head attention", heads)
+
+    # LazyRAG: the prose questions first (few), then the held-out ones a chunk at a time,
+    # both models per chunk, until the deadline.
+    def lazy_round(first, chunk):
         for name, rag in rags.items():
             for strategy in ("lazy", "block"):
                 answers = ev.lazy_answers(rag, chunk, strategy, args.max_new_tokens, args.lazy_batch, first_index=first)
@@ -177,7 +196,27 @@ def run_evaluation(args, folder: Path, adapter: Path, out: Path, env: dict, dead
                     records[first + k][f"{name}/{strategy}"] = a.text
                     records[first + k][f"{name}/{strategy}_tokens"] = a.tokens
         result["identity"] = _identity(records[:n], models)
-        save(f"lazy and block to question {first + len(chunk)}")
+
+    order = [(n, prose)] + [(s, items[s : s + args.lazy_chunk]) for s in range(0, n, args.lazy_chunk)]
+    result["settings"]["lazy_backend"] = args.backend
+    for first, chunk in order:
+        if time.perf_counter() > deadline:
+            _log(f"deadline: LazyRAG stopped before question {first}")
+            result["settings"]["lazy_stopped_at"] = first
+            break
+        phase = f"lazy and block, questions {first} to {first + len(chunk) - 1}"
+        if guarded(phase, functools.partial(lazy_round, first, chunk)):
+            continue
+        if args.backend != "fast" or result["settings"]["lazy_backend"] != "fast":
+            break
+        # Recorded, not silent: the fast backend's error is in "errors", and every LazyRAG
+        # answer from here on says which backend gave it.
+        _log("LazyRAG with the fast backend failed: the rest runs with the reference backend")
+        result["settings"]["lazy_backend"] = f"reference from question {first} (fast failed: see errors)"
+        for name, m in models.items():
+            rags[name] = LazyRAG(m, tokenizer, backend="reference", num_blocks=args.num_blocks, block_size=16)
+        if not guarded(phase + " (reference)", functools.partial(lazy_round, first, chunk)):
+            break
     return result
 
 
@@ -189,7 +228,7 @@ def _identity(records: list[dict], models) -> dict:
             "questions": len(records),
             "compared": len(done),
             "lazy_equals_block": sum(r[f"{name}/lazy_tokens"] == r[f"{name}/block_tokens"] for r in done),
-            "lazy_equals_recompute": sum(r[f"{name}/lazy_tokens"] == r[f"{name}/recompute_tokens"] for r in done),
+            "lazy_equals_recompute": sum(r[f"{name}/lazy_tokens"] == r.get(f"{name}/recompute_tokens") for r in done),
         }
     return out
 
@@ -226,6 +265,8 @@ def print_report(result: dict) -> None:
         print(f"attention on each document's first two tokens, {name}: block {h['block']:.3f}, full {h['full']:.3f}")
     for name, same in result.get("identity", {}).items():
         print(f"identity {name}: {same}")
+    for phase, error in result.get("errors", {}).items():
+        print(f"ERROR in {phase}: {error}")
     for t in result.get("targets", []):
         print(f"{'PASS' if t['pass'] else 'MISS'}  {t['target']}: {t['value']} vs {t['bound']} ({t['questions']} q)")
 
