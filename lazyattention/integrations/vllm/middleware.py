@@ -23,12 +23,13 @@ No vLLM import.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from typing import ClassVar
 
-from .guard import BadInput, Limits, decode_json
-from .request import FIELD
+from .guard import BadInput, Limits, decode_json, short
+from .request import FIELD, TAG_FIELD
 
 __all__ = ["LazyGuard"]
 
@@ -54,18 +55,26 @@ def _header(scope, name: bytes) -> bytes:
     return b""
 
 
+#: A body past the limit is read on (and dropped) up to this many bytes before the 400
+#: is sent, so that a client still sending reads the answer instead of a reset connection.
+DRAIN_BYTES = 64 << 20
+
+
 async def _read_body(receive, limit: int) -> bytes | None:
     """The whole body, or None if the client left; raises :class:`BadInput` past ``limit``."""
-    body = bytearray()
-    while True:
+    body, size, more = bytearray(), 0, True
+    while more and size <= DRAIN_BYTES:
         message = await receive()
         if message["type"] == "http.disconnect":
             return None
-        body += message.get("body", b"")
-        if len(body) > limit:
-            raise BadInput("body", f"more than {limit} bytes (the limit)")
-        if not message.get("more_body", False):
-            return bytes(body)
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size <= limit:
+            body += chunk
+        more = message.get("more_body", False)
+    if size > limit:
+        raise BadInput("body", f"{'more than ' if more else ''}{size} bytes exceed the limit of {limit}")
+    return bytes(body)
 
 
 class LazyGuard:
@@ -86,13 +95,6 @@ class LazyGuard:
             await self.app(scope, receive, send)
             return
         try:
-            declared = int(_header(scope, b"content-length") or 0)
-        except ValueError:
-            await _respond(send, 400, _error_body("body: the Content-Length header is not a number", "body"))
-            return
-        try:
-            if declared > self.limits.max_body_bytes:
-                raise BadInput("body", f"{declared} bytes exceed the limit of {self.limits.max_body_bytes}")
             body = await _read_body(receive, self.limits.max_body_bytes)
             if body is None:
                 return
@@ -134,8 +136,8 @@ class LazyGuard:
 
         async def receive():
             nonlocal sent
-            if sent:
-                return {"type": "http.disconnect"}
+            if sent:  # the question's client never leaves: vLLM cancels a request whose client leaves
+                await asyncio.Event().wait()
             sent = True
             return {"type": "http.request", "body": body, "more_body": False}
 
@@ -147,11 +149,11 @@ class LazyGuard:
                 chunks.append(message.get("body", b""))
 
         await self.app(inner, receive, collect)
+        reply = b"".join(chunks)
         try:
-            reply = json.loads(b"".join(chunks))
-            return reply["kv_transfer_params"][FIELD]
+            return json.loads(reply)["kv_transfer_params"][FIELD]
         except (ValueError, KeyError, TypeError):
-            return {"error": f"lazyattention could not read the request's counters (HTTP {status})"}
+            return {"error": f"lazyattention could not read the request's counters (HTTP {status}: {short(reply)})"}
 
 
 def _with_length(scope, length: int):
@@ -161,20 +163,13 @@ def _with_length(scope, length: int):
 
 
 def _tagged(value: dict, body: bytes) -> tuple[str | None, bytes]:
-    """A fresh tag and the body with it in the ``lazyattention`` field; (None, body) when
-    the request names no documents or its field is not an object (the validator answers)."""
+    """A fresh tag and the body with it beside the ``lazyattention`` field in
+    ``vllm_xargs``; (None, body) when the request has no such field."""
     xargs = value.get("vllm_xargs")
-    if not isinstance(xargs, dict) or not isinstance(xargs.get(FIELD), str):
-        return None, body
-    try:
-        field = json.loads(xargs[FIELD])
-    except ValueError:
-        return None, body
-    if not isinstance(field, dict) or "documents" not in field:
+    if not isinstance(xargs, dict) or FIELD not in xargs:
         return None, body
     tag = uuid.uuid4().hex
-    xargs = {**xargs, FIELD: json.dumps({**field, "tag": tag})}
-    return tag, json.dumps({**value, "vllm_xargs": xargs}).encode()
+    return tag, json.dumps({**value, "vllm_xargs": {**xargs, TAG_FIELD: tag}}).encode()
 
 
 class _CountedStream:

@@ -24,8 +24,6 @@ hence the JSON string). The object::
   overlapping starts are all valid;
 * ``query_start`` (optional) is the logical position of the prompt's first token; by
   default the end of the furthest document;
-* ``tag`` (optional, a string) names the request for a later ``account`` query
-  (:mod:`.middleware` sets it on streamed requests).
 
 An id belongs to the request's ``cache_salt``: one tenant's ids are invisible to
 another. Instead of documents the field may hold one registry operation, answered at
@@ -50,6 +48,7 @@ from .guard import BadInput, Limits, check_value, decode_json, short
 __all__ = [
     "FIELD",
     "PLAN_FIELD",
+    "TAG_FIELD",
     "MAX_DOCUMENTS",
     "MAX_ID_CHARS",
     "DocumentSpec",
@@ -57,6 +56,7 @@ __all__ = [
     "ControlSpec",
     "LazyRequestError",
     "parse_request",
+    "request_tag",
 ]
 
 #: The key in ``SamplingParams.extra_args`` (and in ``vllm_xargs``).
@@ -65,6 +65,11 @@ FIELD = "lazyattention"
 #: The key of the scheduler's plan in ``extra_args`` (written by the scheduler only;
 #: a request that sends it is refused).
 PLAN_FIELD = "lazyattention_plan"
+
+#: The key, beside the field, of a string that names the request for a later
+#: ``account`` query (:mod:`.middleware` sets it on streamed requests); kept apart from
+#: the field so that a request whose field is malformed still has it.
+TAG_FIELD = "lazyattention_tag"
 
 #: The most documents one request may name.
 MAX_DOCUMENTS = 256
@@ -76,7 +81,7 @@ MAX_ID_CHARS = 256
 FIELD_LIMITS = Limits(max_depth=4)
 
 _DOCUMENT_KEYS = {"text", "token_ids", "id", "start"}
-_REQUEST_KEYS = {"documents", "query_start", "tag"}
+_REQUEST_KEYS = {"documents", "query_start"}
 _CONTROL_KEYS = ("list_ids", "forget", "account")
 
 
@@ -103,7 +108,6 @@ class LazyRequestSpec:
 
     documents: tuple[DocumentSpec, ...]
     query_start: int | None
-    tag: str | None = None
 
 
 @dataclass(frozen=True)
@@ -216,8 +220,11 @@ def parse_request(extra_args: dict | None) -> LazyRequestSpec | ControlSpec | No
     query_start = raw.get("query_start")
     if query_start is not None:
         query_start = _position(query_start, "lazyattention.query_start")
-    tag = raw.get("tag")
-    if tag is not None:
-        tag = _id(tag, "lazyattention.tag")
     documents = tuple(_document(d, x) for d, x in enumerate(docs))
-    return LazyRequestSpec(documents=documents, query_start=query_start, tag=tag)
+    return LazyRequestSpec(documents=documents, query_start=query_start)
+
+
+def request_tag(extra_args: dict | None) -> str | None:
+    """The request's :data:`TAG_FIELD`, if it is a usable string, else None."""
+    tag = (extra_args or {}).get(TAG_FIELD)
+    return tag if isinstance(tag, str) and 0 < len(tag) <= MAX_ID_CHARS else None

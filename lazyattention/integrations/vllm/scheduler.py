@@ -62,7 +62,7 @@ from .model import model_rope
 from .plan import LaidDocument, RequestPlan, Segment
 from .plugin import LAZY_WORKERS, check_vllm_version
 from .registry import DocumentRegistry
-from .request import FIELD, PLAN_FIELD, ControlSpec, LazyRequestError, LazyRequestSpec, parse_request
+from .request import FIELD, PLAN_FIELD, ControlSpec, LazyRequestError, LazyRequestSpec, parse_request, request_tag
 
 __all__ = ["LazyScheduler", "LazyAsyncScheduler", "lazy_scheduler", "RequestAccount", "Totals"]
 
@@ -140,9 +140,9 @@ class _LazyScheduling:
         if request.request_id in self.requests:  # a streaming continuation: vLLM's business
             super().add_request(request)
             return
-        spec = None
+        extra = request.sampling_params.extra_args if request.sampling_params is not None else None
+        tag = request_tag(extra)
         try:
-            extra = request.sampling_params.extra_args if request.sampling_params is not None else None
             spec = parse_request(extra)
             if isinstance(spec, ControlSpec):
                 self._answers.append((request, self._control(spec, request.cache_salt)))
@@ -159,15 +159,14 @@ class _LazyScheduling:
                 logger.exception("lazyattention refused request %s", request.request_id)
             answer = {"error": message}
             self._answers.append((request, answer))
-            self._remember(request.cache_salt, getattr(spec, "tag", None), answer)
+            self._remember(request.cache_salt, tag, answer)
             self.totals.refused += 1
             return
         account = RequestAccount()
         if plan is not None:
             account.document_blocks = sum(len(plan.document_blocks(d)) for d in range(len(plan.documents)))
             account.max_tokens_cut_to = cut
-        tag = (request.cache_salt or "", spec.tag) if spec is not None and spec.tag is not None else None
-        self._accounts[request.request_id] = (account, plan, tag)
+        self._accounts[request.request_id] = (account, plan, None if tag is None else (request.cache_salt, tag))
         super().add_request(request)
 
     def _control(self, spec: ControlSpec, salt: str | None) -> dict:

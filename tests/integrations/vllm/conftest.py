@@ -144,7 +144,7 @@ def server(tiny_llama, tmp_path_factory):
         "--enforce-eager", "--kv-cache-memory-bytes", str(16 << 20),
         "--scheduler-cls", args["scheduler_cls"], "--worker-cls", args["worker_cls"],
         "--logits-processors", *args["logits_processors"],
-        "--middleware", "lazyattention.integrations.vllm.middleware.LazyGuard",
+        "--middleware", "lazyattention.integrations.vllm.middleware.LazyGuard", "--enable-prompt-tokens-details",
     ]  # fmt: skip
     env = {k: v for k, v in BASE_ENVIRONMENT.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
     with open(log, "wb") as out:
