@@ -6,7 +6,8 @@ driving Debian's ``chromium``. A page fails, at either width, on:
 
 * a KaTeX error, or TeX left unrendered in the text;
 * an equation number that overlaps its formula;
-* a table or code block wider than its container that is not a scroll box;
+* a table or code block wider than the page's column that is not a scroll box, or a page
+  that scrolls sideways;
 * an image that did not load, or any request of the page that failed;
 * a console error or an uncaught exception;
 * text that mentions an issue number or a session (the pages speak of the project only).
@@ -110,7 +111,6 @@ class _Server:
 INSPECT = """() => {
   const article = document.querySelector("article.md-content__inner") || document.body;
   const column = (document.querySelector(".md-content") || article).getBoundingClientRect();
-  const box = article.getBoundingClientRect();
   // A scroll box inside the page's column (Material's table wrapper reaches into the padding).
   const scrolls = (el) => {
     for (let e = el; e && e !== article.parentElement; e = e.parentElement) {
@@ -122,7 +122,8 @@ INSPECT = """() => {
   const overflowing = [];
   for (const el of article.querySelectorAll("table, pre")) {
     const r = el.getBoundingClientRect();
-    const wide = r.right > box.right + 1 || el.scrollWidth > el.clientWidth + 1;
+    // Against the column, not the article: on a phone, code blocks bleed into its padding.
+    const wide = r.right > column.right + 1 || el.scrollWidth > el.clientWidth + 1;
     if (wide && !scrolls(el)) {
       overflowing.push(el.tagName.toLowerCase() + ": " + el.innerText.slice(0, 60).replace(/\\s+/g, " "));
     }
@@ -130,12 +131,12 @@ INSPECT = """() => {
   const images = [...document.images]
     .filter((img) => !img.complete || img.naturalWidth === 0)
     .map((img) => img.getAttribute("src"));
-  // An equation number (KaTeX's .tag) that overlaps the formula it numbers.
+  // An equation number (KaTeX's .katex-tag) that overlaps the formula it numbers.
   const overlapping = [];
-  for (const tag of article.querySelectorAll(".katex-display .tag")) {
+  for (const tag of article.querySelectorAll(".katex-display .katex-tag")) {
     const t = tag.getBoundingClientRect();
     const html = tag.closest(".katex-html");
-    for (const base of html.querySelectorAll(":scope > .base")) {
+    for (const base of html.querySelectorAll(":scope > .katex-base")) {
       const b = base.getBoundingClientRect();
       const apart = t.right <= b.left + 0.5 || t.left >= b.right - 0.5
         || t.bottom <= b.top + 0.5 || t.top >= b.bottom - 0.5;
@@ -145,6 +146,8 @@ INSPECT = """() => {
       }
     }
   }
+  // A page that scrolls sideways: something is wider than the screen.
+  const sideways = document.documentElement.scrollWidth > document.documentElement.clientWidth + 1;
   const kernels = [...article.querySelectorAll("pre code")].filter((c) => c.textContent.includes("@triton.jit")).length;
   const clone = article.cloneNode(true);
   clone.querySelectorAll("annotation, pre, code, script").forEach((e) => e.remove());
@@ -155,6 +158,7 @@ INSPECT = """() => {
     rendered: document.querySelectorAll(".arithmatex .katex").length,
     overflowing: overflowing,
     overlapping: overlapping,
+    sideways: sideways,
     kernels: kernels,
     images: images,
     text: article.innerText,
@@ -171,6 +175,8 @@ def _issues(found: dict, events: list[str]) -> list[str]:
     if found["rendered"] < found["mathSpans"]:
         issues.append(f"{found['mathSpans']} math spans but {found['rendered']} rendered")
     issues += [f"equation number {tag} overlaps its formula" for tag in found["overlapping"]]
+    if found["sideways"]:
+        issues.append("the page scrolls sideways: something is wider than the screen")
     issues += [f"wider than the page, no scroll box: {e}" for e in found["overflowing"]]
     issues += [f"image did not load: {src}" for src in found["images"]]
     issues += [f"mentions {m!r}" for m in sorted({m.group(0) for m in FORBIDDEN_TEXT.finditer(found["text"])})]

@@ -76,8 +76,10 @@ requests = [  # (segments, own tokens)
     ((P((3, 4), 20, 70_000), P((0, 1, 2), 40, 70_020)), P((5, 6), 24, 70_060, 70_060)),
     ((P((0, 1, 2), 40, 0), P((3, 4), 20, 40)), P((7,), 10, 60, 60)),
 ]
-prefill_layout = ref.Layout([ref.RequestLayout(segs, own, 24 if r == 0 else 6) for r, (segs, own) in
-                             enumerate(requests)], block_size=S)  # fmt: skip
+queries = (24, 6)  # prefill: request 0's 24 own tokens are all queries, request 1's last 6
+prefill_layout = ref.Layout(
+    [ref.RequestLayout(segs, own, n) for (segs, own), n in zip(requests, queries, strict=True)], block_size=S
+)
 decode_layout = ref.Layout([ref.RequestLayout(segs, own, 1) for segs, own in requests], block_size=S)
 meta = decode_layout.metadata()
 print("block_table\n", meta.block_table, "\nblock_shift\n", meta.block_shift, "\nblock_len\n", meta.block_len)
@@ -245,8 +247,8 @@ for splits in (1, 2, 3):
 
 # %% [markdown]
 # Two requests, two documents each, in opposite orders and at offsets 70,000 apart: one
-# copy of each document, read in place by both. The query was rotated three times per
-# request and split (once per shift), never a key.
+# copy of each document, read in place by both. Each program rotated its query once per
+# shift in its share of the blocks, and never touched a key.
 #
 # ## 4. The production kernel: the same walk, in tiles
 #

@@ -452,7 +452,8 @@ def peers_quality() -> str:
             f"grow.{flip_line}",
             '!!! warning "What this table does not say"\n'
             f"    {settings['questions']} questions on a 135M-parameter model that was not fine-tuned for "
-            "documents encoded apart: accuracy on so few questions is noise (0.3–0.4 for every strategy), "
+            "documents encoded apart: accuracy on so few questions is noise (0.3–0.4 for lazy, Block-Attention, "
+            "re-encoding and full attention alike), "
             "so the table reports agreement with the definition, not task quality. Full attention is a "
             "different function; closing the gap to it is what block fine-tuning is for. The whole study "
             "is on [Quality on a real model](concepts/quality.md).",
