@@ -84,12 +84,16 @@ def llm(tiny_llama):
     return make_llm(tiny_llama)
 
 
-def documents_params(documents, max_tokens: int = 6, query_start=None, **kwargs):
-    """``SamplingParams`` of a greedy request naming ``documents``."""
+def documents_params(documents, max_tokens: int = 6, query_start=None, ignore_eos=False, **operation):
+    """``SamplingParams`` of a greedy request naming ``documents``, or (``documents=None``)
+    of a registry operation given as keyword (``list_ids=True``, ``forget=[...]``)."""
     from vllm import SamplingParams
 
     field = {"documents": documents, **({} if query_start is None else {"query_start": query_start})}
-    return SamplingParams(max_tokens=max_tokens, temperature=0.0, extra_args={"lazyattention": field}, **kwargs)
+    if documents is None:
+        field = operation
+    params = {"max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": ignore_eos}
+    return SamplingParams(**params, extra_args={"lazyattention": field})
 
 
 def random_tokens(seed: int, n: int) -> list[int]:

@@ -129,3 +129,34 @@ def test_the_plan_field_is_reserved(llm):
     forged = SamplingParams(max_tokens=2, extra_args={"lazyattention_plan": {"documents": []}})
     with pytest.raises(VLLMValidationError, match="reserved for the scheduler"):
         llm.generate([{"prompt_token_ids": [1, 2, 3]}], forged, use_tqdm=False)
+
+
+def test_the_same_id_twice_with_other_content_is_refused(llm):
+    docs = [{"token_ids": random_tokens(310, 20), "id": "twice"}, {"token_ids": random_tokens(311, 20), "id": "twice"}]
+    (out,) = llm.generate([{"prompt_token_ids": [1, 2]}], documents_params(docs), use_tqdm=False)
+    assert out.outputs[0].finish_reason == "abort"
+    assert "id 'twice' is given twice in this request" in out.kv_transfer_params["lazyattention"]["error"]
+    (unknown,) = llm.generate([{"prompt_token_ids": [1, 2]}], documents_params([{"id": "twice"}]), use_tqdm=False)
+    assert "unknown document id 'twice'" in unknown.kv_transfer_params["lazyattention"]["error"], "it was registered"
+
+
+def test_max_tokens_cut_at_the_bound_is_said(llm):
+    """A document placed near the bound of 2048 leaves 2048 - (2030 + 3 + 8) = 7 tokens."""
+    docs = [{"token_ids": [5, 6, 7], "start": 2030}]
+    params = documents_params(docs, max_tokens=20, ignore_eos=True)
+    (out,) = llm.generate([{"prompt_token_ids": random_tokens(312, 8)}], params, use_tqdm=False)
+    assert out.kv_transfer_params["lazyattention"]["max_tokens_cut_to"] == 7
+    assert len(out.outputs[0].token_ids) == 7 and out.outputs[0].finish_reason == "length"
+    (fits,) = llm.generate([{"prompt_token_ids": random_tokens(312, 8)}], documents_params(docs, max_tokens=5))
+    assert fits.kv_transfer_params["lazyattention"]["max_tokens_cut_to"] is None
+
+
+def test_registry_operations_in_the_engine(llm):
+    salted = {"prompt_token_ids": [1, 2], "cache_salt": "engine-tenant"}
+    llm.generate([salted], documents_params([{"token_ids": random_tokens(313, 10), "id": "kept"}]), use_tqdm=False)
+    (listed,) = llm.generate([salted], documents_params(None, list_ids=True), use_tqdm=False)
+    assert listed.kv_transfer_params["lazyattention"] == {"ids": ["kept"]}
+    (plain,) = llm.generate([{"prompt_token_ids": [1, 2]}], documents_params(None, list_ids=True), use_tqdm=False)
+    assert "kept" not in plain.kv_transfer_params["lazyattention"]["ids"]
+    (gone,) = llm.generate([salted], documents_params(None, forget=["kept"]), use_tqdm=False)
+    assert gone.kv_transfer_params["lazyattention"] == {"forgotten": ["kept"]} and gone.outputs[0].token_ids == []
