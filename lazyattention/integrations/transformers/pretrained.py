@@ -17,6 +17,7 @@ of encoding documents apart (docs: "Quality on a real model").
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 from pathlib import Path
@@ -58,10 +59,15 @@ def smollm2_path() -> Path:
 
 
 def _is_prepared(path: Path) -> bool:
+    """The folder holds a plain checkpoint: config, weights, tokenizer, and a config that
+    names no quantization (a folder that still says ``gguf`` makes transformers keep the
+    weights packed and unpack them in every matmul, and vLLM refuses it)."""
+    config = path / "config.json"
     return (
-        (path / "config.json").is_file()
+        config.is_file()
         and (path / "model.safetensors").is_file()
         and (path / "tokenizer.json").is_file()
+        and "quantization_config" not in json.loads(config.read_text())
     )
 
 
@@ -121,7 +127,10 @@ def prepare_smollm2(force: bool = False, progress: bool = True) -> Path:
         quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         bar.update()
         bar.set_postfix_str(stages[2])
-        plain = LlamaForCausalLM(quantized.config)
+        config = quantized.config
+        config.quantization_config = None  # the weights are plain from here on
+        del config.quantization_config
+        plain = LlamaForCausalLM(config)
         plain.load_state_dict(quantized.state_dict())
         plain = plain.to(torch.bfloat16)
         plain.generation_config = quantized.generation_config
