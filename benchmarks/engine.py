@@ -82,7 +82,9 @@ skipped, saying so.
 **Time.** Every engine captures the CUDA graphs of the decode buckets it will meet
 before its run starts, as a server does at start-up: for an offline burst, exactly those
 its steps use (from a dry run of the same burst, :func:`~lazyattention.serving.sweep.dry_run`);
-for Poisson arrivals, every bucket its requests' lengths can reach. ``--max-seconds``
+for Poisson arrivals, every bucket its requests' lengths can reach. (The graphs of
+steps with shared segments, keyed by their sharing plan's shape too, are captured when
+a run first meets them.) ``--max-seconds``
 bounds the *timed* sections only (the served workloads and the decode steps, summed
 over presets): a section that would start past it is skipped. Parity gate, quality,
 warm-up, graph capture, dry runs and the profiler's own work are setup, reported apart
@@ -1160,7 +1162,7 @@ def hit_ratio_report(preset: str, args, out: Path) -> dict:
         "model": args.model,
         "dtype": str(dtype).removeprefix("torch."),
         "kv_bytes_per_block": block_bytes,
-        "workload": _workload_dict(base),
+        "workload": {**_workload_dict(base), "zipf_alpha": _floats(args.hit_alphas)},
         "engine": {
             "block_size": BLOCK_SIZE,
             "max_num_seqs": args.max_num_seqs,
