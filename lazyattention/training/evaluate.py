@@ -199,7 +199,7 @@ def head_attention(rag: LazyRAG, items) -> dict:
                     n = sum(lengths)
                     per_layer = []
                     for w in captured:  # [1, H, T, T]
-                        own = w[0, :, n:, :n].cpu()  # own tokens' rows, segment columns
+                        own = w[0, :, n : len(example.tokens), :n].cpu()  # own tokens' rows, segment columns
                         on_docs = own[..., doc_cols].sum(-1)
                         per_layer.append((own[..., first_two].sum(-1) / on_docs).mean())
                     shares[mode].append(float(torch.stack(per_layer).mean()))

@@ -146,8 +146,10 @@ def collate(examples: list[Example], dtype: torch.dtype, device, pad_id: int, le
 
     A padding row sees only itself (no row is all masked) and no real row sees padding.
     ``left`` pads on the left (for generation: every prompt ends at the last column).
+    The width is a multiple of 16, the alignment SDPA's memory-efficient kernel wants
+    of a mask.
     """
-    width = max(len(e.tokens) for e in examples)
+    width = -(-max(len(e.tokens) for e in examples) // 16) * 16
     b = len(examples)
     ids = torch.full((b, width), pad_id, dtype=torch.long)
     pos = torch.zeros(b, width, dtype=torch.long)

@@ -104,7 +104,10 @@ def answer_logits(causal_lm, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     of a 2,000-token batch would take gigabytes).
     """
     out = causal_lm.model(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"]
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        position_ids=batch["position_ids"],
+        use_cache=False,
     )
     hidden = out.last_hidden_state[:, :-1]
     targets = batch["labels"][:, 1:]
