@@ -17,7 +17,8 @@ serves — with LoRA adapters through ``peft``:
 Install with ``pip install 'lazyattention[train]'``.
 """
 
+from .adapter import block_ft_available, load_block_ft
 from .lora import LoraSettings
 from .recipe import TrainSettings, train
 
-__all__ = ["TrainSettings", "LoraSettings", "train"]
+__all__ = ["TrainSettings", "LoraSettings", "train", "load_block_ft", "block_ft_available"]

@@ -271,10 +271,51 @@ def print_report(result: dict) -> None:
         print(f"{'PASS' if t['pass'] else 'MISS'}  {t['target']}: {t['value']} vs {t['bound']} ({t['questions']} q)")
 
 
+def plot_loss(record: dict, path: Path) -> None:
+    """The loss curve of a training record (``training.json``): every step's loss, and the
+    block and full-attention examples' losses apart, smoothed over 20 steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lazyattention.plot_style import PAGE_WIDTH, color, legend_below, page_style
+
+    def smooth(values):
+        out, window = [], []
+        for v in values:
+            if v is not None:
+                window = [*window[-19:], v]
+            out.append(sum(window) / len(window) if window else None)
+        return out
+
+    steps = record["step"]
+    with plt.rc_context(page_style()):
+        fig, ax = plt.subplots(figsize=(PAGE_WIDTH, 3.6), layout="constrained")
+        ax.plot(steps, record["loss"], color="#bab0ac", linewidth=0.8, label="loss of each step")
+        for mode, label in (("block", "block examples (documents apart)"), ("full", "full-attention examples")):
+            ax.plot(
+                steps,
+                smooth(record[f"{mode}_loss"]),
+                color=color("lazy" if mode == "block" else "sdpa_flash"),
+                label=f"{label}, mean of 20 steps",
+            )
+        ax.set(
+            xlabel="step",
+            ylabel="answer cross-entropy",
+            yscale="log",
+            title=f"block fine-tuning of {record['base_model']} ({record['environment']['device_name']})",
+        )
+        legend_below(fig)
+        fig.savefig(path)
+    plt.close(fig)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", help="the folder for the adapter and the evaluation")
     parser.add_argument("--report", default=None, metavar="JSON", help="only print the report of a saved evaluation")
+    parser.add_argument("--plot-loss", default=None, metavar="JSON", help="only plot a training.json beside it")
     parser.add_argument("--model", default=None, help="a checkpoint folder (default: SmolLM2, prepared once)")
     parser.add_argument("--tiny", action="store_true", help="a tiny random-weight Llama (smoke test)")
     parser.add_argument("--adapter", default=None, help="evaluate this adapter folder; no training")
@@ -299,6 +340,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.report:
         print_report(json.loads(Path(args.report).read_text()))
+        return 0
+    if args.plot_loss:
+        plot_loss(json.loads(Path(args.plot_loss).read_text()), Path(args.plot_loss).with_name("loss.png"))
         return 0
     if not args.out:
         parser.error("--out is required")
