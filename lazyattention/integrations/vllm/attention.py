@@ -80,9 +80,17 @@ def unrope(x: torch.Tensor, positions: torch.Tensor, rope: RopeConfig) -> torch.
 
 
 def split_kv_cache(kv_cache: torch.Tensor, head_size: int):
-    """A layer's cache, logical ``[N, Hkv, S, 2D]`` in the ``LBNHC`` layout, as key and
-    value views ``[N, S, Hkv, D]`` (no copy)."""
-    by_slot = kv_cache.permute(0, 2, 1, 3)  # [N, S, Hkv, 2D], contiguous in LBNHC
+    """A layer's cache, vLLM's logical ``[N, Hkv, S, 2D]`` (K and V packed in the last
+    dimension) in any physical layout, as key and value views ``[N, S, Hkv, D]``
+    (strided, no copy)."""
+    if kv_cache.dim() != 4 or kv_cache.shape[-1] != 2 * head_size:
+        raise ValueError(
+            f"the KV cache must be vLLM's packed [num_blocks, num_kv_heads, block_size, 2 * {head_size}], "
+            f"got shape {tuple(kv_cache.shape)}"
+        )
+    if kv_cache.stride(-1) != 1:
+        raise ValueError(f"the KV cache's last dimension must be contiguous, got strides {kv_cache.stride()}")
+    by_slot = kv_cache.permute(0, 2, 1, 3)  # [N, S, Hkv, 2D]
     return by_slot[..., :head_size], by_slot[..., head_size:]
 
 
@@ -103,7 +111,8 @@ def paged_attention(
         query: ``[T', H, D]`` rotated at ``meta.positions`` (``T' >= T`` rows; padding ignored).
         key: ``[T', Hkv, D]`` rotated at ``meta.positions``.
         value: ``[T', Hkv, D]``.
-        kv_cache: one layer's cache, logical ``[N, Hkv, S, 2D]`` in the ``LBNHC`` layout.
+        kv_cache: one layer's cache, logical ``[N, Hkv, S, 2D]``, in any of vLLM's
+            physical layouts (:func:`split_kv_cache`).
         meta: the step's metadata.
         rope: the model's RoPE.
         scale: softmax scale.
@@ -117,9 +126,10 @@ def paged_attention(
     k = key[:T]
     if meta.rotate_keys:  # a document's keys, from their sequence positions to their local ones
         k = rotate(k, meta.key_rotation, rope)
-    n, s, hkv, d = k_cache.shape
+    block_size = k_cache.shape[1]
     slots = meta.slot_mapping.long()
-    k_cache.view(n * s, hkv, d)[slots] = k.to(k_cache.dtype)
-    v_cache.view(n * s, hkv, d)[slots] = value[:T].to(v_cache.dtype)
+    blocks, offsets = slots // block_size, slots % block_size  # indexed, not viewed: any strides
+    k_cache[blocks, offsets] = k.to(k_cache.dtype)
+    v_cache[blocks, offsets] = value[:T].to(v_cache.dtype)
     q = unrope(query[:T], meta.positions, rope)
     return kernels.lazy_prefill(q, k_cache, v_cache, meta.layout, rope, scale)

@@ -17,9 +17,13 @@
   ``CPU_ATTN``); :class:`LazyTritonBackend` calls ``lazyattention.fast`` (Triton;
   registered as ``CUSTOM`` on CUDA). The two differ only by that module.
 
-KV layout: vLLM's ``LBNHC``, so a layer's cache is physically ``[N, S, Hkv, 2D]`` and
-the key and value halves are ``[N, S, Hkv, D]`` strided views: the project's layout,
-read in place (no copy, no conversion of the cache).
+KV layout: every attention backend of vLLM 0.32 sees a layer's cache as the logical
+``[num_blocks, num_kv_heads, block_size, 2 * head_size]``, K and V packed in the last
+dimension, in one of the physical layouts vLLM negotiates (``KVCacheLayout``; CUDA's
+FlashAttention and Triton backends accept any and vLLM's default is ``LBNHC``). The
+key and value halves are read as ``[N, S, Hkv, D]`` strided views of it: the project's
+layout, in place, whatever the physical order (no copy, no conversion of the cache).
+So these backends, like vLLM's CUDA ones, declare no layout of their own.
 """
 
 from __future__ import annotations
@@ -191,8 +195,8 @@ class _LazyBackendBase(AttentionBackend):
         return [32, 64, 80, 96, 112, 128, 160, 192, 224, 256]
 
     @classmethod
-    def supported_kv_cache_layouts(cls) -> tuple[KVCacheLayout, ...]:
-        return (KVCacheLayout.LBNHC,)
+    def supported_kv_cache_layouts(cls) -> tuple[KVCacheLayout, ...] | None:
+        return None  # any: the cache is read through strided views (module docstring)
 
     @classmethod
     def supports_attn_type(cls, attn_type: str) -> bool:

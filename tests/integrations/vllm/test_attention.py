@@ -1,4 +1,4 @@
-"""The backend's step computation without vLLM: the plan's layouts over an ``LBNHC`` cache.
+"""The backend's step computation without vLLM: the plan's layouts over vLLM's packed cache.
 
 vLLM hands the backend q and k rotated at their sequence positions; the plan stores
 documents at their local positions and places them at logical ones. These tests feed
@@ -8,6 +8,8 @@ positions, every own token attends every placed document and its own tokens caus
 at logical positions. Steps are split where vLLM's chunked prefill may split them
 (inside a document, at the prompt's first token) and end with a decode step.
 
+The cache is vLLM 0.32's per-layer tensor, logical ``[num_blocks, num_kv_heads,
+block_size, 2 * head_size]`` with K and V packed, in three of its physical layouts.
 No vLLM here: this module runs in the main suite too, with ``lazyattention.fast``
 under the Triton interpreter, which is how the GPU backend's kernels are checked on
 a CPU (the GPU backend itself cannot run in this workplace).
@@ -88,12 +90,31 @@ def _definition(q, k, v, t: int) -> torch.Tensor:
 SPLITS = [(89, 90), (40, 80, 89, 90), (80, 84, 89, 90)]
 
 
-@pytest.mark.parametrize(
-    ("kernels_name", "splits"),
-    [*(("reference", s) for s in SPLITS), ("fast", SPLITS[1])],  # the interpreter is slow: one run of it
-    ids=str,
-)
-def test_steps_match_the_definition(kernels_name, splits):
+def _kv_cache(layout: str, num_blocks: int, dtype) -> torch.Tensor:
+    """vLLM's logical per-layer cache ``[N, Hkv, S, 2D]`` (K and V packed), NaN-filled,
+    in one of vLLM's physical layouts: ``LBNHC`` (vLLM's default), ``LBHNC`` (the packed
+    ``(num_blocks, num_kv_heads, block_size, 2 * head_size)`` stored as it reads), and
+    ``BLHNC`` (blocks outermost, a second layer between one block and the next)."""
+    nan = float("nan")
+    if layout == "LBNHC":
+        return torch.full((num_blocks, S, HKV, 2 * D), nan, dtype=dtype).permute(0, 2, 1, 3)
+    if layout == "LBHNC":
+        return torch.full((num_blocks, HKV, S, 2 * D), nan, dtype=dtype)
+    if layout == "BLHNC":
+        return torch.full((num_blocks, 2, HKV, S, 2 * D), nan, dtype=dtype)[:, 1]
+    raise ValueError(layout)
+
+
+CASES = [
+    *(("reference", s, "LBNHC") for s in SPLITS),
+    ("reference", SPLITS[1], "LBHNC"),
+    ("reference", SPLITS[2], "BLHNC"),
+    ("fast", SPLITS[1], "LBHNC"),  # the interpreter is slow: one run of it, on the packed layout
+]
+
+
+@pytest.mark.parametrize(("kernels_name", "splits", "layout"), CASES, ids=str)
+def test_steps_match_the_definition(kernels_name, splits, layout):
     dtype = torch.float32
     kernels = _kernels(kernels_name)
     q64, k64, v64 = _tokens(seed=len(splits))
@@ -101,8 +122,8 @@ def test_steps_match_the_definition(kernels_name, splits):
     q_seq, k_seq = apply_rope(q64, seq, ROPE), apply_rope(k64, seq, ROPE)  # what vLLM's model hands over
     num_blocks = math.ceil(TOTAL / S)
     row = torch.randperm(num_blocks + 3, generator=torch.Generator().manual_seed(1))[:num_blocks].tolist()
-    storage = torch.full((num_blocks + 3, S, HKV, 2 * D), float("nan"), dtype=dtype)
-    kv_cache = storage.permute(0, 2, 1, 3)  # logical [N, Hkv, S, 2D], physically LBNHC
+    kv_cache = _kv_cache(layout, num_blocks + 3, dtype)
+    assert kv_cache.shape == (num_blocks + 3, HKV, S, 2 * D)
     slots = torch.tensor([row[p // S] * S + p % S for p in range(TOTAL)])
     done = 0
     for end in splits:
@@ -140,3 +161,12 @@ def _document_at(t: int) -> LaidDocument:
 def _is_pad(t: int) -> bool:
     """Pad tokens' outputs are never read (vLLM samples only the last prompt token)."""
     return t < PLAN.own_vllm_start and t - _document_at(t).vllm_start >= _document_at(t).length
+
+
+def test_a_cache_that_is_not_packed_is_refused():
+    from lazyattention.integrations.vllm.attention import split_kv_cache
+
+    with pytest.raises(ValueError, match=r"packed \[num_blocks, num_kv_heads, block_size, 2 \* 32\]"):
+        split_kv_cache(torch.zeros(2, 4, HKV, S, D), D)
+    with pytest.raises(ValueError, match="last dimension must be contiguous"):
+        split_kv_cache(torch.zeros(4, 2 * D, HKV, S).permute(0, 2, 3, 1), D)

