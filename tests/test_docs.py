@@ -221,9 +221,11 @@ def test_headline_figures_come_from_result_files(monkeypatch, tmp_path: Path, ca
     assert "engine_h200.json" in table and "engine_h100.json" not in table
     assert "earlier run, other kernels and engine code; replaced by `engine_h200.json`" in results.results_table()
     assert "engine_h100.png" not in results.plots_markdown() and "engine_h200.png" in results.plots_markdown()
-    # A CPU result stands beside a GPU one of its kind.
+    # A CPU result, or one naming no device, stands beside a GPU one of its kind.
     (tmp_path / "engine_cpu.json").write_text('{"device": "CPU (x86_64)", "date": "2026-12-05"}')
+    (tmp_path / "engine_dry_run.json").write_text('{"date": "2026-12-07"}')
     assert "engine_h200.json" in results.headline_table()
+    assert results.newest("engine")[0] == "engine_h200.json"
 
 
 def test_drifted_api_names_are_caught(monkeypatch, caplog):

@@ -4,7 +4,8 @@ A result file's *kind* is the part of its name before the first underscore
 (``kernels_h200.json`` is a ``kernels`` result). Of the GPU results of one kind only the
 newest is current: an older one is an earlier run, made with other kernels or engine
 code. It stays in the repository and is listed as such, but no table or plot shows it.
-A CPU result is current beside a GPU one: the two measure different things.
+A CPU result, or one that names no device, is current beside a GPU one: they measure
+different things.
 
 Convention for a result file: its ``device`` and ``date`` at the top level or one level
 down (``environment``); a top-level ``headline`` list (items ``name``, ``value``,
@@ -100,7 +101,9 @@ def kind(name: str) -> str:
 
 
 def _on_gpu(data: dict) -> bool:
-    return not describe_device(data).upper().startswith("CPU")
+    """Whether a result names the GPU it ran on (a CPU run, or one naming no device, does not)."""
+    device = _find(data, "device", "gpu", "device_name")
+    return bool(device) and not describe_device(data).upper().startswith("CPU")
 
 
 def superseded_by(name: str, data: dict, results: list[tuple[str, dict]]) -> str | None:
