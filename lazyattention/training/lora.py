@@ -10,6 +10,8 @@ serving, so :class:`~lazyattention.integrations.transformers.rag.LazyRAG` sees a
 from __future__ import annotations
 
 import os
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +26,16 @@ def _peft():
             "block fine-tuning needs 'peft': pip install 'lazyattention[train]'", name="peft"
         ) from exc
     return peft
+
+
+@contextmanager
+def _quiet_peft():
+    """peft asks transformers ``is_gradient_checkpointing``, which transformers 5.24
+    deprecates with a FutureWarning on every call: a notice between the two libraries,
+    not about this package's use of them."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
 
 
 @dataclass(frozen=True)
@@ -57,7 +69,7 @@ def add_lora(model, settings: LoraSettings, seed: int):
         bias="none",
         task_type="CAUSAL_LM",
     )
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), _quiet_peft():
         torch.manual_seed(seed)
         return peft.get_peft_model(model, config)
 
@@ -81,7 +93,9 @@ def load_adapter(model, folder: str | os.PathLike):
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         if not (folder / name).is_file():
             raise FileNotFoundError(f"no LoRA adapter at {folder}: {name} is missing")
-    return _peft().PeftModel.from_pretrained(model, folder).eval()
+    peft = _peft()
+    with _quiet_peft():
+        return peft.PeftModel.from_pretrained(model, folder).eval()
 
 
 def merged(peft_model):
