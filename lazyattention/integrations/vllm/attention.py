@@ -107,7 +107,8 @@ def paged_attention(
     """Write the step's keys and values, then attend (eq. 8).
 
     Args:
-        kernels: ``lazyattention.reference`` or ``lazyattention.fast``.
+        kernels: a backend's attention module (``lazyattention.sdpa``,
+            ``lazyattention.reference`` or ``lazyattention.fast``).
         query: ``[T', H, D]`` rotated at ``meta.positions`` (``T' >= T`` rows; padding ignored).
         key: ``[T', Hkv, D]`` rotated at ``meta.positions``.
         value: ``[T', Hkv, D]``.

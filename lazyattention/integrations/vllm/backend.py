@@ -13,7 +13,7 @@
   prefilled alone at 0), un-rotates q to its pre-RoPE value, and calls the project's
   ``lazy_prefill`` on the layout: the query is rotated by ``p − δ`` once per shift,
   the keys never again (eq. 8).
-* :class:`LazyCPUBackend` calls ``lazyattention.reference`` (PyTorch; registered over
+* :class:`LazyCPUBackend` calls ``lazyattention.sdpa`` (vectorised PyTorch; registered over
   ``CPU_ATTN``); :class:`LazyTritonBackend` calls ``lazyattention.fast`` (Triton;
   registered as ``CUSTOM`` on CUDA). The two differ only by that module.
 
@@ -109,9 +109,11 @@ class LazyMetadataBuilder(AttentionMetadataBuilder[LazyMetadata]):
 
 
 class LazyAttentionImpl(AttentionImpl[LazyMetadata]):
-    """Deferred-RoPE attention; ``kernels`` is the module whose ``lazy_prefill`` runs."""
+    """Deferred-RoPE attention; ``kernels`` is the module whose ``lazy_prefill`` runs: on
+    the CPU the vectorised PyTorch backend (``"sdpa"``, property-tested against the
+    reference like every backend)."""
 
-    kernels: ClassVar[ModuleType] = get_backend("reference").ops
+    kernels: ClassVar[ModuleType] = get_backend("sdpa").ops
 
     def __init__(
         self,
@@ -208,7 +210,7 @@ class _LazyBackendBase(AttentionBackend):
 
 
 class LazyCPUBackend(_LazyBackendBase):
-    """PyTorch (``lazyattention.reference``); vLLM picks it on CPU as ``CPU_ATTN``."""
+    """Vectorised PyTorch (``lazyattention.sdpa``); vLLM picks it on CPU as ``CPU_ATTN``."""
 
     @staticmethod
     def get_name() -> str:

@@ -23,7 +23,7 @@ import os
 import pytest
 import torch
 
-from lazyattention import reference
+from lazyattention import reference, sdpa
 from lazyattention.integrations.vllm.attention import build_metadata, paged_attention
 from lazyattention.integrations.vllm.plan import LaidDocument, RequestPlan, Segment
 from lazyattention.reference import RopeConfig, apply_rope, assert_close
@@ -48,6 +48,8 @@ TOTAL = PLAN.own_vllm_start + PROMPT + 1  # prompt, then one decoded token
 def _kernels(name: str):
     if name == "reference":
         return reference
+    if name == "sdpa":
+        return sdpa
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("lazyattention.fast on CPU needs TRITON_INTERPRET=1 before Triton is imported")
     import lazyattention.fast
@@ -109,6 +111,8 @@ CASES = [
     *(("reference", s, "LBNHC") for s in SPLITS),
     ("reference", SPLITS[1], "LBHNC"),
     ("reference", SPLITS[2], "BLHNC"),
+    *(("sdpa", s, "LBNHC") for s in SPLITS),  # the CPU plugin's backend
+    ("sdpa", SPLITS[1], "LBHNC"),
     ("fast", SPLITS[1], "LBHNC"),  # the interpreter is slow: one run of it, on the packed layout
 ]
 
