@@ -281,7 +281,9 @@ for splits in (1, 2, 3):
 #   than the GPU ([`prefill_splits`](source:prefill_splits)).
 #
 # The diagram replays the walk of the program that holds request 0's last query tile
-# in prefill (4 tokens × the 4 heads of a group), with 16-slot and 64-slot key tiles.
+# in prefill (4 tokens × the 4 heads of a group), with 16-slot and 64-slot key tiles, and
+# below it the decode of request 0 split between two programs, whose parts the merge
+# combines.
 
 
 # %%
@@ -309,39 +311,67 @@ def replay(meta, r, block_n, first_q, last_q):
     return runs
 
 
-def draw_walk(meta, r, first_q, last_q, tile_sizes=(16, 64)):
-    """The key slots of request ``r`` as blocks, and each tiling's walk over them."""
+def _blocks_row(ax, meta, r):
+    """Request ``r``'s blocks, the filled part shaded, each with its shift."""
+    for b in range(int(meta.num_blocks[r])):
+        ax.add_patch(plt.Rectangle((b * S, 1.2), int(meta.block_len[r, b]), 0.5, color=color("lazy"), alpha=0.35))
+        ax.add_patch(plt.Rectangle((b * S, 1.2), S, 0.5, fill=False, lw=1.2))
+        ax.text(b * S + S / 2, 1.95, f"δ={int(meta.block_shift[r, b]):,}", ha="center", fontsize=7.5)
+
+
+def _rotation(ax, x):
+    ax.plot([x, x], [0.3, 1.0], color="#c0392b", lw=2.5)
+    ax.text(x + 0.8, 0.05, "rotate q", color="#c0392b", fontsize=8)
+
+
+def _tile(ax, x, width, masked, face):
+    hatched = {"hatch": "///", "fill": False, "ec": face} if masked else {"alpha": 0.85, "ec": "white"}
+    ax.add_patch(plt.Rectangle((x, 0.4), width, 0.5, fc=face, lw=1.5, **hatched))
+
+
+def draw_walk(meta, r, first_q, last_q, decode_meta, splits=2, tile_sizes=(16, 64)):
+    """The key slots of request ``r`` as blocks, and each walk over them: prefill with
+    ``tile_sizes`` slots a key tile, then decode split among ``splits`` programs."""
     num_blk = int(meta.num_blocks[r])
     with plt.rc_context(page_style()):
-        fig, axes = plt.subplots(len(tile_sizes), 1, figsize=(PAGE_WIDTH, 2.1 * len(tile_sizes)), layout="constrained")
-        for ax, block_n in zip(axes, tile_sizes, strict=True):
-            for b in range(num_blk):  # blocks: the filled part shaded
-                filled = int(meta.block_len[r, b])
-                ax.add_patch(plt.Rectangle((b * S, 1.2), filled, 0.5, color=color("lazy"), alpha=0.35))
-                ax.add_patch(plt.Rectangle((b * S, 1.2), S, 0.5, fill=False, lw=1.2))
-                ax.text(b * S + S / 2, 1.95, f"δ={int(meta.block_shift[r, b]):,}", ha="center", fontsize=7.5)
+        fig, axes = plt.subplots(len(tile_sizes) + 1, 1, figsize=(PAGE_WIDTH, 7.0), layout="constrained")
+        for ax, block_n in zip(axes[:-1], tile_sizes, strict=True):
+            _blocks_row(ax, meta, r)
             runs = replay(meta, r, block_n, first_q, last_q)
             ends = [b * S for _, b, _, _ in runs[1:]] + [num_blk * S]
             for (_, b, unmasked, masked), run_end in zip(runs, ends, strict=True):
-                ax.plot([b * S, b * S], [0.3, 1.0], color="#c0392b", lw=2.5)
-                ax.text(b * S + 0.8, 0.05, "rotate q", color="#c0392b", fontsize=8)
+                _rotation(ax, b * S)
                 for j0 in unmasked + masked:  # a tile drawn up to the run's end
-                    hatched = {"hatch": "///", "fill": False} if j0 in masked else {"alpha": 0.85}
-                    width = min(block_n, run_end - j0)
-                    ax.add_patch(plt.Rectangle((j0, 0.4), width, 0.5, ec="white" if j0 in unmasked else
-                                               color("norot"), fc=color("norot"), lw=1.5, **hatched))  # fmt: skip
+                    _tile(ax, j0, min(block_n, run_end - j0), j0 in masked, color("norot"))
+            ax.set_yticks([0.65, 1.45], [f"prefill, {block_n}-slot tiles", "blocks"])
+        # Decode: one query, one block a tile; each split walks its share, rotating the
+        # query at its first block and where the shift changes, and writes (out, lse).
+        ax = axes[-1]
+        _blocks_row(ax, decode_meta, r)
+        per_split = -(-int(decode_meta.num_blocks[r]) // splits)
+        for split in range(splits):
+            first, last = split * per_split, min((split + 1) * per_split, int(decode_meta.num_blocks[r]))
+            face = ("#f28e2b", "#76b7b2")[split % 2]
+            for b in range(first, last):
+                if b == first or int(decode_meta.block_shift[r, b]) != int(decode_meta.block_shift[r, b - 1]):
+                    _rotation(ax, b * S)
+                _tile(ax, b * S, S, int(decode_meta.block_len[r, b]) < S, face)
+            ax.text((first + last) * S / 2, -0.45, f"split {split} → out, lse", ha="center", fontsize=8, color=face)
+        ax.text(num_blk * S / 2, -0.95, "merge of the splits by log-sum-exp (eq. 12)", ha="center", fontsize=8.5)
+        ax.set_yticks([0.65, 1.45], [f"decode, {splits} splits", "blocks"])
+        for ax in axes:
             ax.set_xlim(-2, num_blk * S + 2)
-            ax.set_ylim(0, 2.25)
-            ax.set_yticks([0.65, 1.45], [f"{block_n}-slot tiles", "blocks"])
-            ax.set_xlabel("key slot of the request (segment blocks, then own blocks)")
+            ax.set_ylim(-1.1 if ax is axes[-1] else 0, 2.25)
             ax.spines[["left", "top", "right"]].set_visible(False)
-        fig.suptitle("Solid tiles: no mask. Hatched: masked (a partly filled block, or causal)", fontsize=9)
+        axes[-1].set_xlabel("key slot of the request (segment blocks, then own blocks)")
+        fig.suptitle("Each tile: scores, then the online softmax update (eq. 11). "
+                     "Solid: no mask; hatched: masked (a partly filled block, or causal)", fontsize=8.5)  # fmt: skip
         plt.show()
 
 
 prefill_meta = prefill_layout.metadata()
 first_q, last_q = int(prefill_meta.query_start[0]) + 20, int(prefill_meta.query_start[0]) + 23
-draw_walk(prefill_meta, 0, first_q, last_q)
+draw_walk(prefill_meta, 0, first_q, last_q, meta)
 for block_n in (16, 64):
     runs = replay(prefill_meta, 0, block_n, first_q, last_q)
     print(f"BLOCK_N={block_n}: {len(runs)} runs (= query rotations)")
