@@ -103,7 +103,9 @@ def _semantics_demo(ops, device: str, seed: int) -> float:
         layout = Layout([RequestLayout(tuple(segments), own, num_queries=q_len)], S)
         return ops.lazy_prefill(q, k_cache, v_cache, layout, rope)
 
-    _say("1. One cached copy, many placements: lazy (query rotated by p - delta) vs eager RoPE")
+    _say("1. One cached copy, many placements: a document cached once and read anywhere gives what")
+    _say("   recomputing it there gives (lazy turns each query by p - delta, its distance to where the")
+    _say("   document was cached; eager RoPE rotates the document's keys again at every place)")
     _say("   documents A (11 tokens) and B (6 tokens) are written once, keys rotated at 0..L-1;")
     _say("   eager RoPE writes them again, keys rotated at their logical positions.\n")
     rows, worst = [], 0.0
@@ -157,7 +159,7 @@ def _reuse_demo(model, seed: int) -> None:
     docs = {n: torch.randint(1, vocab, (L,), generator=g).tolist() for n, L in (("A", 40), ("B", 25), ("C", 33))}
     orders = [("A", "B", "C"), ("C", "A", "B"), ("B", "C", "A"), ("C", "B")]
     queries = [torch.randint(1, vocab, (6,), generator=g).tolist() for _ in orders]
-    _say("2. A tiny random Llama-shaped model serves requests that reuse documents in new orders")
+    _say("2. Requests that reuse the same documents in new orders: lazy (no copy) beside Block-Attention (copy)")
     engines = {s: Engine(model, s, num_blocks=64, block_size=16, keep_logits=True) for s in ("lazy", "block_attention")}
     rows = []
     for order, query in zip(orders, queries, strict=True):
@@ -212,7 +214,7 @@ def _quality_demo(model, seed: int) -> list[dict]:
         (torch.randint(1, vocab, (5,), generator=g).tolist(), [docs[i] for i in order])
         for order in ((0, 1, 2), (2, 0), (1, 2, 0))
     ]
-    _say("3. Quality: first-token logits and greedy tokens, lazy vs block_attention vs full attention")
+    _say("3. Do the answers change? lazy vs Block-Attention vs full attention, in float32 and bfloat16")
     rows = []
     for dtype in (torch.float32, torch.bfloat16):
         report = quality_check(model.to(dtype), requests, max_new_tokens=6)
@@ -252,8 +254,9 @@ def _strategies_demo(model, seed: int) -> list[dict]:
         vocab_size=model.cfg.vocab_size,
         seed=seed,
     )
-    _say("4. Every strategy on a uniform (alpha=0) and a skewed (alpha=1) workload: 24 requests,")
-    _say("   3 of 12 documents each, a KV budget of 0.75x the document pool")
+    _say("4. Speed and memory of each caching strategy on a small stream of requests: 24 requests of")
+    _say("   3 of 12 documents each, the documents equally popular (alpha=0) or a few popular (alpha=1),")
+    _say("   a cache that holds 0.75x the documents")
     runs = run_sweep(
         model,
         cfg,
@@ -298,7 +301,9 @@ def run_demo(backend: str, device: str, seed: int = 0) -> int:
         run_rag_demo(backend, device, seed)
     except ImportError as exc:  # transformers, or the package that ships SmolLM2, is missing
         _say(f"   skipped: {exc}\n")
-    _say("Part 2. The mechanics, on a tiny random-weight model\n")
+    _say("Part 2. The mechanics, on a tiny random-weight model")
+    _say("   Random weights make the answers meaningless words, but every equality below is exact:")
+    _say("   each number is a check of the mechanism, not a claim about quality.\n")
     cpu_threads_for("tiny", device)
     _semantics_demo(get_backend(backend).ops, device, seed)
     model = random_model("tiny", backend, torch.float32, device, seed)
