@@ -73,6 +73,7 @@ esac
 [ -n "${ADAPTER:-}" ] && ARGS+=(--adapter "$ADAPTER")
 
 left=$((LIMIT - ($(date +%s) - began)))
+[ "$left" -ge 60 ] || { say "only ${left} s left of LIMIT=${LIMIT}: not starting"; exit 1; }
 deadline=${DEADLINE:-$((left - 60))}
 say "training and evaluation: ${left} s left in the call, LazyRAG rounds until ${deadline} s"
 timeout "$left" $PY -m lazyattention.training.run --out "$OUT" --device "$DEVICE" --deadline "$deadline" "${ARGS[@]}" \
