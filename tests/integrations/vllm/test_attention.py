@@ -12,7 +12,8 @@ The cache is vLLM 0.32's per-layer tensor, logical ``[num_blocks, num_kv_heads,
 block_size, 2 * head_size]`` with K and V packed, in three of its physical layouts.
 No vLLM here: this module runs in the main suite too, with ``lazyattention.fast``
 under the Triton interpreter, which is how the GPU backend's kernels are checked on
-a CPU (the GPU backend itself cannot run in this workplace).
+a CPU (the GPU backend itself cannot run in this workplace); on a machine with CUDA
+the same case runs the compiled kernels on the GPU.
 """
 
 from __future__ import annotations
@@ -92,18 +93,18 @@ def _definition(q, k, v, t: int) -> torch.Tensor:
 SPLITS = [(89, 90), (40, 80, 89, 90), (80, 84, 89, 90)]
 
 
-def _kv_cache(layout: str, num_blocks: int, dtype) -> torch.Tensor:
+def _kv_cache(layout: str, num_blocks: int, dtype, device) -> torch.Tensor:
     """vLLM's logical per-layer cache ``[N, Hkv, S, 2D]`` (K and V packed), NaN-filled,
     in one of vLLM's physical layouts: ``LBNHC`` (vLLM's default), ``LBHNC`` (the packed
     ``(num_blocks, num_kv_heads, block_size, 2 * head_size)`` stored as it reads), and
     ``BLHNC`` (blocks outermost, a second layer between one block and the next)."""
     nan = float("nan")
     if layout == "LBNHC":
-        return torch.full((num_blocks, S, HKV, 2 * D), nan, dtype=dtype).permute(0, 2, 1, 3)
+        return torch.full((num_blocks, S, HKV, 2 * D), nan, dtype=dtype, device=device).permute(0, 2, 1, 3)
     if layout == "LBHNC":
-        return torch.full((num_blocks, HKV, S, 2 * D), nan, dtype=dtype)
+        return torch.full((num_blocks, HKV, S, 2 * D), nan, dtype=dtype, device=device)
     if layout == "BLHNC":
-        return torch.full((num_blocks, 2, HKV, S, 2 * D), nan, dtype=dtype)[:, 1]
+        return torch.full((num_blocks, 2, HKV, S, 2 * D), nan, dtype=dtype, device=device)[:, 1]
     raise ValueError(layout)
 
 
@@ -121,36 +122,29 @@ CASES = [
 def test_steps_match_the_definition(kernels_name, splits, layout):
     dtype = torch.float32
     kernels = _kernels(kernels_name)
+    device = "cuda" if kernels_name == "fast" and torch.cuda.is_available() else "cpu"  # else the interpreter
     q64, k64, v64 = _tokens(seed=len(splits))
     seq = torch.arange(TOTAL)
     q_seq, k_seq = apply_rope(q64, seq, ROPE), apply_rope(k64, seq, ROPE)  # what vLLM's model hands over
+    q_seq, k_seq, v_seq = (x.to(device, dtype) for x in (q_seq, k_seq, v64))
     num_blocks = math.ceil(TOTAL / S)
     row = torch.randperm(num_blocks + 3, generator=torch.Generator().manual_seed(1))[:num_blocks].tolist()
-    kv_cache = _kv_cache(layout, num_blocks + 3, dtype)
+    kv_cache = _kv_cache(layout, num_blocks + 3, dtype, device)
     assert kv_cache.shape == (num_blocks + 3, HKV, S, 2 * D)
-    slots = torch.tensor([row[p // S] * S + p % S for p in range(TOTAL)])
+    slots = torch.tensor([row[p // S] * S + p % S for p in range(TOTAL)], device=device)
     done = 0
     for end in splits:
         pieces = PLAN.step_layouts(done, end - done, row)
-        meta = build_metadata(pieces, S, slots[done:end], "cpu")
+        meta = build_metadata(pieces, S, slots[done:end], device)
         step = slice(done, end)
-        out = paged_attention(
-            kernels, q_seq[step].to(dtype), k_seq[step].to(dtype), v64[step].to(dtype), kv_cache, meta, ROPE, D**-0.5
-        )
+        out = paged_attention(kernels, q_seq[step], k_seq[step], v_seq[step], kv_cache, meta, ROPE, D**-0.5).cpu()
         oracle = torch.stack([_definition(q64, k64, v64, t) for t in range(done, end)])
         in_dtype = None
         if kernels is not reference:
             ref_cache = kv_cache.clone()
             in_dtype = paged_attention(
-                reference,
-                q_seq[step].to(dtype),
-                k_seq[step].to(dtype),
-                v64[step].to(dtype),
-                ref_cache,
-                meta,
-                ROPE,
-                D**-0.5,
-            )
+                reference, q_seq[step], k_seq[step], v_seq[step], ref_cache, meta, ROPE, D**-0.5
+            ).cpu()
         keep = torch.tensor([not _is_pad(t) for t in range(done, end)])
         assert_close(
             out[keep], oracle[keep], None if in_dtype is None else in_dtype[keep], dtype, name=f"step {done}..{end}"
