@@ -125,3 +125,15 @@ def test_a_fresh_adapter_changes_nothing(tiny):
         before = model(input_ids=ids).logits
         after = add_lora(model, LoraSettings(rank=4, alpha=8), seed=0)(input_ids=ids).logits
     assert torch.equal(before, after)
+
+
+def test_adapters_are_initialised_from_the_seed(tiny):
+    folder = tiny[0]
+
+    def lora_a(seed):
+        wrapped = add_lora(load_pretrained(folder)[0], LoraSettings(rank=4, alpha=8), seed=seed)
+        return [p.detach().clone() for name, p in wrapped.named_parameters() if "lora_A" in name]
+
+    first, again, other = lora_a(7), lora_a(7), lora_a(8)
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(first, other, strict=True))
