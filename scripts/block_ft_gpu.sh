@@ -61,7 +61,7 @@ case $SIZE in
         start=$(date +%s)
         $PY -m lazyattention.integrations.transformers.pretrained >>"$LOG" 2>&1
         say "prepare rc=$? ($(($(date +%s) - start)) s)"
-        ARGS=(--train-seconds "${TRAIN_SECONDS:-180}" --steps "${STEPS:-3000}" --batch-size "${BATCH:-8}"
+        ARGS=(--train-seconds "${TRAIN_SECONDS:-180}" --steps "${STEPS:-3000}" --batch-size "${BATCH:-8}" --learning-rate "${LR:-5e-4}"
               --eval-questions "${QUESTIONS:-200}" --max-new-tokens "${TOKENS:-24}" --lazy-batch "${LAZY_BATCH:-16}")
         ;;
     smoke)
