@@ -14,7 +14,10 @@
 #      before/after evaluation of QUESTIONS (default 200) held-out questions is written to
 #      $OUT/block_ft_eval.json after every phase; its LazyRAG phase starts no new round
 #      past DEADLINE seconds (default: what is left of the call, less a minute).
-# ADAPTER=DIR skips training and evaluates that adapter folder (a second call, if needed).
+# STEPS (at most, default 3000), BATCH (8), LR (5e-4), TOKENS (24 new tokens) and LAZY_BATCH
+# (16 requests per LazyRAG batch) override the run's sizes; LIMIT (525) is the script's own
+# budget in seconds. ADAPTER=DIR skips training and evaluates that adapter folder (a second
+# call, if needed).
 # SIZE=smoke runs every step at a tiny size on a tiny random-weight Llama (DEVICE=cpu works).
 # Everything printed goes to $OUT/block_ft.log too; with env.txt, at most 6 files come back.
 set -uo pipefail
