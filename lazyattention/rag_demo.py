@@ -164,7 +164,7 @@ def _run(backend: str, device: str) -> int:
     print(f"done in {time.perf_counter() - began:.1f} s")
     if mismatches:
         raise RuntimeError(f"lazy and Block-Attention disagreed in float32 on {', '.join(mismatches)}")
-    print("lazy = Block-Attention, token for token, on every question.")
+    print("lazy = Block-Attention, token for token, on every question.\n")
     return 0
 
 
