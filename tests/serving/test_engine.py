@@ -205,9 +205,7 @@ class SharedDecodeMachine(EngineMachine):
 
     def teardown(self):
         super().teardown()
-        runner = self.engine.runner
-        event(f"shared steps: {runner.steps_shared > 0}")
-        assert runner.plans_built <= runner.steps_shared + self.engine.stats.decode_steps
+        event(f"shared steps: {self.engine.runner.steps_shared > 0}")
 
 
 SharedDecodeMachine.TestCase.settings = settings(
