@@ -73,21 +73,24 @@ class BlockPlan:
         rows: ``[B, Tm]`` index into ``q`` of each request's queries, padded.
         has_query: ``[B, Tm]`` which of ``rows`` are real queries.
         table: ``[B, M]`` physical block ids, padded with block 0.
-        cos: ``[B, M, Tm, 1, F]`` cosines of the angles ``p − δ`` of each block (eq. 8).
+        slot_block: ``[B, M, S]`` the block each key slot is read from.
+        slot_offset: ``[B, M, S]`` its offset in that block. A slot past its block's valid
+            length (or in a padding block) reads the request's last own token instead:
+            written, so finite, and hidden, so of weight 0 (an unwritten slot may hold
+            anything, NaN included, and 0 · NaN is NaN).
+        cos: ``[B, M, 1, Tm, 1, F]`` cosines of the angles ``p − δ`` of each block (eq. 8).
         sin: as ``cos``.
-        hidden: ``[B, 1, 1, Tm, M, S]`` the keys a query does not see (eq. 7), padding
-            and slots past a block's valid length included.
-        unwritten: ``[B, M·S, 1, 1]`` slots past a block's valid length (they may hold
-            anything, NaN included, so their values are zeroed before the sum).
+        bias: ``[B, 1, Tm, 1, M·S]`` 0 where a query sees a key (eq. 7), −inf elsewhere.
     """
 
     rows: torch.Tensor
     has_query: torch.Tensor
     table: torch.Tensor
+    slot_block: torch.Tensor
+    slot_offset: torch.Tensor
     cos: torch.Tensor
     sin: torch.Tensor
-    hidden: torch.Tensor
-    unwritten: torch.Tensor
+    bias: torch.Tensor
 
 
 #: Plans by layout (a layout never changes after construction; the entry goes with it).
@@ -106,7 +109,7 @@ def block_plan(layout: Layout, device: torch.device, rope: RopeConfig, cdt: torc
 def _build_block_plan(layout: Layout, device: torch.device, rope: RopeConfig, cdt: torch.dtype) -> BlockPlan:
     meta = layout.metadata(device)
     table, shift = meta.block_table.long(), meta.block_shift.long()
-    B, M = table.shape
+    M = table.shape[1]
     S = layout.block_size
     counts = meta.cu_queries[1:] - meta.cu_queries[:-1]
     Tm = max(req.num_queries for req in layout.requests)
@@ -125,14 +128,21 @@ def _build_block_plan(layout: Layout, device: torch.device, rope: RopeConfig, cd
     is_own = torch.arange(M, device=device)[None, :] >= meta.num_segment_blocks[:, None]  # [B, M]
     causal = k_pos[:, None, :, :] <= q_pos[:, :, None, None]  # [B, Tm, M, S]
     visible = valid[:, None] & (~is_own[:, None, :, None] | causal)
+    bias = torch.zeros(visible.shape, dtype=cdt, device=device).masked_fill(~visible, float("-inf"))
+
+    # The last own token of each request: its last valid slot.
+    last = meta.num_blocks.long() - 1
+    last_block = table.gather(1, last[:, None])  # [B, 1]
+    last_offset = meta.block_len.long().gather(1, last[:, None]) - 1
     return BlockPlan(
         rows=rows,
         has_query=has_query,
         table=table,
-        cos=cos[..., None, :],
-        sin=sin[..., None, :],
-        hidden=~visible[:, None, None],
-        unwritten=~valid.reshape(B, M * S)[..., None, None],
+        slot_block=torch.where(valid, table[:, :, None], last_block[:, :, None]),
+        slot_offset=torch.where(valid, s, last_offset[:, :, None]),
+        cos=cos[:, :, None, :, None, :],
+        sin=sin[:, :, None, :, None, :],
+        bias=bias.flatten(-2)[:, None, :, None],
     )
 
 
@@ -143,22 +153,26 @@ def _blockwise(q, k_cache, v_cache, layout: Layout, rope: RopeConfig, scale: flo
     plan = block_plan(layout, q.device, rope, cdt)
     B, M = plan.table.shape
     Tm = plan.rows.shape[1]
-    Hkv = k_cache.shape[2]
+    S, Hkv = k_cache.shape[1:3]
     _, H, D = q.shape
 
-    q_pad = q.to(cdt)[plan.rows]  # [B, Tm, H, D]
-    q_rot = rotate_by(q_pad[:, None].expand(B, M, Tm, H, D), plan.cos, plan.sin, rope)  # R(p − δ) q, eq. (8)
-    q_rot = _operand(with_attention_factor(q_rot, rope), dtype).view(B, M, Tm, Hkv, H // Hkv, D)
-    keys = k_cache[plan.table].to(cdt)  # [B, M, S, Hkv, D], as stored
-    values = v_cache[plan.table].to(cdt).flatten(1, 2).masked_fill(plan.unwritten, 0.0)
+    G = H // Hkv
+    # Query head h = k·G + g reads KV head k. Every tensor keeps KV heads ahead of the
+    # tokens, so the products below are batched matrix products over (B, M, Hkv).
+    q_pad = q.to(cdt)[plan.rows].view(B, Tm, Hkv, G, D).transpose(1, 2)  # [B, Hkv, Tm, G, D]
+    q_rot = rotate_by(q_pad[:, None].expand(B, M, Hkv, Tm, G, D), plan.cos, plan.sin, rope)  # R(p − δ) q, eq. (8)
+    q_rot = _operand(with_attention_factor(q_rot, rope), dtype).view(B, M, Hkv, Tm * G, D)
+    keys = k_cache[plan.slot_block, plan.slot_offset].to(cdt)  # [B, M, S, Hkv, D], as stored
+    values = v_cache[plan.slot_block, plan.slot_offset].to(cdt).view(B, M * S, Hkv, D)
 
-    scores = torch.einsum("bmtkgd,bmskd->bkgtms", q_rot, keys) * scale
-    scores = scores.masked_fill(plan.hidden, float("-inf")).flatten(-2)  # [B, Hkv, G, Tm, M·S]
+    scores = torch.matmul(q_rot, keys.permute(0, 1, 3, 4, 2)) * scale  # [B, M, Hkv, Tm·G, S]
+    scores = scores.view(B, M, Hkv, Tm, G, S).permute(0, 2, 3, 4, 1, 5).flatten(-2) + plan.bias  # [B, Hkv, Tm, G, M·S]
     probs = torch.softmax(scores, dim=-1)  # eq. (11); a padded query's row (all hidden) is NaN, dropped below
-    out = torch.einsum("bkgtn,bnkd->btkgd", probs, values).reshape(B, Tm, H, D)[plan.has_query]
+    out = torch.matmul(probs.view(B, Hkv, Tm * G, M * S), values.transpose(1, 2)).view(B, Hkv, Tm, G, D)
+    out = out.transpose(1, 2).reshape(B, Tm, H, D)[plan.has_query]
     if not return_lse:
         return out, None
-    lse = torch.logsumexp(scores, dim=-1).permute(0, 3, 1, 2).reshape(B, Tm, H)
+    lse = torch.logsumexp(scores, dim=-1).transpose(1, 2).reshape(B, Tm, H)
     return out, lse[plan.has_query]
 
 
