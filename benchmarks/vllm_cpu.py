@@ -29,6 +29,7 @@ makes a short smoke run.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import platform
@@ -219,22 +220,20 @@ def main(argv=None) -> int:
         ("p50 latency ≤ 0.7× stock's", stock["p50_latency_s"] / plugin["p50_latency_s"], 1 / 0.7),
     ]
     result = {
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "device": f"CPU ({platform.machine()}, {os.cpu_count()} cores)",
+        "date": datetime.date.today().isoformat(),
         "versions": {"vllm": vllm.__version__, "python": platform.python_version()},
         "workload": vars(args),
         "stock": stock,
         "plugin": plugin,
-        "targets": [
-            {"target": name, "ratio": ratio, "verdict": "PASS" if ratio >= bar else "MISS"}
-            for name, ratio, bar in checks
-        ],
+        "targets": [{"target": name, "value": ratio, "pass": ratio >= bar} for name, ratio, bar in checks],
     }
     print(f"{'server':<8} {'req/s':>7} {'p50 s':>7} {'decode tok/s':>13}")
     for name in ("stock", "plugin"):
         r = result[name]
         print(f"{name:<8} {r['requests_per_s']:7.2f} {r['p50_latency_s']:7.2f} {r['decode_tokens_per_s']:13.1f}")
     for t in result["targets"]:
-        print(f"{t['verdict']}  {t['target']}: {t['ratio']:.2f}")
+        print(f"{'PASS' if t['pass'] else 'MISS'}  {t['target']}: {t['value']:.2f}")
     if args.name:
         path = RESULTS / f"{args.name}.json"
         path.write_text(json.dumps(result, indent=1) + "\n")
