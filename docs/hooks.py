@@ -49,6 +49,7 @@ FIGURES = {
     "plots": results.plots_markdown,
     "headline": results.headline_table,
     "results": results.results_table,
+    "speed": results.speed_tables,
     "numerics-angles": lambda: _numerics("ANGLE_ERRORS"),
     "numerics-scores": lambda: _numerics("SCORE_ERRORS"),
     "numerics-attention": lambda: _numerics("ATTENTION_ERRORS"),

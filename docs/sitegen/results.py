@@ -462,3 +462,80 @@ def peers_quality() -> str:
             "is on [Quality on a real model](concepts/quality.md).",
         ]
     )
+
+
+# --------------------------------------------------------------------------- fast on your machine
+
+
+def _median(rows: list[dict], key: str) -> float:
+    return statistics.median(r[key] for r in rows)
+
+
+def _transformers_tables(name: str, data: dict) -> str:
+    """The transformers speed result: LazyRAG against full attention (and stock ``generate``)."""
+    head = f"`benchmarks/results/{name}`, measured on **{describe_device(data)}**, {date(data)}, {data['dtype']}"
+    if "cached" in data:
+        backend = data["backend"]
+        lines = [
+            "| request | tokens in the prompt | lazy, `" + backend + "` | lazy, `reference` | full attention |",
+            "|---|---|---|---|---|",
+        ]
+        for passages, rows in data["cached"].items():
+            ref = f"{_median(rows, 'lazy_reference_s'):.2f} s" if "lazy_reference_s" in rows[0] else "—"
+            lines.append(
+                f"| {passages} passages, all cached, {data['new_tokens']} new tokens | {rows[0]['prompt_tokens']:,} | "
+                f"{_median(rows, f'lazy_{backend}_s'):.2f} s | {ref} | {_median(rows, 'full_s'):.2f} s |"
+            )
+        fp = data["first_prefill"]
+        lines.append(
+            f"| a {fp[0]['words']:,}-word document seen for the first time, 1 new token "
+            f"| {fp[0]['prefilled_tokens']:,} | {_median(fp, 'lazy_s'):.2f} s | — | {_median(fp, 'full_s'):.2f} s |"
+        )
+        return head + f" (the median of {data['repeats']} runs):\n\n" + "\n".join(lines)
+    lines = ["| measure | lazy | stock transformers |", "|---|---|---|"]
+    latency = data["decode_latency_s"]
+    stock = ", ".join(f"{k.removeprefix('generate_')}: {v * 1e3:.2f} ms" for k, v in latency.items() if k != "lazy")
+    lines.append(f"| decode, per token, batch 1 | {latency['lazy'] * 1e3:.2f} ms | {stock} |")
+    for model, rates in (
+        ("SmolLM2", data["batch_tokens_per_s"]),
+        ("Llama-3.2-1B shape", data["llama1b"]["batch_tokens_per_s"]),
+    ):
+        lines.append(f"| {model}, tokens/s at batch 1 → 16 | {rates['1']:.0f} → {rates['16']:.0f} | — |")
+    ttft = data["ttft_s"]
+    lines.append(
+        f"| time to first token, 8 cached documents ({data['ttft_prompt_tokens']:,} tokens) | "
+        f"{ttft['lazy'] * 1e3:.1f} ms | {ttft['generate'] * 1e3:.1f} ms |"
+    )
+    return head + ":\n\n" + "\n".join(lines)
+
+
+def _vllm_table(name: str, data: dict) -> str:
+    w = data["workload"]
+    lines = ["| server | requests/s | p50 latency | decode, one stream |", "|---|---|---|---|"]
+    for server, title in (
+        ("stock", "stock vLLM, prefix caching, documents in the prompt"),
+        ("plugin", "the plugin, documents named"),
+    ):
+        r = data[server]
+        lines.append(
+            f"| {title} | {r['requests_per_s']:.2f} | {r['p50_latency_s']:.2f} s "
+            f"| {r['decode_tokens_per_s']:.1f} tokens/s |"
+        )
+    return (
+        f"`benchmarks/results/{name}`, measured on **{describe_device(data)}**, {date(data)}, vLLM "
+        f"{data['versions']['vllm']}: {w['clients']} clients × {w['requests']} requests, each naming 2–4 of "
+        f"{w['passages']} passages in a new order, {w['new_tokens']} new tokens:\n\n" + "\n".join(lines)
+    )
+
+
+def speed_tables() -> str:
+    """Every current transformers and vLLM speed result, as tables."""
+    blocks = []
+    for name, data in current_results():
+        if kind(name) == "transformers":
+            blocks.append(_transformers_tables(name, data))
+        elif kind(name) == "vllm":
+            blocks.append(_vllm_table(name, data))
+    if not blocks:
+        log.warning("no transformers or vLLM speed result under benchmarks/results/")
+    return "\n\n".join(blocks)
