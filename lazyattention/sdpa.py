@@ -72,41 +72,41 @@ class BlockPlan:
     Args:
         rows: ``[B, Tm]`` index into ``q`` of each request's queries, padded.
         has_query: ``[B, Tm]`` which of ``rows`` are real queries.
-        table: ``[B, M]`` physical block ids, padded with block 0.
-        slot_block: ``[B, M, S]`` the block each key slot is read from.
-        slot_offset: ``[B, M, S]`` its offset in that block. A slot past its block's valid
-            length (or in a padding block) reads the request's last own token instead:
-            written, so finite, and hidden, so of weight 0 (an unwritten slot may hold
-            anything, NaN included, and 0 · NaN is NaN).
+        blocks: ``[B·M]`` physical block ids, request by request, padded with block 0.
         cos: ``[B, M, 1, Tm, 1, F]`` cosines of the angles ``p − δ`` of each block (eq. 8).
         sin: as ``cos``.
-        bias: ``[B, 1, Tm, 1, M·S]`` 0 where a query sees a key (eq. 7), −inf elsewhere.
+        bias: ``[B, 1, Tm, 1, M·S]`` 0 where a query sees a key (eq. 7), −inf elsewhere
+            (padding and slots past a block's valid length included).
+        unwritten: ``[R]`` the rows of the gathered keys and values, viewed as
+            ``[B·M·Hkv·S, D]``, that lie past their block's valid length: they may hold
+            anything, NaN included (a weight of 0 times NaN is NaN), so they are zeroed.
     """
 
     rows: torch.Tensor
     has_query: torch.Tensor
-    table: torch.Tensor
-    slot_block: torch.Tensor
-    slot_offset: torch.Tensor
+    blocks: torch.Tensor
     cos: torch.Tensor
     sin: torch.Tensor
     bias: torch.Tensor
+    unwritten: torch.Tensor
 
 
 #: Plans by layout (a layout never changes after construction; the entry goes with it).
 _plans: weakref.WeakKeyDictionary[Layout, dict] = weakref.WeakKeyDictionary()
 
 
-def block_plan(layout: Layout, device: torch.device, rope: RopeConfig, cdt: torch.dtype) -> BlockPlan:
+def block_plan(layout: Layout, device: torch.device, rope: RopeConfig, cdt: torch.dtype, num_kv_heads: int):
     """The :class:`BlockPlan` of ``layout`` (built on first use, then reused by every layer)."""
     plans = _plans.setdefault(layout, {})
-    key = (device, rope, cdt)
+    key = (device, rope, cdt, num_kv_heads)
     if key not in plans:
-        plans[key] = _build_block_plan(layout, device, rope, cdt)
+        plans[key] = _build_block_plan(layout, device, rope, cdt, num_kv_heads)
     return plans[key]
 
 
-def _build_block_plan(layout: Layout, device: torch.device, rope: RopeConfig, cdt: torch.dtype) -> BlockPlan:
+def _build_block_plan(
+    layout: Layout, device: torch.device, rope: RopeConfig, cdt: torch.dtype, num_kv_heads: int
+) -> BlockPlan:
     meta = layout.metadata(device)
     table, shift = meta.block_table.long(), meta.block_shift.long()
     M = table.shape[1]
@@ -128,21 +128,16 @@ def _build_block_plan(layout: Layout, device: torch.device, rope: RopeConfig, cd
     is_own = torch.arange(M, device=device)[None, :] >= meta.num_segment_blocks[:, None]  # [B, M]
     causal = k_pos[:, None, :, :] <= q_pos[:, :, None, None]  # [B, Tm, M, S]
     visible = valid[:, None] & (~is_own[:, None, :, None] | causal)
-    bias = torch.zeros(visible.shape, dtype=cdt, device=device).masked_fill(~visible, float("-inf"))
-
-    # The last own token of each request: its last valid slot.
-    last = meta.num_blocks.long() - 1
-    last_block = table.gather(1, last[:, None])  # [B, 1]
-    last_offset = meta.block_len.long().gather(1, last[:, None]) - 1
     return BlockPlan(
         rows=rows,
         has_query=has_query,
-        table=table,
-        slot_block=torch.where(valid, table[:, :, None], last_block[:, :, None]),
-        slot_offset=torch.where(valid, s, last_offset[:, :, None]),
+        blocks=table.flatten(),
         cos=cos[:, :, None, :, None, :],
         sin=sin[:, :, None, :, None, :],
-        bias=bias.flatten(-2)[:, None, :, None],
+        bias=torch.zeros(visible.shape, dtype=cdt, device=device)
+        .masked_fill(~visible, float("-inf"))
+        .flatten(-2)[:, None, :, None],
+        unwritten=torch.nonzero((~valid)[:, :, None, :].expand(-1, -1, num_kv_heads, -1).flatten()).flatten(),
     )
 
 
@@ -150,10 +145,10 @@ def _blockwise(q, k_cache, v_cache, layout: Layout, rope: RopeConfig, scale: flo
     """Eqs. (7), (8), (11) over all requests and blocks at once; ``out [Tq, H, D]`` and
     ``lse [Tq, H]`` (``None`` unless asked for)."""
     dtype, cdt = q.dtype, compute_dtype(q.dtype)
-    plan = block_plan(layout, q.device, rope, cdt)
-    B, M = plan.table.shape
-    Tm = plan.rows.shape[1]
     S, Hkv = k_cache.shape[1:3]
+    plan = block_plan(layout, q.device, rope, cdt, Hkv)
+    B, Tm = plan.rows.shape
+    M = plan.blocks.shape[0] // B
     _, H, D = q.shape
 
     G = H // Hkv
@@ -162,13 +157,19 @@ def _blockwise(q, k_cache, v_cache, layout: Layout, rope: RopeConfig, scale: flo
     q_pad = q.to(cdt)[plan.rows].view(B, Tm, Hkv, G, D).transpose(1, 2)  # [B, Hkv, Tm, G, D]
     q_rot = rotate_by(q_pad[:, None].expand(B, M, Hkv, Tm, G, D), plan.cos, plan.sin, rope)  # R(p − δ) q, eq. (8)
     q_rot = _operand(with_attention_factor(q_rot, rope), dtype).view(B, M, Hkv, Tm * G, D)
-    keys = k_cache[plan.slot_block, plan.slot_offset].to(cdt)  # [B, M, S, Hkv, D], as stored
-    values = v_cache[plan.slot_block, plan.slot_offset].to(cdt).view(B, M * S, Hkv, D)
+    # Whole blocks, KV heads ahead of slots: [B, M, Hkv, S, D] (index_select along the
+    # blocks copies whole rows, several times faster than indexing slot by slot).
+    keys = torch.index_select(k_cache.transpose(1, 2), 0, plan.blocks).view(B, M, Hkv, S, D).to(cdt)
+    values = torch.index_select(v_cache.transpose(1, 2), 0, plan.blocks).view(B, M, Hkv, S, D).to(cdt)
+    keys.view(-1, D).index_fill_(0, plan.unwritten, 0.0)  # finite, so that the bias hides them
+    values.view(-1, D).index_fill_(0, plan.unwritten, 0.0)
 
-    scores = torch.matmul(q_rot, keys.permute(0, 1, 3, 4, 2)) * scale  # [B, M, Hkv, Tm·G, S]
-    scores = scores.view(B, M, Hkv, Tm, G, S).permute(0, 2, 3, 4, 1, 5).flatten(-2) + plan.bias  # [B, Hkv, Tm, G, M·S]
+    scores = torch.matmul(q_rot, keys.transpose(-1, -2)) * scale  # [B, M, Hkv, Tm·G, S]
+    scores = scores.view(B, M, Hkv, Tm, G, S).permute(0, 2, 3, 4, 1, 5).reshape(B, Hkv, Tm, G, M * S)
+    scores = scores + plan.bias  # eq. (7)
     probs = torch.softmax(scores, dim=-1)  # eq. (11); a padded query's row (all hidden) is NaN, dropped below
-    out = torch.matmul(probs.view(B, Hkv, Tm * G, M * S), values.transpose(1, 2)).view(B, Hkv, Tm, G, D)
+    values = values.transpose(1, 2).reshape(B, Hkv, M * S, D)
+    out = torch.matmul(probs.view(B, Hkv, Tm * G, M * S), values).view(B, Hkv, Tm, G, D)
     out = out.transpose(1, 2).reshape(B, Tm, H, D)[plan.has_query]
     if not return_lse:
         return out, None
