@@ -12,8 +12,9 @@ function in two vectorised ways and picks one by the size of the work:
   (eq. 8), all blocks of all requests at once, and the scores, the mask (eq. 7), the
   softmax and the weighted sum (eq. 11) are a handful of batched tensor operations —
   no loop over requests, segments or shifts;
-* **part-wise** (long prefills): one fused ``scaled_dot_product_attention`` call per
-  part of a request — each segment with the query rotated by its own δ, the own tokens
+* **part-wise** (long prefills): one fused attention call (PyTorch's CPU flash
+  attention, the kernel behind ``scaled_dot_product_attention`` on the CPU) per part of
+  a request — each segment with the query rotated by its own δ, the own tokens
   before the queries, and the causal diagonal — whose partial results are merged by
   their log-sum-exps (eq. 12). No ``[Tq, Tk]`` matrix is ever materialised, so a
   document's first prefill costs what full attention's prefill of the same tokens does.
@@ -40,24 +41,20 @@ from dataclasses import dataclass
 import torch
 
 from lazyattention.reference import ATTENTION_API
-from lazyattention.reference.attention import compute_dtype, merge_attention, write_kv  # noqa: F401 (re-exported)
+from lazyattention.reference.attention import _operand, compute_dtype, merge_attention, write_kv  # noqa: F401 (re-exported)
 from lazyattention.reference.checks import check_attention_inputs
 from lazyattention.reference.layout import Layout, Placement, RequestLayout
 from lazyattention.reference.rope import RopeConfig, apply_rope, rope_cos_sin, rotate, rotate_by, with_attention_factor
 
 __all__ = list(ATTENTION_API)  # write_kv and merge_attention are the reference's own: already vectorised
 
-#: The block-wise way rotates a query per block: ``B·M·Tm·H·D`` numbers. Past this many
-#: a call goes part-wise (measured on one CPU core with SmolLM2's shapes: the block-wise
-#: way wins up to about a hundred query tokens over a few thousand keys).
+#: The block-wise way holds a rotated query per block, ``B·M·Tm·H·D`` numbers, and its
+#: scores, ``B·H·Tm·M·S``. Past this many rotated-query numbers (16 MiB in float32) a
+#: call goes part-wise, which holds neither: a decode step and a question after cached
+#: documents stay block-wise, a document's own prefill goes part-wise.
 BLOCKWISE_MAX_ELEMENTS = 1 << 22
 
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-
-
-def _operand(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A rotated query or key rounded to the input dtype, as the reference takes it."""
-    return x.to(dtype).to(x.dtype)
 
 
 # --------------------------------------------------------------------------- block-wise
