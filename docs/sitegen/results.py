@@ -536,6 +536,12 @@ def speed_tables() -> str:
             blocks.append(_transformers_tables(name, data))
         elif kind(name) == "vllm":
             blocks.append(_vllm_table(name, data))
+        else:
+            continue
+        notes = (RESULTS / name).with_suffix(".notes.md")
+        if notes.exists():  # the reading of the figures (its history is an HTML comment the page hides)
+            text = notes.read_text(encoding="utf-8")
+            blocks.append(text.replace("## Reading the numbers", "**Reading the numbers.**"))
     if not blocks:
         log.warning("no transformers or vLLM speed result under benchmarks/results/")
     return "\n\n".join(blocks)
