@@ -39,6 +39,7 @@ if TYPE_CHECKING:  # the fast path is imported only when it is chosen (it needs 
 
 __all__ = [
     "BACKENDS",
+    "DEFAULT_BACKENDS",
     "Backend",
     "Capabilities",
     "REFERENCE",
@@ -236,6 +237,11 @@ def interpreted(backend: str, device: torch.device | str) -> bool:
     return backend in INTERPRETED_ON_CPU and torch.device(device).type == "cpu"
 
 
+#: The backend each device type runs when none is named (:func:`default_backend`); any
+#: other device type runs the reference.
+DEFAULT_BACKENDS: dict[str, str] = {"cuda": "fast", "cpu": "sdpa"}
+
+
 def get_backend(backend: str | Backend) -> Backend:
     """The backend of that name (a :class:`Backend` is returned as it is).
 
@@ -256,5 +262,4 @@ def default_backend(device: torch.device | str) -> Backend:
     """The backend to run on ``device`` when none is named: the Triton kernels
     (``"fast"``) on CUDA, the vectorised PyTorch backend (``"sdpa"``) on the CPU, the
     definition itself (``"reference"``) elsewhere."""
-    kind = torch.device(device).type
-    return get_backend({"cuda": "fast", "cpu": "sdpa"}.get(kind, REFERENCE))
+    return get_backend(DEFAULT_BACKENDS.get(torch.device(device).type, REFERENCE))

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from lazyattention.backends import DEFAULT_BACKENDS, REFERENCE
 from lazyattention.console import SweepProgress, cpu_threads_for, note, say, ticking
 from lazyattention.serving.config import MODEL_SHAPES
 from lazyattention.serving.engine import STRATEGIES
@@ -146,7 +147,7 @@ def run_bench(
     out: str | Path = "bench-out",
     name: str = "engine",
     model: str = "tiny",
-    backend: str = "reference",
+    backend: str | None = None,
     device: str = "cpu",
     dtype: str = "float32",
     seed: int = 0,
@@ -173,7 +174,8 @@ def run_bench(
         out: folder for the files (created; checked to be writable before any work).
         name: file name stem of the JSON and the plot.
         model: random-weight model shape (``"tiny"`` or ``"llama3-1b"``).
-        backend: ``"reference"`` or ``"fast"``.
+        backend: a name of :data:`~lazyattention.backends.BACKENDS`; ``None``: the
+            device's (:data:`~lazyattention.backends.DEFAULT_BACKENDS`).
         device: torch device of the model and the cache.
         dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``.
         seed: seeds the weights and the workload.
@@ -218,6 +220,8 @@ def run_bench(
         model, device, dtype, requests, documents, doc_len, docs_per_request, query_len, output_len,
         budgets, budget, block_size,
     )  # fmt: skip
+    if backend is None:
+        backend = DEFAULT_BACKENDS.get(torch.device(device).type, REFERENCE)
     cpu_threads_for(model, device)
     threads = f" threads={torch.get_num_threads()}" if device == "cpu" else ""
     say(f"lazyattention bench: model={model} backend={backend} device={device}{threads} dtype={dtype}")

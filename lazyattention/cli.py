@@ -24,7 +24,7 @@ import sys
 import torch
 
 import lazyattention
-from lazyattention.backends import BACKENDS, get_backend, interpreted
+from lazyattention.backends import BACKENDS, DEFAULT_BACKENDS, REFERENCE, get_backend, interpreted
 from lazyattention.bench import DTYPES, output_paths, run_bench
 from lazyattention.demo import run_demo
 from lazyattention.serving.config import MODEL_SHAPES
@@ -161,9 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--backend",
             choices=tuple(BACKENDS),
-            default="reference",
-            help="attention backend: the PyTorch definition, or the Triton kernels (a CUDA GPU, or "
-            "TRITON_INTERPRET=1 with --device cpu)",
+            default=None,
+            help="attention backend: the PyTorch definition (reference), vectorised PyTorch for the CPU "
+            "(sdpa), or the Triton kernels (fast: a CUDA GPU, or TRITON_INTERPRET=1 with --device cpu); "
+            "default: the device's (sdpa on the CPU, fast on CUDA)",
         )
         p.add_argument(
             "--device",
@@ -293,6 +294,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ``strategies`` filled in.
     """
     args = build_parser().parse_args(argv)
+    if args.backend is None:  # the device's backend (lazyattention.backends.default_backend), by name
+        args.backend = DEFAULT_BACKENDS.get(torch.device(args.device or "cpu").type, REFERENCE)
     args.device = _resolve_device(args.command, args.backend, args.device)
     if args.command == "bench":
         if args.docs_per_request > args.documents:

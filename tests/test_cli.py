@@ -186,9 +186,10 @@ def test_help_shows_the_defaults_of_run_bench(capsys):
     assert "(default: None)" not in out and "(default: False)" not in out
     args = vars(parse_args(["bench"]))
     for name, default in BENCH_DEFAULTS.items():
-        if name not in ("progress", "strategies"):
+        if name not in ("progress", "strategies", "backend"):
             assert args[name] == (list(default) if isinstance(default, tuple) else default), name
     assert args["strategies"] == list(STRATEGIES)
+    assert BENCH_DEFAULTS["backend"] is None and args["backend"] == "sdpa", "no backend named: the CPU's"
 
 
 def test_demo_runs_and_shows_every_part(capsys):
