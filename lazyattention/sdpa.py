@@ -34,6 +34,7 @@ the request with most queries.
 
 from __future__ import annotations
 
+import functools
 import math
 import weakref
 from dataclasses import dataclass
@@ -41,7 +42,7 @@ from dataclasses import dataclass
 import torch
 
 from lazyattention.reference import ATTENTION_API
-from lazyattention.reference.attention import _operand, compute_dtype, merge_attention, write_kv  # noqa: F401 (re-exported)
+from lazyattention.reference.attention import _operand, compute_dtype, merge_attention, write_kv  # noqa: F401 (write_kv re-exported)
 from lazyattention.reference.checks import check_attention_inputs
 from lazyattention.reference.layout import Layout, Placement, RequestLayout
 from lazyattention.reference.rope import RopeConfig, apply_rope, rope_cos_sin, rotate, rotate_by, with_attention_factor
@@ -204,17 +205,6 @@ def _fused(q_rot: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale:
     return out, lse.view(Hkv, G, Tq).permute(2, 0, 1).reshape(Tq, H)
 
 
-def _merge(parts: list[tuple[torch.Tensor, torch.Tensor]]):
-    """Eq. (12) over any number of parts: ``out = Σ out_i · e^(lse_i − lse)``."""
-    if len(parts) == 1:
-        return parts[0]
-    lses = torch.stack([lse for _, lse in parts])  # [P, Tq, H]
-    lse = torch.logsumexp(lses, dim=0)
-    weights = torch.exp(lses - lse).nan_to_num(0.0)[..., None]
-    out = sum(w * o for w, (o, _) in zip(weights, parts, strict=True))
-    return out, lse
-
-
 def _request_partwise(q, k_cache, v_cache, req: RequestLayout, rope, scale, dtype, keys_mode):
     """One request's queries ``[Tq, H, D]`` (compute dtype) attended part by part."""
     q_pos = torch.arange(req.num_queries, device=q.device) + req.query_start
@@ -237,7 +227,7 @@ def _request_partwise(q, k_cache, v_cache, req: RequestLayout, rope, scale, dtyp
             keys = rotate(keys, p.shift, rope) if keys_mode == "eager" else apply_rope(keys, k_at, rope)
             keys, q_rot = _operand(keys, dtype), at_p
         parts.append(_fused(q_rot, keys, values, scale, causal))
-    return _merge(parts)
+    return functools.reduce(lambda a, b: merge_attention(*a, *b), parts)  # eq. (12), part by part
 
 
 def _partwise(q, k_cache, v_cache, layout: Layout, rope, scale, keys_mode):
@@ -261,7 +251,7 @@ def _partwise(q, k_cache, v_cache, layout: Layout, rope, scale, keys_mode):
 
 
 def _blockwise_fits(q: torch.Tensor, layout: Layout) -> bool:
-    rows = max(sum(len(p.blocks) for p in (*req.segments, req.own)) for req in layout.requests)
+    rows = layout.metadata(q.device).block_table.shape[1]  # M, from the layout's cached metadata
     tm = max(req.num_queries for req in layout.requests)
     return layout.batch_size * rows * tm * q.shape[1] * q.shape[2] <= BLOCKWISE_MAX_ELEMENTS
 
