@@ -1,7 +1,7 @@
 """What padding a decode step's block tables to its CUDA-graph bucket costs.
 
 A decode step of ``B`` requests whose longest block table has ``M`` blocks replays the
-graph of a bucket ``M' >= M`` (:func:`lazyattention.serving.runner.graph_bucket`), and
+graph of a bucket ``M' >= M`` (:func:`lazyattention.steps.graph_bucket`), and
 the decode kernel splits ``M'`` blocks among its programs. This times one decode
 step's graph replay (Llama-3.2-1B shape, random weights, bf16, block size 16) at batch
 16, each request reading 8 documents of 1,024 tokens (the engine benchmark's heavy
@@ -29,7 +29,8 @@ import torch
 from lazyattention.reference.layout import Layout, Placement, RequestLayout
 from lazyattention.serving import runner as runner_module
 from lazyattention.serving.model import Model, ModelConfig, StepInputs
-from lazyattention.serving.runner import ModelRunner, graph_bucket
+from lazyattention.serving.runner import ModelRunner
+from lazyattention.steps import graph_bucket
 
 BLOCK_SIZE = 16
 

@@ -126,7 +126,6 @@ from lazyattention.serving.engine import STRATEGIES, Engine, blocks_needed
 from lazyattention.serving.loading import random_model
 from lazyattention.serving.model import Model, StepInputs
 from lazyattention.serving.quality import quality_check
-from lazyattention.serving.runner import graph_bucket
 from lazyattention.serving.strategies import get_strategy
 from lazyattention.serving.sweep import (
     PAPER_HIT_RATIO,
@@ -137,6 +136,7 @@ from lazyattention.serving.sweep import (
     kv_block_bytes,
 )
 from lazyattention.serving.workload import WorkloadConfig, make_workload, run_workload
+from lazyattention.steps import graph_bucket
 
 BLOCK_SIZE = 16
 TARGET_TPOT_STEPS = 3.0  # TPOT at batch 16 ÷ one replayed decode step

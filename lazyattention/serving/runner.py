@@ -65,7 +65,6 @@ request (padded), ``V`` vocabulary.
 
 from __future__ import annotations
 
-import math
 import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -75,145 +74,16 @@ import torch
 from lazyattention.reference.cache import PagedKVCache
 from lazyattention.reference.checks import check_write_values
 from lazyattention.reference.layout import BlockMetadata, Layout, Placement, RequestLayout
+from lazyattention.steps import BLOCK_FIELDS, HostMetadata, Packer, graph_bucket, metadata_views, power_of_two
 
 from .model import Model, StepInputs
 
 if TYPE_CHECKING:
     from lazyattention.backends import SharingPlan
 
-__all__ = ["ModelRunner", "HostMetadata", "CarriedTokens", "SharedBucket", "graph_bucket", "fixed_sharing_metadata"]
+__all__ = ["ModelRunner", "CarriedTokens", "SharedBucket", "fixed_sharing_metadata"]
 
-_INT32_MAX = 2**31 - 1
-_BLOCK_FIELDS = ("block_table", "block_pos", "block_shift", "block_len")
 _ITEM, _MEMBER = 6, 3  # int32 fields per work item and per member of a sharing plan's metadata
-
-
-def _power_of_two(n: int) -> int:
-    """The smallest power of two ``>= n`` (1 for ``n <= 1``)."""
-    return 1 << max(0, n - 1).bit_length()
-
-
-def graph_bucket(batch: int, blocks: int) -> tuple[int, int]:
-    """The CUDA-graph bucket ``(B', M')`` of a decode step of ``batch`` requests whose
-    longest block table has ``blocks`` blocks.
-
-    ``B'``: the next power of two up to 8, then the next multiple of 8. ``M'``: 16 up
-    to 16 blocks; above, ``blocks`` rounded up to a multiple of an eighth of the power
-    of two below it (eight bucket sizes per octave: at most 1/8 of padding).
-
-    Examples:
-        >>> graph_bucket(3, 16), graph_bucket(17, 130), graph_bucket(16, 516)
-        ((4, 16), (24, 144), (16, 576))
-    """
-    if batch < 1 or blocks < 1:
-        raise ValueError(f"a decode step needs batch >= 1 and blocks >= 1, got {batch}, {blocks}")
-    b = _power_of_two(batch) if batch <= 8 else -(-batch // 8) * 8
-    if blocks <= 16:
-        return b, 16
-    step = 1 << ((blocks - 1).bit_length() - 4)
-    return b, -(-blocks // step) * step
-
-
-class _Packer:
-    """Named int32 tensors packed into one flat buffer, and views of a copy of it."""
-
-    def __init__(self):
-        self.names: list[str] = []
-        self.shapes: list[tuple[int, ...]] = []
-        self.parts: list[torch.Tensor] = []
-
-    def add(self, name: str, t: torch.Tensor | None) -> None:
-        if t is None:
-            return
-        if t.dtype != torch.int32 and t.numel() and (int(t.min()) < -_INT32_MAX or int(t.max()) > _INT32_MAX):
-            raise ValueError(f"{name} does not fit int32: range [{int(t.min())}, {int(t.max())}]")
-        self.names.append(name)
-        self.shapes.append(tuple(t.shape))
-        self.parts.append(t.reshape(-1).to(torch.int32))
-
-    @property
-    def size(self) -> int:
-        return sum(p.numel() for p in self.parts)
-
-    def pack(self, out: torch.Tensor) -> None:
-        """Write the parts, back to back, into ``out [size]`` (host memory)."""
-        if self.parts:
-            torch.cat(self.parts, out=out)
-
-    def views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``name -> view`` of ``flat``, a copy of what :meth:`pack` wrote."""
-        out, offset = {}, 0
-        for name, shape in zip(self.names, self.shapes, strict=True):
-            n = math.prod(shape)
-            out[name] = flat[offset : offset + n].view(shape)
-            offset += n
-        return out
-
-
-def _placement_rows(p: Placement, block_size: int) -> torch.Tensor:
-    """``[len(p.blocks), 4]`` int32 rows ``(block, logical start, shift, valid length)``,
-    as ``Layout.metadata`` writes them."""
-    s = block_size
-    rows = [(b, p.start + k * s, p.shift, min(s, p.length - k * s)) for k, b in enumerate(p.blocks)]
-    return torch.tensor(rows, dtype=torch.int32).reshape(-1, 4)
-
-
-class HostMetadata:
-    """``Layout.metadata("cpu")`` for a serving loop, built faster.
-
-    A decode step's requests read the same segment placements from one step to the
-    next; only their own tokens grow. So the rows of each request's segments are built
-    once and kept (keyed by the placements, at most ``capacity`` entries), and a step
-    builds only the rows of its own tokens. The result equals ``Layout.metadata()``
-    (a test checks it on every step of real engines); the layout is handed it with
-    ``Layout.use_metadata``.
-    """
-
-    def __init__(self, capacity: int = 4096):
-        self.capacity = capacity
-        self._segments: dict[tuple[Placement, ...], torch.Tensor] = {}
-
-    def _segment_rows(self, segments: tuple[Placement, ...], block_size: int) -> torch.Tensor:
-        rows = self._segments.get(segments)
-        if rows is None:
-            if len(self._segments) >= self.capacity:
-                self._segments.clear()
-            rows = torch.cat(
-                [torch.empty(0, 4, dtype=torch.int32)] + [_placement_rows(p, block_size) for p in segments]
-            )
-            self._segments[segments] = rows
-        return rows
-
-    def __call__(self, layout: Layout) -> BlockMetadata:
-        """The layout's host metadata (and the layout keeps it, as if it had built it)."""
-        s = layout.block_size
-        parts = [(self._segment_rows(r.segments, s), _placement_rows(r.own, s)) for r in layout.requests]
-        m = max(len(seg) + len(own) for seg, own in parts)
-        table = torch.zeros(len(parts), m, 4, dtype=torch.int32)
-        for r, (seg, own) in enumerate(parts):
-            table[r, : len(seg)] = seg
-            table[r, len(seg) : len(seg) + len(own)] = own
-        per_request = torch.tensor(
-            [
-                (len(seg) + len(own), len(seg), req.query_start)
-                for (seg, own), req in zip(parts, layout.requests, strict=True)
-            ],
-            dtype=torch.int32,
-        ).reshape(-1, 3)
-        queries = torch.tensor([0] + [req.num_queries for req in layout.requests], dtype=torch.int32)
-        meta = BlockMetadata(
-            *(table[..., i].contiguous() for i in range(4)),
-            num_blocks=per_request[:, 0].contiguous(),
-            num_segment_blocks=per_request[:, 1].contiguous(),
-            query_start=per_request[:, 2].contiguous(),
-            cu_queries=torch.cumsum(queries, 0, dtype=torch.int32),
-        )
-        layout.use_metadata(meta)
-        return meta
-
-
-def _metadata(views: dict[str, torch.Tensor], prefix: str) -> BlockMetadata:
-    return BlockMetadata(*(views[f"{prefix}.{f}"] for f in BlockMetadata._fields))
 
 
 # --------------------------------------------------------------------------- carried tokens
@@ -281,7 +151,7 @@ def fixed_sharing_metadata(meta: Any, batch: int, rows: int, members_per_item: i
     items = t[meta.item_off : meta.item_off + meta.num_items * _ITEM].view(-1, _ITEM)
     members = t[meta.member_off : meta.table_off].view(-1, _MEMBER)
     table = t[meta.table_off :]
-    slots = _power_of_two(meta.slots)
+    slots = power_of_two(meta.slots)
     empty = [(r, 0, k) for r in range(batch) for k in range(meta.slots, slots)]
     empty += [(r, 0, k) for r in range(batch, rows) for k in range(1, slots)]
     first = len(members)
@@ -289,9 +159,9 @@ def fixed_sharing_metadata(meta: Any, batch: int, rows: int, members_per_item: i
         (0, 0, 0, first + i, min(members_per_item, len(empty) - i), 0) for i in range(0, len(empty), members_per_item)
     ]
     bucket = SharedBucket(
-        items=_power_of_two(len(items) + len(new_items)),
-        members=_power_of_two(len(members) + len(empty)),
-        table=_power_of_two(len(table)),
+        items=power_of_two(len(items) + len(new_items)),
+        members=power_of_two(len(members) + len(empty)),
+        table=power_of_two(len(table)),
         slots=slots,
     )
     out = torch.zeros(bucket.size, dtype=torch.int32)
@@ -567,7 +437,7 @@ class ModelRunner:
     def _eager(
         self, token_ids: torch.Tensor, step: StepInputs, shared: _SharedStep | None, carried: CarriedTokens | None
     ) -> torch.Tensor:
-        packer = _Packer()
+        packer = Packer()
         packer.add("ids", token_ids)
         packer.add("carried", None if carried is None else carried.rows)
         for name in ("slots", "positions", "logit_rows", "copy_src", "copy_dst", "copy_shift"):
@@ -584,7 +454,7 @@ class ModelRunner:
         views = packer.views(self._to_device(packer))
         for prefix, layout in layouts.items():
             if layout is not None:
-                layout.use_metadata(_metadata(views, prefix))
+                layout.use_metadata(metadata_views(views, prefix))
         if shared is not None:
             shared.plan.use_metadata(fixed._replace(tensor=views["sharing"]), self._shared_tiles(),
                                      self.model.cfg.num_kv_heads)  # fmt: skip
@@ -605,7 +475,7 @@ class ModelRunner:
         self.steps_eager += 1
         return self.model(ids, self.cache, device_step)
 
-    def _to_device(self, packer: _Packer) -> torch.Tensor:
+    def _to_device(self, packer: Packer) -> torch.Tensor:
         """The packed step on the model's device: on CUDA one ``non_blocking`` copy from
         pinned memory (PyTorch's pinned-memory cache reuses a buffer only after the copy
         that reads it has completed)."""
@@ -658,11 +528,11 @@ class ModelRunner:
         bb, mb = key[:2]
         sharing = None if shared is None else key[2]
         prefix = "decode" if sharing is None else "rest"
-        packer = _Packer()
+        packer = Packer()
         for name in ("ids", "carried", "slots", "positions"):
             packer.add(name, torch.zeros(bb, dtype=torch.int32))
         for f in BlockMetadata._fields:
-            shape = (bb, mb) if f in _BLOCK_FIELDS else (bb + 1,) if f == "cu_queries" else (bb,)
+            shape = (bb, mb) if f in BLOCK_FIELDS else (bb + 1,) if f == "cu_queries" else (bb,)
             packer.add(f"{prefix}.{f}", torch.zeros(shape, dtype=torch.int32))
         if sharing is not None:
             packer.add("sharing", torch.zeros(sharing.size, dtype=torch.int32))
@@ -677,10 +547,10 @@ class ModelRunner:
         device = packer.views(device_buffer)
         plan = None
         if sharing is None:
-            layout.use_metadata(_metadata(device, "decode"))
+            layout.use_metadata(metadata_views(device, "decode"))
         else:
             rest = Layout([pad] * bb, s)
-            rest.use_metadata(_metadata(device, "rest"))
+            rest.use_metadata(metadata_views(device, "rest"))
             plan = type(shared.plan)(layout, self.shared_decode_min_requests, (), rest)
             fixed, _ = self._fixed_sharing(shared, bb)
             plan.use_metadata(fixed._replace(tensor=device["sharing"]), self._shared_tiles(),
@@ -722,7 +592,7 @@ class ModelRunner:
         h["slots"][b:] = self.scratch_block * self.cache.block_size  # padding: the scratch block's first slot
         h["positions"][b:] = 0
         p = g.layout
-        for f in _BLOCK_FIELDS:
+        for f in BLOCK_FIELDS:
             t = h[f"{p}.{f}"]
             t.zero_()
             t[:b, :m] = getattr(meta, f)

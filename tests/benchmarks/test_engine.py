@@ -25,9 +25,9 @@ from hypothesis import strategies as st
 from lazyattention.serving.config import ModelConfig
 from lazyattention.serving.engine import STRATEGIES, Engine
 from lazyattention.serving.model import Model
-from lazyattention.serving.runner import graph_bucket
 from lazyattention.serving.sweep import dry_run
 from lazyattention.serving.workload import WorkloadConfig, make_workload
+from lazyattention.steps import graph_bucket
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -31,7 +31,8 @@ import torch
 from lazyattention.reference.layout import BlockMetadata, Layout
 from lazyattention.serving.engine import Engine
 from lazyattention.serving.model import Model, ModelConfig, StepInputs
-from lazyattention.serving.runner import CarriedTokens, ModelRunner, SharedBucket, graph_bucket
+from lazyattention.serving.runner import CarriedTokens, ModelRunner, SharedBucket
+from lazyattention.steps import graph_bucket
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -170,33 +171,6 @@ def test_host_metadata_equals_the_layouts(strategy):
                 built = recorder.host_metadata(layout)
                 for name, a, b in zip(BlockMetadata._fields, built, fresh, strict=True):
                     assert a.dtype == b.dtype and torch.equal(a, b), (strategy, name)
-
-
-def test_graph_buckets():
-    assert graph_bucket(1, 1) == (1, 16)
-    assert graph_bucket(3, 16) == (4, 16)
-    assert graph_bucket(16, 17) == (16, 18)
-    assert graph_bucket(17, 130) == (24, 144)
-    assert graph_bucket(16, 516) == (16, 576)
-    with pytest.raises(ValueError, match="batch >= 1"):
-        graph_bucket(0, 4)
-
-
-@pytest.mark.parametrize("batch", [1, 5, 8, 9, 31, 64, 100])
-def test_graph_buckets_pad_the_keys_by_at_most_an_eighth(batch):
-    """Every block count up to 4,096: ``M'`` covers it by at most 1/8 (or is the
-    16-block floor), buckets grow with the count, eight per octave; ``B'`` covers the
-    batch, a power of two up to 8 and a multiple of 8 above."""
-    buckets = set()
-    last = 0
-    for m in range(1, 4097):
-        bb, mb = graph_bucket(batch, m)
-        assert m <= mb and (mb == 16 or 8 * (mb - m) < mb), (m, mb)
-        assert mb >= last
-        last = mb
-        buckets.add(mb)
-        assert batch <= bb and (bb & (bb - 1) == 0 if bb <= 8 else bb % 8 == 0) and bb - batch < max(8, batch)
-    assert len(buckets) == 1 + 8 * 8  # 16, then eight per octave from 16 to 4,096
 
 
 def _decode_step(model: Model):
