@@ -77,6 +77,9 @@ class Step:
             prefilled alone: ``0..L−1``; a request's own tokens: their logical positions).
         rope: the model's RoPE as a pure rotation (attention factor 1, see the module doc).
         ops: the backend module (``lazyattention.reference`` or ``lazyattention.fast``).
+        validate: the first layer's ``write_kv`` checks the slots and positions on the
+            device (a host synchronisation); ``False`` for a step checked on the host
+            beforehand, as a CUDA graph's step is.
     """
 
     layout: Layout
@@ -84,6 +87,7 @@ class Step:
     positions: torch.Tensor
     rope: RopeConfig
     ops: ModuleType
+    validate: bool = True
 
     @property
     def decode(self) -> bool:

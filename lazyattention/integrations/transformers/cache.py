@@ -63,6 +63,9 @@ class PagedCache(Cache):
         block_size: ``S`` tokens per block.
         dtype: the K/V dtype (the model's).
         device: where the K/V live (the model's device).
+        scratch_blocks: blocks after the pool that no request owns (:attr:`scratch`),
+            where a CUDA graph's padding tokens write (see
+            :mod:`~lazyattention.integrations.transformers.graphs`).
     """
 
     def __init__(
@@ -74,15 +77,18 @@ class PagedCache(Cache):
         block_size: int,
         dtype: torch.dtype,
         device: torch.device | str,
+        scratch_blocks: int = 0,
     ):
         super().__init__(layers=[_PagedLayer() for _ in range(num_layers)])
         self.pool = BlockPool(num_blocks)
         self.store = SegmentStore(self.pool, block_size)
-        self.kv = PagedKVCache(num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype, device)
+        blocks = num_blocks + scratch_blocks
+        self.kv = PagedKVCache(num_layers, blocks, block_size, num_kv_heads, head_dim, dtype, device)
         self.block_size = block_size
+        self.scratch = tuple(range(num_blocks, num_blocks + scratch_blocks))
 
     @classmethod
-    def for_model(cls, model, num_blocks: int, block_size: int) -> PagedCache:
+    def for_model(cls, model, num_blocks: int, block_size: int, scratch_blocks: int = 0) -> PagedCache:
         """A cache shaped for ``model`` (its config, dtype and device)."""
         config = model.config
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -94,6 +100,7 @@ class PagedCache(Cache):
             block_size,
             model.dtype,
             model.device,
+            scratch_blocks,
         )
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
@@ -115,16 +122,17 @@ class PagedCache(Cache):
         k_cache, v_cache = self.kv.k[layer_idx], self.kv.v[layer_idx]
         # Every layer writes the step's same slots and positions: their values (a host
         # synchronisation on a GPU) are checked once, in the first layer.
-        step.ops.write_kv(k, v, k_cache, v_cache, step.slots, step.positions, step.rope, validate=layer_idx == 0)
+        validate = step.validate and layer_idx == 0
+        step.ops.write_kv(k, v, k_cache, v_cache, step.slots, step.positions, step.rope, validate=validate)
         return k_cache, v_cache
 
     # ---------------------------------------------------------------- slots and copies
 
     def slots(self, blocks, first: int, last: int) -> torch.Tensor:
-        """``[last − first]`` flat slots of tokens ``first..last−1`` of a run in ``blocks``."""
+        """``[last − first]`` flat slots of tokens ``first..last−1`` of a run in ``blocks`` (host)."""
         j = torch.arange(first, last, dtype=torch.int64)
         b = torch.tensor(list(blocks), dtype=torch.int64)
-        return (b[j // self.block_size] * self.block_size + j % self.block_size).to(self.kv.k[0].device)
+        return b[j // self.block_size] * self.block_size + j % self.block_size
 
     def copy_rerotated(self, seg: Segment, shift: int, rope: RopeConfig) -> tuple[list[int], int]:
         """Block-Attention's per-request copy: the segment's K/V into fresh blocks, keys
@@ -134,8 +142,9 @@ class PagedCache(Cache):
             ``(blocks, bytes_copied)``; the caller releases the blocks with ``pool.release``.
         """
         blocks = self.store.allocate(len(seg.blocks))
-        src = self.slots(seg.blocks, 0, seg.length)
-        dst = self.slots(blocks, 0, seg.length)
+        device = self.kv.k[0].device
+        src = self.slots(seg.blocks, 0, seg.length).to(device)
+        dst = self.slots(blocks, 0, seg.length).to(device)
         copied = 0
         for k_cache, v_cache in zip(self.kv.k, self.kv.v, strict=True):
             flat_k = k_cache.view(-1, *k_cache.shape[2:])

@@ -36,6 +36,7 @@ from __future__ import annotations
 import itertools
 import os
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -47,6 +48,7 @@ from lazyattention.reference import Layout, Placement, RequestLayout, ceil_div
 
 from .attention import ATTENTION_NAME, STEP_KWARG, Step, attention_implementation, register
 from .cache import PagedCache
+from .graphs import StepGraphs, scratch_blocks
 from .support import ModelSupport, check_model
 
 __all__ = [
@@ -72,6 +74,9 @@ STRATEGIES = ("lazy", "block", "no_shift")
 #: Tokens of cached segments prefilled in one forward at most (several segments missing
 #: from the cache go through one forward, each seeing only itself).
 PREFILL_TOKENS = 8192
+
+#: Document texts whose token ids a :class:`LazyRAG` remembers (least recently used go first).
+ENCODED_DOCUMENTS = 4096
 
 #: Why an answer ended: a stop token (EOS or ``stop_token_ids``), a stop string,
 #: ``max_new_tokens``, or ``max_time``.
@@ -359,6 +364,10 @@ class LazyRAG:
         num_threads: torch's intra-op threads while a request runs on a CPU model,
             restored afterwards (default: :func:`default_cpu_threads` at each call, torch's
             count capped at half the cores, 1 to 8); ignored for a model on a GPU.
+        cuda_graphs: replay decode steps and a single request's question prefill from
+            CUDA graphs (:mod:`~lazyattention.integrations.transformers.graphs`).
+            ``None`` (default): wherever the backend captures on the model's device
+            (``"fast"`` on CUDA). ``True`` raises where it cannot.
 
     Raises:
         UnsupportedModel: the architecture or its RoPE cannot be served (see
@@ -373,6 +382,7 @@ class LazyRAG:
         num_blocks: int = 1024,
         block_size: int = 16,
         num_threads: int | None = None,
+        cuda_graphs: bool | None = None,
     ):
         if num_threads is not None and (not isinstance(num_threads, int) or num_threads < 1):
             raise ValueError(f"num_threads must be a positive int, got {num_threads!r}")
@@ -381,7 +391,21 @@ class LazyRAG:
         self.ops = self.backend.ops
         self.model = model
         self.tokenizer = tokenizer
-        self.cache = PagedCache.for_model(model, num_blocks, block_size)
+        capturable = self.backend.captures_on(model.device)
+        if cuda_graphs and not capturable:
+            raise ValueError(
+                f"cuda_graphs=True needs a backend that captures on the model's device ({model.device}): "
+                f'backend {self.backend.name!r} does not ("fast" on CUDA does)'
+            )
+        scratch = scratch_blocks(block_size) if self.backend.capabilities.cuda_graphs else 0
+        self.cache = PagedCache.for_model(model, num_blocks, block_size, scratch)
+        #: The CUDA graphs of decode steps and question prefills; ``None`` when steps run eagerly.
+        self.graphs = (
+            StepGraphs(self._run_model, self.cache, self.support.rotation, self.backend)
+            if capturable and cuda_graphs is not False
+            else None
+        )
+        self._encoded: OrderedDict[str, list[int]] = OrderedDict()
         on_cpu = torch.device(model.device).type == "cpu"
         self.num_threads = num_threads if on_cpu else None
         self._on_cpu = on_cpu
@@ -394,6 +418,18 @@ class LazyRAG:
         if self.tokenizer is None:
             raise ValueError("this LazyRAG has no tokenizer: pass token ids in a RAGRequest to generate()")
         return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def _encode_document(self, text: str) -> list[int]:
+        """Token ids of a document (with its trailing blank line), remembered for the
+        last :data:`ENCODED_DOCUMENTS` texts: a cached document is not tokenized again."""
+        ids = self._encoded.get(text)
+        if ids is None:
+            ids = self._encoded[text] = self.encode(text + "\n\n")
+            if len(self._encoded) > ENCODED_DOCUMENTS:
+                self._encoded.popitem(last=False)
+        else:
+            self._encoded.move_to_end(text)
+        return ids
 
     def request(
         self,
@@ -420,7 +456,7 @@ class LazyRAG:
             raise TypeError(f"documents must be texts, got a {type(bad).__name__}")
         head, tail = chat_parts(self.tokenizer, question, instruction, system)
         head_ids = self.encode(head) if head else []
-        docs = [self.encode(doc + "\n\n") for doc in documents]
+        docs = [self._encode_document(doc) for doc in documents]
         first = offset + len(head_ids)
         if starts is None:
             doc_starts = list(_running_starts(docs, first))
@@ -618,23 +654,33 @@ class LazyRAG:
 
     # ------------------------------------------------------------------ steps
 
-    def _forward(self, token_ids, step: Step, keep: torch.Tensor | None = None) -> torch.Tensor:
-        """One forward pass at ``position_ids = 0``; logits ``[T, V]`` of every token, or of
-        the rows ``keep`` only."""
-        ids = torch.tensor([list(token_ids)], dtype=torch.long, device=self.model.device)
+    def _forward(self, token_ids, requests: list[RequestLayout], slots: torch.Tensor, positions: torch.Tensor,
+                 keep: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        """One forward pass of the step whose layout is ``requests`` (``slots`` and
+        ``positions``: host tensors of its new tokens); logits ``[T, V]`` of every token,
+        or of the rows ``keep`` only. From a CUDA graph where one serves the step."""
+        layout = Layout(requests, self.cache.block_size)
+        ids = torch.tensor(list(token_ids), dtype=torch.long)
+        if self.graphs is not None:
+            last_only = keep is not None and keep.tolist() == [len(ids) - 1]
+            key = self.graphs.bucket(layout, last_only)
+            if key is not None:
+                return self.graphs.run(ids, layout, slots, positions, key)
+        device = self.model.device
+        step = Step(layout, slots.to(device), positions.to(device), self.support.rotation, self.ops)
+        return self._run_model(ids.to(device).unsqueeze(0), step, None if keep is None else keep.to(device))
+
+    def _run_model(self, ids: torch.Tensor, step: Step, keep: torch.Tensor | None) -> torch.Tensor:
+        """The model at ``position_ids = 0`` on ``ids [1, T]``; logits ``[T, V]``, or of the rows ``keep``."""
         out = self.model(
             input_ids=ids,
             position_ids=torch.zeros_like(ids),
             cache=self.cache,
             use_cache=True,
-            logits_to_keep=0 if keep is None else keep.to(ids.device),
+            logits_to_keep=0 if keep is None else keep,
             **{STEP_KWARG: step},
         )
         return out.logits[0]
-
-    def _step(self, requests: list[RequestLayout], slots: torch.Tensor, positions: torch.Tensor) -> Step:
-        layout = Layout(requests, self.cache.block_size)
-        return Step(layout, slots, positions.to(slots.device), self.support.rotation, self.ops)
 
     def _prefill_segments(self, missing) -> None:
         """Each segment of ``missing`` (``(segment, tokens)`` pairs) alone, at stored
@@ -647,7 +693,7 @@ class LazyRAG:
             positions = torch.cat([torch.arange(len(t)) for _, t in group])
             last = torch.tensor(list(itertools.accumulate(len(t) for _, t in group))) - 1
             with torch.no_grad():
-                self._forward([x for _, t in group for x in t], self._step(layouts, slots, positions), keep=last)
+                self._forward([x for _, t in group for x in t], layouts, slots, positions, keep=last)
 
     def _generate(self, live: list[_Live], keep_own_logits: bool, began: float) -> None:
         """Prefill every request's own tokens in one forward, then decode one token per
@@ -665,8 +711,8 @@ class LazyRAG:
                 item.generator = item.sampling.generator()
                 if item.streamer is not None:
                     item.streamer.put(torch.tensor([req.tokens_and_positions()[0]]))
-            step = self._step(layouts, torch.cat(slots), torch.cat(positions))
-            logits = self._forward(tokens, step, keep=None if keep_own_logits else torch.tensor(ends))
+            keep = None if keep_own_logits else torch.tensor(ends)
+            logits = self._forward(tokens, layouts, torch.cat(slots), torch.cat(positions), keep)
             if keep_own_logits:
                 for item, end in zip(live, ends, strict=True):
                     item.own_logits = _widen(logits[end + 1 - len(item.request.own) : end + 1])
@@ -681,12 +727,12 @@ class LazyRAG:
                     return
                 lengths = [item.length for item in active]  # the fed token is the last own token
                 slots = [_slot(item.own_blocks, k - 1, bs) for item, k in zip(active, lengths, strict=True)]
-                step = self._step(
+                logits = self._forward(
+                    [item.tokens[-1] for item in active],
                     [item.layout(bs, k, 1) for item, k in zip(active, lengths, strict=True)],
-                    torch.tensor(slots, device=self.model.device),
+                    torch.tensor(slots),
                     torch.tensor([item.request.own_start + k - 1 for item, k in zip(active, lengths, strict=True)]),
                 )
-                logits = self._forward([item.tokens[-1] for item in active], step)
 
     @staticmethod
     def _pick(live: list[_Live], logits: torch.Tensor) -> list[int]:

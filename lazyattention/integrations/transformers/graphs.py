@@ -1,0 +1,251 @@
+"""``LazyRAG``'s forward passes replayed from CUDA graphs.
+
+Run eagerly, a forward pass of a stock transformers model does its host work layer by
+layer: each module's Python, each launch, and each attention call's checks and plan.
+For a small model that host work is the whole cost of a decode step. On a backend
+that captures (``Backend.captures_on``), :class:`StepGraphs` runs two kinds of step
+from CUDA graphs instead, as the serving runner does:
+
+* a **decode step** of ``B`` requests whose longest block table has ``M`` blocks, in
+  the graph of bucket ``(B', M') = graph_bucket(B, M)``
+  (:func:`~lazyattention.steps.graph_bucket`); the ``B' − B`` padding requests hold one
+  token in the cache's first scratch block;
+* the **prefill of one request's own tokens** (``2 ≤ P < max_prefill_tokens``
+  queries, the question after cached documents), in the graph of bucket ``(T', M')``:
+  ``T'`` the next power of two above ``P`` (at least 16), and a filler request of
+  ``T' − P`` tokens in the scratch blocks takes the padding rows. Only the last own
+  token's logits are kept.
+
+A captured step reads one static int32 device buffer (token ids, slots, stored
+positions, the kept row and the padded :class:`~lazyattention.reference.BlockMetadata`)
+and writes static logits. Each step fills a pinned host twin of that buffer (the
+metadata built by :class:`~lazyattention.steps.HostMetadata` for the padded layout: the
+real requests, then the padding ones), copies it in one ``non_blocking`` copy, and
+replays. The step's slots and positions are checked on the host first
+(``check_write_values``), so no layer reads a device tensor back. A bucket is captured
+the first time a step needs it: one eager run of that step on the static buffers
+(which compiles the kernels), the capture, then the replay. Everything else — the
+prefill of documents, several requests' prefills, a step whose logits are all kept —
+runs eagerly.
+
+The scratch blocks (``PagedCache(scratch_blocks=...)``) lie after the pool: no request
+owns them, so what the padding tokens write there changes nothing a real request reads.
+
+Shape alphabet: ``T'`` rows of a captured step, ``B'`` requests of its layout, ``M'``
+blocks per request, ``V`` vocabulary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from lazyattention.backends import Backend
+from lazyattention.reference import Layout, Placement, RequestLayout, RopeConfig, ceil_div
+from lazyattention.reference.checks import check_write_values
+from lazyattention.reference.layout import BlockMetadata
+from lazyattention.steps import BLOCK_FIELDS, HostMetadata, Packer, graph_bucket, metadata_views, power_of_two
+
+from .attention import Step
+from .cache import PagedCache
+
+__all__ = ["StepGraphs", "MAX_PREFILL_TOKENS", "scratch_blocks"]
+
+#: Own tokens of one request's prefill that a graph serves at most (``T'`` up to this).
+MAX_PREFILL_TOKENS = 512
+
+
+def scratch_blocks(block_size: int, max_prefill_tokens: int = MAX_PREFILL_TOKENS) -> int:
+    """Scratch blocks a cache needs for :class:`StepGraphs`: room for the filler of the
+    widest prefill bucket."""
+    return ceil_div(max_prefill_tokens, block_size)
+
+
+#: ``(ids [1, T'], step, kept rows or None) -> logits``: the model's forward pass.
+Forward = Callable[[torch.Tensor, Step, torch.Tensor | None], torch.Tensor]
+
+
+@dataclass
+class _Graph:
+    """One bucket's static buffers, its captured graph and its static logits."""
+
+    ids: torch.Tensor  # [1, T'] token ids, a view of ``device``
+    host: torch.Tensor  # pinned int32 twin of ``device``
+    views: dict[str, torch.Tensor]  # host views by name
+    device: torch.Tensor  # the int32 buffer the graph reads
+    step: Step  # reads views of ``device``
+    keep: torch.Tensor | None  # the kept row (prefill), a view of ``device``
+    copied: torch.cuda.Event | None = None
+    graph: torch.cuda.CUDAGraph | None = None
+    logits: torch.Tensor | None = None
+
+
+class StepGraphs:
+    """Decode steps and one request's own-token prefill, replayed from CUDA graphs.
+
+    Args:
+        forward: runs the model (see :data:`Forward`).
+        cache: the paged cache; its scratch blocks take the padding tokens (at least
+            ``ceil(max_prefill_tokens / block_size)`` of them: :func:`scratch_blocks`).
+        rope: the step's rotation.
+        backend: the attention backend; its kernels must read the block metadata from
+            device buffers (``capabilities.cuda_graphs``).
+        capture: capture and replay CUDA graphs (a CUDA device). ``False`` runs each
+            bucket's static step eagerly instead — what a capture records, on any
+            device the backend runs on (for tests).
+        max_prefill_tokens: own tokens of one request's prefill a graph serves at most.
+
+    Raises:
+        ValueError: the backend cannot be captured, or the cache has too few scratch blocks.
+    """
+
+    def __init__(self, forward: Forward, cache: PagedCache, rope: RopeConfig, backend: Backend, capture: bool = True,
+                 max_prefill_tokens: int = MAX_PREFILL_TOKENS):  # fmt: skip
+        if not backend.capabilities.cuda_graphs:
+            raise ValueError(
+                f"CUDA graphs need a backend whose kernels read the step's block metadata from device buffers; "
+                f"backend {backend.name!r} does not"
+            )
+        need = scratch_blocks(cache.block_size, max_prefill_tokens)
+        if len(cache.scratch) < need:
+            raise ValueError(
+                f"CUDA graphs pad steps into the cache's scratch blocks: need {need} for {max_prefill_tokens} "
+                f"prefill tokens at block size {cache.block_size}, the cache has {len(cache.scratch)}"
+            )
+        self.forward = forward
+        self.cache = cache
+        self.rope = rope
+        self.ops = backend.ops
+        self.capture = capture
+        self.max_prefill_tokens = max_prefill_tokens
+        self.graphs: dict[tuple, _Graph] = {}
+        self.host_metadata = HostMetadata()
+        self.replays = 0
+        self._pool = None
+        self._capacity = (cache.kv.k[0].shape[0] - len(cache.scratch)) * cache.block_size  # slots of the pool
+
+    # ------------------------------------------------------------------ buckets
+
+    def bucket(self, layout: Layout, keep_last_only: bool) -> tuple | None:
+        """``("decode", B', M')`` or ``("prefill", T', M')`` of a step, or ``None`` when it
+        runs eagerly (a prefill of several requests, of one token, of too many tokens,
+        or whose every row's logits are wanted)."""
+        rows = max(len(r.own.blocks) + sum(len(p.blocks) for p in r.segments) for r in layout.requests)
+        if layout.num_queries == layout.batch_size:
+            return ("decode", *graph_bucket(layout.batch_size, rows))
+        p = layout.num_queries
+        if layout.batch_size != 1 or not keep_last_only or not 2 <= p < self.max_prefill_tokens:
+            return None
+        t = min(max(16, power_of_two(p + 1)), self.max_prefill_tokens)
+        return ("prefill", t, graph_bucket(2, max(rows, ceil_div(t, self.cache.block_size)))[1])
+
+    def _padding(self, key: tuple, layout: Layout) -> list[RequestLayout]:
+        """The padding requests of ``layout`` in bucket ``key``, in the scratch blocks."""
+        scratch, s = self.cache.scratch, self.cache.block_size
+        kind, rows = key[:2]
+        if kind == "decode":
+            return [RequestLayout((), Placement(scratch[:1], 1, start=0), num_queries=1)] * (rows - layout.batch_size)
+        n = rows - layout.num_queries
+        return [RequestLayout((), Placement(scratch[: ceil_div(n, s)], n, start=0), num_queries=n)]
+
+    # ------------------------------------------------------------------ one step
+
+    def run(self, token_ids: torch.Tensor, layout: Layout, slots: torch.Tensor, positions: torch.Tensor,
+            key: tuple) -> torch.Tensor:  # fmt: skip
+        """The step's logits from its bucket's graph: ``[B, V]`` (decode) or ``[1, V]``
+        (the last own token of a prefill).
+
+        Args:
+            token_ids: ``[T]`` the step's token ids (host).
+            layout: its layout (host).
+            slots, positions: ``[T]`` where its K/V go and the positions they are
+                rotated at (host tensors).
+            key: its :meth:`bucket`.
+        """
+        check_write_values(slots, positions, self._capacity)
+        g = self.graphs.get(key)
+        fresh = g is None
+        if fresh:
+            g = self.graphs[key] = self._new(key)
+        self._fill(g, key, token_ids, layout, slots, positions)
+        if not self.capture:
+            logits = self.forward(g.ids, g.step, g.keep)
+            return logits[: layout.batch_size if key[0] == "decode" else 1]
+        if fresh:
+            self._capture(g, key)
+        g.graph.replay()
+        self.replays += 1
+        return g.logits[: layout.batch_size if key[0] == "decode" else 1].clone()
+
+    def _new(self, key: tuple) -> _Graph:
+        """A bucket's buffers and the static step that reads them."""
+        kind, rows, m = key
+        batch = rows if kind == "decode" else 2
+        packer = Packer()
+        for name in ("ids", "slots", "positions"):
+            packer.add(name, torch.zeros(rows, dtype=torch.int32))
+        if kind == "prefill":
+            packer.add("keep", torch.zeros(1, dtype=torch.int32))
+        for f in BlockMetadata._fields:
+            shape = (batch, m) if f in BLOCK_FIELDS else (batch + 1,) if f == "cu_queries" else (batch,)
+            packer.add(f"meta.{f}", torch.zeros(shape, dtype=torch.int32))
+        device_buffer = torch.zeros(packer.size, dtype=torch.int32, device=self.cache.kv.k[0].device)
+        host = torch.zeros(packer.size, dtype=torch.int32, pin_memory=device_buffer.is_cuda)
+        device = packer.views(device_buffer)
+        s, scratch = self.cache.block_size, self.cache.scratch
+        one = RequestLayout((), Placement(scratch[:1], 1, start=0), num_queries=1)
+        if kind == "decode":
+            placeholders = [one] * rows
+        else:  # the most queries one request may have: the kernels' grids are fixed by it
+            wide = Placement(scratch[: ceil_div(rows - 1, s)], rows - 1, start=0)
+            placeholders = [RequestLayout((), wide, num_queries=rows - 1), one]
+        layout = Layout(placeholders, s)
+        layout.use_metadata(metadata_views(device, "meta"))
+        step = Step(layout, device["slots"], device["positions"], self.rope, self.ops, validate=False)
+        return _Graph(device["ids"].view(1, rows), host, packer.views(host), device_buffer, step, device.get("keep"))
+
+    def _fill(self, g: _Graph, key: tuple, token_ids, layout: Layout, slots, positions) -> None:
+        """The step padded to its bucket into the host twin, then one copy to the device."""
+        if g.copied is not None:
+            g.copied.synchronize()  # the previous step's copy has left the twin
+        padding = self._padding(key, layout)
+        meta = self.host_metadata(Layout([*layout.requests, *padding], layout.block_size))
+        h, t, m = g.views, token_ids.numel(), meta.block_table.shape[1]
+        h["ids"][:t] = token_ids
+        h["ids"][t:] = 0
+        h["slots"][:t] = slots
+        h["positions"][:t] = positions
+        if key[0] == "decode":
+            h["slots"][t:] = self.cache.scratch[0] * self.cache.block_size
+            h["positions"][t:] = 0
+        else:
+            filler = padding[0].own
+            h["slots"][t:] = filler.slots(layout.block_size)
+            h["positions"][t:] = torch.arange(filler.length)
+            h["keep"][0] = t - 1
+        for f, value in zip(BlockMetadata._fields, meta, strict=True):
+            view = h[f"meta.{f}"]
+            if f in BLOCK_FIELDS:
+                view.zero_()
+                view[:, :m] = value
+            else:
+                view.copy_(value)
+        g.device.copy_(g.host, non_blocking=True)
+        if g.device.is_cuda:
+            g.copied = torch.cuda.Event()
+            g.copied.record()
+
+    def _capture(self, g: _Graph, key: tuple) -> None:
+        """Run the bucket once eagerly (compiling its kernels), capture it."""
+        try:
+            self.forward(g.ids, g.step, g.keep)
+            torch.cuda.synchronize()
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            g.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g.graph, pool=self._pool):
+                g.logits = self.forward(g.ids, g.step, g.keep)
+        except Exception as exc:
+            raise RuntimeError(f"CUDA graph capture of LazyRAG's {key[0]} step failed for bucket {key}: {exc}") from exc
