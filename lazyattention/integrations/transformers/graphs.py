@@ -10,26 +10,30 @@ from CUDA graphs instead, as the serving runner does:
   the graph of bucket ``(B', M') = graph_bucket(B, M)``
   (:func:`~lazyattention.steps.graph_bucket`); the ``B' − B`` padding requests hold one
   token in the cache's first scratch block;
-* the **prefill of one request's own tokens** (``2 ≤ P < max_prefill_tokens``
-  queries, the question after cached documents), in the graph of bucket ``(T', M')``:
-  ``T'`` the next power of two above ``P`` (at least 16), and a filler request of
-  ``T' − P`` tokens in the scratch blocks takes the padding rows. Only the last own
-  token's logits are kept.
+* a **prefill** whose logits are wanted at each request's last token — the questions
+  after cached documents, or documents seen for the first time, each a request that
+  sees only itself — of ``T`` tokens of ``B`` requests, in the graph of bucket
+  ``(B', T', M')``: the
+  ``B' − B`` padding requests hold one token each, and a filler request takes the
+  rest of the ``T'`` rows (``T'`` the next power of two above ``T + B' − B``, at
+  least 16, at most ``max_prefill_tokens``), in the scratch blocks. Only each
+  request's last token's logits are kept.
 
 A captured step reads one static int32 device buffer (token ids, slots, stored
-positions, the kept row and the padded :class:`~lazyattention.reference.BlockMetadata`)
+positions, the kept rows and the padded :class:`~lazyattention.reference.BlockMetadata`)
 and writes static logits. Each step fills a pinned host twin of that buffer (the
 metadata built by :class:`~lazyattention.steps.HostMetadata` for the padded layout: the
 real requests, then the padding ones), copies it in one ``non_blocking`` copy, and
 replays. The step's slots and positions are checked on the host first
 (``check_write_values``), so no layer reads a device tensor back. A bucket is captured
 the first time a step needs it: one eager run of that step on the static buffers
-(which compiles the kernels), the capture, then the replay. Everything else — the
-prefill of documents, several requests' prefills, a step whose logits are all kept —
+(which compiles the kernels), the capture, then the replay. Everything else — a
+prefill longer than the widest bucket, a step whose every row's logits are wanted —
 runs eagerly.
 
 The scratch blocks (``PagedCache(scratch_blocks=...)``) lie after the pool: no request
 owns them, so what the padding tokens write there changes nothing a real request reads.
+The filler writes from the first scratch block on, the padding requests in the last.
 
 Shape alphabet: ``T'`` rows of a captured step, ``B'`` requests of its layout, ``M'``
 blocks per request, ``V`` vocabulary.
@@ -59,8 +63,8 @@ MAX_PREFILL_TOKENS = 512
 
 def scratch_blocks(block_size: int, max_prefill_tokens: int = MAX_PREFILL_TOKENS) -> int:
     """Scratch blocks a cache needs for :class:`StepGraphs`: room for the filler of the
-    widest prefill bucket."""
-    return ceil_div(max_prefill_tokens, block_size)
+    widest prefill bucket, and one block for the padding requests."""
+    return ceil_div(max_prefill_tokens, block_size) + 1
 
 
 #: ``(ids [1, T'], step, kept rows or None) -> logits``: the model's forward pass.
@@ -95,7 +99,7 @@ class StepGraphs:
         capture: capture and replay CUDA graphs (a CUDA device). ``False`` runs each
             bucket's static step eagerly instead — what a capture records, on any
             device the backend runs on (for tests).
-        max_prefill_tokens: own tokens of one request's prefill a graph serves at most.
+        max_prefill_tokens: rows of a prefill bucket at most (``T'``).
 
     Raises:
         ValueError: the backend cannot be captured, or the cache has too few scratch blocks.
@@ -128,34 +132,40 @@ class StepGraphs:
 
     # ------------------------------------------------------------------ buckets
 
-    def bucket(self, layout: Layout, keep_last_only: bool) -> tuple | None:
-        """``("decode", B', M')`` or ``("prefill", T', M')`` of a step, or ``None`` when it
-        runs eagerly (a prefill of several requests, of one token, of too many tokens,
-        or whose every row's logits are wanted)."""
+    def bucket(self, layout: Layout, keep: torch.Tensor | None) -> tuple | None:
+        """``("decode", B', M')`` or ``("prefill", B', T', M')`` of a step whose logits
+        rows ``keep`` are wanted (``None``: every row), or ``None`` when it runs eagerly
+        (a prefill whose every row is wanted, or too long for the widest bucket)."""
         rows = max(len(r.own.blocks) + sum(len(p.blocks) for p in r.segments) for r in layout.requests)
-        if layout.num_queries == layout.batch_size:
-            return ("decode", *graph_bucket(layout.batch_size, rows))
-        p = layout.num_queries
-        if layout.batch_size != 1 or not keep_last_only or not 2 <= p < self.max_prefill_tokens:
+        b, t = layout.batch_size, layout.num_queries
+        if t == b:
+            return ("decode", *graph_bucket(b, rows))
+        ends = torch.tensor([r.num_queries for r in layout.requests]).cumsum(0) - 1
+        if keep is None or not torch.equal(keep.cpu(), ends):
             return None
-        t = min(max(16, power_of_two(p + 1)), self.max_prefill_tokens)
-        return ("prefill", t, graph_bucket(2, max(rows, ceil_div(t, self.cache.block_size)))[1])
+        bb = graph_bucket(b, 1)[0]
+        tt = max(16, power_of_two(t + bb - b + 1))
+        if tt > self.max_prefill_tokens:
+            return None
+        return ("prefill", bb, tt, graph_bucket(bb + 1, max(rows, ceil_div(tt, self.cache.block_size)))[1])
 
     def _padding(self, key: tuple, layout: Layout) -> list[RequestLayout]:
-        """The padding requests of ``layout`` in bucket ``key``, in the scratch blocks."""
+        """The padding requests of ``layout`` in bucket ``key``, in the scratch blocks:
+        one token each in the last scratch block, then (prefill) the filler."""
         scratch, s = self.cache.scratch, self.cache.block_size
-        kind, rows = key[:2]
-        if kind == "decode":
-            return [RequestLayout((), Placement(scratch[:1], 1, start=0), num_queries=1)] * (rows - layout.batch_size)
-        n = rows - layout.num_queries
-        return [RequestLayout((), Placement(scratch[: ceil_div(n, s)], n, start=0), num_queries=n)]
+        one = RequestLayout((), Placement(scratch[-1:], 1, start=0), num_queries=1)
+        pads = [one] * (key[1] - layout.batch_size)
+        if key[0] == "decode":
+            return pads
+        n = key[2] - layout.num_queries - len(pads)
+        return [*pads, RequestLayout((), Placement(scratch[: ceil_div(n, s)], n, start=0), num_queries=n)]
 
     # ------------------------------------------------------------------ one step
 
     def run(self, token_ids: torch.Tensor, layout: Layout, slots: torch.Tensor, positions: torch.Tensor,
             key: tuple) -> torch.Tensor:  # fmt: skip
-        """The step's logits from its bucket's graph: ``[B, V]`` (decode) or ``[1, V]``
-        (the last own token of a prefill).
+        """The step's logits from its bucket's graph: ``[B, V]``, one row per request
+        (its token in a decode, its last token in a prefill).
 
         Args:
             token_ids: ``[T]`` the step's token ids (host).
@@ -171,23 +181,23 @@ class StepGraphs:
             g = self.graphs[key] = self._new(key)
         self._fill(g, key, token_ids, layout, slots, positions)
         if not self.capture:
-            logits = self.forward(g.ids, g.step, g.keep)
-            return logits[: layout.batch_size if key[0] == "decode" else 1]
+            return self.forward(g.ids, g.step, g.keep)[: layout.batch_size]
         if fresh:
             self._capture(g, key)
         g.graph.replay()
         self.replays += 1
-        return g.logits[: layout.batch_size if key[0] == "decode" else 1].clone()
+        return g.logits[: layout.batch_size].clone()
 
     def _new(self, key: tuple) -> _Graph:
         """A bucket's buffers and the static step that reads them."""
-        kind, rows, m = key
-        batch = rows if kind == "decode" else 2
+        kind, bb, m = key[0], key[1], key[-1]
+        rows = bb if kind == "decode" else key[2]
+        batch = bb if kind == "decode" else bb + 1  # the filler is one more request
         packer = Packer()
         for name in ("ids", "slots", "positions"):
             packer.add(name, torch.zeros(rows, dtype=torch.int32))
         if kind == "prefill":
-            packer.add("keep", torch.zeros(1, dtype=torch.int32))
+            packer.add("keep", torch.zeros(bb, dtype=torch.int32))
         for f in BlockMetadata._fields:
             shape = (batch, m) if f in BLOCK_FIELDS else (batch + 1,) if f == "cu_queries" else (batch,)
             packer.add(f"meta.{f}", torch.zeros(shape, dtype=torch.int32))
@@ -195,12 +205,12 @@ class StepGraphs:
         host = torch.zeros(packer.size, dtype=torch.int32, pin_memory=device_buffer.is_cuda)
         device = packer.views(device_buffer)
         s, scratch = self.cache.block_size, self.cache.scratch
-        one = RequestLayout((), Placement(scratch[:1], 1, start=0), num_queries=1)
+        one = RequestLayout((), Placement(scratch[-1:], 1, start=0), num_queries=1)
         if kind == "decode":
-            placeholders = [one] * rows
-        else:  # the most queries one request may have: the kernels' grids are fixed by it
-            wide = Placement(scratch[: ceil_div(rows - 1, s)], rows - 1, start=0)
-            placeholders = [RequestLayout((), wide, num_queries=rows - 1), one]
+            placeholders = [one] * bb
+        else:  # the most queries a request of the bucket may have: the kernels' grids are fixed by it
+            wide = Placement(scratch[: ceil_div(rows - bb, s)], rows - bb, start=0)
+            placeholders = [RequestLayout((), wide, num_queries=rows - bb), *[one] * bb]
         layout = Layout(placeholders, s)
         layout.use_metadata(metadata_views(device, "meta"))
         step = Step(layout, device["slots"], device["positions"], self.rope, self.ops, validate=False)
@@ -217,14 +227,15 @@ class StepGraphs:
         h["ids"][t:] = 0
         h["slots"][:t] = slots
         h["positions"][:t] = positions
-        if key[0] == "decode":
-            h["slots"][t:] = self.cache.scratch[0] * self.cache.block_size
-            h["positions"][t:] = 0
-        else:
-            filler = padding[0].own
-            h["slots"][t:] = filler.slots(layout.block_size)
-            h["positions"][t:] = torch.arange(filler.length)
-            h["keep"][0] = t - 1
+        pads = padding if key[0] == "decode" else padding[:-1]
+        h["slots"][t : t + len(pads)] = self.cache.scratch[-1] * self.cache.block_size
+        h["positions"][t : t + len(pads)] = 0
+        if key[0] == "prefill":
+            filler = padding[-1].own
+            h["slots"][t + len(pads) :] = filler.slots(layout.block_size)
+            h["positions"][t + len(pads) :] = torch.arange(filler.length)
+            h["keep"][: layout.batch_size] = torch.tensor([r.num_queries for r in layout.requests]).cumsum(0) - 1
+            h["keep"][layout.batch_size :] = torch.arange(t, t + len(pads))
         for f, value in zip(BlockMetadata._fields, meta, strict=True):
             view = h[f"meta.{f}"]
             if f in BLOCK_FIELDS:

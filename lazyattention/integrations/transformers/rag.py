@@ -364,8 +364,8 @@ class LazyRAG:
         num_threads: torch's intra-op threads while a request runs on a CPU model,
             restored afterwards (default: :func:`default_cpu_threads` at each call, torch's
             count capped at half the cores, 1 to 8); ignored for a model on a GPU.
-        cuda_graphs: replay decode steps and a single request's question prefill from
-            CUDA graphs (:mod:`~lazyattention.integrations.transformers.graphs`).
+        cuda_graphs: replay decode steps and prefills of up to 512 tokens from CUDA
+            graphs (:mod:`~lazyattention.integrations.transformers.graphs`).
             ``None`` (default): wherever the backend captures on the model's device
             (``"fast"`` on CUDA). ``True`` raises where it cannot.
 
@@ -662,8 +662,7 @@ class LazyRAG:
         layout = Layout(requests, self.cache.block_size)
         ids = torch.tensor(list(token_ids), dtype=torch.long)
         if self.graphs is not None:
-            last_only = keep is not None and keep.tolist() == [len(ids) - 1]
-            key = self.graphs.bucket(layout, last_only)
+            key = self.graphs.bucket(layout, keep)
             if key is not None:
                 return self.graphs.run(ids, layout, slots, positions, key)
         device = self.model.device

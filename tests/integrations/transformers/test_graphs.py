@@ -1,8 +1,8 @@
 """LazyRAG's steps from CUDA graphs: what a bucket computes is what the step computes.
 
 Requests are drawn (batch, documents in any order and at any starts, question
-lengths), so decode steps pad to their batch bucket and single-request prefills to
-their token bucket. Without a CUDA device the buckets' static steps run eagerly
+lengths), so decode steps pad to their batch bucket and the questions' prefills to
+their batch and token bucket. Without a CUDA device the buckets' static steps run eagerly
 (``capture=False``) under the Triton interpreter: the padding, the scratch blocks and
 the static metadata are what is tested. On CUDA the graphs are captured and replayed.
 Either way the greedy tokens equal those of the same requests run eagerly, and the
@@ -65,22 +65,23 @@ def test_steps_from_buckets_give_the_eager_tokens(model, batch, new):
         assert_close(a.first_logits.cpu(), b.first_logits.cpu(), b.first_logits.cpu(), torch.float32, "first logits")
     kinds = {key[0] for key in graphed.graphs.graphs}
     assert "decode" in kinds or new == 1
-    if len(batch) == 1 and len(batch[0].own) >= 2:
+    if any(len(r.own) >= 2 for r in batch):
         assert "prefill" in kinds
 
 
 def test_a_single_request_prefills_and_decodes_from_buckets(model):
-    """A question of several tokens: its prefill pads to a token bucket (the filler in the
-    scratch blocks), its decode to the batch bucket 1."""
+    """Three documents prefilled together (three requests of 30 tokens: batch bucket 4,
+    32 rows), a question of five tokens (batch 1, 16 rows: the filler in the scratch
+    blocks), then its decode (batch bucket 1)."""
     request = RAGRequest(DOCS[::-1], (40, 0, 9), (20, 21, 22, 23, 24), 70)
     sampling = Sampling(max_new_tokens=5, ignore_eos=True)
     eager = _rag(model, graphs=False).generate(request, "lazy", sampling)
     graphed = _rag(model, graphs=True)
     got = graphed.generate(request, "lazy", sampling)
     assert got.tokens == eager.tokens
-    assert sorted(graphed.graphs.graphs) == [("decode", 1, 16), ("prefill", 16, 16)]
+    assert sorted(graphed.graphs.graphs) == [("decode", 1, 16), ("prefill", 1, 16, 16), ("prefill", 4, 32, 16)]
     if CUDA:
-        assert graphed.graphs.replays == 5  # the prefill and four decode steps
+        assert graphed.graphs.replays == 6  # two prefills and four decode steps
 
 
 def test_cuda_graphs_need_a_backend_that_captures_here(model):
