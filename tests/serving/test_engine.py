@@ -206,6 +206,7 @@ class SharedDecodeMachine(EngineMachine):
     def teardown(self):
         super().teardown()
         event(f"shared steps: {self.engine.runner.steps_shared > 0}")
+        target(float(self.engine.runner.steps_shared), label="shared decode steps")  # steer towards sharing
 
 
 SharedDecodeMachine.TestCase.settings = settings(
