@@ -57,7 +57,7 @@ from .cache import PagedCache
 
 __all__ = ["StepGraphs", "MAX_PREFILL_TOKENS", "scratch_blocks"]
 
-#: Own tokens of one request's prefill that a graph serves at most (``T'`` up to this).
+#: Rows of the widest prefill bucket (``T'``): a longer prefill runs eagerly.
 MAX_PREFILL_TOKENS = 512
 
 
@@ -80,14 +80,14 @@ class _Graph:
     views: dict[str, torch.Tensor]  # host views by name
     device: torch.Tensor  # the int32 buffer the graph reads
     step: Step  # reads views of ``device``
-    keep: torch.Tensor | None  # the kept row (prefill), a view of ``device``
+    keep: torch.Tensor | None  # [B'] the kept rows (prefill), a view of ``device``
     copied: torch.cuda.Event | None = None
     graph: torch.cuda.CUDAGraph | None = None
     logits: torch.Tensor | None = None
 
 
 class StepGraphs:
-    """Decode steps and one request's own-token prefill, replayed from CUDA graphs.
+    """Decode steps and short prefills, replayed from CUDA graphs (see the module doc).
 
     Args:
         forward: runs the model (see :data:`Forward`).
@@ -141,7 +141,7 @@ class StepGraphs:
         if t == b:
             return ("decode", *graph_bucket(b, rows))
         ends = torch.tensor([r.num_queries for r in layout.requests]).cumsum(0) - 1
-        if keep is None or not torch.equal(keep.cpu(), ends):
+        if keep is None or not torch.equal(keep, ends):
             return None
         bb = graph_bucket(b, 1)[0]
         tt = max(16, power_of_two(t + bb - b + 1))
