@@ -225,7 +225,7 @@ class RAGRequest:
 
         Empty segments are dropped (with their starts).
         """
-        segments = [tuple(int(t) for t in s) for s in segments]
+        segments = [tuple(map(int, s)) for s in segments]
         if starts is None:
             starts, pos = [], offset
             for s in segments:
@@ -236,7 +236,7 @@ class RAGRequest:
             raise ValueError(f"starts has {len(starts)} entries for {len(segments)} segments")
         kept = [(seg, s) for seg, s in zip(segments, starts, strict=True) if seg]
         end = max((s + len(seg) for seg, s in kept), default=offset)
-        return cls(tuple(seg for seg, _ in kept), tuple(s for _, s in kept), tuple(int(t) for t in own), end)
+        return cls(tuple(seg for seg, _ in kept), tuple(s for _, s in kept), tuple(map(int, own)), end)
 
     def __post_init__(self):
         if not self.own:
