@@ -365,9 +365,9 @@ class LazyRAG:
             restored afterwards (default: :func:`default_cpu_threads` at each call, torch's
             count capped at half the cores, 1 to 8); ignored for a model on a GPU.
         cuda_graphs: replay decode steps and prefills of up to 512 tokens from CUDA
-            graphs (:mod:`~lazyattention.integrations.transformers.graphs`).
-            ``None`` (default): wherever the backend captures on the model's device
-            (``"fast"`` on CUDA). ``True`` raises where it cannot.
+            graphs (:mod:`~lazyattention.integrations.transformers.graphs`); it needs a
+            backend that captures on the model's device (``"fast"`` on CUDA) and raises
+            elsewhere. Off by default: every step runs eagerly.
 
     Raises:
         UnsupportedModel: the architecture or its RoPE cannot be served (see
@@ -382,7 +382,7 @@ class LazyRAG:
         num_blocks: int = 1024,
         block_size: int = 16,
         num_threads: int | None = None,
-        cuda_graphs: bool | None = None,
+        cuda_graphs: bool = False,
     ):
         if num_threads is not None and (not isinstance(num_threads, int) or num_threads < 1):
             raise ValueError(f"num_threads must be a positive int, got {num_threads!r}")
@@ -401,9 +401,7 @@ class LazyRAG:
         self.cache = PagedCache.for_model(model, num_blocks, block_size, scratch)
         #: The CUDA graphs of decode steps and question prefills; ``None`` when steps run eagerly.
         self.graphs = (
-            StepGraphs(self._run_model, self.cache, self.support.rotation, self.backend)
-            if capturable and cuda_graphs is not False
-            else None
+            StepGraphs(self._run_model, self.cache, self.support.rotation, self.backend) if cuda_graphs else None
         )
         self._encoded: OrderedDict[str, list[int]] = OrderedDict()
         on_cpu = torch.device(model.device).type == "cpu"
