@@ -9,7 +9,7 @@ from CUDA graphs instead, as the serving runner does:
 * a **decode step** of ``B`` requests whose longest block table has ``M`` blocks, in
   the graph of bucket ``(B', M') = graph_bucket(B, M)``
   (:func:`~lazyattention.steps.graph_bucket`); the ``B' − B`` padding requests hold one
-  token in the cache's first scratch block;
+  token each in the cache's last scratch block;
 * a **prefill** whose logits are wanted at each request's last token — the questions
   after cached documents, or documents seen for the first time, each a request that
   sees only itself — of ``T`` tokens of ``B`` requests, in the graph of bucket
@@ -129,6 +129,7 @@ class StepGraphs:
         self.replays = 0
         self._pool = None
         self._capacity = (cache.kv.k[0].shape[0] - len(cache.scratch)) * cache.block_size  # slots of the pool
+        self._pad = RequestLayout((), Placement(cache.scratch[-1:], 1, start=0), num_queries=1)  # one padding request
 
     # ------------------------------------------------------------------ buckets
 
@@ -140,8 +141,7 @@ class StepGraphs:
         b, t = layout.batch_size, layout.num_queries
         if t == b:
             return ("decode", *graph_bucket(b, rows))
-        ends = torch.tensor([r.num_queries for r in layout.requests]).cumsum(0) - 1
-        if keep is None or not torch.equal(keep, ends):
+        if keep is None or not torch.equal(keep, _last_rows(layout)):
             return None
         bb = graph_bucket(b, 1)[0]
         tt = max(16, power_of_two(t + bb - b + 1))
@@ -152,13 +152,12 @@ class StepGraphs:
     def _padding(self, key: tuple, layout: Layout) -> list[RequestLayout]:
         """The padding requests of ``layout`` in bucket ``key``, in the scratch blocks:
         one token each in the last scratch block, then (prefill) the filler."""
-        scratch, s = self.cache.scratch, self.cache.block_size
-        one = RequestLayout((), Placement(scratch[-1:], 1, start=0), num_queries=1)
-        pads = [one] * (key[1] - layout.batch_size)
+        pads = [self._pad] * (key[1] - layout.batch_size)
         if key[0] == "decode":
             return pads
         n = key[2] - layout.num_queries - len(pads)
-        return [*pads, RequestLayout((), Placement(scratch[: ceil_div(n, s)], n, start=0), num_queries=n)]
+        filler = Placement(self.cache.scratch[: ceil_div(n, self.cache.block_size)], n, start=0)
+        return [*pads, RequestLayout((), filler, num_queries=n)]
 
     # ------------------------------------------------------------------ one step
 
@@ -204,13 +203,12 @@ class StepGraphs:
         device_buffer = torch.zeros(packer.size, dtype=torch.int32, device=self.cache.kv.k[0].device)
         host = torch.zeros(packer.size, dtype=torch.int32, pin_memory=device_buffer.is_cuda)
         device = packer.views(device_buffer)
-        s, scratch = self.cache.block_size, self.cache.scratch
-        one = RequestLayout((), Placement(scratch[-1:], 1, start=0), num_queries=1)
+        s = self.cache.block_size
         if kind == "decode":
-            placeholders = [one] * bb
+            placeholders = [self._pad] * bb
         else:  # the most queries a request of the bucket may have: the kernels' grids are fixed by it
-            wide = Placement(scratch[: ceil_div(rows - bb, s)], rows - bb, start=0)
-            placeholders = [RequestLayout((), wide, num_queries=rows - bb), *[one] * bb]
+            wide = Placement(self.cache.scratch[: ceil_div(rows - bb, s)], rows - bb, start=0)
+            placeholders = [RequestLayout((), wide, num_queries=rows - bb), *[self._pad] * bb]
         layout = Layout(placeholders, s)
         layout.use_metadata(metadata_views(device, "meta"))
         step = Step(layout, device["slots"], device["positions"], self.rope, self.ops, validate=False)
@@ -234,7 +232,7 @@ class StepGraphs:
             filler = padding[-1].own
             h["slots"][t + len(pads) :] = filler.slots(layout.block_size)
             h["positions"][t + len(pads) :] = torch.arange(filler.length)
-            h["keep"][: layout.batch_size] = torch.tensor([r.num_queries for r in layout.requests]).cumsum(0) - 1
+            h["keep"][: layout.batch_size] = _last_rows(layout)
             h["keep"][layout.batch_size :] = torch.arange(t, t + len(pads))
         for f, value in zip(BlockMetadata._fields, meta, strict=True):
             view = h[f"meta.{f}"]
@@ -260,3 +258,8 @@ class StepGraphs:
                 g.logits = self.forward(g.ids, g.step, g.keep)
         except Exception as exc:
             raise RuntimeError(f"CUDA graph capture of LazyRAG's {key[0]} step failed for bucket {key}: {exc}") from exc
+
+
+def _last_rows(layout: Layout) -> torch.Tensor:
+    """``[B]`` the row of each request's last query among the step's ``T`` rows."""
+    return torch.tensor([r.num_queries for r in layout.requests]).cumsum(0) - 1
