@@ -91,6 +91,11 @@ class RequestLayout:
         """Logical position of the first query token."""
         return self.own.start + self.own.length - self.num_queries
 
+    @property
+    def num_blocks(self) -> int:
+        """Blocks of the request's block table: its segments' and its own."""
+        return len(self.own.blocks) + sum(len(s.blocks) for s in self.segments)
+
 
 class BlockMetadata(NamedTuple):
     """Per-block metadata for a paged cache, one row per request, padded to ``M``.
@@ -200,6 +205,11 @@ class Layout:
         """``Tq``: query tokens over the whole batch."""
         return sum(req.num_queries for req in self.requests)
 
+    @property
+    def max_blocks(self) -> int:
+        """``M``: blocks of the longest block table (the metadata's row width)."""
+        return max(req.num_blocks for req in self.requests)
+
     def query_positions(self) -> torch.Tensor:
         """``[Tq]`` int64 logical positions of all queries, request by request."""
         return torch.cat([torch.arange(req.num_queries, dtype=torch.int64) + req.query_start for req in self.requests])
@@ -226,10 +236,10 @@ class Layout:
         are checked here: the values are the caller's, copied from the host's.
         """
         b, m = meta.block_table.shape
-        rows = max(len(req.own.blocks) + sum(len(s.blocks) for s in req.segments) for req in self.requests)
-        if b != self.batch_size or m < rows:
+        if b != self.batch_size or m < self.max_blocks:
             raise ValueError(
-                f"metadata [{b}, {m}] does not fit the layout's [{self.batch_size}, {rows}] (need B equal, M at least)"
+                f"metadata [{b}, {m}] does not fit the layout's [{self.batch_size}, {self.max_blocks}] "
+                "(need B equal, M at least)"
             )
         for name, t in zip(BlockMetadata._fields, meta, strict=True):
             want = (b + 1,) if name == "cu_queries" else (b, m) if name.startswith("block_") else (b,)

@@ -269,8 +269,7 @@ class _NoForward:
 
     def run(self, token_ids: torch.Tensor, step, carried=None) -> torch.Tensor:
         if step.prefill is None and step.decode is not None:
-            widths = [sum(len(p.blocks) for p in r.segments) + len(r.own.blocks) for r in step.decode.requests]
-            self.decode_shapes.add((len(widths), max(widths)))
+            self.decode_shapes.add((step.decode.batch_size, step.decode.max_blocks))
         return torch.zeros(step.logit_rows.numel(), 1)
 
 

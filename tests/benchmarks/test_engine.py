@@ -206,8 +206,7 @@ def test_bucket_steps_reach_their_buckets_and_leave_the_engine_serving_as_a_fres
     workload = _tiny_workload(7)
     shapes = bench.possible_decode_shapes(workload, "lazy", 5)
     steps = bench.bucket_steps(shapes, 64, raw=False)
-    buckets = [graph_bucket(s.decode.batch_size, max(len(r.own.blocks) + sum(len(p.blocks) for p in r.segments)
-                                                     for r in s.decode.requests)) for _, s in steps]  # fmt: skip
+    buckets = [graph_bucket(s.decode.batch_size, s.decode.max_blocks) for _, s in steps]
     assert len(set(buckets)) == len(buckets) and set(buckets) == {graph_bucket(b, m) for b, m in shapes}
     model = Model(ModelConfig.tiny(vocab_size=64, num_layers=1)).init_random(0)
 

@@ -137,7 +137,7 @@ class StepGraphs:
         """``("decode", B', M')`` or ``("prefill", B', T', M')`` of a step whose logits
         rows ``keep`` are wanted (``None``: every row), or ``None`` when it runs eagerly
         (a prefill whose every row is wanted, or too long for the widest bucket)."""
-        rows = max(len(r.own.blocks) + sum(len(p.blocks) for p in r.segments) for r in layout.requests)
+        rows = layout.max_blocks
         b, t = layout.batch_size, layout.num_queries
         if t == b:
             return ("decode", *graph_bucket(b, rows))
