@@ -143,11 +143,23 @@ class StepGraphs:
             return ("decode", *graph_bucket(b, rows))
         if keep is None or not torch.equal(keep, _last_rows(layout)):
             return None
-        bb = graph_bucket(b, 1)[0]
-        tt = max(16, power_of_two(t + bb - b + 1))
+        bb, tt = self._prefill_rows(t, b)
         if tt > self.max_prefill_tokens:
             return None
         return ("prefill", bb, tt, graph_bucket(bb + 1, max(rows, ceil_div(tt, self.cache.block_size)))[1])
+
+    def prefill_fits(self, num_tokens: int, batch_size: int) -> bool:
+        """Whether a prefill of ``num_tokens`` rows over ``batch_size`` requests (each
+        wanting its last row's logits) has a bucket: a longer one runs eagerly, so a
+        caller splits it between requests."""
+        return self._prefill_rows(num_tokens, batch_size)[1] <= self.max_prefill_tokens
+
+    @staticmethod
+    def _prefill_rows(t: int, b: int) -> tuple[int, int]:
+        """``(B', T')`` of a prefill of ``t`` rows over ``b`` requests: ``B' − b`` padding
+        requests of one row and at least one filler row."""
+        bb = graph_bucket(b, 1)[0]
+        return bb, max(16, power_of_two(t + bb - b + 1))
 
     def _padding(self, key: tuple, layout: Layout) -> list[RequestLayout]:
         """The padding requests of ``layout`` in bucket ``key``, in the scratch blocks:
@@ -219,7 +231,7 @@ class StepGraphs:
         if g.copied is not None:
             g.copied.synchronize()  # the previous step's copy has left the twin
         padding = self._padding(key, layout)
-        meta = self.host_metadata(Layout([*layout.requests, *padding], layout.block_size))
+        meta = self.host_metadata.of_requests([*layout.requests, *padding], layout.block_size)
         h, t, m = g.views, token_ids.numel(), meta.block_table.shape[1]
         h["ids"][:t] = token_ids
         h["ids"][t:] = 0

@@ -693,27 +693,17 @@ class LazyRAG:
                 self._forward([x for _, t in group for x in t], layouts, slots, positions, keep=last)
 
     def _generate(self, live: list[_Live], keep_own_logits: bool, began: float) -> None:
-        """Prefill every request's own tokens in one forward, then decode one token per
-        request per forward until each one finishes."""
+        """Prefill every request's own tokens (in one forward, or one per group of
+        requests that a CUDA graph's prefill holds), then decode one token per request
+        per forward until each one finishes."""
         bs = self.cache.block_size
+        groups = [live] if keep_own_logits else self._own_groups(live)  # every row's logits: an eager forward
         with torch.no_grad():
-            tokens, slots, positions, layouts, ends = [], [], [], [], []
             for item in live:
-                req, p = item.request, len(item.request.own)
-                tokens += req.own
-                slots.append(self.cache.slots(item.own_blocks, 0, p))
-                positions.append(torch.arange(p) + req.own_start)
-                layouts.append(item.layout(bs, p, p))
-                ends.append(len(tokens) - 1)
                 item.generator = item.sampling.generator()
                 if item.streamer is not None:
-                    item.streamer.put(torch.tensor([req.tokens_and_positions()[0]]))
-            keep = None if keep_own_logits else torch.tensor(ends)
-            logits = self._forward(tokens, layouts, torch.cat(slots), torch.cat(positions), keep)
-            if keep_own_logits:
-                for item, end in zip(live, ends, strict=True):
-                    item.own_logits = _widen(logits[end + 1 - len(item.request.own) : end + 1])
-                logits = logits[torch.tensor(ends)]
+                    item.streamer.put(torch.tensor([item.request.tokens_and_positions()[0]]))
+            logits = torch.cat([self._prefill_own(group, keep_own_logits) for group in groups])
             for item, row in zip(live, logits, strict=True):
                 item.first = _widen(row)
             active = live
@@ -730,6 +720,42 @@ class LazyRAG:
                     torch.tensor(slots),
                     torch.tensor([item.request.own_start + k - 1 for item, k in zip(active, lengths, strict=True)]),
                 )
+
+    def _own_groups(self, live: list[_Live]) -> list[list[_Live]]:
+        """``live`` in order, split where a group's own tokens would outgrow the CUDA
+        graphs' widest prefill (each request sees only itself, so the split changes
+        nothing); one group when steps run eagerly."""
+        if self.graphs is None:
+            return [live]
+        groups, tokens = [[]], 0
+        for item in live:
+            n = len(item.request.own)
+            if groups[-1] and not self.graphs.prefill_fits(tokens + n, len(groups[-1]) + 1):
+                groups.append([])
+                tokens = 0
+            groups[-1].append(item)
+            tokens += n
+        return groups
+
+    def _prefill_own(self, items: list[_Live], keep_own_logits: bool) -> torch.Tensor:
+        """One forward over the own tokens of ``items``; ``[B, V]`` the logits of each
+        one's last token (and, with ``keep_own_logits``, each one's ``own_logits``)."""
+        bs = self.cache.block_size
+        tokens, slots, positions, layouts, ends = [], [], [], [], []
+        for item in items:
+            req, p = item.request, len(item.request.own)
+            tokens += req.own
+            slots.append(self.cache.slots(item.own_blocks, 0, p))
+            positions.append(torch.arange(p) + req.own_start)
+            layouts.append(item.layout(bs, p, p))
+            ends.append(len(tokens) - 1)
+        keep = None if keep_own_logits else torch.tensor(ends)
+        logits = self._forward(tokens, layouts, torch.cat(slots), torch.cat(positions), keep)
+        if not keep_own_logits:
+            return logits
+        for item, end in zip(items, ends, strict=True):
+            item.own_logits = _widen(logits[end + 1 - len(item.request.own) : end + 1])
+        return logits[torch.tensor(ends)]
 
     @staticmethod
     def _pick(live: list[_Live], logits: torch.Tensor) -> list[int]:

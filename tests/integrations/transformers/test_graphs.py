@@ -84,6 +84,26 @@ def test_a_single_request_prefills_and_decodes_from_buckets(model):
         assert graphed.graphs.replays == 6  # two prefills and four decode steps
 
 
+def test_questions_longer_than_the_widest_bucket_prefill_in_groups_of_requests(model):
+    """Three questions of 30 tokens, buckets of at most 64 rows: the first two prefill
+    together (2 requests, 64 rows), the third alone (32 rows); nothing runs eagerly.
+    (The three documents' first prefill is the bucket of 4 requests and 32 rows.)"""
+    batch = [RAGRequest((DOCS[k],), (0,), tuple(range(1 + k, 31 + k)), len(DOCS[k])) for k in range(3)]
+    sampling = Sampling(max_new_tokens=2, ignore_eos=True)
+    eager = _rag(model, graphs=False).generate_batch(batch, "lazy", sampling)
+    graphed = _rag(model, graphs=False)
+    graphed.graphs = StepGraphs(graphed._run_model, graphed.cache, graphed.support.rotation, graphed.backend,
+                                capture=CUDA, max_prefill_tokens=64)  # fmt: skip
+    got = graphed.generate_batch(batch, "lazy", sampling)
+    assert [a.tokens for a in got] == [a.tokens for a in eager]
+    assert sorted(k[:3] for k in graphed.graphs.graphs) == [
+        ("decode", 4, 16),
+        ("prefill", 1, 32),
+        ("prefill", 2, 64),
+        ("prefill", 4, 32),
+    ]
+
+
 def test_cuda_graphs_need_a_backend_that_captures_here(model):
     if CUDA:
         with pytest.raises(ValueError, match="cuda_graphs=True needs a backend that captures"):
