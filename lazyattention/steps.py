@@ -16,10 +16,11 @@ way, with what is here:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
-from lazyattention.reference.layout import BlockMetadata, Layout, Placement
+from lazyattention.reference.layout import BlockMetadata, Layout, Placement, RequestLayout
 
 __all__ = ["BLOCK_FIELDS", "INT32_MAX", "HostMetadata", "Packer", "graph_bucket", "metadata_views", "power_of_two"]
 
@@ -127,30 +128,32 @@ class HostMetadata:
 
     def __call__(self, layout: Layout) -> BlockMetadata:
         """The layout's host metadata (and the layout keeps it, as if it had built it)."""
-        s = layout.block_size
-        parts = [(self._segment_rows(r.segments, s), _placement_rows(r.own, s)) for r in layout.requests]
+        meta = self.of_requests(layout.requests, layout.block_size)
+        layout.use_metadata(meta)
+        return meta
+
+    def of_requests(self, requests: Sequence[RequestLayout], block_size: int) -> BlockMetadata:
+        """The host metadata of ``Layout(requests, block_size)``, for requests already
+        checked (a layout's, and padding built to be valid), without building the layout."""
+        s = block_size
+        parts = [(self._segment_rows(r.segments, s), _placement_rows(r.own, s)) for r in requests]
         m = max(len(seg) + len(own) for seg, own in parts)
         table = torch.zeros(len(parts), m, 4, dtype=torch.int32)
         for r, (seg, own) in enumerate(parts):
             table[r, : len(seg)] = seg
             table[r, len(seg) : len(seg) + len(own)] = own
         per_request = torch.tensor(
-            [
-                (len(seg) + len(own), len(seg), req.query_start)
-                for (seg, own), req in zip(parts, layout.requests, strict=True)
-            ],
+            [(len(seg) + len(own), len(seg), req.query_start) for (seg, own), req in zip(parts, requests, strict=True)],
             dtype=torch.int32,
         ).reshape(-1, 3)
-        queries = torch.tensor([0] + [req.num_queries for req in layout.requests], dtype=torch.int32)
-        meta = BlockMetadata(
+        queries = torch.tensor([0] + [req.num_queries for req in requests], dtype=torch.int32)
+        return BlockMetadata(
             *(table[..., i].contiguous() for i in range(4)),
             num_blocks=per_request[:, 0].contiguous(),
             num_segment_blocks=per_request[:, 1].contiguous(),
             query_start=per_request[:, 2].contiguous(),
             cu_queries=torch.cumsum(queries, 0, dtype=torch.int32),
         )
-        layout.use_metadata(meta)
-        return meta
 
 
 def metadata_views(views: dict[str, torch.Tensor], prefix: str) -> BlockMetadata:

@@ -26,6 +26,7 @@ Shape alphabet: ``B`` requests, ``M`` blocks per request (padded), ``S`` block s
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import repeat
 from typing import NamedTuple
 
 import torch
@@ -139,7 +140,7 @@ class Layout:
         for r, req in enumerate(self.requests):
             self._check_request(r, req)
         self._max_block = max(
-            (b for req in self.requests for p in (*req.segments, req.own) for b in p.blocks), default=-1
+            (max(p.blocks) for req in self.requests for p in (*req.segments, req.own) if p.blocks), default=-1
         )
         self._metadata: dict[torch.device, BlockMetadata] = {}
 
@@ -151,9 +152,9 @@ class Layout:
         need = ceil_div(p.length, self.block_size)
         if len(p.blocks) != need:
             raise ValueError(f"{what}: {p.length} tokens need {need} blocks of {self.block_size}, got {len(p.blocks)}")
-        for b in p.blocks:
-            if not isinstance(b, int) or b < 0:
-                raise ValueError(f"{what}: block id {b!r} is not a non-negative int")
+        if not all(map(isinstance, p.blocks, repeat(int))) or min(p.blocks, default=0) < 0:
+            bad = next(b for b in p.blocks if not isinstance(b, int) or b < 0)
+            raise ValueError(f"{what}: block id {bad!r} is not a non-negative int")
 
     def _check_request(self, r: int, req: RequestLayout) -> None:
         for d, seg in enumerate(req.segments):
@@ -167,12 +168,12 @@ class Layout:
         # not be both. (Segments may share blocks among themselves: they are read-only.)
         own = set(req.own.blocks)
         for d, seg in enumerate(req.segments):
-            for b in seg.blocks:
-                if b in own:
-                    raise ValueError(
-                        f"request {r}: own tokens are written into block {b}, which segment {d} reads; "
-                        "a request's own blocks must be disjoint from its segments' blocks"
-                    )
+            if not own.isdisjoint(seg.blocks):
+                b = next(b for b in seg.blocks if b in own)
+                raise ValueError(
+                    f"request {r}: own tokens are written into block {b}, which segment {d} reads; "
+                    "a request's own blocks must be disjoint from its segments' blocks"
+                )
 
     def check_cache(self, num_physical_blocks: int, allocated=None) -> None:
         """Raise ``ValueError`` if a block id is outside ``[0, num_physical_blocks)``
