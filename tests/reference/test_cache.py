@@ -7,9 +7,11 @@ free, exact reference counts, in-use segments never evicted, sealed contents nev
 changed; every rejected call leaves everything as it was.
 """
 
+import hashlib
+
 import pytest
 import torch
-from hypothesis import event, note, settings
+from hypothesis import event, given, note, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
@@ -276,6 +278,20 @@ def test_content_key_is_by_content():
     assert content_key([1, 2, 3]) == content_key(torch.tensor([1, 2, 3], dtype=torch.int32))
     assert content_key([1, 2, 3]) != content_key([3, 2, 1])
     assert content_key([]) != content_key([0])
+    assert content_key([]) == hashlib.sha256(b"").hexdigest()
+    assert content_key([1]) == hashlib.sha256((1).to_bytes(8, "little")).hexdigest()
+
+
+@given(st.lists(st.integers(-(2**63), 2**63 - 1), max_size=50))
+def test_content_key_of_a_sequence_is_that_of_its_int64_tensor(tokens):
+    assert content_key(tokens) == content_key(tuple(tokens)) == content_key(torch.tensor(tokens, dtype=torch.int64))
+
+
+def test_content_key_refuses_what_is_not_an_int64_sequence():
+    with pytest.raises(TypeError):
+        content_key([1.5])
+    with pytest.raises(OverflowError):
+        content_key([2**63])
 
 
 @pytest.mark.parametrize(

@@ -596,7 +596,7 @@ class LazyRAG:
                 for item in live:
                     segments.append([])
                     for tokens in item.request.segments:
-                        seg, hit = store.acquire(tokens=torch.tensor(tokens))
+                        seg, hit = store.acquire(tokens=tokens)
                         held.append(seg)
                         segments[-1].append(seg)
                         if not hit:
