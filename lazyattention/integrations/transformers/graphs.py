@@ -128,6 +128,7 @@ class StepGraphs:
         self.host_metadata = HostMetadata()
         self.replays = 0
         self._pool = None
+        self._stream = None  # the side stream of the warm-up runs and the captures
         self._capacity = (cache.kv.k[0].shape[0] - len(cache.scratch)) * cache.block_size  # slots of the pool
         self._pad = RequestLayout((), Placement(cache.scratch[-1:], 1, start=0), num_queries=1)  # one padding request
 
@@ -259,14 +260,20 @@ class StepGraphs:
             g.copied.record()
 
     def _capture(self, g: _Graph, key: tuple) -> None:
-        """Run the bucket once eagerly (compiling its kernels), capture it."""
+        """Run the bucket once eagerly (compiling its kernels), capture it. Both on one
+        side stream, as PyTorch advises: what a library sets up lazily on a stream's first
+        use (cuBLAS's workspace, say) is then set up before the capture, not inside it."""
         try:
-            self.forward(g.ids, g.step, g.keep)
-            torch.cuda.synchronize()
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
+                self._stream = torch.cuda.Stream()
+            self._stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self._stream):
+                self.forward(g.ids, g.step, g.keep)
+            torch.cuda.current_stream().wait_stream(self._stream)
+            torch.cuda.synchronize()
             g.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g.graph, pool=self._pool):
+            with torch.cuda.graph(g.graph, pool=self._pool, stream=self._stream):
                 g.logits = self.forward(g.ids, g.step, g.keep)
         except Exception as exc:
             raise RuntimeError(f"CUDA graph capture of LazyRAG's {key[0]} step failed for bucket {key}: {exc}") from exc
