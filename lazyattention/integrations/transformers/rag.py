@@ -365,9 +365,10 @@ class LazyRAG:
             restored afterwards (default: :func:`default_cpu_threads` at each call, torch's
             count capped at half the cores, 1 to 8); ignored for a model on a GPU.
         cuda_graphs: replay decode steps and prefills of up to 512 tokens from CUDA
-            graphs (:mod:`~lazyattention.integrations.transformers.graphs`); it needs a
-            backend that captures on the model's device (``"fast"`` on CUDA) and raises
-            elsewhere. Off by default: every step runs eagerly.
+            graphs (:mod:`~lazyattention.integrations.transformers.graphs`). ``None``
+            (the default): wherever the backend captures on the model's device
+            (``"fast"`` on CUDA). ``True`` raises where it does not; ``False`` runs every
+            step eagerly.
 
     Raises:
         UnsupportedModel: the architecture or its RoPE cannot be served (see
@@ -382,7 +383,7 @@ class LazyRAG:
         num_blocks: int = 1024,
         block_size: int = 16,
         num_threads: int | None = None,
-        cuda_graphs: bool = False,
+        cuda_graphs: bool | None = None,
     ):
         if num_threads is not None and (not isinstance(num_threads, int) or num_threads < 1):
             raise ValueError(f"num_threads must be a positive int, got {num_threads!r}")
@@ -392,7 +393,9 @@ class LazyRAG:
         self.model = model
         self.tokenizer = tokenizer
         capturable = self.backend.captures_on(model.device)
-        if cuda_graphs and not capturable:
+        if cuda_graphs is None:
+            cuda_graphs = capturable
+        elif cuda_graphs and not capturable:
             raise ValueError(
                 f"cuda_graphs=True needs a backend that captures on the model's device ({model.device}): "
                 f'backend {self.backend.name!r} does not ("fast" on CUDA does)'

@@ -113,6 +113,7 @@ def test_cuda_graphs_need_a_backend_that_captures_here(model):
             LazyRAG(model, None, backend="fast", cuda_graphs=True)
     rag = LazyRAG(model, None, backend="reference", num_blocks=16)
     assert rag.graphs is None
+    assert (LazyRAG(model, None, backend="fast", num_blocks=16).graphs is not None) == CUDA  # the default
     with pytest.raises(ValueError, match="backend 'reference' does not"):
         StepGraphs(rag._run_model, rag.cache, rag.support.rotation, get_backend("reference"))
 
