@@ -16,7 +16,7 @@ side by side with its baseline in the same process):
   question over it; full attention prefills both as one prompt. One new token each.
 * **GPU only** (``--device cuda``): the per-token decode latency at batch 1 (the time
   of ``N`` tokens minus the time of one, over ``N − 1``), with ``LazyRAG``'s steps
-  from CUDA graphs (``cuda_graphs=True``) and eager beside it, against ``model.generate``
+  from CUDA graphs (its default on CUDA) and eager beside it, against ``model.generate``
   with a dynamic and a static cache, the tokens per second of ``answer_batch`` at
   batch 16 against batch 1, and the time to the first token with 8 cached documents of
   about 1,000 tokens against ``generate``'s full prefill.
@@ -53,7 +53,6 @@ from pathlib import Path
 
 import torch
 
-from lazyattention.backends import get_backend
 from lazyattention.integrations.transformers import LazyRAG, Sampling, full_attention
 from lazyattention.integrations.transformers.pretrained import load_pretrained
 from lazyattention.integrations.transformers.qa import wiki_set
@@ -262,7 +261,7 @@ def llama1b_batch(new_tokens: int, device, tiny: bool = False) -> dict:
     )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).to(device=device, dtype=torch.bfloat16).eval()
-    rag = LazyRAG(model, None, num_blocks=8192, cuda_graphs=torch.device(device).type == "cuda")
+    rag = LazyRAG(model, None, num_blocks=8192)
     g = torch.Generator().manual_seed(0)
     doc_len = 50 if tiny else 1000
     docs = [tuple(torch.randint(1, config.vocab_size, (doc_len,), generator=g).tolist()) for _ in range(8)]
@@ -303,8 +302,7 @@ def run_gpu(args) -> dict:
         model, tokenizer = shaped_like(args.random_weights, DTYPES[args.dtype], device)
     else:
         model, tokenizer = load_pretrained(dtype=DTYPES[args.dtype], device=device)
-    graphs = torch.device(args.device).type == "cuda" and get_backend(args.backend).captures_on(device)
-    rag = LazyRAG(model, tokenizer, backend=args.backend, cuda_graphs=graphs)
+    rag = LazyRAG(model, tokenizer, backend=args.backend)  # CUDA graphs wherever the backend captures
     item = wiki_set(1, split="heldout", seed=3, passages=4)[0]
     docs = list(item.documents)
     rag.answer(item.question, docs, sampling=Sampling(max_new_tokens=1))
