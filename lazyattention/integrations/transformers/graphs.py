@@ -270,7 +270,6 @@ class StepGraphs:
             self._stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(self._stream):
                 self.forward(g.ids, g.step, g.keep)
-            torch.cuda.current_stream().wait_stream(self._stream)
             torch.cuda.synchronize()
             g.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g.graph, pool=self._pool, stream=self._stream):
