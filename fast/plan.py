@@ -66,11 +66,15 @@ def plan(
     dp = max(16, triton.next_power_of_2(head_dim))
     interpret = device.type == "cpu"
     wide = dtype == torch.float32 or dp > 128
+    # 16-bit decode at head dim 64 over blocks whose key tiles are bulk tensor copies.
+    d64 = decode and not wide and not raw and dp == 64 and (block_size % 64 == 0 or block_size in (16, 32))
     # (BLOCK_M rows, BLOCK_N keys, warps, stages), from sweeps on the H100
     # (benchmarks/kernels.py --sweep, benchmarks/sweeps/kernels_h100.json), bf16.
     if interpret:
         # Small tiles under the interpreter: the tests then cross many tile boundaries.
         tiles = (16, 16, 4, 1)
+    elif d64:
+        tiles = _decode_tiles_d64(block_size)
     elif decode:
         tiles = (16, 32, 4, 2) if wide else (16, 64, 4, 4) if block_size % 64 == 0 else (16, 128, 4, 3)
     elif dtype == torch.float32 and dp > 128:
@@ -120,7 +124,8 @@ def plan(
         # (8 splits at 1k keys, 2 key tiles each), 64 requests unsplit. The former rule,
         # four programs per SM, chose 5 splits at 16 requests and 64 at one request.
         sms = multiprocessors(device)
-        splits = max(1, min(2 * sms // max(1, work_items), key_tiles // 2, 32))
+        per_sm = _DECODE_D64_PROGRAMS_PER_SM[block_n] if d64 else 2
+        splits = max(1, min(per_sm * sms // max(1, work_items), key_tiles // 2, 32))
         if tma and not wide and dp == 128 and not raw:
             num_stages, splits = _decode_pipeline(work_items, key_tiles, sms, splits)
     else:
@@ -134,6 +139,29 @@ def plan(
         resident = 2 if num_warps == 4 and not wide else 1
         splits = prefill_splits(programs, key_tiles, resident * multiprocessors(device))
     return Plan(block_q, gp, block_n, dp, splits, num_warps, num_stages, tma, direct, flat)
+
+
+#: Decode at head dim 64 (16-bit): the split count fills the GPU with this many programs
+#: an SM, per key tile. From ``benchmarks/sweeps/tune_engine_decode_h100.json`` (H100,
+#: 132 SMs; the engine benchmark's decode step: 16 requests, 8 documents each, 120k keys,
+#: 32/8 heads, 247 MB of K/V a layer, 81.8 µs at copy bandwidth): at 64-key tiles 3
+#: splits took 85.6 µs, against 112.7 at 2 and 107.1 at 4 (a second wave); at 32- and
+#: 16-key tiles 4 splits were fastest (88.5 and 129.6 µs; 8 splits 91.4 and 132.4).
+_DECODE_D64_PROGRAMS_PER_SM = {16: 4, 32: 4, 64: 3}
+
+
+def _decode_tiles_d64(block_size: int) -> tuple[int, int, int, int]:
+    """``(BLOCK_M, BLOCK_N, warps, stages)`` of a 16-bit decode at head dim 64: one key
+    tile a block (bulk tensor copies), at most 64 keys.
+
+    Gathering 128-key tiles across 16-token blocks row by row, as other head dims do at
+    ``S = 16``, took 177.0 µs on the step above (2.2× the copy-bandwidth time), against
+    129.6 µs with one 16-key tile a block at 5 stages (two shared-memory buffers, see :func:`_decode_pipeline`),
+    88.5 µs with 32-token blocks (32-key tiles, 5 stages) and 85.6 µs with 64-token
+    blocks (64-key tiles; 2, 3 and 4 stages within 1%).
+    """
+    block_n = 64 if block_size % 64 == 0 else block_size
+    return (16, block_n, 4, 4 if block_n == 64 else 5)
 
 
 def _decode_pipeline(work_items: int, key_tiles: int, sms: int, splits: int) -> tuple[int, int]:

@@ -239,6 +239,23 @@ def test_decode_plan_follows_the_h200_sweep(shape, want, monkeypatch):
     assert (pl.num_stages, pl.splits) == want
 
 
+#: block size -> (key tile, stages, splits) of the fastest variant timed on the H100 at
+#: head dim 64 (bf16, 32 / 8 heads; the engine benchmark's decode step, 16 requests over
+#: 120k keys: ``benchmarks/sweeps/tune_engine_decode_h100.json``).
+DECODE_D64 = {16: (16, 5, 4), 32: (32, 5, 4), 64: (64, 4, 3)}
+
+
+@pytest.mark.parametrize(("block_size", "want"), DECODE_D64.items())
+def test_head_dim_64_decode_plan_follows_the_engine_sweep(block_size, want, monkeypatch):
+    """At head dim 64 the decode plan of a 132-SM GPU loads one block a key tile by bulk
+    tensor copies and picks the depth and split count that ran fastest there."""
+    monkeypatch.setattr(_plan, "multiprocessors", lambda device: 132)
+    keys = 565 * 16  # the sweep's longest block table, in keys
+    pl = _plan.plan(32, 8, 64, block_size, torch.bfloat16, torch.device("cuda"), True, 16 * 8, keys)
+    assert (pl.block_n, pl.num_stages, pl.splits) == want
+    assert pl.tma and pl.direct
+
+
 @pytest.mark.parametrize(
     ("name", "change", "message"),
     [("lazy_prefill", {"direct": True}, "direct query rotation needs one token per query tile"),

@@ -48,3 +48,11 @@ def case(name: str, head_dim: int, block_size: int) -> Case:
 @pytest.mark.parametrize("name", FUNCTIONS)
 def test_configuration_compiles_and_passes(name, head_dim, dtype, block_size):
     check(name, case(name, head_dim, block_size), dtype)
+
+
+@pytest.mark.parametrize("block_size", (16, 32, 64))
+@pytest.mark.parametrize("dtype", [d for d in DTYPES if d.itemsize == 2], ids=str)
+def test_head_dim_64_decode_tiles(block_size, dtype):
+    """Decode at head dim 64 in 16-bit loads one block a key tile (16, 32 or 64 keys,
+    bulk tensor copies, 4 or 5 pipeline stages): each block size the plan gives them."""
+    check("lazy_decode", case("lazy_decode", 64, block_size), dtype)

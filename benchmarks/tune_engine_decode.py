@@ -1,0 +1,169 @@
+"""Time the decode attention of the engine benchmark's step at its own shape, under
+several key tiles, pipeline depths and split counts (tuning aid, needs CUDA).
+
+``benchmarks/kernels.py`` and ``benchmarks/tune_h200.py`` time the kernels at head dim
+128 over blocks of 64 tokens. The engine benchmark's model (the Llama-3.2-1B shape) has
+head dim 64, and its engine blocks of 16 tokens, so its decode runs other tiles: key
+tiles of 128 rows gathered across 8 blocks. This script builds the decode step of the
+engine benchmark's decode section (16 requests of 8 documents drawn from the heavy
+preset's workload, Zipf skew 1, each document stored once and read at its own shift
+by every request that holds it, the query and output tokens in the request's own
+blocks) at block sizes ``--block-sizes``, and times, by CUDA-graph replay
+(``triton.testing.do_bench_cudagraph``):
+
+* the plan (``fast/plan.py``) and the kernel without rotation at the plan's tiles (the
+  floor the rotation adds to);
+* every key tile that fits the block size's key-load paths (bulk tensor copies where a
+  tile lies in one block, row gathers otherwise), at several pipeline depths and split
+  counts.
+
+Each variant's output is checked against the plan's (``max|diff| <= 0.02``) before it
+is timed. The table gives each variant's time, its K/V read rate, and the ratio to the
+time of reading the step's K/V once at the device's copy bandwidth.
+
+Run: ``python benchmarks/tune_engine_decode.py --out FILE [--block-sizes 16,64]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import triton
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import engine as bench
+from kernels import bench_graph, ceilings
+
+from lazyattention.fast import attend as fast_attend
+from lazyattention.fast.rope import rope_tables
+from lazyattention.reference.layout import Layout, Placement, RequestLayout, ceil_div
+from lazyattention.serving.config import MODEL_SHAPES
+from lazyattention.serving.workload import make_workload
+
+DEVICE = torch.device("cuda")
+DTYPE = torch.bfloat16
+TOLERANCE = 0.02
+OWN_TOKENS = 64  # the query (32) and half the output tokens of the heavy preset
+#: (key tile, warps, pipeline depths) to try per key-load path; splits from SPLITS.
+TILES = [(16, 4, (2, 3, 4, 5)), (32, 4, (2, 3, 4, 5)), (64, 4, (2, 3, 4)), (128, 4, (2, 3)), (64, 8, (3, 4)),
+         (128, 8, (2, 3))]  # fmt: skip
+SPLITS = (1, 2, 3, 4, 8)
+
+
+def step_layout(block_size: int, batch: int = 16) -> tuple[Layout, int]:
+    """The engine decode step's layout at ``block_size``, and the cache's block count."""
+    _, [(_, args)] = bench.parse(["--preset", "heavy"])
+    workload = make_workload(replace(bench._workload_config(args), num_requests=batch, zipf_alpha=1.0))
+    stored: dict[int, tuple[int, ...]] = {}
+    next_block = 0
+
+    def take(n: int) -> tuple[int, ...]:
+        nonlocal next_block
+        next_block += n
+        return tuple(range(next_block - n, next_block))
+
+    requests = []
+    for r in workload.requests:
+        segments, start = [], 0
+        for doc in r.documents:
+            length = len(workload.documents[doc])
+            if doc not in stored:
+                stored[doc] = take(ceil_div(length, block_size))
+            segments.append(Placement(stored[doc], length, start=start))
+            start += length
+        own = Placement(take(ceil_div(OWN_TOKENS, block_size)), OWN_TOKENS, start=start)
+        requests.append(RequestLayout(tuple(segments), own, num_queries=1))
+    return Layout(requests, block_size), next_block
+
+
+def tune(block_size: int, cfg, copy_bytes_per_s: float, rows: list) -> None:
+    layout, blocks = step_layout(block_size)
+    gen = torch.Generator(device=DEVICE).manual_seed(block_size)
+    shape = (blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
+    k_cache = torch.randn(shape, generator=gen, device=DEVICE, dtype=DTYPE)
+    v_cache = torch.randn(shape, generator=gen, device=DEVICE, dtype=DTYPE)
+    q = torch.randn(layout.batch_size, cfg.num_heads, cfg.head_dim, generator=gen, device=DEVICE, dtype=DTYPE)
+    meta = layout.metadata(DEVICE)
+    b, m = meta.block_table.shape
+    plan = fast_attend.plan(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, block_size, DTYPE, DEVICE, True,
+                            b * cfg.num_kv_heads, m * block_size)  # fmt: skip
+    tables = rope_tables(cfg.rope, plan.dp, DEVICE)
+    scale = cfg.head_dim**-0.5
+    tokens = sum(p.length for req in layout.requests for p in (*req.segments, req.own))
+    kv_bytes = 2 * tokens * cfg.num_kv_heads * cfg.head_dim * k_cache.element_size()
+    ideal_ms = kv_bytes / copy_bytes_per_s * 1e3
+
+    def run(tiles, mode=fast_attend.LAZY):
+        return fast_attend.attend(q, k_cache, v_cache, meta, tables, 1, scale, mode, True, False, tiles)[0]
+
+    truth = {mode: run(plan, mode) for mode in (fast_attend.LAZY, fast_attend.NONE)}
+
+    def timed(name: str, tiles, mode=fast_attend.LAZY) -> None:
+        row = {"block_size": block_size, "variant": name, "splits": tiles.splits, "block_n": tiles.block_n,
+               "warps": tiles.num_warps, "stages": tiles.num_stages, "tma": tiles.tma, "direct": tiles.direct,
+               "flat": tiles.flat, "kv_bytes": kv_bytes, "ideal_ms": ideal_ms}  # fmt: skip
+        try:
+            diff = float((run(tiles, mode).float() - truth[mode].float()).abs().max())
+            row["max_diff"] = diff
+            if diff <= TOLERANCE:
+                row["ms"] = bench_graph(lambda: run(tiles, mode))
+                row["over_ideal"] = row["ms"] / ideal_ms
+        except Exception as exc:  # recorded: one failing variant must not hide the others
+            row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+        rows.append(row)
+        print(f"S={block_size:3d} {name:9s} P={tiles.splits} n={tiles.block_n:3d} w={tiles.num_warps} "
+              f"st={tiles.num_stages} tma={int(tiles.tma)} direct={int(tiles.direct)}: "
+              f"{row.get('ms', float('nan')) * 1e3:8.1f} us  x{row.get('over_ideal', float('nan')):5.2f} "
+              f"{row.get('error', '')}", flush=True)  # fmt: skip
+
+    print(f"\nS={block_size}: {layout.batch_size} requests, {tokens} keys, {kv_bytes / 1e6:.0f} MB of K/V a layer, "
+          f"read once at copy bandwidth {ideal_ms * 1e3:.1f} us; plan {plan}", flush=True)  # fmt: skip
+    timed("plan", plan)
+    timed("norot", plan, fast_attend.NONE)
+    for block_n, warps, stages in TILES:
+        tma = block_size % block_n == 0 and plan.dp == cfg.head_dim
+        key_tiles = triton.cdiv(m * block_size, block_n)
+        for splits in SPLITS:
+            if key_tiles // splits < 2:
+                continue
+            for depth in stages:
+                tiles = plan._replace(block_n=block_n, num_warps=warps, num_stages=depth, splits=splits, tma=tma,
+                                      direct=tma, flat=False)  # fmt: skip
+                if tiles == plan:
+                    continue
+                timed("lazy", tiles)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--block-sizes", default="16,64")
+    p.add_argument("--model", default="llama3-1b", choices=tuple(MODEL_SHAPES))
+    opts = p.parse_args()
+    cfg = MODEL_SHAPES[opts.model]()
+    roofs = ceilings()
+    rows: list[dict] = []
+    for s in (int(x) for x in opts.block_sizes.split(",")):
+        tune(s, cfg, roofs["copy_tb_per_s"] * 1e12, rows)
+        Path(opts.out).write_text(json.dumps({"device": torch.cuda.get_device_name(), "ceilings": roofs,
+                                              "model": opts.model, "rows": rows}, indent=1))  # fmt: skip
+    print("\nfastest per block size:")
+    for s in sorted({r["block_size"] for r in rows}):
+        timed = [r for r in rows if r["block_size"] == s and r.get("ms") and r["variant"] != "norot"]
+        plan = next((r for r in timed if r["variant"] == "plan"), None)
+        best = min(timed, key=lambda r: r["ms"])
+        norot = next((r for r in rows if r["block_size"] == s and r["variant"] == "norot"), {})
+        print(f"S={s}: plan {plan and plan['ms'] * 1e3:.1f} us, no rotation {norot.get('ms', 0) * 1e3:.1f} us, best "
+              f"{best['ms'] * 1e3:.1f} us ({ {k: best[k] for k in ('splits', 'block_n', 'warps', 'stages', 'tma')} }), "
+              f"read once {best['ideal_ms'] * 1e3:.1f} us")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
