@@ -140,8 +140,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         compute = torch.float64 if x.dtype == torch.float64 else torch.float32
-        xc = x.to(compute)
-        xc = xc * torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + self.eps)
+        xc = nn.functional.rms_norm(x.to(compute), x.shape[-1:], eps=self.eps)  # one kernel where PyTorch fuses it
         return self.weight * xc.to(x.dtype)
 
 
@@ -152,34 +151,39 @@ class Attention(nn.Module):
         super().__init__()
         d = cfg.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, d
-        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * d, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * d, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * d, bias=cfg.qkv_bias)
+        self.sizes = (cfg.num_heads * d, cfg.num_kv_heads * d, cfg.num_kv_heads * d)
+        self.qkv_proj = nn.Linear(cfg.hidden_size, sum(self.sizes), bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.num_heads * d, cfg.hidden_size, bias=cfg.o_bias)
+        stack_in_state_dict(self, "qkv_proj", dict(zip(("q_proj", "k_proj", "v_proj"), self.sizes, strict=True)))
 
     def forward(self, x, k_cache, v_cache, step: StepInputs, rope: RopeConfig, backend: Backend) -> torch.Tensor:
         """``x [T, E]`` → ``[T, E]``; writes the step's K/V into ``k_cache, v_cache [N, S, Hkv, D]``."""
         ops = backend.ops
         t = x.shape[0]
-        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)  # pre-RoPE: the kernel rotates it
-        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        q, k, v = self.qkv_proj(x).split(self.sizes, dim=-1)
+        q = q.view(t, self.num_heads, self.head_dim)  # pre-RoPE: the kernel rotates it
+        k = k.view(t, self.num_kv_heads, self.head_dim)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
         ops.write_kv(
             k, v, k_cache, v_cache, step.slots, step.positions, None if step.raw else rope, validate=step.validate
         )
         if step.copy_src is not None and step.copy_src.numel():
             _copy_rerotated(k_cache, v_cache, step, rope, ops)
-        out = torch.empty_like(q)
         p = step.num_prefill
+        parts = []
         if step.prefill is not None:
             prefill = ops.raw_prefill if step.raw else ops.lazy_prefill
-            out[:p] = prefill(q[:p], k_cache, v_cache, step.prefill, rope)
+            parts.append(prefill(q[:p], k_cache, v_cache, step.prefill, rope))
         if step.sharing is not None:
             shared_decode = backend.shared().shared_decode
-            out[p:] = shared_decode(q[p:], k_cache, v_cache, step.decode, rope, sharing=step.sharing)
+            parts.append(shared_decode(q[p:], k_cache, v_cache, step.decode, rope, sharing=step.sharing))
         elif step.decode is not None:
             decode = ops.raw_decode if step.raw else ops.lazy_decode
-            out[p:] = decode(q[p:], k_cache, v_cache, step.decode, rope)
+            parts.append(decode(q[p:], k_cache, v_cache, step.decode, rope))
+        if len(parts) == 1:  # a prefill or a decode step: the attention's output as it is
+            out = parts[0]
+        else:
+            out = torch.cat(parts) if parts else torch.empty_like(q)
         return self.o_proj(out.reshape(t, -1))
 
 
@@ -212,12 +216,42 @@ class MLP(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        size = cfg.intermediate_size
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(size, cfg.hidden_size, bias=cfg.mlp_bias)
+        stack_in_state_dict(self, "gate_up_proj", {"gate_proj": size, "up_proj": size})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(nn.functional.silu(gate) * up)
+
+
+def stack_in_state_dict(module: nn.Module, stacked: str, parts: dict[str, int]) -> None:
+    """Keep Hugging Face's names in ``module``'s state dict for a linear layer that
+    stacks several (``stacked``, whose output rows are ``parts``' in order, each of its
+    size): the state dict splits its weight and bias into ``parts``, and loading stacks
+    them again.
+
+    One matrix product then computes them all, one launch reading one weight matrix:
+    at a decode step's few rows each product is bound by its launch and its weight
+    read, not by arithmetic.
+    """
+
+    def split(module, state_dict, prefix, local_metadata) -> None:
+        for kind in ("weight", "bias"):
+            whole = state_dict.pop(f"{prefix}{stacked}.{kind}", None)
+            if whole is not None:
+                for name, part in zip(parts, whole.split(tuple(parts.values())), strict=True):
+                    state_dict[f"{prefix}{name}.{kind}"] = part
+
+    def stack(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs) -> None:
+        for kind in ("weight", "bias"):
+            keys = [f"{prefix}{name}.{kind}" for name in parts]
+            if all(k in state_dict for k in keys):
+                state_dict[f"{prefix}{stacked}.{kind}"] = torch.cat([state_dict.pop(k) for k in keys])
+
+    module.register_state_dict_post_hook(split)
+    module.register_load_state_dict_pre_hook(stack)
 
 
 class DecoderLayer(nn.Module):
