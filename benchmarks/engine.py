@@ -138,7 +138,7 @@ from lazyattention.serving.sweep import (
 from lazyattention.serving.workload import WorkloadConfig, make_workload, run_workload
 from lazyattention.steps import graph_bucket
 
-BLOCK_SIZE = 16
+BLOCK_SIZE = 64  # tokens a block: the fast decode kernel loads one block a key tile (fast/plan.py)
 TARGET_TPOT_STEPS = 3.0  # TPOT at batch 16 ÷ one replayed decode step
 TARGET_DECODE_READ = 1.3  # one replayed decode step ÷ (weights + K/V) at copy bandwidth
 DECODE_REPLAYS = (3, 50)  # timed batches of replays of the captured decode step, replays per batch
@@ -522,6 +522,7 @@ def _engine(model, provider: Provider, num_blocks: int, args) -> Engine:
         max_num_seqs=args.max_num_seqs,
         max_batch_tokens=args.max_batch_tokens,
         shared_decode_min_requests=provider.shared_decode_min_requests,
+        compile_backend=args.compile_backend,
     )
 
 
@@ -576,13 +577,15 @@ def copy_bandwidth(device) -> float:
     return 2 * n / statistics.median(times)
 
 
-def decode_at_batch(model, base: WorkloadConfig, args, clock: Clock, bandwidth: float | None) -> dict:
-    """TPOT of decode-only steps at ``args.max_num_seqs`` requests; on CUDA, one
-    captured step's replay time against reading the weights and the batch's K/V once
-    at ``bandwidth`` (bytes/s)."""
+def decode_batch(model, base: WorkloadConfig, args, clock: Clock, provider: Provider | None = None):
+    """An engine serving ``args.max_num_seqs`` requests of ``base`` prefilled together,
+    stepped through decode-only steps until the first request finishes: the engine,
+    each step's wall time but the first (which captures its graph), and the K/V tokens
+    of the last step."""
     batch = args.max_num_seqs
     workload = make_workload(replace(base, num_requests=batch, output_len=args.decode_tokens, zipf_alpha=1.0))
-    engine = _engine(model, Provider("lazy", "lazy"), _num_blocks(workload, 2.0), args)  # room for all at once
+    provider = provider or Provider("lazy", "lazy")
+    engine = _engine(model, provider, _num_blocks(workload, 2.0), args)  # room for all at once
     for r in workload.requests:
         engine.add_request(r.query, workload.request_documents(r), r.max_new_tokens)
     with clock.part("decode prefill"):
@@ -600,31 +603,58 @@ def decode_at_batch(model, base: WorkloadConfig, args, clock: Clock, bandwidth: 
     times = times[1:]  # the first decode step at this batch captures its graph
     if not times:
         raise RuntimeError("no decode step to time: raise --decode-tokens")
+    return engine, times, tokens
+
+
+def last_graph(engine: Engine):
+    """The bucket and captured graph of the engine's last decode step (its largest
+    bucket; a graph with shared segments when the runner has any)."""
+    graphs = getattr(engine.runner, "shared_graphs", {}) or getattr(engine.runner, "graphs", {})
+    if not graphs:
+        return None, None
+    return max(graphs.items(), key=lambda kv: kv[0][:2])
+
+
+def replay_seconds(graph, clock: Clock) -> list[float]:
+    """One replay's GPU time, per batch of :data:`DECODE_REPLAYS` (CUDA events)."""
+    batches, replays = DECODE_REPLAYS
+    graph.graph.replay()  # the last step's K/V again: the cache is unchanged
+    each = []
+    with clock.part("timed"):
+        for _ in range(batches):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(replays):
+                graph.graph.replay()
+            end.record()
+            torch.cuda.synchronize()
+            each.append(start.elapsed_time(end) / 1e3 / replays)
+    return each
+
+
+def ideal_seconds(model, engine: Engine, tokens: int, bandwidth: float) -> tuple[int, int, float]:
+    """Weight bytes, K/V bytes of ``tokens`` and the time to read both once at ``bandwidth``."""
+    kv_bytes = tokens * engine.cache.bytes_per_block // BLOCK_SIZE
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    return weight_bytes, kv_bytes, (weight_bytes + kv_bytes) / bandwidth
+
+
+def decode_at_batch(model, base: WorkloadConfig, args, clock: Clock, bandwidth: float | None) -> dict:
+    """TPOT of decode-only steps at ``args.max_num_seqs`` requests; on CUDA, one
+    captured step's replay time against reading the weights and the batch's K/V once
+    at ``bandwidth`` (bytes/s)."""
+    engine, times, tokens = decode_batch(model, base, args, clock)
     out = {
-        "batch": batch,
+        "batch": args.max_num_seqs,
         "steps": len(times),
         "tpot_median": statistics.median(times),
         "tpot_min": min(times),
         "tpot_max": max(times),
     }
-    graphs = getattr(engine.runner, "graphs", {})
-    if bandwidth is not None and graphs:
-        key, graph = max(graphs.items(), key=lambda kv: kv[0][:2])  # the last step's bucket
-        kv_bytes = tokens * engine.cache.bytes_per_block // BLOCK_SIZE
-        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        ideal = (weight_bytes + kv_bytes) / bandwidth
-        batches, replays = DECODE_REPLAYS
-        graph.graph.replay()  # the last step's K/V again: the cache is unchanged
-        each = []
-        with clock.part("timed"):
-            for _ in range(batches):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                for _ in range(replays):
-                    graph.graph.replay()
-                end.record()
-                torch.cuda.synchronize()
-                each.append(start.elapsed_time(end) / 1e3 / replays)
+    key, graph = last_graph(engine)
+    if bandwidth is not None and graph is not None:
+        weight_bytes, kv_bytes, ideal = ideal_seconds(model, engine, tokens, bandwidth)
+        each = replay_seconds(graph, clock)
         out |= {
             "graph_bucket": list(key[:2]),
             "replay_s": statistics.median(each),
@@ -896,6 +926,7 @@ class PresetRun:
                 "max_num_seqs": args.max_num_seqs,
                 "max_batch_tokens": args.max_batch_tokens,
                 "cuda_graphs": backend.captures_on(device),
+                "compile_backend": args.compile_backend,
                 "shared_decode_min_requests": args.shared_decode_min_requests or None,
             },
             "providers": [asdict(p) for p in self.providers],
@@ -1201,6 +1232,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-seconds", type=float, default=math.inf,
                    help="skip a timed section that would start after the timed sections took this long")  # fmt: skip
     p.add_argument("--skip-quality", action="store_true", help="skip the quality check")
+    p.add_argument(
+        "--compile-backend",
+        default=None,
+        help="run the model's norms and MLPs through torch.compile with this backend (e.g. inductor)",
+    )
     p.add_argument("--hit-ratio", action="store_true", help="only the hit ratio against the KV budget (host work only)")
     preset = p.add_argument_group("preset options (each overrides every preset's value)")
     for name in ("requests", "documents", "doc_len", "docs_per_request", "query_len", "output_len", "max_num_seqs",
