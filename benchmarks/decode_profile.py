@@ -16,7 +16,7 @@ CUDA activity): every kernel of the replay falls in one category by its name
 between the step's kernels (``gaps``: the replay's time less its kernels' time), and
 the time to read the weights and the batch's K/V once at copy bandwidth. The result,
 with the 12 costliest kernels of each variant, goes to
-``benchmarks/results/decode_profile_<card>.json``.
+``benchmarks/sweeps/decode_profile_<card>.json`` (a diagnosis, not a result page).
 
 Run: ``python benchmarks/decode_profile.py [--preset heavy] [--variants eager,inductor]``.
 ``torch.compile`` changes the model's modules in place, so the compiled variants run last.
@@ -134,7 +134,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="heavy", choices=tuple(bench.PRESETS))
     p.add_argument("--variants", default="eager,inductor", help="eager and/or inductor, comma-separated")
-    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--out", default="benchmarks/sweeps")
     opts = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("decode_profile needs a CUDA device: it profiles replayed CUDA graphs")

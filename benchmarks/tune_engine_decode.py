@@ -3,13 +3,12 @@ several key tiles, pipeline depths and split counts (tuning aid, needs CUDA).
 
 ``benchmarks/kernels.py`` and ``benchmarks/tune_h200.py`` time the kernels at head dim
 128 over blocks of 64 tokens. The engine benchmark's model (the Llama-3.2-1B shape) has
-head dim 64, and its engine blocks of 16 tokens, so its decode runs other tiles: key
-tiles of 128 rows gathered across 8 blocks. This script builds the decode step of the
-engine benchmark's decode section (16 requests of 8 documents drawn from the heavy
-preset's workload, Zipf skew 1, each document stored once and read at its own shift
-by every request that holds it, the query and output tokens in the request's own
-blocks) at block sizes ``--block-sizes``, and times, by CUDA-graph replay
-(``triton.testing.do_bench_cudagraph``):
+head dim 64, and an engine may take any block size, so its decode runs other tiles.
+This script builds the decode step of the engine benchmark's decode section (16
+requests of 8 documents drawn from the heavy preset's workload, Zipf skew 1, each
+document stored once and read at its own shift by every request that holds it, the
+query and output tokens in the request's own blocks) at block sizes ``--block-sizes``,
+and times, by CUDA-graph replay (``triton.testing.do_bench_cudagraph``):
 
 * the plan (``fast/plan.py``) and the kernel without rotation at the plan's tiles (the
   floor the rotation adds to);
