@@ -156,9 +156,9 @@ def _decode_tiles_d64(block_size: int) -> tuple[int, int, int, int]:
 
     Gathering 128-key tiles across 16-token blocks row by row, as other head dims do at
     ``S = 16``, took 177.0 µs on the step above (2.2× the copy-bandwidth time), against
-    129.6 µs with one 16-key tile a block at 5 stages (two shared-memory buffers, see :func:`_decode_pipeline`),
-    88.5 µs with 32-token blocks (32-key tiles, 5 stages) and 85.6 µs with 64-token
-    blocks (64-key tiles; 2, 3 and 4 stages within 1%).
+    129.6 µs with one 16-key tile a block at 5 stages (two shared-memory buffers, see
+    :func:`_decode_pipeline`), 88.5 µs with 32-token blocks (32-key tiles, 5 stages) and
+    85.6 µs with 64-token blocks (64-key tiles; 2, 3 and 4 stages within 1%).
     """
     block_n = 64 if block_size % 64 == 0 else block_size
     return (16, block_n, 4, 4 if block_n == 64 else 5)

@@ -270,8 +270,9 @@ class DecoderLayer(nn.Module):
 class Model(nn.Module):
     """A Llama-family decoder over a paged KV cache.
 
-    Parameter names follow Hugging Face's (without the leading ``model.``), so a
-    checkpoint's state dict loads as is.
+    State-dict names follow Hugging Face's (without the leading ``model.``), so a
+    checkpoint's state dict loads as is; each layer keeps ``q, k, v`` and the MLP's gate
+    and up projections stacked, one matrix product each (:func:`stack_in_state_dict`).
 
     Args:
         cfg: the shape.
