@@ -387,8 +387,9 @@ class Engine:
         for req in decodes:
             own = req.own_placement(s)
             entries.append(RequestLayout(tuple(req.placements), own, num_queries=1))
-            slots.append(own.slots(s, first=own.length - 1))
-            positions.append(own.stored_start + own.length - 1)
+            last = own.length - 1  # the new token's slot, as Placement.slots computes it
+            slots.append(own.blocks[last // s] * s + last % s)
+            positions.append(own.stored_start + last)
             if req.pending:
                 if req.pending != 1 or flight is None or req.id not in flight.rows:
                     raise RuntimeError(f"request {req.id}: {req.pending} pending token(s), not from the step in flight")
@@ -398,7 +399,7 @@ class Engine:
                 ids.append(req.output[-1])
                 rows.append(-1)
         step = StepInputs(
-            slots=torch.cat(slots),
+            slots=torch.tensor(slots),
             positions=torch.tensor(positions),
             decode=Layout(entries, s),
             raw=self.strategy.raw,
