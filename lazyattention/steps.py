@@ -92,11 +92,11 @@ class Packer:
         return out
 
 
-def _placement_rows(p: Placement, block_size: int) -> torch.Tensor:
-    """``[len(p.blocks), 4]`` int32 rows ``(block, logical start, shift, valid length)``,
-    as ``Layout.metadata`` writes them."""
+def _placement_rows(placements: Sequence[Placement], block_size: int) -> torch.Tensor:
+    """``[blocks, 4]`` int32 rows ``(block, logical start, shift, valid length)`` of the
+    placements' blocks, one after another, as ``Layout.metadata`` writes them."""
     s = block_size
-    rows = [(b, p.start + k * s, p.shift, min(s, p.length - k * s)) for k, b in enumerate(p.blocks)]
+    rows = [(b, p.start + k * s, p.shift, min(s, p.length - k * s)) for p in placements for k, b in enumerate(p.blocks)]
     return torch.tensor(rows, dtype=torch.int32).reshape(-1, 4)
 
 
@@ -120,9 +120,7 @@ class HostMetadata:
         if rows is None:
             if len(self._segments) >= self.capacity:
                 self._segments.clear()
-            rows = torch.cat(
-                [torch.empty(0, 4, dtype=torch.int32)] + [_placement_rows(p, block_size) for p in segments]
-            )
+            rows = _placement_rows(segments, block_size)
             self._segments[segments] = rows
         return rows
 
@@ -136,16 +134,13 @@ class HostMetadata:
         """The host metadata of ``Layout(requests, block_size)``, for requests already
         checked (a layout's, and padding built to be valid), without building the layout."""
         s = block_size
-        parts = [(self._segment_rows(r.segments, s), _placement_rows(r.own, s)) for r in requests]
-        m = max(len(seg) + len(own) for seg, own in parts)
-        table = torch.zeros(len(parts), m, 4, dtype=torch.int32)
-        for r, (seg, own) in enumerate(parts):
-            table[r, : len(seg)] = seg
-            table[r, len(seg) : len(seg) + len(own)] = own
+        own = _placement_rows([r.own for r in requests], s).split([len(r.own.blocks) for r in requests])
+        rows = [torch.cat((self._segment_rows(r.segments, s), o)) for r, o in zip(requests, own, strict=True)]
+        table = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)  # [B, M, 4], zeros after each request
         per_request = torch.tensor(
-            [(len(seg) + len(own), len(seg), req.query_start) for (seg, own), req in zip(parts, requests, strict=True)],
-            dtype=torch.int32,
+            [(r.num_blocks, len(r.own.blocks), r.query_start) for r in requests], dtype=torch.int32
         ).reshape(-1, 3)
+        per_request[:, 1] = per_request[:, 0] - per_request[:, 1]  # blocks before the own ones: the segments'
         queries = torch.tensor([0] + [req.num_queries for req in requests], dtype=torch.int32)
         return BlockMetadata(
             *(table[..., i].contiguous() for i in range(4)),
