@@ -138,9 +138,8 @@ class HostMetadata:
         rows = [torch.cat((self._segment_rows(r.segments, s), o)) for r, o in zip(requests, own, strict=True)]
         table = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)  # [B, M, 4], zeros after each request
         per_request = torch.tensor(
-            [(r.num_blocks, len(r.own.blocks), r.query_start) for r in requests], dtype=torch.int32
+            [(r.num_blocks, r.num_blocks - len(r.own.blocks), r.query_start) for r in requests], dtype=torch.int32
         ).reshape(-1, 3)
-        per_request[:, 1] = per_request[:, 0] - per_request[:, 1]  # blocks before the own ones: the segments'
         queries = torch.tensor([0] + [req.num_queries for req in requests], dtype=torch.int32)
         return BlockMetadata(
             *(table[..., i].contiguous() for i in range(4)),
