@@ -7,7 +7,8 @@ captured CUDA graph of the last step is replayed alone. Each *variant* runs that
 fresh engine:
 
 * ``eager``: the norms and MLPs as PyTorch operations (the engine's default);
-* ``inductor``: the norms and MLPs through ``torch.compile`` (``compile_backend``);
+* ``inductor`` (or another ``torch.compile`` backend): the norms and MLPs compiled
+  with it (``compile_backend``);
 
 each with shared-segment decode off and on (``+shared``, the preset's threshold).
 For each, the replay is timed between CUDA events and profiled (``torch.profiler``,
@@ -86,9 +87,10 @@ def profile_replays(graph, replays: int = PROFILED_REPLAYS) -> tuple[dict[str, f
     return dict(by_category), kernels, count // replays
 
 
-def variant(model, preset_args, name: str, shared: int | None, bandwidth: float, clock) -> dict:
+def variant(model, preset_args, name: str, compile_backend: str | None, shared: int | None, bandwidth: float,
+            clock) -> dict:  # fmt: skip
     args = argparse.Namespace(**vars(preset_args))
-    args.compile_backend = "inductor" if name.startswith("inductor") else None
+    args.compile_backend = compile_backend
     provider = bench.Provider(name, "lazy", shared)
     engine, times, tokens = bench.decode_batch(model, bench._workload_config(args), args, clock, provider)
     key, graph = bench.last_graph(engine)
@@ -133,7 +135,7 @@ def show(rows: list[dict]) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="heavy", choices=tuple(bench.PRESETS))
-    p.add_argument("--variants", default="eager,inductor", help="eager and/or inductor, comma-separated")
+    p.add_argument("--variants", default="eager,inductor", help="eager and/or torch.compile backends, comma-separated")
     p.add_argument("--out", default="benchmarks/sweeps")
     opts = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -147,17 +149,16 @@ def main(argv=None) -> int:
     env = environment("cuda", backend.name)
     card = env["device_name"]
     out = Path(opts.out) / f"decode_profile_{re.sub(r'[^a-z0-9]+', '_', card.lower()).strip('_')}.json"
+    result = {"preset": opts.preset, "device": card, "environment": env, "copy_bytes_per_s": bandwidth}
     for name in opts.variants.split(","):
-        for shared in (None, args.shared_decode_min_requests or None):
+        compile_backend = None if name == "eager" else name
+        for shared in dict.fromkeys((None, args.shared_decode_min_requests or None)):
             label = name + ("+shared" if shared else "")
-            if any(r["variant"] == label for r in rows):
-                continue
             try:
-                rows.append(variant(model, args, label, shared, bandwidth, clock))
+                rows.append(variant(model, args, label, compile_backend, shared, bandwidth, clock))
             except Exception as exc:  # a variant that fails is reported, the others still run
                 rows.append({"variant": label, "error": f"{type(exc).__name__}: {exc}"})
                 print(f"{label}: {type(exc).__name__}: {exc}", file=sys.stderr)
-            result = {"preset": opts.preset, "device": card, "environment": env, "copy_bytes_per_s": bandwidth}
             out.write_text(json.dumps({**result, "rows": rows}, indent=1))
     show([r for r in rows if "error" not in r])
     print(f"\nwrote {out}")

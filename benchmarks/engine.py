@@ -634,7 +634,7 @@ def replay_seconds(graph, clock: Clock) -> list[float]:
 
 def ideal_seconds(model, engine: Engine, tokens: int, bandwidth: float) -> tuple[int, int, float]:
     """Weight bytes, K/V bytes of ``tokens`` and the time to read both once at ``bandwidth``."""
-    kv_bytes = tokens * engine.cache.bytes_per_block // BLOCK_SIZE
+    kv_bytes = tokens * engine.cache.bytes_per_block // engine.block_size
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     return weight_bytes, kv_bytes, (weight_bytes + kv_bytes) / bandwidth
 
