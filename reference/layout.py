@@ -115,6 +115,14 @@ class BlockMetadata(NamedTuple):
     cu_queries: torch.Tensor  # [B + 1] offsets of each request's queries in [Tq]
 
 
+#: Placements already checked, by ``(id, block size)``: a serving loop lays out the
+#: same cached segments (the same objects) step after step, and a frozen placement
+#: whose blocks are a tuple, checked once, stays valid. Each entry holds its placement, so its id is not reused
+#: while it is here; the table starts afresh when full.
+_CHECKED: dict[tuple[int, int], Placement] = {}
+_CHECKED_CAPACITY = 1 << 14
+
+
 class Layout:
     """A batch of :class:`RequestLayout`\\ s over a paged cache with block size ``S``.
 
@@ -146,7 +154,12 @@ class Layout:
 
     # ------------------------------------------------------------------ validation
 
-    def _check_placement(self, what: str, p: Placement) -> None:
+    def _check_placement(self, r: int, d: int | None, p: Placement) -> None:
+        """Check placement ``p`` of request ``r`` (segment ``d``, or its own tokens when
+        ``d`` is ``None``) against this layout's block size."""
+        if _CHECKED.get((id(p), self.block_size)) is p:
+            return
+        what = f"request {r} own tokens" if d is None else f"request {r} segment {d}"
         check_positions(p.start, p.length, what)
         check_positions(p.stored_start, p.length, f"{what} (stored)")
         need = ceil_div(p.length, self.block_size)
@@ -155,11 +168,15 @@ class Layout:
         if not all(map(isinstance, p.blocks, repeat(int))) or min(p.blocks, default=0) < 0:
             bad = next(b for b in p.blocks if not isinstance(b, int) or b < 0)
             raise ValueError(f"{what}: block id {bad!r} is not a non-negative int")
+        if type(p.blocks) is tuple:  # immutable: checked once, valid for good
+            if len(_CHECKED) >= _CHECKED_CAPACITY:
+                _CHECKED.clear()
+            _CHECKED[id(p), self.block_size] = p
 
     def _check_request(self, r: int, req: RequestLayout) -> None:
         for d, seg in enumerate(req.segments):
-            self._check_placement(f"request {r} segment {d}", seg)
-        self._check_placement(f"request {r} own tokens", req.own)
+            self._check_placement(r, d, seg)
+        self._check_placement(r, None, req.own)
         if not (1 <= req.num_queries <= req.own.length):
             raise ValueError(
                 f"request {r}: num_queries must be in [1, own length {req.own.length}], got {req.num_queries}"

@@ -97,6 +97,23 @@ def test_invalid_layouts_are_rejected(make, match):
         make()
 
 
+def test_a_placement_checked_once_is_checked_again_at_another_block_size():
+    """A layout remembers the placements it checked (a serving loop passes the same
+    segment objects every step); the memory is per block size, and a placement whose
+    blocks are a list, which can change, is checked every time."""
+    doc = Placement((9,), 5, start=0)
+    Layout([RequestLayout((doc,), own(), 1)], block_size=8)
+    Layout([RequestLayout((doc,), own(), 1)], block_size=8)
+    with pytest.raises(ValueError, match="segment 0: 5 tokens need 2 blocks of 4, got 1"):
+        Layout([RequestLayout((doc,), own(block_size=4), 1)], block_size=4)
+    blocks = [9]
+    listed = Placement(blocks, 5, start=0)
+    Layout([RequestLayout((listed,), own(), 1)], block_size=8)
+    blocks.append(-1)
+    with pytest.raises(ValueError, match="segment 0: 5 tokens need 1 blocks of 8, got 2"):
+        Layout([RequestLayout((listed,), own(), 1)], block_size=8)
+
+
 def test_own_tokens_may_not_be_written_into_a_block_a_segment_reads():
     """The own tokens are written while the segments are read: a shared block would be
     overwritten under its readers. Segments may share blocks among themselves."""
