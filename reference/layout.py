@@ -26,6 +26,7 @@ Shape alphabet: ``B`` requests, ``M`` blocks per request (padded), ``S`` block s
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from itertools import repeat
 from typing import NamedTuple
 
@@ -92,7 +93,7 @@ class RequestLayout:
         """Logical position of the first query token."""
         return self.own.start + self.own.length - self.num_queries
 
-    @property
+    @cached_property
     def num_blocks(self) -> int:
         """Blocks of the request's block table: its segments' and its own."""
         return len(self.own.blocks) + sum(len(s.blocks) for s in self.segments)
@@ -147,7 +148,8 @@ class Layout:
         self.block_size = block_size
         for r, req in enumerate(self.requests):
             self._check_request(r, req)
-        self._max_block = max(
+        #: The largest block id the layout reads or writes (``-1``: none).
+        self.max_block = max(
             (max(p.blocks) for req in self.requests for p in (*req.segments, req.own) if p.blocks), default=-1
         )
         self._metadata: dict[torch.device, BlockMetadata] = {}
@@ -197,10 +199,10 @@ class Layout:
         or, when ``allocated`` (a predicate on block ids) is given, not allocated.
 
         Every attention call runs this, once per layer: without a predicate it is one
-        comparison against the largest block id (found once, at construction), and the
-        walk over the blocks happens only to name the culprit.
+        comparison against :attr:`max_block`, and the walk over the blocks happens
+        only to name the culprit.
         """
-        if allocated is None and self._max_block < num_physical_blocks:
+        if allocated is None and self.max_block < num_physical_blocks:
             return
         for r, req in enumerate(self.requests):
             for name, p in [*((f"segment {d}", s) for d, s in enumerate(req.segments)), ("own tokens", req.own)]:

@@ -364,7 +364,7 @@ class ModelRunner:
         if any(bool((w // s == scratch).any()) for w in written):
             raise ValueError(f"a step writes into block {scratch}, the runner's scratch block")
         for layout in (step.prefill, step.decode):
-            if layout is not None:
+            if layout is not None and layout.max_block >= scratch:
                 meta = self._host(layout)
                 if bool(((meta.block_table == scratch) & (meta.block_len > 0)).any()):
                     raise ValueError(f"a layout reads block {scratch}, the runner's scratch block")
