@@ -170,8 +170,6 @@ class Engine:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         self.model = model
         self.block_size = block_size
-        self.pool = BlockPool(num_blocks)
-        self.store = SegmentStore(self.pool, block_size)
         self.cache = model.new_cache(num_blocks, block_size)
         self.runner = ModelRunner(
             model,
@@ -181,13 +179,21 @@ class Engine:
             shared_decode_min_requests=shared_decode_min_requests,
             compile_backend=compile_backend,
         )
-        self.scheduler = Scheduler(self.strategy, self.store, max_num_seqs, max_batch_tokens)
         self.keep_logits = keep_logits
+        self.overlap = overlap
+        self._limits = (num_blocks, max_num_seqs, max_batch_tokens)
+        self._start_empty()
+
+    def _start_empty(self) -> None:
+        """No request, no cached document, every block free, counters at zero."""
+        num_blocks, max_num_seqs, max_batch_tokens = self._limits
+        self.pool = BlockPool(num_blocks)
+        self.store = SegmentStore(self.pool, self.block_size)
+        self.scheduler = Scheduler(self.strategy, self.store, max_num_seqs, max_batch_tokens)
         self.stats = EngineStats()
         self.finished: list[Request] = []
         self._requests: dict[int, Request] = {}  # waiting and running, by id
         self._next_id = 0
-        self.overlap = overlap
         self._in_flight: _InFlight | None = None  # the launched step whose tokens are not on the host yet
 
     @property
@@ -293,6 +299,21 @@ class Engine:
             done += self._land(launched)
             self._in_flight = None
         return done
+
+    def reset(self) -> None:
+        """Start afresh, as a server just started: no request, no cached document,
+        every block free, the counters at zero. What start-up paid for stays: the cache
+        tensors and the runner's captured CUDA graphs (which read only the runner's own
+        buffers and the cache).
+
+        Raises:
+            ValueError: requests are waiting or running, or their last tokens have not
+                landed (:meth:`has_work`).
+        """
+        if self.has_work():
+            raise ValueError("reset needs an idle engine: requests are waiting or running, or their tokens in flight")
+        self._start_empty()
+        self.runner.forget_plans()
 
     def run_until_done(self) -> list[Request]:
         """Step until every queued request finished; return them in finishing order."""

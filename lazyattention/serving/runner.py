@@ -342,6 +342,12 @@ class ModelRunner:
             return self._replay(token_ids, step, shared, carried)
         return self._eager(token_ids, step, shared, carried)
 
+    def forget_plans(self) -> None:
+        """Drop the kept sharing plan and the host metadata kept per layout, keeping
+        the captured graphs (for an engine that starts afresh)."""
+        self._kept = None
+        self._built = weakref.WeakKeyDictionary()
+
     def check_step(self, step: StepInputs) -> None:
         """The value checks of every ``write_kv`` of the step, once, on the host; and,
         with CUDA graphs on, that no real token touches the scratch block."""

@@ -254,6 +254,32 @@ def test_the_host_runs_one_step_ahead():
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("strategy", ["lazy", "block_attention"])
+def test_a_reset_engine_serves_as_a_new_one(strategy):
+    """``reset`` empties the engine (no cached document, every block free, counters at
+    zero) and keeps its cache and runner: the same requests then give a new engine's
+    tokens, hits and steps. A busy engine refuses to reset."""
+    docs = _docs(seed=4, lengths=(9, 14, 5, 11))
+
+    def serve(engine):
+        reqs = [engine.add_request([i + 1, 2], docs[i:] + docs[:i], 2 + i) for i in range(3)]
+        engine.run_until_done()
+        engine.check_invariants()
+        return [r.output for r in reqs], replace(engine.stats)
+
+    engine = Engine(MODEL64, strategy, num_blocks=48, block_size=4, max_num_seqs=2)
+    first = serve(engine)
+    cache, runner = engine.cache, engine.runner
+    engine.add_request([7], docs[:1], 2)
+    with pytest.raises(ValueError, match="reset needs an idle engine"):
+        engine.reset()
+    engine.run_until_done()
+    engine.reset()
+    assert engine.pool.num_used == 0 and not engine.finished and engine.stats.steps == 0
+    assert engine.cache is cache and engine.runner is runner
+    assert serve(engine) == first == serve(Engine(MODEL64, strategy, num_blocks=48, block_size=4, max_num_seqs=2))
+
+
 def _docs(seed=0, lengths=(9, 14, 5)):
     g = torch.Generator().manual_seed(seed)
     return [_tokens(g, n) for n in lengths]
