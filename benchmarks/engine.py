@@ -22,7 +22,9 @@ line overrides every preset's value):
 * ``default``: 48 requests of 4 documents (mean 512 tokens, log-normal) from 48,
   32-token queries, 16 new tokens; every strategy.
 * ``heavy``: 96 requests of 8 documents (mean 1,024 tokens) from 96, 32-token queries,
-  64 new tokens; lazy, lazy with shared-segment decode (``lazy+shared``:
+  64 new tokens, at most 64 requests running at once (the KV budget bounds
+  Block-Attention's batch well below that: its copies take a request's documents'
+  blocks again); lazy, lazy with shared-segment decode (``lazy+shared``:
   ``Engine(shared_decode_min_requests=4)``, where the backend has it;
   ``--shared-decode-min-requests N`` sets the threshold, 0 turns it off) and
   Block-Attention, at skew 1 and at the paper's skew α = 2.1 with a tight KV budget of
@@ -41,20 +43,21 @@ default); the curves (7) of every preset come after them all.
    fails gets no speed-up reported: its targets are marked ``MISS (parity failed)``.
 2. **Quality** (once per model; ``--skip-quality`` skips it). ``quality_check`` per
    dtype: lazy vs Block-Attention vs full attention.
-3. **Warm-up**, per preset. Every provider serves the skew-1 workload once, untimed
-   (Triton compiles its kernel specialisations, the allocators grow).
+3. **Warm-up**, per preset. Every provider's engine serves the skew-1 workload once,
+   untimed (Triton compiles its kernel specialisations, the allocators grow, the CUDA
+   graphs its steps meet are captured).
 4. **Offline burst** (every request at t = 0): a Llama-3.2-1B-shaped model with random
    bf16 weights (shapes set the cost; weights do not) serves the workload under every
    provider at Zipf skew 1, ``--repeats`` times, repeats interleaved. Every run is
    profiled (``torch.profiler``, CUDA activity only): the union of the device's kernel
    and copy intervals is the run's GPU busy time, and ``gpu_busy_fraction`` = GPU busy
    time / wall time (the makespan).
-5. **Decode at batch 16.** 16 requests prefilled together, then decode-only steps,
-   each timed on the wall clock (TPOT at batch 16); the captured CUDA graph of the last
-   step is then replayed alone between CUDA events (3 × 50 replays): one decode step's
-   GPU time, set against reading the weights and the batch's K/V once at the device's
-   copy bandwidth (bytes read + written by a 1 GiB ``copy_``, as in
-   ``benchmarks/kernels.py``).
+5. **Decode at batch 16** (``--decode-batch``). 16 requests prefilled together, then
+   decode-only steps, each timed on the wall clock (TPOT at batch 16); the captured CUDA
+   graph of the last step is then replayed alone between CUDA events (3 × 50
+   replays): one decode step's GPU time, set against reading the weights and the
+   batch's K/V once at the device's copy bandwidth (bytes read + written by a 1 GiB
+   ``copy_``, as in ``benchmarks/kernels.py``).
 6. **Target points** (``--points``), e.g. ``skew2.1@1GiB``: the burst again at another
    skew and KV budget, ``--repeats`` times.
 7. Then, while ``--max-seconds`` allows: **Poisson arrivals** at several rates
@@ -79,12 +82,14 @@ fraction is raised to the smallest in which every request fits alone under every
 strategy; one in GiB is taken as it is, and a point where a request cannot fit is
 skipped, saying so.
 
-**Time.** Every engine captures the CUDA graphs of the decode buckets it will meet
-before its run starts, as a server does at start-up: for an offline burst, exactly those
-its steps use (from a dry run of the same burst, :func:`~lazyattention.serving.sweep.dry_run`);
-for Poisson arrivals, every bucket its requests' lengths can reach. (The graphs of
-steps with shared segments, keyed by their sharing plan's shape too, are captured when
-a run first meets them.) ``--max-seconds``
+**Time.** Each provider serves from one engine per KV budget, started as a server
+starts: it captures the CUDA graphs of the decode buckets it will meet (for an offline
+burst, exactly those its steps use, from a dry run of the same burst,
+:func:`~lazyattention.serving.sweep.dry_run`; for Poisson arrivals, every bucket its
+requests' lengths can reach), then serves the workload once, untimed, which also
+captures the graphs of steps with shared segments (keyed by their sharing plan's shape
+too). Every timed run starts from ``Engine.reset()``: no request, no cached document,
+the counters at zero, the graphs kept. ``--max-seconds``
 bounds the *timed* sections only (the served workloads and the decode steps, summed
 over presets): a section that would start past it is skipped. Parity gate, quality,
 warm-up, graph capture, dry runs and the profiler's own work are setup, reported apart
@@ -161,6 +166,7 @@ PRESETS: dict[str, dict] = {
         shared_decode_min_requests=0,
         repeats=3,
         points="",
+        decode_batch=16,
         decode_tokens=48,
         rates="0.25,0.5,0.75,1",
         rate_repeats=3,
@@ -179,12 +185,13 @@ PRESETS: dict[str, dict] = {
         docs_per_request=8,
         query_len=32,
         output_len=64,
-        max_num_seqs=16,
+        max_num_seqs=64,
         max_batch_tokens=8192,
         strategies="lazy,block_attention",
         shared_decode_min_requests=4,
         repeats=3,
         points="skew2.1@1GiB",
+        decode_batch=16,
         decode_tokens=48,
         rates="",
         rate_repeats=0,
@@ -209,6 +216,7 @@ PRESETS: dict[str, dict] = {
         shared_decode_min_requests=2,
         repeats=1,
         points="skew2.1@0.5",
+        decode_batch=4,
         decode_tokens=6,
         rates="0.5",
         rate_repeats=1,
@@ -513,25 +521,22 @@ def _busy_seconds(prof) -> tuple[float, float, int]:
     return busy / 1e9, kernel_ns / 1e9, kernels
 
 
-def _engine(model, provider: Provider, num_blocks: int, args) -> Engine:
+def _engine(model, provider: Provider, num_blocks: int, args, max_num_seqs: int | None = None) -> Engine:
     return Engine(
         model,
         provider.strategy,
         num_blocks=num_blocks,
         block_size=BLOCK_SIZE,
-        max_num_seqs=args.max_num_seqs,
+        max_num_seqs=max_num_seqs or args.max_num_seqs,
         max_batch_tokens=args.max_batch_tokens,
         shared_decode_min_requests=provider.shared_decode_min_requests,
         compile_backend=args.compile_backend,
     )
 
 
-def timed_run(model, workload, provider: Provider, num_blocks: int, args, clock: Clock, shapes, profile: bool) -> dict:
-    """Serve ``workload`` on a fresh engine whose decode graphs of ``shapes`` are
-    captured first; its metrics, plus GPU time when ``profile``."""
-    engine = _engine(model, provider, num_blocks, args)
-    with clock.part("graph capture"):
-        captured = capture_graphs(engine, shapes)
+def timed_run(engine: Engine, workload, provider: Provider, clock: Clock, profile: bool) -> dict:
+    """Serve ``workload`` on ``engine`` (new or reset); its metrics, plus GPU time when
+    ``profile``."""
     runner = engine.runner
     replayed, shared = getattr(runner, "steps_replayed", 0), getattr(runner, "steps_shared", 0)
     with clock.part("profiler"):
@@ -550,7 +555,7 @@ def timed_run(model, workload, provider: Provider, num_blocks: int, args, clock:
     row["wall_s"] = metrics.makespan
     row["gpu_busy_fraction"] = row["gpu_busy_s"] / metrics.makespan if profile else None
     row["steps"] = engine.stats.steps
-    row["graphs_captured"] = captured
+    row["graphs_captured"] = len(getattr(runner, "graphs", {})) + len(getattr(runner, "shared_graphs", {}))
     row["graph_steps"] = getattr(runner, "steps_replayed", 0) - replayed
     row["shared_steps"] = getattr(runner, "steps_shared", 0) - shared
     return row
@@ -578,14 +583,14 @@ def copy_bandwidth(device) -> float:
 
 
 def decode_batch(model, base: WorkloadConfig, args, clock: Clock, provider: Provider | None = None):
-    """An engine serving ``args.max_num_seqs`` requests of ``base`` prefilled together,
+    """An engine serving ``args.decode_batch`` requests of ``base`` prefilled together,
     stepped through decode-only steps until the first request finishes: the engine,
     each step's wall time but the first (which captures its graph), and the K/V tokens
     of the last step."""
-    batch = args.max_num_seqs
+    batch = args.decode_batch
     workload = make_workload(replace(base, num_requests=batch, output_len=args.decode_tokens, zipf_alpha=1.0))
     provider = provider or Provider("lazy", "lazy")
-    engine = _engine(model, provider, _num_blocks(workload, 2.0), args)  # room for all at once
+    engine = _engine(model, provider, _num_blocks(workload, 2.0), args, max_num_seqs=batch)  # room for all at once
     for r in workload.requests:
         engine.add_request(r.query, workload.request_documents(r), r.max_new_tokens)
     with clock.part("decode prefill"):
@@ -640,12 +645,12 @@ def ideal_seconds(model, engine: Engine, tokens: int, bandwidth: float) -> tuple
 
 
 def decode_at_batch(model, base: WorkloadConfig, args, clock: Clock, bandwidth: float | None) -> dict:
-    """TPOT of decode-only steps at ``args.max_num_seqs`` requests; on CUDA, one
+    """TPOT of decode-only steps at ``args.decode_batch`` requests; on CUDA, one
     captured step's replay time against reading the weights and the batch's K/V once
     at ``bandwidth`` (bytes/s)."""
     engine, times, tokens = decode_batch(model, base, args, clock)
     out = {
-        "batch": args.max_num_seqs,
+        "batch": args.decode_batch,
         "steps": len(times),
         "tpot_median": statistics.median(times),
         "tpot_min": min(times),
@@ -941,6 +946,7 @@ class PresetRun:
         }
         self.model = None
         self._shapes: dict[tuple, frozenset] = {}
+        self._engines: dict[tuple[str, int], Engine] = {}  # (provider, blocks) -> engine
 
     # ------------------------------------------------------------------ bookkeeping
 
@@ -993,13 +999,29 @@ class PresetRun:
             self.result["quality"] = self.shared["quality"][key]
         blocks = _num_blocks(skewed, 1.0)
         shapes = self._decode_shapes(skewed, self.providers, blocks)
-        with self.clock.part("warm-up"):
-            for provider in self.providers:
-                engine = _engine(self.model, provider, blocks, self.args)
-                capture_graphs(engine, shapes[provider.strategy])
-                run_workload(engine, skewed)
+        for provider in self.providers:
+            self._served(provider, blocks, shapes[provider.strategy], skewed)
         _log(f"[{self.preset}] setup done {self._at()}")
         self.save()
+
+    def _served(self, provider: Provider, blocks: int, shapes, workload) -> Engine:
+        """The provider's engine at a KV budget of ``blocks``, as a server after
+        start-up, reset for a timed run. It is made once per budget: the decode graphs
+        of ``shapes`` captured, then ``workload`` served once, untimed (so Triton's
+        specialisations compile and the graphs of steps with shared segments, which
+        depend on the sharing plan, are captured before any timed run). Engines at
+        another budget are let go."""
+        key = (provider.label, blocks)
+        engine = self._engines.get(key)
+        if engine is None:
+            self._engines = {k: e for k, e in self._engines.items() if k[1] == blocks}
+            engine = self._engines[key] = _engine(self.model, provider, blocks, self.args)
+            with self.clock.part("warm-up"):
+                run_workload(engine, workload)
+        with self.clock.part("graph capture"):
+            capture_graphs(engine, shapes)
+        engine.reset()
+        return engine
 
     def _limits(self) -> tuple[int, int, int]:
         return BLOCK_SIZE, self.args.max_num_seqs, self.args.max_batch_tokens
@@ -1058,15 +1080,21 @@ class PresetRun:
         for rep in range(repeats):
             if not self._left(f"burst {point.label} repeat {rep}"):
                 break
-            rows = [{**fields, "repeat": rep, **self._run(workload, p, blocks, shapes[p.strategy])} for p in providers]
+            rows = [
+                {**fields, "repeat": rep, **self._run(workload, p, blocks, shapes[p.strategy], workload)}
+                for p in providers
+            ]
             burst.extend(rows)
             _log(f"[{self.preset}] burst {point.label} repeat {rep} {self._at()}")
             _show(rows, [])
             self.result["burst_medians"] = medians(burst, ("sweep", "alpha", "budget_fraction", "strategy"))
             self.save()
 
-    def _run(self, workload, provider: Provider, blocks: int, shapes) -> dict:
-        return timed_run(self.model, workload, provider, blocks, self.args, self.clock, shapes, profile=self.cuda)
+    def _run(self, workload, provider: Provider, blocks: int, shapes, warm_up) -> dict:
+        """One timed run of ``workload`` on the provider's engine at ``blocks``
+        (:meth:`_served`, first warmed up on ``warm_up``)."""
+        engine = self._served(provider, blocks, shapes, warm_up)
+        return timed_run(engine, workload, provider, self.clock, profile=self.cuda)
 
     def decode(self) -> None:
         if not self._left("decode"):
@@ -1099,10 +1127,11 @@ class PresetRun:
                 break
             rate = fraction * lazy["requests_per_s"]
             workload = make_workload(replace(self.base, zipf_alpha=1.0, rate=rate))
+            burst = make_workload(replace(self.base, zipf_alpha=1.0))
             blocks = _num_blocks(workload, 1.0)
             for p in providers:
                 shapes = possible_decode_shapes(workload, p.strategy, self.args.max_num_seqs)
-                row = self._run(workload, p, blocks, shapes)
+                row = self._run(workload, p, blocks, shapes, burst)
                 rows.append({"rate": rate, "rate_fraction": fraction, "repeat": rep, **row})
             _log(f"[{self.preset}] poisson rate {rate:.1f}/s repeat {rep} {self._at()}")
             self.result["poisson_medians"] = medians(rows, ("rate_fraction", "strategy"))
@@ -1122,7 +1151,7 @@ class PresetRun:
         for rep in range(self.args.many_repeats):
             if not self._left(f"many requests repeat {rep}"):
                 break
-            rows += [{"repeat": rep, **self._run(workload, p, blocks, shapes[p.strategy])} for p in providers]
+            rows += [{"repeat": rep, **self._run(workload, p, blocks, shapes[p.strategy], workload)} for p in providers]
             _show(rows[-len(providers) :], [])
             self.result["many_medians"] = medians(rows, ("strategy",))
             self.save()
@@ -1240,8 +1269,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--hit-ratio", action="store_true", help="only the hit ratio against the KV budget (host work only)")
     preset = p.add_argument_group("preset options (each overrides every preset's value)")
     for name in ("requests", "documents", "doc_len", "docs_per_request", "query_len", "output_len", "max_num_seqs",
-                 "max_batch_tokens", "repeats", "decode_tokens", "rate_repeats", "extra_repeats", "many",
-                 "many_repeats"):  # fmt: skip
+                 "max_batch_tokens", "repeats", "decode_batch", "decode_tokens", "rate_repeats", "extra_repeats",
+                 "many", "many_repeats"):  # fmt: skip
         preset.add_argument(f"--{name.replace('_', '-')}", type=int, default=None)
     preset.add_argument("--shared-decode-min-requests", type=int, default=None, metavar="N",
                         help="also serve lazy+shared (shared-segment decode at threshold N; 0: off)")  # fmt: skip
