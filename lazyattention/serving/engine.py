@@ -518,14 +518,17 @@ def _to_host(t: torch.Tensor) -> torch.Tensor:
 def _token_list(tokens, what: str, vocab_size: int) -> list[int]:
     """Token ids (a sequence of ints or an integer tensor) as a list, checked against
     the vocabulary."""
-    t = tokens if isinstance(tokens, torch.Tensor) else torch.tensor(list(tokens), dtype=None)
-    if t.numel() == 0:
-        return []
-    if t.is_floating_point() or t.dtype == torch.bool or t.is_complex():
-        raise TypeError(f"{what}: token ids must be integers, got {t.dtype}")
-    t = t.reshape(-1)
-    lo, hi = int(t.min()), int(t.max())
+    if type(tokens) is list and tokens and set(map(type, tokens)) == {int}:  # the common case, without a tensor
+        lo, hi, out = min(tokens), max(tokens), list(tokens)
+    else:
+        t = tokens if isinstance(tokens, torch.Tensor) else torch.tensor(list(tokens), dtype=None)
+        if t.numel() == 0:
+            return []
+        if t.is_floating_point() or t.dtype == torch.bool or t.is_complex():
+            raise TypeError(f"{what}: token ids must be integers, got {t.dtype}")
+        t = t.reshape(-1)
+        lo, hi, out = int(t.min()), int(t.max()), t.tolist()
     if lo < 0 or hi >= vocab_size:
         bad = lo if lo < 0 else hi
         raise ValueError(f"{what}: token id {bad} is outside the vocabulary [0, {vocab_size})")
-    return t.tolist()
+    return out
