@@ -22,9 +22,7 @@ line overrides every preset's value):
 * ``default``: 48 requests of 4 documents (mean 512 tokens, log-normal) from 48,
   32-token queries, 16 new tokens; every strategy.
 * ``heavy``: 96 requests of 8 documents (mean 1,024 tokens) from 96, 32-token queries,
-  64 new tokens, at most 64 requests running at once (the KV budget bounds
-  Block-Attention's batch well below that: its copies take a request's documents'
-  blocks again); lazy, lazy with shared-segment decode (``lazy+shared``:
+  64 new tokens; lazy, lazy with shared-segment decode (``lazy+shared``:
   ``Engine(shared_decode_min_requests=4)``, where the backend has it;
   ``--shared-decode-min-requests N`` sets the threshold, 0 turns it off) and
   Block-Attention, at skew 1 and at the paper's skew α = 2.1 with a tight KV budget of
@@ -185,7 +183,7 @@ PRESETS: dict[str, dict] = {
         docs_per_request=8,
         query_len=32,
         output_len=64,
-        max_num_seqs=64,
+        max_num_seqs=16,
         max_batch_tokens=8192,
         strategies="lazy,block_attention",
         shared_decode_min_requests=4,
