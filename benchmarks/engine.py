@@ -453,8 +453,8 @@ def possible_decode_shapes(workload, strategy: str, max_num_seqs: int) -> set[tu
 def bucket_steps(shapes, num_blocks: int, raw: bool) -> list[tuple[torch.Tensor, StepInputs]]:
     """One decode step per CUDA-graph bucket that ``shapes`` (``(batch, blocks)``
     pairs) fall in, of that batch and block-table width: request ``i`` writes one token
-    into block ``i``, and request 0 reads blocks after them. For a fresh engine,
-    whose pool holds nothing yet: those writes land in free blocks, which are
+    into block ``i``, and request 0 reads blocks after them. For a new or reset
+    engine, whose pool holds nothing: those writes land in free blocks, which are
     written again before anything reads them."""
     chosen: dict[tuple[int, int], tuple[int, int]] = {}
     for b, m in sorted(shapes):
@@ -486,7 +486,7 @@ def bucket_steps(shapes, num_blocks: int, raw: bool) -> list[tuple[torch.Tensor,
 
 
 def capture_graphs(engine: Engine, shapes) -> int:
-    """Capture the CUDA graph of every bucket ``shapes`` fall in, on a fresh
+    """Capture the CUDA graph of every bucket ``shapes`` fall in, on a new or reset
     ``engine`` (none where its runner does not capture); return how many."""
     if not engine.runner.cuda_graphs:
         return 0
@@ -553,7 +553,7 @@ def timed_run(engine: Engine, workload, provider: Provider, clock: Clock, profil
     row["wall_s"] = metrics.makespan
     row["gpu_busy_fraction"] = row["gpu_busy_s"] / metrics.makespan if profile else None
     row["steps"] = engine.stats.steps
-    row["graphs_captured"] = len(getattr(runner, "graphs", {})) + len(getattr(runner, "shared_graphs", {}))
+    row["graphs_held"] = len(getattr(runner, "graphs", {})) + len(getattr(runner, "shared_graphs", {}))
     row["graph_steps"] = getattr(runner, "steps_replayed", 0) - replayed
     row["shared_steps"] = getattr(runner, "steps_shared", 0) - shared
     return row
@@ -944,7 +944,7 @@ class PresetRun:
         }
         self.model = None
         self._shapes: dict[tuple, frozenset] = {}
-        self._engines: dict[tuple[str, int], Engine] = {}  # (provider, blocks) -> engine
+        self._engines: dict[tuple[str, int], tuple[Engine, set]] = {}  # (provider, blocks) -> engine, shapes captured
 
     # ------------------------------------------------------------------ bookkeeping
 
@@ -1010,15 +1010,18 @@ class PresetRun:
         depend on the sharing plan, are captured before any timed run). Engines at
         another budget are let go."""
         key = (provider.label, blocks)
-        engine = self._engines.get(key)
-        if engine is None:
+        if key not in self._engines:
             self._engines = {k: e for k, e in self._engines.items() if k[1] == blocks}
-            engine = self._engines[key] = _engine(self.model, provider, blocks, self.args)
+            engine = _engine(self.model, provider, blocks, self.args)
             with self.clock.part("warm-up"):
                 run_workload(engine, workload)
-        with self.clock.part("graph capture"):
-            capture_graphs(engine, shapes)
+            self._engines[key] = (engine, set())
+        engine, captured = self._engines[key]
         engine.reset()
+        if not captured.issuperset(shapes):
+            with self.clock.part("graph capture"):
+                capture_graphs(engine, set(shapes) - captured)
+            captured.update(shapes)
         return engine
 
     def _limits(self) -> tuple[int, int, int]:
