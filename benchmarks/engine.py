@@ -49,7 +49,8 @@ default); the curves (7) of every preset come after them all.
    provider at Zipf skew 1, ``--repeats`` times, repeats interleaved. Every run is
    profiled (``torch.profiler``, CUDA activity only): the union of the device's kernel
    and copy intervals is the run's GPU busy time, and ``gpu_busy_fraction`` = GPU busy
-   time / wall time (the makespan).
+   time / wall time (the makespan). (``benchmarks/host_step.py`` measures the host's
+   work per step, which the GPU waits for when it is the longer, on any machine.)
 5. **Decode at batch 16** (``--decode-batch``). 16 requests prefilled together, then
    decode-only steps, each timed on the wall clock (TPOT at batch 16); the captured CUDA
    graph of the last step is then replayed alone between CUDA events (3 × 50
