@@ -66,9 +66,14 @@ class Placement:
         """``δ = start - stored_start`` (eq. 6)."""
         return self.start - self.stored_start
 
+    def slot(self, block_size: int, j: int) -> int:
+        """The cache slot ``block * S + offset`` of token ``j``: it lives at offset
+        ``j % S`` of ``blocks[j // S]``."""
+        return self.blocks[j // block_size] * block_size + j % block_size
+
     def slots(self, block_size: int, first: int = 0) -> torch.Tensor:
-        """``[length - first]`` int64 cache slots ``block * S + offset`` of tokens
-        ``first..length-1``: token ``j`` lives at offset ``j % S`` of ``blocks[j // S]``."""
+        """``[length - first]`` int64 cache slots of tokens ``first..length-1``, as
+        :meth:`slot` gives them, computed for all at once."""
         j = torch.arange(first, self.length, dtype=torch.int64)
         blocks = torch.tensor(self.blocks, dtype=torch.int64).reshape(-1)
         return blocks[j // block_size] * block_size + j % block_size

@@ -408,8 +408,8 @@ class Engine:
         for req in decodes:
             own = req.own_placement(s)
             entries.append(RequestLayout(tuple(req.placements), own, num_queries=1))
-            last = own.length - 1  # the new token's slot, as Placement.slots computes it
-            slots.append(own.blocks[last // s] * s + last % s)
+            last = own.length - 1  # the new token
+            slots.append(own.slot(s, last))
             positions.append(own.stored_start + last)
             if req.pending:
                 if req.pending != 1 or flight is None or req.id not in flight.rows:

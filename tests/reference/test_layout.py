@@ -45,8 +45,10 @@ def test_own_slots_address_the_own_blocks(case):
     for r, req in enumerate(layout.requests):
         slots = layout.own_slots(r).tolist()
         assert slots == [req.own.blocks[j // S] * S + j % S for j in range(req.own.length)]  # the definition
+        assert slots == [req.own.slot(S, j) for j in range(req.own.length)]
         for seg in req.segments:
             assert seg.slots(S).tolist() == [seg.blocks[j // S] * S + j % S for j in range(seg.length)]
+            assert seg.slots(S).tolist() == [seg.slot(S, j) for j in range(seg.length)]
         assert layout.own_slots(r, first=req.own.length - 1).tolist() == slots[-1:]
 
 
