@@ -237,7 +237,8 @@ class Engine:
                 f"request spans {total} tokens, more than the model's sliding window {window}; "
                 "sliding-window attention is not implemented"
             )
-        need = self.strategy.blocks_needed(self.block_size, query, docs, max_new_tokens)
+        keys = self.strategy.segment_keys(docs)  # hashed once per request
+        need = self.strategy.blocks_needed(self.block_size, query, docs, max_new_tokens, keys)
         if need > self.pool.num_blocks:
             raise ValueError(
                 f"request needs {need} KV blocks under strategy {self.strategy.name!r} "
@@ -250,6 +251,7 @@ class Engine:
             documents=docs,
             max_new_tokens=max_new_tokens,
             arrival=time.perf_counter() if arrival is None else arrival,
+            segment_keys=keys,
         )
         self._next_id += 1
         self._requests[req.id] = req

@@ -52,6 +52,7 @@ class Request:
     lookups: int = 0  # non-empty documents looked up
     preemptions: int = 0
     first_logits: torch.Tensor | None = None  # [V] float32, when the engine keeps them
+    segment_keys: list[str] | None = None  # its documents' cache keys (the strategy's; set when queued)
     # what it holds while running (set at admission, cleared when it gives them back)
     own_prefix: list[int] = field(default_factory=list)  # own tokens before the query
     own_start: int = 0  # logical position of the first own token

@@ -84,6 +84,9 @@ class Scheduler:
         self.running: list[Request] = []  # in admission order
 
     def add(self, req: Request) -> None:
+        """Queue ``req``; its documents' cache keys are hashed here unless it has them."""
+        if req.segment_keys is None:
+            req.segment_keys = self.strategy.segment_keys(req.documents)
         req.own_prefix = self.strategy.own_prefix(req.documents)
         req.own_start = req.document_tokens - len(req.own_prefix)
         self.waiting.append(req)
@@ -121,7 +124,7 @@ class Scheduler:
         copies, and the unreferenced cached documents it pins (evictable until then).
         Exact, so an admission that passes the check cannot run short."""
         missing, pinned = {}, {}
-        for d, key in enumerate(self.strategy.segment_keys(req.documents)):  # key d is document d's
+        for d, key in enumerate(req.segment_keys):  # key d is document d's
             seg = self.store.get(key)
             if seg is None:
                 missing[key] = len(req.documents[d])
@@ -140,7 +143,7 @@ class Scheduler:
         """Take every segment and block ``req``'s prefill needs, or nothing at all
         (:class:`OutOfBlocks`). Cached documents are taken first, so that allocating
         a missing one never evicts another this request is about to reuse."""
-        keys = self.strategy.segment_keys(req.documents)
+        keys = req.segment_keys
         first = req.preemptions == 0  # hits count once per request
         found = {}
         try:

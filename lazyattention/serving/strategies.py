@@ -82,13 +82,17 @@ class Strategy:
         source.stored_start`` (eq. 9). Here: read in place."""
         return [(seg, seg) for seg in segments]
 
-    def blocks_needed(self, block_size: int, query, documents, max_new_tokens: int) -> int:
+    def blocks_needed(
+        self, block_size: int, query, documents, max_new_tokens: int, keys: list[str] | None = None
+    ) -> int:
         """KV blocks one request needs at once with nothing else cached: its distinct
         segments, its copies, its own tokens up to ``max_new_tokens`` (the last
-        generated token is never written)."""
+        generated token is never written). ``keys``: the documents'
+        :meth:`segment_keys`, when the caller has them (hashing is not free)."""
         documents = [list(d) for d in documents]
         own = len(self.own_prefix(documents)) + len(query) + max_new_tokens - 1
-        segments = {key: len(documents[d]) for d, key in enumerate(self.segment_keys(documents))}  # distinct once
+        keys = self.segment_keys(documents) if keys is None else keys
+        segments = {key: len(documents[d]) for d, key in enumerate(keys)}  # distinct once
         return (
             ceil_div(own, block_size)
             + sum(ceil_div(n, block_size) for n in segments.values())

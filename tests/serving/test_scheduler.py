@@ -11,6 +11,7 @@ from lazyattention.reference.cache import content_key
 from lazyattention.reference.tolerance import assert_close
 from lazyattention.serving.engine import STRATEGIES, Engine, blocks_needed
 from lazyattention.serving.request import RequestStatus
+from lazyattention.serving.strategies import get_strategy
 from tests.serving.test_engine import MODEL64, _serve_alone
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -160,3 +161,25 @@ def test_a_preempted_request_whose_document_was_evicted_prefills_it_again():
     assert b.preemptions == 1 and a.preemptions == 0
     assert engine.stats.segment_prefill_tokens == 2 * 4  # evicted while `short` waited, prefilled again
     assert b.output == _serve_alone("lazy", 2, *short).output and a.output == _serve_alone("lazy", 2, *long).output
+
+
+@pytest.mark.parametrize("strategy", ["lazy", "block_attention", "prefix_cache"])
+def test_a_requests_document_keys_are_hashed_once_however_long_it_waits(strategy):
+    """The keys are computed when the request is queued and kept on it: admission tries
+    a waiting request every step, and a preempted one is admitted again."""
+    counted = type(get_strategy(strategy))  # the strategy's class, its segment_keys counted
+    calls = []
+
+    class Counting(counted):
+        def segment_keys(self, documents):
+            calls.append(len(documents))
+            return super().segment_keys(documents)
+
+    engine = _tight_engine(Counting(), A, B)
+    calls.clear()  # sizing the budget hashed them
+    a, b = engine.add_request(*A), engine.add_request(*B)
+    steps = []
+    _run_checked(engine, steps)
+    assert b.preemptions >= 1  # b waited and was admitted again
+    assert calls == [1, 1]  # once per request, at add_request
+    assert a.segment_keys == get_strategy(strategy).segment_keys(A[1])
