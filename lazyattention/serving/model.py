@@ -131,7 +131,9 @@ class StepInputs:
 
 
 class RMSNorm(nn.Module):
-    """``x / rms(x) · w``, the statistics in float32 (float64 for float64 weights)."""
+    """``w · round(x / rms(x))``, as Llama computes it: the statistics and the
+    normalisation in float32 (float64 for float64 inputs), rounded to ``x``'s dtype,
+    then scaled by the weight in that dtype."""
 
     def __init__(self, size: int, eps: float):
         super().__init__()
@@ -139,9 +141,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        compute = torch.float64 if x.dtype == torch.float64 else torch.float32
-        xc = nn.functional.rms_norm(x.to(compute), x.shape[-1:], eps=self.eps)  # one kernel where PyTorch fuses it
-        return self.weight * xc.to(x.dtype)
+        # PyTorch's rms_norm upcasts a half-precision input itself and rounds its result
+        # back (one fused kernel on CUDA, no cast kernels around it); the weight is
+        # applied after the rounding, as in Llama, not inside the kernel.
+        return self.weight * nn.functional.rms_norm(x, x.shape[-1:], eps=self.eps)
 
 
 class Attention(nn.Module):

@@ -31,13 +31,14 @@ from transformers import (
     Qwen2Config,
     Qwen2ForCausalLM,
 )
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from lazyattention.reference.rope import Llama3Scaling, YarnScaling
 from lazyattention.reference.tolerance import assert_close
 from lazyattention.serving.config import ModelConfig
 from lazyattention.serving.engine import Engine
 from lazyattention.serving.loading import load_model, load_tokenizer
-from lazyattention.serving.model import Model
+from lazyattention.serving.model import Model, RMSNorm
 
 SMALL = dict(
     vocab_size=96,
@@ -187,6 +188,19 @@ def test_tokenizer_is_optional(tmp_path):
     tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
     tok.save(str(tmp_path / "tokenizer.json"))
     assert load_tokenizer(tmp_path).encode("hello world").ids == [1, 2]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_rms_norm_rounds_as_llamas(dtype):
+    """The norm without cast kernels around PyTorch's ``rms_norm`` gives, bit for bit,
+    ``transformers``' Llama RMSNorm: statistics in float32, rounded, then the weight."""
+    g = torch.Generator().manual_seed(0)
+    weight, x = torch.rand(512, generator=g) + 0.5, torch.randn(64, 512, generator=g) * 3
+    ours, theirs = RMSNorm(512, 1e-5), LlamaRMSNorm(512, eps=1e-5)
+    ours.weight.data.copy_(weight)
+    theirs.weight.data.copy_(weight)
+    got, expected = ours.to(dtype)(x.to(dtype)), theirs.to(dtype)(x.to(dtype))
+    assert got.dtype == dtype and torch.equal(got, expected)
 
 
 def test_random_init_is_seeded():
