@@ -20,13 +20,15 @@ for ``default`` and ``<name>_<preset>.json`` otherwise; an option given on the c
 line overrides every preset's value):
 
 * ``default``: 48 requests of 4 documents (mean 512 tokens, log-normal) from 48,
-  32-token queries, 16 new tokens; every strategy.
+  32-token queries, 16 new tokens, at most 16 running at once; every strategy.
 * ``heavy``: 96 requests of 8 documents (mean 1,024 tokens) from 96, 32-token queries,
-  64 new tokens; lazy, lazy with shared-segment decode (``lazy+shared``:
-  ``Engine(shared_decode_min_requests=4)``, where the backend has it;
-  ``--shared-decode-min-requests N`` sets the threshold, 0 turns it off) and
+  64 new tokens, at most 64 running at once; lazy, lazy with shared-segment decode
+  (``lazy+shared``: ``Engine(shared_decode_min_requests=4)``, where the backend has
+  it; ``--shared-decode-min-requests N`` sets the threshold, 0 turns it off) and
   Block-Attention, at skew 1 and at the paper's skew α = 2.1 with a tight KV budget of
-  1 GiB.
+  1 GiB. Block-Attention runs fewer at once whatever the limit: each of its requests
+  copies its documents into about 128 blocks, and the skew-1 budget (1,578 blocks, the
+  whole document pool) holds at most 12 such requests.
 * ``tiny``: every section at the smallest sizes (``--tiny``).
 
 What it does, saving each preset's JSON after every section, so a run cut off (by
@@ -184,7 +186,7 @@ PRESETS: dict[str, dict] = {
         docs_per_request=8,
         query_len=32,
         output_len=64,
-        max_num_seqs=16,
+        max_num_seqs=64,
         max_batch_tokens=8192,
         strategies="lazy,block_attention",
         shared_decode_min_requests=4,
