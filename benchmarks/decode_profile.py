@@ -1,10 +1,10 @@
 """Where one replayed decode step's GPU time goes, kernel by kernel (needs CUDA).
 
-The engine benchmark's decode at batch 16 (``benchmarks/engine.py``, section 5): a
-preset's requests (default: the heavy preset's, 8 documents of about 1,024 tokens each)
-prefilled 16 together, then decode-only steps until the first request finishes; the
-captured CUDA graph of the last step is replayed alone. Each *variant* runs that on a
-fresh engine:
+The engine benchmark's decode at batch 16 (``benchmarks/engine.py``, section 5;
+``--decode-batch`` sets another): a preset's requests (default: the heavy preset's, 8
+documents of about 1,024 tokens each) prefilled together, then decode-only steps until
+the first request finishes; the captured CUDA graph of the last step is replayed alone.
+Each *variant* runs that on a fresh engine:
 
 * ``eager``: the norms and MLPs as PyTorch operations (the engine's default);
 * ``inductor`` (or another ``torch.compile`` backend): the norms and MLPs compiled
@@ -19,7 +19,8 @@ the time to read the weights and the batch's K/V once at copy bandwidth. The res
 with the 12 costliest kernels of each variant, goes to
 ``benchmarks/sweeps/decode_profile_<card>.json`` (a diagnosis, not a result page).
 
-Run: ``python benchmarks/decode_profile.py [--preset heavy] [--variants eager,inductor]``.
+Run: ``python benchmarks/decode_profile.py [--preset heavy] [--variants eager,inductor]
+[--decode-batch 64]``.
 ``torch.compile`` changes the model's modules in place, so the compiled variants run last.
 """
 
@@ -136,11 +137,13 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="heavy", choices=tuple(bench.PRESETS))
     p.add_argument("--variants", default="eager,inductor", help="eager and/or torch.compile backends, comma-separated")
+    p.add_argument("--decode-batch", type=int, help="requests in the step (default: the preset's)")
     p.add_argument("--out", default="benchmarks/sweeps")
     opts = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("decode_profile needs a CUDA device: it profiles replayed CUDA graphs")
-    _, [(_, args)] = bench.parse(["--preset", opts.preset])
+    batch = [] if opts.decode_batch is None else ["--decode-batch", str(opts.decode_batch)]
+    _, [(_, args)] = bench.parse(["--preset", opts.preset, *batch])
     backend = default_backend("cuda")
     model = random_model(args.model, backend, torch.bfloat16, "cuda", 0)
     bandwidth = bench.copy_bandwidth("cuda")
@@ -148,8 +151,10 @@ def main(argv=None) -> int:
     rows = []
     env = environment("cuda", backend.name)
     card = env["device_name"]
-    out = Path(opts.out) / f"decode_profile_{re.sub(r'[^a-z0-9]+', '_', card.lower()).strip('_')}.json"
-    result = {"preset": opts.preset, "device": card, "environment": env, "copy_bytes_per_s": bandwidth}
+    stem = f"decode_profile_{re.sub(r'[^a-z0-9]+', '_', card.lower()).strip('_')}"
+    out = Path(opts.out) / f"{stem}{'' if opts.decode_batch is None else f'_batch{opts.decode_batch}'}.json"
+    result = {"preset": opts.preset, "decode_batch": args.decode_batch, "device": card, "environment": env,
+              "copy_bytes_per_s": bandwidth}  # fmt: skip
     for name in opts.variants.split(","):
         compile_backend = None if name == "eager" else name
         for shared in dict.fromkeys((None, args.shared_decode_min_requests or None)):
