@@ -133,3 +133,10 @@ def test_result_pages_read_as_documentation():
         shown = re.sub(r"<!--.*?-->", "", text, flags=re.S)
         found = sorted({m.group(0).lower() for m in DIARY.finditer(shown)})
         assert not found, f"docs/benchmarks/{page} narrates its history: {found}"
+
+
+def test_an_engine_result_without_the_quality_check_says_so_instead_of_an_empty_table():
+    result = json.loads((RESULTS / "engine_h100_heavy.json").read_text())
+    page = _load("engine_page").page({**result, "quality": []}, "engine_h100_heavy", None)
+    section = page.split("## Quality on the benchmark model", 1)[1]
+    assert "Not run for this result" in section and "| dtype |" not in section
