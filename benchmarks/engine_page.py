@@ -5,7 +5,9 @@ Run: ``python benchmarks/engine_page.py benchmarks/results/engine_h200.json``.
 Writes ``docs/benchmarks/engine.md``: setup, parity gate, every target with its
 verdict (the median and the value in every run), the GPU time of the runs, the plot
 written by ``benchmarks/engine.py``, the tables of medians with their spread
-(min–max), and the quality check. No figure on the page is typed by hand: rerun this
+(min–max), the cache hit ratio against the KV budget of the result's preset
+(``engine_<preset>_hit_ratio.json`` beside the result, from ``engine.py --hit-ratio``,
+with the paper's row) and the quality check. No figure on the page is typed by hand: rerun this
 script after committing a new result file (``tests/test_benchmark_pages.py`` fails when
 the page and the result disagree). The reading of the figures is prose in
 ``benchmarks/results/<name>.notes.md``, appended to the page when present.
@@ -93,8 +95,46 @@ PLOT_CAPTION = "Offline burst medians with their spread (the request-rate panels
 LEGACY_CAPTION = "TTFT and throughput vs skew and vs KV budget"
 
 
-def page(result: dict, name: str, notes: str | None) -> str:
-    """The Markdown of the engine benchmark page for ``result`` (``<name>.json``)."""
+def _hit_ratio_section(table: dict) -> list[str]:
+    """The hit ratio against the KV budget (``engine.py --hit-ratio``), the paper's row
+    beside it."""
+    strategies = list(dict.fromkeys(r["strategy"] for r in table["rows"]))
+    cells: dict[tuple, dict] = {}
+    for r in table["rows"]:
+        key = (r["alpha"], r["budget_gib"], r["num_blocks"], r["pool_fraction"])
+        cells.setdefault(key, {})[r["strategy"]] = f"{r['hit_ratio']:.1%}" if r["fits"] else "no fit"
+    paper, alphas = table["paper"], " and ".join(f"{a:g}" for a in table["workload"]["zipf_alpha"])
+    lines = [
+        "## Cache hit ratio against the KV budget",
+        "",
+        f"The same workload at skews {alphas}, at most {table['engine']['max_num_seqs']} running (counting: "
+        f"{table['counting']}). No forward pass runs: an offline burst is scheduled the same whatever its steps "
+        "cost, so these are the real runs' ratios. The budget is in GiB of this model's "
+        f"{table['dtype']} K/V; *no fit*: a request of the workload does not fit it alone. "
+        f"`python benchmarks/engine.py --hit-ratio --preset {table['preset']} --name engine` writes the table.",
+        "",
+        "| α | budget GiB | blocks | × the document pool | " + " | ".join(strategies) + " |",
+        "|---" * (4 + len(strategies)) + "|",
+    ]
+    for (alpha, gib, blocks, fraction), row in cells.items():
+        lines.append(
+            f"| {alpha:g} | {gib:g} | {blocks} | {fraction:.2f} | " + " | ".join(row[s] for s in strategies) + " |"
+        )
+    lines += [
+        f"| paper, {paper['alpha']:g} | {paper['budget_gib']:g} GB | — | — | "
+        + " | ".join(f"{paper[s]:.2%}" for s in strategies)
+        + " |",
+        "",
+        f"The paper's row is its own model and workload (CacheBlend {paper['cacheblend']:.2%} at the same "
+        "point): the order of the strategies compares with ours, the values do not.",
+        "",
+    ]
+    return lines
+
+
+def page(result: dict, name: str, notes: str | None, hit_ratio: dict | None = None) -> str:
+    """The Markdown of the engine benchmark page for ``result`` (``<name>.json``), with
+    the hit-ratio table of its preset when there is one."""
     wl, eng, versions = result["workload"], result["engine"], result["versions"]
     graphs = "on (decode-only steps replayed per batch and block-count bucket)" if eng.get("cuda_graphs") else "off"
     burst = result.get("burst_medians", result.get("medians", []))
@@ -219,6 +259,8 @@ def page(result: dict, name: str, notes: str | None) -> str:
             *_table(result["many_medians"]),
             "",
         ]
+    if hit_ratio is not None:
+        lines += _hit_ratio_section(hit_ratio)
     lines += ["## Quality on the benchmark model", ""]
     if result["quality"]:
         lines += [
@@ -245,11 +287,22 @@ def page(result: dict, name: str, notes: str | None) -> str:
     return "\n".join(lines)
 
 
+def hit_ratio_path(result_path: Path, preset: str | None) -> Path:
+    """Where the hit-ratio table of a result's preset lies: ``engine_hit_ratio.json``
+    for the default preset, ``engine_<preset>_hit_ratio.json`` otherwise, beside it."""
+    stem = "engine" if preset in (None, "default") else f"engine_{preset}"
+    return result_path.parent / f"{stem}_hit_ratio.json"
+
+
 def render(result_path: Path) -> str:
-    """The page for a result file, with its ``.notes.md`` when present."""
+    """The page for a result file, with its ``.notes.md`` and its preset's hit-ratio
+    table when present."""
     notes_path = result_path.with_suffix(".notes.md")
     notes = notes_path.read_text() if notes_path.exists() else None
-    return page(json.loads(result_path.read_text()), result_path.stem, notes)
+    result = json.loads(result_path.read_text())
+    table_path = hit_ratio_path(result_path, result.get("preset"))
+    table = json.loads(table_path.read_text()) if table_path.exists() else None
+    return page(result, result_path.stem, notes, table)
 
 
 def main() -> None:

@@ -140,3 +140,21 @@ def test_an_engine_result_without_the_quality_check_says_so_instead_of_an_empty_
     page = _load("engine_page").page({**result, "quality": []}, "engine_h100_heavy", None)
     section = page.split("## Quality on the benchmark model", 1)[1]
     assert "Not run for this result" in section and "| dtype |" not in section
+
+
+def test_an_engine_results_hit_ratio_table_is_of_its_own_workload_and_engine():
+    """The page puts the preset's hit-ratio table under the result as "the same workload":
+    it must be, down to the engine's limits (only the skews differ)."""
+    engine_page = _load("engine_page")
+    checked = 0
+    for path in sorted(RESULTS.glob("engine_h*.json")):
+        result = json.loads(path.read_text())
+        table_path = engine_page.hit_ratio_path(path, result.get("preset"))
+        if not table_path.exists():
+            continue
+        table = json.loads(table_path.read_text())
+        same = {k: v for k, v in result["workload"].items() if k not in ("zipf_alpha", "rate")}
+        assert {k: table["workload"][k] for k in same} == same, f"{table_path.name} is not {path.name}'s workload"
+        assert {k: result["engine"][k] for k in table["engine"]} == table["engine"], path.name
+        checked += 1
+    assert checked, "no engine result has its hit-ratio table beside it"
