@@ -103,7 +103,8 @@ offline burst through the engine's scheduler and block accounting, without a for
 pass, so it is the real run's ratio and needs no device: each document of a request
 is counted once, at the request's first admission, and is a hit when its K/V is cached
 (or computed for another request of the same step). The paper's row (its model and
-workload, 1 GB, α = 2.1) is printed beside ours.
+workload, 1 GB, α = 2.1) is printed beside ours, and plotted with ours
+(``<name>_<preset>_hit_ratio.png``, where matplotlib is installed).
 
 Medians are reported with their spread (min–max over the repeats).
 """
@@ -1248,7 +1249,48 @@ def hit_ratio_report(preset: str, args, out: Path) -> dict:
     stem = args.name if preset == "default" else f"{args.name}_{preset}"
     (out / f"{stem}_hit_ratio.json").write_text(json.dumps(result, indent=1))
     _log(f"[{preset}] wrote {out / (stem + '_hit_ratio.json')}")
+    try:
+        plot_hit_ratio(result, out / f"{stem}_hit_ratio.png")
+    except ImportError:
+        _log("matplotlib is not installed: no plot")
+    else:
+        _log(f"[{preset}] plotted {out / (stem + '_hit_ratio.png')}")
     return result
+
+
+def plot_hit_ratio(result: dict, path: Path) -> None:
+    """One panel per skew: each strategy's hit ratio against the KV budget (a budget
+    where its requests do not fit alone has no point), and the paper's figures at its
+    own skew and 1 GB as hollow markers."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lazyattention.plot_style import PAGE_WIDTH, color, legend_below, page_style
+
+    rows, paper = result["rows"], result["paper"]
+    alphas = list(dict.fromkeys(r["alpha"] for r in rows))
+    with plt.rc_context(page_style()):
+        fig, axes = plt.subplots(1, len(alphas), figsize=(PAGE_WIDTH, 3.4), layout="constrained", squeeze=False)
+        for ax, alpha in zip(axes[0], alphas, strict=True):
+            for strategy in dict.fromkeys(r["strategy"] for r in rows):
+                fit = [r for r in rows if r["alpha"] == alpha and r["strategy"] == strategy and r["fits"]]
+                ax.plot([r["budget_gib"] for r in fit], [100 * r["hit_ratio"] for r in fit], marker="o",
+                        color=color(strategy), label=strategy)  # fmt: skip
+                if alpha == paper["alpha"] and strategy in paper:
+                    ax.plot([paper["budget_gib"]], [100 * paper[strategy]], marker="D", markerfacecolor="none",
+                            linestyle="none", color=color(strategy), label=f"{strategy}, paper")  # fmt: skip
+            budgets = sorted({r["budget_gib"] for r in rows})
+            ax.set(xscale="log", xlabel="KV budget (GiB)", ylabel="hit ratio (%)", ylim=(0, 100),
+                   title=f"Zipf skew {alpha:g}")  # fmt: skip
+            ax.set_xticks(budgets, [f"{b:g}" for b in budgets])
+            ax.minorticks_off()
+        legend_below(fig, ncol=3)
+        fig.suptitle(f"cache hit ratio against the KV budget, preset {result['preset']} "
+                     f"(at most {result['engine']['max_num_seqs']} running)")  # fmt: skip
+        fig.savefig(path)
+        plt.close(fig)
 
 
 def _grouped(rows: list[dict]) -> dict[tuple[float, float], list[dict]]:

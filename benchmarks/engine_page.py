@@ -7,7 +7,7 @@ verdict (the median and the value in every run), the GPU time of the runs, the p
 written by ``benchmarks/engine.py``, the tables of medians with their spread
 (min–max), the cache hit ratio against the KV budget of the result's preset
 (``engine_<preset>_hit_ratio.json`` beside the result, from ``engine.py --hit-ratio``,
-with the paper's row) and the quality check. No figure on the page is typed by hand: rerun this
+with the paper's row, and its plot) and the quality check. No figure on the page is typed by hand: rerun this
 script after committing a new result file (``tests/test_benchmark_pages.py`` fails when
 the page and the result disagree). The reading of the figures is prose in
 ``benchmarks/results/<name>.notes.md``, appended to the page when present.
@@ -95,9 +95,9 @@ PLOT_CAPTION = "Offline burst medians with their spread (the request-rate panels
 LEGACY_CAPTION = "TTFT and throughput vs skew and vs KV budget"
 
 
-def _hit_ratio_section(table: dict) -> list[str]:
+def _hit_ratio_section(table: dict, plot: str | None) -> list[str]:
     """The hit ratio against the KV budget (``engine.py --hit-ratio``), the paper's row
-    beside it."""
+    beside it, and its plot (a file name under ``results/``) when there is one."""
     strategies = list(dict.fromkeys(r["strategy"] for r in table["rows"]))
     cells: dict[tuple, dict] = {}
     for r in table["rows"]:
@@ -113,6 +113,7 @@ def _hit_ratio_section(table: dict) -> list[str]:
         f"{table['dtype']} K/V; *no fit*: a request of the workload does not fit it alone. "
         f"`python benchmarks/engine.py --hit-ratio --preset {table['preset']} --name engine` writes the table.",
         "",
+        *([f"![The hit ratio against the KV budget, one panel per skew](results/{plot})", ""] if plot else []),
         "| α | budget GiB | blocks | × the document pool | " + " | ".join(strategies) + " |",
         "|---" * (4 + len(strategies)) + "|",
     ]
@@ -132,9 +133,11 @@ def _hit_ratio_section(table: dict) -> list[str]:
     return lines
 
 
-def page(result: dict, name: str, notes: str | None, hit_ratio: dict | None = None) -> str:
+def page(
+    result: dict, name: str, notes: str | None, hit_ratio: dict | None = None, hit_ratio_plot: str | None = None
+) -> str:
     """The Markdown of the engine benchmark page for ``result`` (``<name>.json``), with
-    the hit-ratio table of its preset when there is one."""
+    the hit-ratio table of its preset (and its plot) when there is one."""
     wl, eng, versions = result["workload"], result["engine"], result["versions"]
     graphs = "on (decode-only steps replayed per batch and block-count bucket)" if eng.get("cuda_graphs") else "off"
     burst = result.get("burst_medians", result.get("medians", []))
@@ -260,7 +263,7 @@ def page(result: dict, name: str, notes: str | None, hit_ratio: dict | None = No
             "",
         ]
     if hit_ratio is not None:
-        lines += _hit_ratio_section(hit_ratio)
+        lines += _hit_ratio_section(hit_ratio, hit_ratio_plot)
     lines += ["## Quality on the benchmark model", ""]
     if result["quality"]:
         lines += [
@@ -302,7 +305,8 @@ def render(result_path: Path) -> str:
     result = json.loads(result_path.read_text())
     table_path = hit_ratio_path(result_path, result.get("preset"))
     table = json.loads(table_path.read_text()) if table_path.exists() else None
-    return page(result, result_path.stem, notes, table)
+    plot = table_path.with_suffix(".png")
+    return page(result, result_path.stem, notes, table, plot.name if plot.exists() else None)
 
 
 def main() -> None:

@@ -241,3 +241,5 @@ def test_hit_ratio_mode_writes_the_table_with_the_papers_row(tmp_path, capsys):
     assert first["hit_ratio"] == expected
     assert "paper 2.1" in out and "13.57%" in out and "7.27%" in out and "no fit" in out
     assert result["paper"]["lazy"] == 0.1357
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (tmp_path / "e_tiny_hit_ratio.png").stat().st_size > 0
