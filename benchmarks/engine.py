@@ -1271,6 +1271,7 @@ def plot_hit_ratio(result: dict, path: Path) -> None:
 
     rows, paper = result["rows"], result["paper"]
     alphas = list(dict.fromkeys(r["alpha"] for r in rows))
+    budgets = sorted({r["budget_gib"] for r in rows})
     with plt.rc_context(page_style()):
         fig, axes = plt.subplots(1, len(alphas), figsize=(PAGE_WIDTH, 3.4), layout="constrained", squeeze=False)
         for ax, alpha in zip(axes[0], alphas, strict=True):
@@ -1281,7 +1282,6 @@ def plot_hit_ratio(result: dict, path: Path) -> None:
                 if alpha == paper["alpha"] and strategy in paper:
                     ax.plot([paper["budget_gib"]], [100 * paper[strategy]], marker="D", markerfacecolor="none",
                             linestyle="none", color=color(strategy), label=f"{strategy}, paper")  # fmt: skip
-            budgets = sorted({r["budget_gib"] for r in rows})
             ax.set(xscale="log", xlabel="KV budget (GiB)", ylabel="hit ratio (%)", ylim=(0, 100),
                    title=f"Zipf skew {alpha:g}")  # fmt: skip
             ax.set_xticks(budgets, [f"{b:g}" for b in budgets])

@@ -1,15 +1,15 @@
 """Turn a committed engine benchmark result into its docs page.
 
-Run: ``python benchmarks/engine_page.py benchmarks/results/engine_h200.json``.
+Run: ``python benchmarks/engine_page.py benchmarks/results/engine_h100_heavy.json``.
 
 Writes ``docs/benchmarks/engine.md``: setup, parity gate, every target with its
 verdict (the median and the value in every run), the GPU time of the runs, the plot
 written by ``benchmarks/engine.py``, the tables of medians with their spread
 (min–max), the cache hit ratio against the KV budget of the result's preset
 (``engine_<preset>_hit_ratio.json`` beside the result, from ``engine.py --hit-ratio``,
-with the paper's row, and its plot) and the quality check. No figure on the page is typed by hand: rerun this
-script after committing a new result file (``tests/test_benchmark_pages.py`` fails when
-the page and the result disagree). The reading of the figures is prose in
+with the paper's row, and its plot) and the quality check. No figure on the page is
+typed by hand: rerun this script after committing a new result file
+(``tests/test_benchmark_pages.py`` fails when the page and the result disagree). The reading of the figures is prose in
 ``benchmarks/results/<name>.notes.md``, appended to the page when present.
 
 A result written before the benchmark profiled its runs (``engine_h100.json``) has its
