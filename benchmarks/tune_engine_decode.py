@@ -20,7 +20,14 @@ Each variant's output is checked against the plan's (``max|diff| <= 0.02``) befo
 is timed. The table gives each variant's time, its K/V read rate, and the ratio to the
 time of reading the step's K/V once at the device's copy bandwidth.
 
-Run: ``python benchmarks/tune_engine_decode.py --out FILE [--block-sizes 16,64]``.
+With ``--shared N``, the same step at ``--batches`` requests instead, with
+shared-segment decode (``fast/shared.py``, segments that ``N`` or more requests read):
+the per-request decode at its plan, then the shared path at :func:`shared_tiles`' tiles
+(all its launches, and each alone: the rest, the shared kernel, the merge) and the
+shared kernel under other member tiles, key tiles, warps and pipeline depths.
+
+Run: ``python benchmarks/tune_engine_decode.py --out FILE [--block-sizes 16,64]
+[--shared 4 --batches 16,64]``.
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ from kernels import bench_graph, ceilings
 
 from lazyattention.fast import attend as fast_attend
 from lazyattention.fast.rope import rope_tables
+from lazyattention.fast.shared import plan_sharing, shared_launches, shared_tiles
 from lazyattention.reference.layout import Layout, Placement, RequestLayout, ceil_div
 from lazyattention.serving.config import MODEL_SHAPES
 from lazyattention.serving.workload import make_workload
@@ -49,6 +57,8 @@ DEVICE = torch.device("cuda")
 DTYPE = torch.bfloat16
 TOLERANCE = 0.02
 OWN_TOKENS = 64  # the query (32) and half the output tokens of the heavy preset
+#: The shared kernel's variants: (members a program, key tile, warps, pipeline depths).
+SHARED_TILES = [(m, n, w, (2, 3)) for m in (8, 16, 32) for n in (64, 128) for w in (4, 8)]
 #: (key tile, warps, pipeline depths) to try per key-load path; splits from SPLITS.
 TILES = [(16, 4, (2, 3, 4, 5)), (32, 4, (2, 3, 4, 5)), (64, 4, (2, 3, 4)), (128, 4, (2, 3)), (64, 8, (3, 4)),
          (128, 8, (2, 3))]  # fmt: skip
@@ -81,13 +91,19 @@ def step_layout(block_size: int, batch: int = 16) -> tuple[Layout, int]:
     return Layout(requests, block_size), next_block
 
 
-def tune(block_size: int, cfg, copy_bytes_per_s: float, rows: list) -> None:
-    layout, blocks = step_layout(block_size)
+def step_inputs(layout: Layout, blocks: int, block_size: int, cfg):
+    """Random cache and pre-RoPE queries for ``layout`` (seeded by the block size)."""
     gen = torch.Generator(device=DEVICE).manual_seed(block_size)
     shape = (blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
     k_cache = torch.randn(shape, generator=gen, device=DEVICE, dtype=DTYPE)
     v_cache = torch.randn(shape, generator=gen, device=DEVICE, dtype=DTYPE)
     q = torch.randn(layout.batch_size, cfg.num_heads, cfg.head_dim, generator=gen, device=DEVICE, dtype=DTYPE)
+    return q, k_cache, v_cache
+
+
+def tune(block_size: int, cfg, copy_bytes_per_s: float, rows: list) -> None:
+    layout, blocks = step_layout(block_size)
+    q, k_cache, v_cache = step_inputs(layout, blocks, block_size, cfg)
     meta = layout.metadata(DEVICE)
     b, m = meta.block_table.shape
     plan = fast_attend.plan(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, block_size, DTYPE, DEVICE, True,
@@ -139,19 +155,111 @@ def tune(block_size: int, cfg, copy_bytes_per_s: float, rows: list) -> None:
                 timed("lazy", tiles)
 
 
+def tune_shared(block_size: int, batch: int, min_requests: int, cfg, copy_bytes_per_s: float, rows: list) -> None:
+    """The shared path against the per-request decode at ``batch`` requests (see the
+    module docstring)."""
+    layout, blocks = step_layout(block_size, batch)
+    sharing = plan_sharing(layout, min_requests)
+    if sharing is None:
+        print(f"S={block_size} B={batch}: no segment read by {min_requests} requests", flush=True)
+        return
+    q, k_cache, v_cache = step_inputs(layout, blocks, block_size, cfg)
+    meta = layout.metadata(DEVICE)
+    b, m = meta.block_table.shape
+    plan = fast_attend.plan(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, block_size, DTYPE, DEVICE, True,
+                            b * cfg.num_kv_heads, m * block_size)  # fmt: skip
+    tables = rope_tables(cfg.rope, plan.dp, DEVICE)
+    scale = cfg.head_dim**-0.5
+    token_bytes = 2 * cfg.num_kv_heads * cfg.head_dim * k_cache.element_size()
+    read_tokens = sum(p.length for req in layout.requests for p in (*req.segments, req.own))
+    rest_tokens = sum(p.length for req in sharing.rest.requests for p in (*req.segments, req.own))
+    unique = rest_tokens + sharing.unique_tokens
+    ideal_ms = unique * token_bytes / copy_bytes_per_s * 1e3
+    base = {"block_size": block_size, "batch": batch, "min_requests": min_requests, "read_tokens": read_tokens,
+            "rest_tokens": rest_tokens, "shared_tokens": sharing.unique_tokens, "segments": len(sharing.segments),
+            "members": sum(len(seg.members) for seg in sharing.segments), "ideal_ms": ideal_ms}  # fmt: skip
+    print(f"\nS={block_size} B={batch}: {read_tokens} keys read per request, {len(sharing.segments)} shared "
+          f"segments ({base['members']} members, {sharing.unique_tokens} keys), rest {rest_tokens} keys; unique K/V "
+          f"read once at copy bandwidth {ideal_ms * 1e3:.1f} us", flush=True)  # fmt: skip
+
+    def per_request():
+        return fast_attend.attend(q, k_cache, v_cache, meta, tables, 1, scale, fast_attend.LAZY, True, False, plan)[0]
+
+    truth = per_request().float()
+
+    def record(name: str, fn, check, **fields) -> None:
+        row = dict(base, variant=name, **fields)
+        try:
+            diff = float((check().float() - truth).abs().max())
+            row["max_diff"] = diff
+            if diff <= TOLERANCE:
+                row["ms"] = bench_graph(fn)
+                row["over_ideal"] = row["ms"] / ideal_ms
+        except Exception as exc:  # recorded: one failing variant must not hide the others
+            row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+        rows.append(row)
+        print(f"S={block_size} B={batch:3d} {name:12s} {fields}: {row.get('ms', float('nan')) * 1e3:8.1f} us  "
+              f"x{row.get('over_ideal', float('nan')):5.2f} {row.get('error', '')}", flush=True)  # fmt: skip
+
+    record("per_request", per_request, per_request)
+    default = shared_tiles(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, block_size, DTYPE, DEVICE)
+    variants = [default] + [
+        default._replace(
+            block_q=members,
+            block_n=block_n,
+            num_warps=warps,
+            num_stages=depth,
+            tma=block_size % block_n == 0 and default.dp == cfg.head_dim,
+        )
+        for members, block_n, warps, depths in SHARED_TILES
+        for depth in depths
+    ]
+    for i, tiles in enumerate(dict.fromkeys(variants)):
+        launches, out, _ = shared_launches(q, k_cache, v_cache, sharing, tables, scale, tiles)
+
+        def whole(launches=launches, out=out):
+            for launch in launches.values():
+                launch()
+            return out
+
+        fields = {"members": tiles.block_q, "block_n": tiles.block_n, "warps": tiles.num_warps,
+                  "stages": tiles.num_stages, "tma": tiles.tma, "splits": sharing.metadata(DEVICE, tiles,
+                  cfg.num_kv_heads).splits[:4]}  # fmt: skip
+        record("shared" if i == 0 else "shared_tiles", whole, whole, **fields)
+        if i == 0:
+            for part in ("rest", "shared", "merge"):
+                record(f"{part}_alone", launches[part], whole, **fields)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True)
     p.add_argument("--block-sizes", default="16,64")
     p.add_argument("--model", default="llama3-1b", choices=tuple(MODEL_SHAPES))
+    p.add_argument("--shared", type=int, metavar="N", help="tune shared-segment decode (threshold N) instead")
+    p.add_argument("--batches", default="16,64", help="requests in the step, with --shared")
     opts = p.parse_args()
     cfg = MODEL_SHAPES[opts.model]()
     roofs = ceilings()
     rows: list[dict] = []
+    copy_bytes_per_s = roofs["copy_tb_per_s"] * 1e12
     for s in (int(x) for x in opts.block_sizes.split(",")):
-        tune(s, cfg, roofs["copy_tb_per_s"] * 1e12, rows)
+        if opts.shared:
+            for batch in (int(x) for x in opts.batches.split(",")):
+                tune_shared(s, batch, opts.shared, cfg, copy_bytes_per_s, rows)
+        else:
+            tune(s, cfg, copy_bytes_per_s, rows)
         Path(opts.out).write_text(json.dumps({"device": torch.cuda.get_device_name(), "ceilings": roofs,
                                               "model": opts.model, "rows": rows}, indent=1))  # fmt: skip
+    if opts.shared:
+        print("\nfastest shared tiles per block size and batch:")
+        for key in sorted({(r["block_size"], r["batch"]) for r in rows}):
+            timed = [r for r in rows if (r["block_size"], r["batch"]) == key and r.get("ms")]
+            best = min((r for r in timed if r["variant"].startswith("shared")), key=lambda r: r["ms"], default=None)
+            ref = {r["variant"]: r["ms"] * 1e3 for r in timed if not r["variant"].startswith("shared_t")}
+            print(f"S={key[0]} B={key[1]}: {ref} us; best {best and best['ms'] * 1e3:.1f} us "
+                  f"{best and {k: best[k] for k in ('members', 'block_n', 'warps', 'stages')}}")  # fmt: skip
+        return 0
     print("\nfastest per block size:")
     for s in sorted({r["block_size"] for r in rows}):
         timed = [r for r in rows if r["block_size"] == s and r.get("ms") and r["variant"] != "norot"]
