@@ -20,19 +20,20 @@ Each variant's output is checked against the plan's (``max|diff| <= 0.02``) befo
 is timed. The table gives each variant's time, its K/V read rate, and the ratio to the
 time of reading the step's K/V once at the device's copy bandwidth.
 
-With ``--shared N``, the same step at ``--batches`` requests instead, with
+With ``--shared N[,N...]``, the same step at ``--batches`` requests instead, with
 shared-segment decode (``fast/shared.py``, segments that ``N`` or more requests read):
 the per-request decode at its plan, then the shared path at :func:`shared_tiles`' tiles
 (all its launches, and each alone: the rest, the shared kernel, the merge) and the
 shared kernel under other member tiles, key tiles, warps and pipeline depths.
 
 Run: ``python benchmarks/tune_engine_decode.py --out FILE [--block-sizes 16,64]
-[--shared 4 --batches 16,64]``.
+[--shared 2,4 --batches 16,64]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 from dataclasses import replace
@@ -178,9 +179,10 @@ def tune_shared(block_size: int, batch: int, min_requests: int, cfg, copy_bytes_
     base = {"block_size": block_size, "batch": batch, "min_requests": min_requests, "read_tokens": read_tokens,
             "rest_tokens": rest_tokens, "shared_tokens": sharing.unique_tokens, "segments": len(sharing.segments),
             "members": sum(len(seg.members) for seg in sharing.segments), "ideal_ms": ideal_ms}  # fmt: skip
-    print(f"\nS={block_size} B={batch}: {read_tokens} keys read per request, {len(sharing.segments)} shared "
-          f"segments ({base['members']} members, {sharing.unique_tokens} keys), rest {rest_tokens} keys; unique K/V "
-          f"read once at copy bandwidth {ideal_ms * 1e3:.1f} us", flush=True)  # fmt: skip
+    print(f"\nS={block_size} B={batch} N={min_requests}: {read_tokens} keys read per request, "
+          f"{len(sharing.segments)} shared segments ({base['members']} members, {sharing.unique_tokens} keys), "
+          f"rest {rest_tokens} keys; unique K/V read once at copy bandwidth {ideal_ms * 1e3:.1f} us",
+          flush=True)  # fmt: skip
 
     def per_request():
         return fast_attend.attend(q, k_cache, v_cache, meta, tables, 1, scale, fast_attend.LAZY, True, False, plan)[0]
@@ -198,8 +200,9 @@ def tune_shared(block_size: int, batch: int, min_requests: int, cfg, copy_bytes_
         except Exception as exc:  # recorded: one failing variant must not hide the others
             row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
         rows.append(row)
-        print(f"S={block_size} B={batch:3d} {name:12s} {fields}: {row.get('ms', float('nan')) * 1e3:8.1f} us  "
-              f"x{row.get('over_ideal', float('nan')):5.2f} {row.get('error', '')}", flush=True)  # fmt: skip
+        print(f"S={block_size} B={batch:3d} N={min_requests} {name:12s} {fields}: "
+              f"{row.get('ms', float('nan')) * 1e3:8.1f} us  x{row.get('over_ideal', float('nan')):5.2f} "
+              f"{row.get('error', '')}", flush=True)  # fmt: skip
 
     record("per_request", per_request, per_request)
     default = shared_tiles(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, block_size, DTYPE, DEVICE)
@@ -231,33 +234,37 @@ def tune_shared(block_size: int, batch: int, min_requests: int, cfg, copy_bytes_
                 record(f"{part}_alone", launches[part], whole, **fields)
 
 
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",")]
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True)
     p.add_argument("--block-sizes", default="16,64")
     p.add_argument("--model", default="llama3-1b", choices=tuple(MODEL_SHAPES))
-    p.add_argument("--shared", type=int, metavar="N", help="tune shared-segment decode (threshold N) instead")
+    p.add_argument("--shared", metavar="N[,N...]", help="tune shared-segment decode at these thresholds instead")
     p.add_argument("--batches", default="16,64", help="requests in the step, with --shared")
     opts = p.parse_args()
     cfg = MODEL_SHAPES[opts.model]()
     roofs = ceilings()
     rows: list[dict] = []
     copy_bytes_per_s = roofs["copy_tb_per_s"] * 1e12
-    for s in (int(x) for x in opts.block_sizes.split(",")):
+    for s in _ints(opts.block_sizes):
         if opts.shared:
-            for batch in (int(x) for x in opts.batches.split(",")):
-                tune_shared(s, batch, opts.shared, cfg, copy_bytes_per_s, rows)
+            for batch, threshold in itertools.product(_ints(opts.batches), _ints(opts.shared)):
+                tune_shared(s, batch, threshold, cfg, copy_bytes_per_s, rows)
         else:
             tune(s, cfg, copy_bytes_per_s, rows)
         Path(opts.out).write_text(json.dumps({"device": torch.cuda.get_device_name(), "ceilings": roofs,
                                               "model": opts.model, "rows": rows}, indent=1))  # fmt: skip
     if opts.shared:
         print("\nfastest shared tiles per block size and batch:")
-        for key in sorted({(r["block_size"], r["batch"]) for r in rows}):
-            timed = [r for r in rows if (r["block_size"], r["batch"]) == key and r.get("ms")]
+        for key in sorted({(r["block_size"], r["batch"], r["min_requests"]) for r in rows}):
+            timed = [r for r in rows if (r["block_size"], r["batch"], r["min_requests"]) == key and r.get("ms")]
             best = min((r for r in timed if r["variant"].startswith("shared")), key=lambda r: r["ms"], default=None)
             ref = {r["variant"]: r["ms"] * 1e3 for r in timed if not r["variant"].startswith("shared_t")}
-            print(f"S={key[0]} B={key[1]}: {ref} us; best {best and best['ms'] * 1e3:.1f} us "
+            print(f"S={key[0]} B={key[1]} N={key[2]}: {ref} us; best {best and best['ms'] * 1e3:.1f} us "
                   f"{best and {k: best[k] for k in ('members', 'block_n', 'warps', 'stages')}}")  # fmt: skip
         return 0
     print("\nfastest per block size:")
