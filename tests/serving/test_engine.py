@@ -77,6 +77,28 @@ def _serve_alone(strategy, block_size, query, docs, new, model=MODEL64):
     return _ALONE[key]
 
 
+#: What a machine's ``setup`` draws (a machine may draw its strategy from fewer).
+_SETUP = dict(
+    strategy=st.sampled_from(STRATEGIES),
+    block_size=st.sampled_from([1, 2, 4]),
+    doc_lengths=st.lists(st.integers(0, 10), min_size=1, max_size=4),
+    shapes=st.lists(
+        st.tuples(
+            st.lists(st.integers(0, 3), max_size=3),  # documents by index, in this order
+            st.integers(1, 4),  # query length
+            st.integers(1, 5),  # new tokens
+        ),
+        min_size=1,
+        max_size=4,
+    ),
+    slack=st.integers(0, 3),  # blocks above the largest request
+    max_num_seqs=st.integers(1, 4),
+    max_batch_tokens=st.sampled_from([1, 8, 64]),
+    seed=st.integers(0, 2**16),
+    threshold=st.integers(1, 3),  # shared-segment decode's (the shared-decode machine)
+)
+
+
 class EngineMachine(RuleBasedStateMachine):
     """Requests added, stepped and aborted in any interleaving, under a tight budget."""
 
@@ -86,25 +108,7 @@ class EngineMachine(RuleBasedStateMachine):
         """Engine options besides the budget (the shared-decode machine adds its own)."""
         return {}
 
-    @initialize(
-        strategy=st.sampled_from(STRATEGIES),
-        block_size=st.sampled_from([1, 2, 4]),
-        doc_lengths=st.lists(st.integers(0, 10), min_size=1, max_size=4),
-        shapes=st.lists(
-            st.tuples(
-                st.lists(st.integers(0, 3), max_size=3),  # documents by index, in this order
-                st.integers(1, 4),  # query length
-                st.integers(1, 5),  # new tokens
-            ),
-            min_size=1,
-            max_size=4,
-        ),
-        slack=st.integers(0, 3),  # blocks above the largest request
-        max_num_seqs=st.integers(1, 4),
-        max_batch_tokens=st.sampled_from([1, 8, 64]),
-        seed=st.integers(0, 2**16),
-        threshold=st.integers(1, 3),  # shared-segment decode's (the shared-decode machine)
-    )
+    @initialize(**_SETUP)
     def setup(self, strategy, block_size, doc_lengths, shapes, slack, max_num_seqs, max_batch_tokens, seed, threshold):
         g = torch.Generator().manual_seed(seed)
         docs = [_tokens(g, n) for n in doc_lengths]
@@ -195,13 +199,33 @@ def _fast_model() -> Model:
 
 
 class SharedDecodeMachine(EngineMachine):
-    """The machine on the fast backend in float32, shared-segment decode on wherever
-    the cache is rotated (threshold 1 to 3 requests)."""
+    """The machine on the fast backend in float32, shared-segment decode on (threshold
+    1 to 3 requests), under the strategies whose requests can share a segment."""
 
     model = _fast_model() if FAST_HERE else None
 
+    # Only what can share a segment in decode: the strategies whose requests read one
+    # cached copy of it (Block-Attention's copies are each request's own, ``raw_cache``
+    # has no shared decode, ``recompute`` caches no segment), requests that read a
+    # document and decode (two new tokens or more: the first comes from the prefill).
+    # The base machine draws the rest.
+    @initialize(
+        **{
+            **_SETUP,
+            "strategy": st.sampled_from(["lazy", "prefix_cache"]),
+            "doc_lengths": st.lists(st.integers(1, 10), min_size=1, max_size=4),
+            "shapes": st.lists(
+                st.tuples(st.lists(st.integers(0, 3), min_size=1, max_size=3), st.integers(1, 4), st.integers(2, 5)),
+                min_size=1,
+                max_size=4,
+            ),
+        }
+    )
+    def setup(self, **drawn):
+        super().setup(**drawn)
+
     def options(self, strategy, threshold):
-        return {} if strategy == "raw_cache" else {"shared_decode_min_requests": threshold}
+        return {"shared_decode_min_requests": threshold}
 
     def teardown(self):
         super().teardown()
