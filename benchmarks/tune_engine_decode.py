@@ -37,6 +37,7 @@ import itertools
 import json
 import sys
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -250,12 +251,13 @@ def main() -> int:
     roofs = ceilings()
     rows: list[dict] = []
     copy_bytes_per_s = roofs["copy_tb_per_s"] * 1e12
-    for s in _ints(opts.block_sizes):
-        if opts.shared:
-            for batch, threshold in itertools.product(_ints(opts.batches), _ints(opts.shared)):
-                tune_shared(s, batch, threshold, cfg, copy_bytes_per_s, rows)
-        else:
-            tune(s, cfg, copy_bytes_per_s, rows)
+    if opts.shared:
+        runs = [partial(tune_shared, s, batch, threshold) for s, batch, threshold in
+                itertools.product(_ints(opts.block_sizes), _ints(opts.batches), _ints(opts.shared))]  # fmt: skip
+    else:
+        runs = [partial(tune, s) for s in _ints(opts.block_sizes)]
+    for run in runs:  # the file is written after each, so that a cut-off run keeps what it timed
+        run(cfg, copy_bytes_per_s, rows)
         Path(opts.out).write_text(json.dumps({"device": torch.cuda.get_device_name(), "ceilings": roofs,
                                               "model": opts.model, "rows": rows}, indent=1))  # fmt: skip
     if opts.shared:
