@@ -23,8 +23,9 @@ time of reading the step's K/V once at the device's copy bandwidth.
 With ``--shared N[,N...]``, the same step at ``--batches`` requests instead, with
 shared-segment decode (``fast/shared.py``, segments that ``N`` or more requests read):
 the per-request decode at its plan, then the shared path at :func:`shared_tiles`' tiles
-(all its launches, and each alone: the rest, the shared kernel, the merge) and the
-shared kernel under other member tiles, key tiles, warps and pipeline depths.
+(all its launches, and each alone: the rest, the shared kernel, the merge), the
+shared kernel under other member tiles, key tiles, warps and pipeline depths, and the
+rest's decode split finer than its plan splits it (:data:`REST_CAPS`).
 
 Run: ``python benchmarks/tune_engine_decode.py --out FILE [--block-sizes 16,64]
 [--shared 2,4 --batches 16,64]``.
@@ -61,6 +62,8 @@ TOLERANCE = 0.02
 OWN_TOKENS = 64  # the query (32) and half the output tokens of the heavy preset
 #: The shared kernel's variants: (members a program, key tile, warps, pipeline depths).
 SHARED_TILES = [(m, n, w, (2, 3)) for m in (8, 16, 32) for n in (64, 128) for w in (4, 8)]
+#: Caps on the key tiles one program of the shared path's rest walks (``--shared``).
+REST_CAPS = (4, 8, 16)
 #: (key tile, warps, pipeline depths) to try per key-load path; splits from SPLITS.
 TILES = [(16, 4, (2, 3, 4, 5)), (32, 4, (2, 3, 4, 5)), (64, 4, (2, 3, 4)), (128, 4, (2, 3)), (64, 8, (3, 4)),
          (128, 8, (2, 3))]  # fmt: skip
@@ -233,6 +236,26 @@ def tune_shared(block_size: int, batch: int, min_requests: int, cfg, copy_bytes_
         if i == 0:
             for part in ("rest", "shared", "merge"):
                 record(f"{part}_alone", launches[part], whole, **fields)
+    # The rest's splits: the decode's own rule (every request's blocks split alike, by the
+    # longest request's), then finer, so that no program walks more than a cap of key tiles.
+    rest_m = sharing.rest.metadata(DEVICE).block_table.shape[1]
+    own_rule = fast_attend.plan(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, block_size, DTYPE, DEVICE, True,
+                                batch * cfg.num_kv_heads, rest_m * block_size)  # fmt: skip
+    key_tiles = triton.cdiv(rest_m * block_size, own_rule.block_n)
+    rests = {"plan": own_rule}
+    for cap in REST_CAPS:
+        rests[cap] = own_rule._replace(splits=max(own_rule.splits, min(32, triton.cdiv(key_tiles, cap))))
+    for cap, rest in rests.items():
+        launches, out, _ = shared_launches(q, k_cache, v_cache, sharing, tables, scale, default, rest)
+
+        def whole(launches=launches, out=out):
+            for launch in launches.values():
+                launch()
+            return out
+
+        fields = {"rest_cap": cap, "rest_splits": rest.splits}
+        record("shared_rest", whole, whole, **fields)
+        record("rest_alone", launches["rest"], whole, **fields)
 
 
 def _ints(text: str) -> list[int]:

@@ -486,12 +486,14 @@ def attend_shared(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
 
 
 def shared_launches(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, sharing: SharingPlan,
-                    tables: RopeTables, scale: float, tiles: Plan | None = None):  # fmt: skip
+                    tables: RopeTables, scale: float, tiles: Plan | None = None,
+                    rest_plan: Plan | None = None):  # fmt: skip
     """:func:`attend_shared`'s launches, not yet run: ``(launches, out, lse)``, where
     ``launches`` maps ``"rest"``, ``"shared"`` and ``"merge"`` to calls that, run in that
     order, fill ``out [B, H, D]`` and ``lse [B, H]`` (the merge reads what the others
-    wrote, into buffers allocated here: a benchmark may time each alone). ``tiles``:
-    the shared kernel's, instead of :func:`shared_tiles`' (benchmarks)."""
+    wrote, into buffers allocated here: a benchmark may time each alone). ``tiles``: the
+    shared kernel's, instead of :func:`shared_tiles`'; ``rest_plan``: the rest's decode,
+    instead of its own plan (benchmarks)."""
     b, h, d = q.shape
     _, s, hkv, _ = k_cache.shape
     tiles = tiles or shared_tiles(h, hkv, d, s, q.dtype, q.device)
@@ -504,7 +506,7 @@ def shared_launches(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     k_desc, v_desc = cache_descriptors(k_cache, v_cache, tiles)
 
     def rest():  # the per-request kernel, written in float32 into merge slot 0
-        attend(q, k_cache, v_cache, rest_meta, tables, 1, scale, LAZY, True, True,
+        attend(q, k_cache, v_cache, rest_meta, tables, 1, scale, LAZY, True, True, rest_plan,
                out=part[:, :, 0], lse=part_lse[:, :, 0])  # fmt: skip
 
     def shared():
