@@ -23,7 +23,7 @@ line overrides every preset's value):
   32-token queries, 16 new tokens, at most 16 running at once; every strategy.
 * ``heavy``: 96 requests of 8 documents (mean 1,024 tokens) from 96, 32-token queries,
   64 new tokens, at most 64 running at once; lazy, lazy with shared-segment decode
-  (``lazy+shared``: ``Engine(shared_decode_min_requests=4)``, where the backend has
+  (``lazy+shared``: ``Engine(shared_decode_min_requests=2)``, where the backend has
   it; ``--shared-decode-min-requests N`` sets the threshold, 0 turns it off) and
   Block-Attention, at skew 1 and at the paper's skew α = 2.1 with a tight KV budget of
   1 GiB. Block-Attention runs fewer at once whatever the limit: each of its requests
@@ -190,7 +190,7 @@ PRESETS: dict[str, dict] = {
         max_num_seqs=64,
         max_batch_tokens=8192,
         strategies="lazy,block_attention",
-        shared_decode_min_requests=4,
+        shared_decode_min_requests=2,
         repeats=3,
         points="skew2.1@1GiB",
         decode_batch=16,

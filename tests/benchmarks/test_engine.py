@@ -179,7 +179,7 @@ def test_presets_set_every_option_and_the_command_line_overrides_them():
     assert name == "default" and default.repeats == heavy.repeats == 5
     shape = (heavy.requests, heavy.documents, heavy.docs_per_request, heavy.doc_len, heavy.output_len)
     assert shape == (96, 96, 8, 1024, 64)
-    assert heavy.points == "skew2.1@1GiB" and heavy.shared_decode_min_requests == 4
+    assert heavy.points == "skew2.1@1GiB" and heavy.shared_decode_min_requests == 2
     assert set(bench.PRESETS["default"]) == set(bench.PRESETS["heavy"]) == set(bench.PRESETS["tiny"])
     with pytest.raises(SystemExit, match="unknown preset huge"):
         bench.parse(["--preset", "huge"])
