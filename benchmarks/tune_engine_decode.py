@@ -160,6 +160,17 @@ def tune(block_size: int, cfg, copy_bytes_per_s: float, rows: list) -> None:
                 timed("lazy", tiles)
 
 
+def _in_order(launches: dict, out: torch.Tensor):
+    """One call that runs the shared path's ``launches`` in order and returns ``out``."""
+
+    def whole() -> torch.Tensor:
+        for launch in launches.values():
+            launch()
+        return out
+
+    return whole
+
+
 def tune_shared(block_size: int, batch: int, min_requests: int, cfg, copy_bytes_per_s: float, rows: list) -> None:
     """The shared path against the per-request decode at ``batch`` requests (see the
     module docstring)."""
@@ -223,12 +234,7 @@ def tune_shared(block_size: int, batch: int, min_requests: int, cfg, copy_bytes_
     ]
     for i, tiles in enumerate(dict.fromkeys(variants)):
         launches, out, _ = shared_launches(q, k_cache, v_cache, sharing, tables, scale, tiles)
-
-        def whole(launches=launches, out=out):
-            for launch in launches.values():
-                launch()
-            return out
-
+        whole = _in_order(launches, out)
         fields = {"members": tiles.block_q, "block_n": tiles.block_n, "warps": tiles.num_warps,
                   "stages": tiles.num_stages, "tma": tiles.tma, "splits": sharing.metadata(DEVICE, tiles,
                   cfg.num_kv_heads).splits[:4]}  # fmt: skip
@@ -247,12 +253,7 @@ def tune_shared(block_size: int, batch: int, min_requests: int, cfg, copy_bytes_
         rests[cap] = own_rule._replace(splits=max(own_rule.splits, min(32, triton.cdiv(key_tiles, cap))))
     for cap, rest in rests.items():
         launches, out, _ = shared_launches(q, k_cache, v_cache, sharing, tables, scale, default, rest)
-
-        def whole(launches=launches, out=out):
-            for launch in launches.values():
-                launch()
-            return out
-
+        whole = _in_order(launches, out)
         fields = {"rest_cap": cap, "rest_splits": rest.splits}
         record("shared_rest", whole, whole, **fields)
         record("rest_alone", launches["rest"], whole, **fields)
