@@ -106,16 +106,30 @@ def step_inputs(layout: Layout, blocks: int, block_size: int, cfg):
     return q, k_cache, v_cache
 
 
+def decode_plan(cfg, block_size: int, batch: int, max_key_slots: int):
+    """The decode's own plan (``fast/plan.py``) for ``batch`` requests of at most ``max_key_slots`` keys."""
+    return fast_attend.plan(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, block_size, DTYPE, DEVICE, True,
+                            batch * cfg.num_kv_heads, max_key_slots)  # fmt: skip
+
+
+def step_decode(layout: Layout, block_size: int, cfg):
+    """``(metadata, plan, rope tables, scale)`` of the per-request decode of ``layout``."""
+    meta = layout.metadata(DEVICE)
+    b, m = meta.block_table.shape
+    plan = decode_plan(cfg, block_size, b, m * block_size)
+    return meta, plan, rope_tables(cfg.rope, plan.dp, DEVICE), cfg.head_dim**-0.5
+
+
+def keys_read(layout: Layout) -> int:
+    """Keys the requests of ``layout`` read, summed over requests."""
+    return sum(p.length for req in layout.requests for p in (*req.segments, req.own))
+
+
 def tune(block_size: int, cfg, copy_bytes_per_s: float, rows: list) -> None:
     layout, blocks = step_layout(block_size)
     q, k_cache, v_cache = step_inputs(layout, blocks, block_size, cfg)
-    meta = layout.metadata(DEVICE)
-    b, m = meta.block_table.shape
-    plan = fast_attend.plan(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, block_size, DTYPE, DEVICE, True,
-                            b * cfg.num_kv_heads, m * block_size)  # fmt: skip
-    tables = rope_tables(cfg.rope, plan.dp, DEVICE)
-    scale = cfg.head_dim**-0.5
-    tokens = sum(p.length for req in layout.requests for p in (*req.segments, req.own))
+    meta, plan, tables, scale = step_decode(layout, block_size, cfg)
+    tokens = keys_read(layout)
     kv_bytes = 2 * tokens * cfg.num_kv_heads * cfg.head_dim * k_cache.element_size()
     ideal_ms = kv_bytes / copy_bytes_per_s * 1e3
 
@@ -148,7 +162,7 @@ def tune(block_size: int, cfg, copy_bytes_per_s: float, rows: list) -> None:
     timed("norot", plan, fast_attend.NONE)
     for block_n, warps, stages in TILES:
         tma = block_size % block_n == 0 and plan.dp == cfg.head_dim
-        key_tiles = triton.cdiv(m * block_size, block_n)
+        key_tiles = triton.cdiv(meta.block_table.shape[1] * block_size, block_n)
         for splits in SPLITS:
             if key_tiles // splits < 2:
                 continue
@@ -180,15 +194,10 @@ def tune_shared(block_size: int, batch: int, min_requests: int, cfg, copy_bytes_
         print(f"S={block_size} B={batch}: no segment read by {min_requests} requests", flush=True)
         return
     q, k_cache, v_cache = step_inputs(layout, blocks, block_size, cfg)
-    meta = layout.metadata(DEVICE)
-    b, m = meta.block_table.shape
-    plan = fast_attend.plan(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, block_size, DTYPE, DEVICE, True,
-                            b * cfg.num_kv_heads, m * block_size)  # fmt: skip
-    tables = rope_tables(cfg.rope, plan.dp, DEVICE)
-    scale = cfg.head_dim**-0.5
+    meta, plan, tables, scale = step_decode(layout, block_size, cfg)
     token_bytes = 2 * cfg.num_kv_heads * cfg.head_dim * k_cache.element_size()
-    read_tokens = sum(p.length for req in layout.requests for p in (*req.segments, req.own))
-    rest_tokens = sum(p.length for req in sharing.rest.requests for p in (*req.segments, req.own))
+    read_tokens = keys_read(layout)
+    rest_tokens = keys_read(sharing.rest)
     unique = rest_tokens + sharing.unique_tokens
     ideal_ms = unique * token_bytes / copy_bytes_per_s * 1e3
     base = {"block_size": block_size, "batch": batch, "min_requests": min_requests, "read_tokens": read_tokens,
@@ -245,8 +254,7 @@ def tune_shared(block_size: int, batch: int, min_requests: int, cfg, copy_bytes_
     # The rest's splits: the decode's own rule (every request's blocks split alike, by the
     # longest request's), then finer, so that no program walks more than a cap of key tiles.
     rest_m = sharing.rest.metadata(DEVICE).block_table.shape[1]
-    own_rule = fast_attend.plan(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, block_size, DTYPE, DEVICE, True,
-                                batch * cfg.num_kv_heads, rest_m * block_size)  # fmt: skip
+    own_rule = decode_plan(cfg, block_size, batch, rest_m * block_size)
     key_tiles = triton.cdiv(rest_m * block_size, own_rule.block_n)
     rests = {"plan": own_rule}
     for cap in REST_CAPS:
