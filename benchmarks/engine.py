@@ -51,8 +51,11 @@ default); the curves (7) of every preset come after them all.
    provider at Zipf skew 1, ``--repeats`` times, repeats interleaved. Every run is
    profiled (``torch.profiler``, CUDA activity only): the union of the device's kernel
    and copy intervals is the run's GPU busy time, and ``gpu_busy_fraction`` = GPU busy
-   time / wall time (the makespan). (``benchmarks/host_step.py`` measures the host's
-   work per step, which the GPU waits for when it is the longer, on any machine.)
+   time / wall time (the makespan). Every run also records the host's shares of the
+   wall time (the engine's ``EngineStats``): ``host_fraction``, working in the engine's
+   steps, and ``wait_fraction``, blocked on the device's tokens; GPU idle time with
+   little waiting is time the GPU waited for the host. (``benchmarks/host_step.py``
+   measures the host's work per step, with the device's work left out, on any machine.)
 5. **Decode at batch 16** (``--decode-batch``). 16 requests prefilled together, then
    decode-only steps, each timed on the wall clock (TPOT at batch 16); the captured CUDA
    graph of the last step is then replayed alone between CUDA events (3 × 50
@@ -149,7 +152,10 @@ BLOCK_SIZE = 64  # tokens a block: the fast decode kernel loads one block a key 
 TARGET_TPOT_STEPS = 3.0  # TPOT at batch 16 ÷ one replayed decode step
 TARGET_DECODE_READ = 1.3  # one replayed decode step ÷ (weights + K/V) at copy bandwidth
 DECODE_REPLAYS = (3, 50)  # timed batches of replays of the captured decode step, replays per batch
-SPREAD_FIELDS = ("ttft_p50", "ttft_p99", "tpot_mean", "makespan", "requests_per_s", "tokens_per_s", "gpu_busy_fraction")
+SPREAD_FIELDS = (
+    "ttft_p50", "ttft_p99", "tpot_mean", "makespan", "requests_per_s", "tokens_per_s", "gpu_busy_fraction",
+    "host_fraction", "wait_fraction",
+)  # fmt: skip
 SHARED = "lazy+shared"  # the provider label of lazy with shared-segment decode on
 
 #: Every option a preset sets (argparse destinations); the command line overrides them.
@@ -556,6 +562,10 @@ def timed_run(engine: Engine, workload, provider: Provider, clock: Clock, profil
     row["shared_decode_min_requests"] = provider.shared_decode_min_requests
     row["wall_s"] = metrics.makespan
     row["gpu_busy_fraction"] = row["gpu_busy_s"] / metrics.makespan if profile else None
+    # The host's share of the wall time: working in the engine's steps, and blocked on the
+    # device's tokens. GPU idle time with a small wait share is time the GPU waited for the host.
+    row["host_fraction"] = metrics.host_s / metrics.makespan
+    row["wait_fraction"] = metrics.wait_s / metrics.makespan
     row["steps"] = engine.stats.steps
     row["graphs_held"] = len(getattr(runner, "graphs", {})) + len(getattr(runner, "shared_graphs", {}))
     row["graph_steps"] = getattr(runner, "steps_replayed", 0) - replayed
@@ -803,6 +813,8 @@ TABLE = [
     ("requests_per_s", "req/s", ".2f"),
     ("hit_ratio", "hit", ".2f"),
     ("gpu_busy_fraction", "GPU busy", ".2f"),
+    ("host_fraction", "host works", ".2f"),
+    ("wait_fraction", "host waits", ".2f"),
     ("graph_steps", "graph steps", "d"),
     ("shared_steps", "shared steps", "d"),
     ("steps", "steps", "d"),
@@ -816,7 +828,10 @@ def _show(rows: list[dict], lead: list[tuple[str, str, str]]) -> None:
             "ttft_p50": r["ttft_p50"] * 1e3,
             "ttft_p99": r["ttft_p99"] * 1e3,
             "tpot_mean": r["tpot_mean"] * 1e3,
-            "gpu_busy_fraction": r["gpu_busy_fraction"] if r.get("gpu_busy_fraction") is not None else math.nan,
+            **{
+                key: r[key] if r.get(key) is not None else math.nan
+                for key in ("gpu_busy_fraction", "host_fraction", "wait_fraction")
+            },
         }
         for r in rows
     ]

@@ -68,7 +68,14 @@ HEAD = [
 ]
 
 
-def _row(r: dict) -> str:
+def _host(row: dict) -> str:
+    """The host's shares of the wall time: working in the engine's steps / blocked on the device."""
+    if row.get("host_fraction") is None:
+        return "—"
+    return f"{row['host_fraction']:.2f} / {row['wait_fraction']:.2f}"
+
+
+def _row(r: dict, host: bool) -> str:
     cells = [
         r["strategy"],
         str(r["num_blocks"]),
@@ -80,6 +87,7 @@ def _row(r: dict) -> str:
         f"{r['hit_ratio']:.2f}",
         f"{r['bytes_copied'] / 1e9:.2f}",
         _busy(r),
+        *([_host(r)] if host else []),
         f"{r['graph_steps']} / {r['steps']}" if "steps" in r else "—",
         str(r["repeats"]),
     ]
@@ -87,8 +95,13 @@ def _row(r: dict) -> str:
 
 
 def _table(rows: list[dict]) -> list[str]:
-    lines = ["| " + " | ".join(HEAD) + " |", "|" + "---|" * len(HEAD)]
-    return lines + [_row(r) for r in rows]
+    """The rows' table; the host's shares (``host_fraction``, ``wait_fraction``) in a
+    column after GPU busy where the result recorded them."""
+    host = any(r.get("host_fraction") is not None for r in rows)
+    at = HEAD.index("GPU busy (min–max)") + 1
+    head = HEAD[:at] + (["host works / waits"] if host else []) + HEAD[at:]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return lines + [_row(r, host) for r in rows]
 
 
 PLOT_CAPTION = "Offline burst medians with their spread (the request-rate panels are read in the notes below)"
@@ -181,6 +194,15 @@ def page(
                 "the device's kernel and copy intervals, `gpu_busy_fraction` = GPU busy / wall time (the makespan)."
             ]
             if profiled
+            else []
+        ),
+        *(
+            [
+                "* **Host time**: *host works* is the share of the wall time the host spent in the engine's "
+                "steps (scheduling, building and issuing them, taking tokens in), *host waits* the share it "
+                "was blocked on the device's tokens; GPU idle time with little waiting is the host's."
+            ]
+            if any(r.get("host_fraction") is not None for r in burst)
             else []
         ),
         f"* **Repeats**: {repeats} runs of each strategy per point; medians, with the spread (min–max) beside "

@@ -142,6 +142,22 @@ def test_an_engine_result_without_the_quality_check_says_so_instead_of_an_empty_
     assert "Not run for this result" in section and "| dtype |" not in section
 
 
+def test_an_engine_result_with_the_hosts_shares_shows_them_beside_gpu_busy():
+    result = json.loads((RESULTS / "engine_h100_heavy.json").read_text())
+    engine_page = _load("engine_page")
+    assert "host works / waits" not in engine_page.page(result, "engine_h100_heavy", None)
+    rows = [{**r, "host_fraction": 0.25, "wait_fraction": 0.5} for r in result["burst_medians"]]
+    page = engine_page.page({**result, "burst_medians": rows}, "engine_h100_heavy", None)
+    header = next(line for line in page.splitlines() if line.startswith("| strategy | blocks |"))
+    cells = [c.strip() for c in header.strip("|").split("|")]
+    column = cells.index("host works / waits")
+    assert cells[column - 1] == "GPU busy (min–max)"
+    rows = [line.strip("|").split("|") for line in page.splitlines() if line.startswith("| lazy |")]
+    runs = [r for r in rows if len(r) == len(cells)]  # the burst tables' rows (not the parity gate's)
+    assert runs and all(r[column].strip() == "0.25 / 0.50" for r in runs)
+    assert "**Host time**" in page
+
+
 def test_an_engine_results_hit_ratio_table_is_of_its_own_workload_and_engine():
     """The page puts the preset's hit-ratio table under the result as "the same workload":
     it must be, down to the engine's limits (only the skews differ)."""

@@ -97,10 +97,24 @@ class EngineStats:
     lookups: int = 0
     preemptions: int = 0  # times a running request gave its blocks back to let others decode
     aborts: int = 0
+    # Wall time in :meth:`Engine.step`, by phase (seconds). ``launch``: building a step's
+    # inputs and issuing its work, which on CUDA runs later (on a CPU device it is the
+    # computation itself); ``wait``: blocked until a step's tokens reach the host (on
+    # CUDA, the device is the slower then); ``land``: taking the tokens in. Timings, not
+    # counters: two runs' stats compare equal without them.
+    schedule_seconds: float = field(default=0.0, compare=False)
+    launch_seconds: float = field(default=0.0, compare=False)
+    wait_seconds: float = field(default=0.0, compare=False)
+    land_seconds: float = field(default=0.0, compare=False)
 
     @property
     def hit_ratio(self) -> float:
         return self.hits / self.lookups if self.lookups else 0.0
+
+    @property
+    def host_seconds(self) -> float:
+        """Time the host spent working in :meth:`Engine.step` (every phase but ``wait``)."""
+        return self.schedule_seconds + self.launch_seconds + self.land_seconds
 
 
 class Engine:
@@ -286,6 +300,7 @@ class Engine:
         """Launch one prefill or decode step, then take in the tokens of the step
         before it (``overlap``) or of this one; return the requests whose last token
         thereby landed."""
+        t0 = time.perf_counter()
         batch = self.scheduler.schedule()
         self.stats.preemptions += len(batch.preempted)
         for req in batch.prefills:
@@ -294,7 +309,10 @@ class Engine:
                 self.stats.lookups += req.lookups
         if not batch and (self.waiting or self.running):  # cannot happen: every request fits the budget alone
             raise RuntimeError(f"no request can run: {len(self.waiting)} waiting, {len(self.running)} running")
+        t1 = time.perf_counter()
+        self.stats.schedule_seconds += t1 - t0
         launched = self._launch(batch) if batch else None
+        self.stats.launch_seconds += time.perf_counter() - t1
         done = self._land(self._in_flight) if self._in_flight is not None else []
         self._in_flight = launched
         if not self.overlap and launched is not None:
@@ -471,9 +489,11 @@ class Engine:
     def _land(self, flight: _InFlight) -> list[Request]:
         """Take in a launched step's tokens (waiting for that step only); return the
         requests whose last token this was."""
+        t0 = time.perf_counter()
         if flight.landed is not None:
             flight.landed.synchronize()
         now = time.perf_counter()
+        self.stats.wait_seconds += now - t0
         done = []
         for i, (req, token) in enumerate(zip(flight.requests, flight.host_tokens.tolist(), strict=True)):
             req.output.append(token)
@@ -486,6 +506,7 @@ class Engine:
                 req.finish_time = now
                 self.finished.append(req)
                 done.append(req)
+        self.stats.land_seconds += time.perf_counter() - now
         return done
 
 

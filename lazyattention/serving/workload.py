@@ -171,6 +171,8 @@ class Metrics:
     bytes_copied: int
     peak_blocks: int
     forward_tokens: int
+    host_s: float  # the host's work in the engine's steps (EngineStats.host_seconds)
+    wait_s: float  # the host blocked on the device's tokens (EngineStats.wait_seconds)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -202,6 +204,8 @@ def summarize(engine: Engine, requests: list[Request], start: float) -> Metrics:
         bytes_copied=engine.stats.bytes_copied,
         peak_blocks=engine.stats.peak_blocks,
         forward_tokens=engine.stats.forward_tokens,
+        host_s=engine.stats.host_seconds,
+        wait_s=engine.stats.wait_seconds,
     )
 
 

@@ -67,6 +67,9 @@ def test_a_tiny_run_goes_through_every_section(tmp_path, capsys):
     assert set(result["setup_seconds"]) >= {"parity gate", "model", "warm-up", "dry run", "graph capture"}
     assert 0 < result["timed_seconds"] < result["seconds"]
     assert (tmp_path / "e_tiny.png").stat().st_size > 10_000
+    for r in result["burst"]:  # the host's shares of each run's wall time
+        host, wait = r["host_fraction"], r["wait_fraction"]
+        assert host > 0 and wait >= 0 and host + wait <= 1
     # every target printed with its mark, the device named; the ones a CPU cannot measure say so
     assert f"targets on {result['device']}" in out
     for t in result["targets"]:

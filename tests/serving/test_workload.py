@@ -101,6 +101,8 @@ def _request(arrival, first, finish, docs, query, outputs):
 def test_summarize_computes_the_metrics_as_defined():
     engine = Engine(Model(ModelConfig.tiny()), "block_attention", num_blocks=8, block_size=4)
     engine.stats.hits, engine.stats.lookups, engine.stats.bytes_copied, engine.stats.peak_blocks = 3, 4, 100, 7
+    engine.stats.schedule_seconds, engine.stats.launch_seconds, engine.stats.land_seconds = 0.25, 0.5, 0.125
+    engine.stats.wait_seconds = 2.0
     requests = [
         _request(0.0, 1.0, 3.0, docs=[10, 5], query=2, outputs=5),  # TTFT 1, TPOT 0.5
         _request(1.0, 2.0, 4.0, docs=[10], query=3, outputs=1),  # TTFT 1, no TPOT
@@ -111,6 +113,7 @@ def test_summarize_computes_the_metrics_as_defined():
     assert m.tpot_mean == 0.5 and m.makespan == 6.0 and m.requests_per_s == 0.5
     assert m.tokens_per_s == (15 + 2 + 5 + 10 + 3 + 1 + 4 + 3) / 6.0  # each request's documents once
     assert (m.hit_ratio, m.bytes_copied, m.peak_blocks, m.strategy) == (0.75, 100, 7, "block_attention")
+    assert (m.host_s, m.wait_s) == (0.875, 2.0)
     with pytest.raises(ValueError, match="finished"):
         summarize(engine, [Request(id=1, query=[1], documents=[], max_new_tokens=1, arrival=0.0)], 0.0)
 
@@ -139,6 +142,12 @@ def test_run_workload_serves_everything(strategy):
     assert (m.bytes_copied > 0) == (strategy == "block_attention")
     assert (m.hit_ratio > 0) == (strategy != "recompute")  # 4 documents, 20 uses: some reuse
     assert m.peak_blocks <= 40
+    # the host's time in the engine's steps, by phase, within the run's wall time
+    stats = engine.stats
+    phases = (stats.schedule_seconds, stats.launch_seconds, stats.wait_seconds, stats.land_seconds)
+    assert all(t >= 0 for t in phases) and stats.launch_seconds > 0
+    assert m.host_s == stats.host_seconds == stats.schedule_seconds + stats.launch_seconds + stats.land_seconds
+    assert m.wait_s == stats.wait_seconds and m.host_s + m.wait_s <= m.makespan
     with pytest.raises(ValueError, match="fresh engine"):
         run_workload(engine, w)
 
