@@ -125,6 +125,22 @@ def keys_read(layout: Layout) -> int:
     return sum(p.length for req in layout.requests for p in (*req.segments, req.own))
 
 
+def time_variant(row: dict, fn, truth: torch.Tensor, ideal_ms: float, check=None) -> dict:
+    """``row`` with the variant's largest difference from ``truth`` (of ``check()``,
+    default ``fn()``) and, within :data:`TOLERANCE`, ``fn``'s graph-replay time in ms
+    and its ratio to ``ideal_ms``; an error is recorded, so that one failing variant
+    does not hide the others."""
+    try:
+        diff = float(((check or fn)().float() - truth.float()).abs().max())
+        row["max_diff"] = diff
+        if diff <= TOLERANCE:
+            row["ms"] = bench_graph(fn)
+            row["over_ideal"] = row["ms"] / ideal_ms
+    except Exception as exc:
+        row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+    return row
+
+
 def tune(block_size: int, cfg, copy_bytes_per_s: float, rows: list) -> None:
     layout, blocks = step_layout(block_size)
     q, k_cache, v_cache = step_inputs(layout, blocks, block_size, cfg)
@@ -142,15 +158,7 @@ def tune(block_size: int, cfg, copy_bytes_per_s: float, rows: list) -> None:
         row = {"block_size": block_size, "variant": name, "splits": tiles.splits, "block_n": tiles.block_n,
                "warps": tiles.num_warps, "stages": tiles.num_stages, "tma": tiles.tma, "direct": tiles.direct,
                "flat": tiles.flat, "kv_bytes": kv_bytes, "ideal_ms": ideal_ms}  # fmt: skip
-        try:
-            diff = float((run(tiles, mode).float() - truth[mode].float()).abs().max())
-            row["max_diff"] = diff
-            if diff <= TOLERANCE:
-                row["ms"] = bench_graph(lambda: run(tiles, mode))
-                row["over_ideal"] = row["ms"] / ideal_ms
-        except Exception as exc:  # recorded: one failing variant must not hide the others
-            row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
-        rows.append(row)
+        rows.append(time_variant(row, lambda: run(tiles, mode), truth[mode], ideal_ms))
         print(f"S={block_size:3d} {name:9s} P={tiles.splits} n={tiles.block_n:3d} w={tiles.num_warps} "
               f"st={tiles.num_stages} tma={int(tiles.tma)} direct={int(tiles.direct)}: "
               f"{row.get('ms', float('nan')) * 1e3:8.1f} us  x{row.get('over_ideal', float('nan')):5.2f} "
@@ -215,15 +223,7 @@ def tune_shared(block_size: int, batch: int, min_requests: int, cfg, copy_bytes_
 
     def record(name: str, fn, check, **fields) -> None:
         row = dict(base, variant=name, **fields)
-        try:
-            diff = float((check().float() - truth).abs().max())
-            row["max_diff"] = diff
-            if diff <= TOLERANCE:
-                row["ms"] = bench_graph(fn)
-                row["over_ideal"] = row["ms"] / ideal_ms
-        except Exception as exc:  # recorded: one failing variant must not hide the others
-            row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
-        rows.append(row)
+        rows.append(time_variant(row, fn, truth, ideal_ms, check))
         print(f"S={block_size} B={batch:3d} N={min_requests} {name:12s} {fields}: "
               f"{row.get('ms', float('nan')) * 1e3:8.1f} us  x{row.get('over_ideal', float('nan')):5.2f} "
               f"{row.get('error', '')}", flush=True)  # fmt: skip
