@@ -25,7 +25,8 @@ shared-segment decode (``fast/shared.py``, segments that ``N`` or more requests 
 the per-request decode at its plan, then the shared path at :func:`shared_tiles`' tiles
 (all its launches, and each alone: the rest, the shared kernel, the merge), the
 shared kernel under other member tiles, key tiles, warps and pipeline depths, and the
-rest's decode split finer than its plan splits it (:data:`REST_CAPS`).
+rest's decode split finer than its plan splits it (:data:`REST_CAPS`, the caps of
+``fast/shared.py``'s ``REST_SPLIT_TILES``).
 
 Run: ``python benchmarks/tune_engine_decode.py --out FILE [--block-sizes 16,64]
 [--shared 2,4 --batches 16,64]``.
@@ -106,10 +107,10 @@ def step_inputs(layout: Layout, blocks: int, block_size: int, cfg):
     return q, k_cache, v_cache
 
 
-def decode_plan(cfg, block_size: int, batch: int, max_key_slots: int):
+def decode_plan(cfg, block_size: int, batch: int, max_key_slots: int, max_split_tiles: int | None = None):
     """The decode's own plan (``fast/plan.py``) for ``batch`` requests of at most ``max_key_slots`` keys."""
     return fast_attend.plan(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, block_size, DTYPE, DEVICE, True,
-                            batch * cfg.num_kv_heads, max_key_slots)  # fmt: skip
+                            batch * cfg.num_kv_heads, max_key_slots, max_split_tiles=max_split_tiles)  # fmt: skip
 
 
 def step_decode(layout: Layout, block_size: int, cfg):
@@ -252,13 +253,10 @@ def tune_shared(block_size: int, batch: int, min_requests: int, cfg, copy_bytes_
             for part in ("rest", "shared", "merge"):
                 record(f"{part}_alone", launches[part], whole, **fields)
     # The rest's splits: the decode's own rule (every request's blocks split alike, by the
-    # longest request's), then finer, so that no program walks more than a cap of key tiles.
-    rest_m = sharing.rest.metadata(DEVICE).block_table.shape[1]
-    own_rule = decode_plan(cfg, block_size, batch, rest_m * block_size)
-    key_tiles = triton.cdiv(rest_m * block_size, own_rule.block_n)
-    rests = {"plan": own_rule}
-    for cap in REST_CAPS:
-        rests[cap] = own_rule._replace(splits=max(own_rule.splits, min(32, triton.cdiv(key_tiles, cap))))
+    # longest request's), then finer, so that no program walks more than a cap of key tiles
+    # (the plan's max_split_tiles, fast/shared.py's REST_SPLIT_TILES).
+    rest_keys = sharing.rest.metadata(DEVICE).block_table.shape[1] * block_size
+    rests = {cap: decode_plan(cfg, block_size, batch, rest_keys, cap) for cap in (None, *REST_CAPS)}
     for cap, rest in rests.items():
         launches, out, _ = shared_launches(q, k_cache, v_cache, sharing, tables, scale, default, rest)
         whole = _in_order(launches, out)
@@ -297,9 +295,11 @@ def main() -> int:
         for key in sorted({(r["block_size"], r["batch"], r["min_requests"]) for r in rows}):
             timed = [r for r in rows if (r["block_size"], r["batch"], r["min_requests"]) == key and r.get("ms")]
             best = min((r for r in timed if r["variant"].startswith("shared")), key=lambda r: r["ms"], default=None)
-            ref = {r["variant"]: r["ms"] * 1e3 for r in timed if not r["variant"].startswith("shared_t")}
+            ref = {r["variant"]: r["ms"] * 1e3 for r in timed if "rest_cap" not in r and r["variant"] != "shared_tiles"}
+            caps = {f"{r['variant']} cap {r['rest_cap']}": round(r["ms"] * 1e3, 1) for r in timed if "rest_cap" in r}
             print(f"S={key[0]} B={key[1]} N={key[2]}: {ref} us; best {best and best['ms'] * 1e3:.1f} us "
                   f"{best and {k: best[k] for k in ('members', 'block_n', 'warps', 'stages')}}")  # fmt: skip
+            print(f"  the rest split by a cap on its key tiles: {caps} us")
         return 0
     print("\nfastest per block size:")
     for s in sorted({r["block_size"] for r in rows}):

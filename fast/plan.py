@@ -16,7 +16,10 @@ from typing import NamedTuple
 import torch
 import triton
 
-__all__ = ["Plan", "plan", "prefill_splits", "multiprocessors"]
+__all__ = ["Plan", "plan", "prefill_splits", "multiprocessors", "MAX_DECODE_SPLITS"]
+
+#: The most programs one decode request's keys are split among.
+MAX_DECODE_SPLITS = 32
 
 
 class Plan(NamedTuple):
@@ -46,6 +49,7 @@ def plan(
     max_key_slots: int,
     max_queries: int = 1,
     raw: bool = False,
+    max_split_tiles: int | None = None,
 ) -> Plan:
     """Choose tiles for one call.
 
@@ -61,6 +65,11 @@ def plan(
         raw: for :data:`RAW`, whose keys are read by row gathers with their partner
             channels (:func:`attend` turns ``tma`` off): decode keeps its pipeline depth,
             as :func:`_decode_pipeline` was timed with bulk tensor copies.
+        max_split_tiles: decode: split further where a split of the longest request
+            would walk more key tiles than this (at most 32 splits), for a batch whose
+            requests differ widely in length: the split is sized by the longest
+            request, so its few programs would hold the launch while the others are
+            done. ``None``: the split of the rule below.
     """
     g = num_heads // num_kv_heads
     dp = max(16, triton.next_power_of_2(head_dim))
@@ -113,6 +122,7 @@ def plan(
     # the loop per run spills none.
     flat = direct and dp > 64
     key_tiles = triton.cdiv(max_key_slots, block_n)
+    pipelined = decode and not interpret and tma and not wide and dp == 128 and not raw  # _decode_pipeline's
     if interpret:
         # Exercise the split and the merge under the interpreter, but not in every case.
         splits = 2 if max_key_slots > (2 if decode else 4) * block_n else 1
@@ -125,8 +135,8 @@ def plan(
         # four programs per SM, chose 5 splits at 16 requests and 64 at one request.
         sms = multiprocessors(device)
         per_sm = _DECODE_D64_PROGRAMS_PER_SM[block_n] if d64 else 2
-        splits = max(1, min(per_sm * sms // max(1, work_items), key_tiles // 2, 32))
-        if tma and not wide and dp == 128 and not raw:
+        splits = max(1, min(per_sm * sms // max(1, work_items), key_tiles // 2, MAX_DECODE_SPLITS))
+        if pipelined:
             num_stages, splits = _decode_pipeline(work_items, key_tiles, sms, splits)
     else:
         programs = max(1, work_items) * triton.cdiv(max(1, max_queries), block_q)
@@ -138,6 +148,11 @@ def plan(
         # splits 4 ways, not 2. Wider tiles are counted one to an SM.
         resident = 2 if num_warps == 4 and not wide else 1
         splits = prefill_splits(programs, key_tiles, resident * multiprocessors(device))
+    if decode and max_split_tiles is not None:
+        capped = max(splits, min(MAX_DECODE_SPLITS, triton.cdiv(key_tiles, max_split_tiles)))
+        if capped > splits and pipelined:
+            num_stages = 4  # shorter splits keep 4 stages (see _decode_pipeline)
+        splits = capped
     return Plan(block_q, gp, block_n, dp, splits, num_warps, num_stages, tma, direct, flat)
 
 

@@ -77,6 +77,7 @@ from .rounding import dot_dtype
 __all__ = [
     "MAX_SPLITS",
     "MAX_SLOTS",
+    "REST_SPLIT_TILES",
     "ITEM_FIELDS",
     "MEMBER_FIELDS",
     "SharedMetadata",
@@ -93,6 +94,11 @@ __all__ = [
 MAX_SPLITS = 8
 #: Most partials merged per request (the rest, plus each shared read times its splits).
 MAX_SLOTS = 64
+
+#: The most key tiles one program of the rest's decode walks (``plan(max_split_tiles=)``):
+#: the rest is what too few requests share, so its requests differ widely in length.
+#: ``None``: the decode plan's own split, sized by the longest request.
+REST_SPLIT_TILES: int | None = None
 
 #: Int32 fields per work item (table offset, first and end key slot, first member, member
 #: count, split) and per member (request, shift, first merge slot) of :class:`SharedMetadata`.
@@ -493,12 +499,15 @@ def shared_launches(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     order, fill ``out [B, H, D]`` and ``lse [B, H]`` (the merge reads what the others
     wrote, into buffers allocated here: a benchmark may time each alone). ``tiles``: the
     shared kernel's, instead of :func:`shared_tiles`'; ``rest_plan``: the rest's decode,
-    instead of its own plan (benchmarks)."""
+    instead of the decode plan split by :data:`REST_SPLIT_TILES` (benchmarks)."""
     b, h, d = q.shape
     _, s, hkv, _ = k_cache.shape
     tiles = tiles or shared_tiles(h, hkv, d, s, q.dtype, q.device)
     meta = sharing.metadata(q.device, tiles, hkv)
     rest_meta = sharing.rest.metadata(q.device)
+    m = rest_meta.block_table.shape[1]
+    rest_plan = rest_plan or _plan.plan(h, hkv, d, s, q.dtype, q.device, True, b * hkv, m * s,
+                                        max_split_tiles=REST_SPLIT_TILES)  # fmt: skip
     part = buffers.empty((b, h, meta.slots, d), torch.float32, q.device)
     part_lse = buffers.empty((b, h, meta.slots), torch.float32, q.device)
     out = buffers.empty((b, h, d), q.dtype, q.device)

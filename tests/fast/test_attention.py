@@ -256,6 +256,31 @@ def test_head_dim_64_decode_plan_follows_the_engine_sweep(block_size, want, monk
     assert pl.tma and pl.direct
 
 
+@settings(max_examples=examples(25, 25))
+@given(
+    head_dim=st.sampled_from((64, 128)),
+    block_size=st.sampled_from((16, 32, 64)),
+    batch=st.integers(1, 256),
+    blocks=st.integers(1, 600),
+    cap=st.integers(1, 64),
+)
+def test_a_decode_split_by_a_cap_walks_at_most_the_cap(head_dim, block_size, batch, blocks, cap):
+    """``max_split_tiles`` splits a decode finer, never coarser, than its plan: no split
+    of the longest request walks more key tiles than the cap, unless the splits are at
+    their most; the tiles are the plan's, at 4 stages where a head-dim-128 decode over
+    bulk tensor copies (whose depth follows its split) is split finer."""
+    args = (32, 8, head_dim, block_size, torch.bfloat16, torch.device("cuda"), True, batch * 8, blocks * block_size)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_plan, "multiprocessors", lambda device: 132)
+        own, capped = _plan.plan(*args), _plan.plan(*args, max_split_tiles=cap)
+    key_tiles = -(-blocks * block_size // own.block_n)
+    assert capped.splits >= own.splits
+    assert -(-key_tiles // capped.splits) <= cap or capped.splits == _plan.MAX_DECODE_SPLITS
+    assert capped._replace(splits=own.splits, num_stages=own.num_stages) == own
+    finer_pipelined = capped.splits > own.splits and own.tma and head_dim == 128
+    assert capped.num_stages == (4 if finer_pipelined else own.num_stages)
+
+
 @pytest.mark.parametrize(
     ("name", "change", "message"),
     [("lazy_prefill", {"direct": True}, "direct query rotation needs one token per query tile"),

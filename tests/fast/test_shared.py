@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 import lazyattention.fast as fast
 import lazyattention.reference as reference
+from lazyattention.fast import plan as _plan
 from lazyattention.fast import shared
 from lazyattention.fast.shared import SharingPlan, plan_sharing, shared_decode
 from lazyattention.reference import Layout, Placement, RequestLayout, RopeConfig, assert_close
@@ -39,7 +40,8 @@ def _req(segments, own_length, own_start, stored=None):
 
 #: Edges: one document at four offsets (two past 65,536, one near 2^20), a partial
 #: last block, one request placing it twice; keys stored near 2^31 and placed at 0 (p − δ
-#: past int32); a group of 3 (padded rows); more members than one program's tile (G = 1).
+#: past int32); a rest of requests of 1 to 31 blocks; a group of 3 (padded rows); more
+#: members than one program's tile (G = 1).
 EDGES = {
     "offsets": (
         Case(
@@ -67,6 +69,18 @@ EDGES = {
             2,
             RopeConfig(head_dim=96),
             seed=4,
+        ),
+        2,
+    ),
+    "ragged_rest": (
+        Case(
+            (DocSpec(20), DocSpec(40), DocSpec(70)),
+            (_req([(0, 0), (1, 20)], 3, 60), _req([(2, 0), (0, 70)], 50, 90), _req([(0, 5)], 1, 25)),
+            4,
+            4,
+            2,
+            RopeConfig(head_dim=64),
+            seed=6,
         ),
         2,
     ),
@@ -158,6 +172,24 @@ def test_permuting_requests_permutes_outputs(drawn, data):
     ref = reference.lazy_decode(q, x.k_cache, x.v_cache, layout, case.rope, return_lse=True)
     want_out, want_lse = properties.oracle(case, dtype, DEVICE)
     _within_rule((out, lse), (want_out[list(perm)], want_lse[list(perm)]), ref, dtype, "permuted")
+
+
+@pytest.mark.parametrize("cap", [1, 3])
+def test_the_rest_split_by_a_cap_on_its_key_tiles(cap, monkeypatch):
+    """The rest's decode split so that no program walks more than ``cap`` key tiles
+    (``REST_SPLIT_TILES``), where its requests hold 1 to 31 blocks (the short ones' later
+    splits have no key): the same result under the tolerance rule."""
+    case, min_requests = EDGES["ragged_rest"]
+    dtype = torch.float16
+    x = build(case, dtype, device=DEVICE)
+    m = plan_sharing(x.layout, min_requests).rest.metadata(DEVICE).block_table.shape[1]
+    plan_args = (case.num_heads, case.num_kv_heads, 64, case.block_size, dtype, DEVICE, True,
+                 len(case.requests) * case.num_kv_heads, m * case.block_size)  # fmt: skip
+    assert _plan.plan(*plan_args, max_split_tiles=cap).splits > _plan.plan(*plan_args).splits
+    monkeypatch.setattr(shared, "REST_SPLIT_TILES", cap)
+    _, _, got, args = _run(case, dtype, min_requests)
+    _within_rule(got, properties.oracle(case, dtype, DEVICE), reference.lazy_decode(*args, return_lse=True), dtype,
+                 f"rest split every {cap} key tiles")  # fmt: skip
 
 
 def test_key_split_and_member_tiles_are_crossed_under_the_interpreter():
