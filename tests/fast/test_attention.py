@@ -24,6 +24,7 @@ import lazyattention.fast as fast
 from lazyattention.fast import attend as _attend
 from lazyattention.fast import plan as _plan
 from lazyattention.reference import RopeConfig, assert_close
+from lazyattention.reference.layout import ceil_div
 from lazyattention.testing import properties
 from tests.strategies import Case, DocSpec, RequestSpec, SegmentSpec, build, edge_cases
 
@@ -273,9 +274,9 @@ def test_a_decode_split_by_a_cap_walks_at_most_the_cap(head_dim, block_size, bat
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(_plan, "multiprocessors", lambda device: 132)
         own, capped = _plan.plan(*args), _plan.plan(*args, max_split_tiles=cap)
-    key_tiles = -(-blocks * block_size // own.block_n)
+    key_tiles = ceil_div(blocks * block_size, own.block_n)
     assert capped.splits >= own.splits
-    assert -(-key_tiles // capped.splits) <= cap or capped.splits == _plan.MAX_DECODE_SPLITS
+    assert ceil_div(key_tiles, capped.splits) <= cap or capped.splits == _plan.MAX_DECODE_SPLITS
     assert capped._replace(splits=own.splits, num_stages=own.num_stages) == own
     finer_pipelined = capped.splits > own.splits and own.tma and head_dim == 128
     assert capped.num_stages == (4 if finer_pipelined else own.num_stages)
