@@ -96,9 +96,12 @@ MAX_SPLITS = 8
 MAX_SLOTS = 64
 
 #: The most key tiles one program of the rest's decode walks (``plan(max_split_tiles=)``):
-#: the rest is what too few requests share, so its requests differ widely in length.
-#: ``None``: the decode plan's own split, sized by the longest request.
-REST_SPLIT_TILES: int | None = None
+#: the rest is what too few requests share, so its requests differ widely in length, and
+#: a split sized by the longest request alone leaves a few programs holding the launch.
+#: ``None``: the decode plan's own split. 8 is from ``benchmarks/tune_engine_decode.py
+#: --shared`` (``benchmarks/sweeps/tune_rest_cap_h100.json``): the engine's heavy step
+#: at 64 requests, the rest 40 µs a layer against 75 uncapped (47 at 4 tiles, 40 at 16).
+REST_SPLIT_TILES: int | None = 8
 
 #: Int32 fields per work item (table offset, first and end key slot, first member, member
 #: count, split) and per member (request, shift, first merge slot) of :class:`SharedMetadata`.
