@@ -56,6 +56,9 @@ default); the curves (7) of every preset come after them all.
    steps, and ``wait_fraction``, blocked on the device's tokens; GPU idle time with
    little waiting is time the GPU waited for the host. (``benchmarks/host_step.py``
    measures the host's work per step, with the device's work left out, on any machine.)
+   With ``--profile-host``, each provider then serves the skew-1 burst once more,
+   untimed and not among the results, under ``cProfile``: its host time by phase and by
+   function in ``<name>_host_profile.txt``.
 5. **Decode at batch 16** (``--decode-batch``). 16 requests prefilled together, then
    decode-only steps, each timed on the wall clock (TPOT at batch 16); the captured CUDA
    graph of the last step is then replayed alone between CUDA events (3 × 50
@@ -116,9 +119,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import cProfile
 import datetime
+import io
 import json
 import math
+import pstats
 import signal
 import statistics
 import sys
@@ -571,6 +577,27 @@ def timed_run(engine: Engine, workload, provider: Provider, clock: Clock, profil
     row["graph_steps"] = getattr(runner, "steps_replayed", 0) - replayed
     row["shared_steps"] = getattr(runner, "steps_shared", 0) - shared
     return row
+
+
+def host_profile(engine: Engine, workload, lines: int = 30) -> str:
+    """Serve ``workload`` once on ``engine`` (new or reset) under ``cProfile``: the wall
+    time, the host's time in each phase of the engine's steps, and the functions that
+    take it (by own time, then by cumulative time). cProfile slows the host, so the
+    run's times are for reading where the time goes, not for comparing runs."""
+    profiler = cProfile.Profile()
+    start = time.perf_counter()
+    profiler.enable()
+    run_workload(engine, workload)
+    profiler.disable()
+    wall, stats = time.perf_counter() - start, engine.stats
+    phases = ", ".join(
+        f"{name} {getattr(stats, name + '_seconds'):.3f} s" for name in ("schedule", "launch", "wait", "land")
+    )
+    text = io.StringIO()
+    text.write(f"{stats.steps} steps in {wall:.3f} s; host: {phases}\n")
+    for order in ("tottime", "cumulative"):
+        pstats.Stats(profiler, stream=text).sort_stats(order).print_stats(lines)
+    return text.getvalue()
 
 
 # --------------------------------------------------------------------------- decode at batch 16
@@ -1116,6 +1143,21 @@ class PresetRun:
             _show(rows, [])
             self.result["burst_medians"] = medians(burst, ("sweep", "alpha", "budget_fraction", "strategy"))
             self.save()
+        if self.args.profile_host and point == SKEW1:
+            self._profile_host(workload, providers, blocks, shapes)
+
+    def _profile_host(self, workload, providers, blocks: int, shapes) -> None:
+        """``--profile-host``: one more run of each provider, untimed and not among the
+        results, under cProfile (:func:`host_profile`), written to
+        ``<name>_host_profile.txt``."""
+        path = self.out / f"{self.name}_host_profile.txt"
+        parts = []
+        for p in providers:
+            engine = self._served(p, blocks, shapes[p.strategy], workload)
+            with self.clock.part("host profile"):
+                parts.append(f"# {p.label} at {SKEW1.label}\n{host_profile(engine, workload)}")
+        path.write_text("\n".join(parts))
+        _log(f"[{self.preset}] wrote {path}")
 
     def _run(self, workload, provider: Provider, blocks: int, shapes, warm_up) -> dict:
         """One timed run of ``workload`` on the provider's engine at ``blocks``
@@ -1334,6 +1376,9 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="run the model's norms and MLPs through torch.compile with this backend (e.g. inductor)",
     )
+    p.add_argument("--profile-host", action="store_true",
+                   help="after the skew-1 burst, one untimed run of each strategy under cProfile "
+                        "(<name>_host_profile.txt): where the host's time goes")  # fmt: skip
     p.add_argument("--hit-ratio", action="store_true", help="only the hit ratio against the KV budget (host work only)")
     preset = p.add_argument_group("preset options (each overrides every preset's value)")
     for name in ("requests", "documents", "doc_len", "docs_per_request", "query_len", "output_len", "max_num_seqs",

@@ -23,9 +23,7 @@ Run: ``python benchmarks/host_step.py [--preset heavy] [--max-num-seqs 64]
 from __future__ import annotations
 
 import argparse
-import cProfile
 import os
-import pstats
 import statistics
 import sys
 import time
@@ -101,13 +99,10 @@ def measure(args, strategy: str = "lazy", profile: bool = False) -> tuple[dict[s
         return out
 
     engine.step = timed_step
-    profiler = cProfile.Profile() if profile else None
-    if profiler:
-        profiler.enable()
-    run_workload(engine, workload)
-    if profiler:
-        profiler.disable()
-        pstats.Stats(profiler).sort_stats("cumulative").print_stats(40)
+    if profile:
+        print(bench.host_profile(engine, workload, lines=40))
+    else:
+        run_workload(engine, workload)
     return times, engine.runner.steps_shared
 
 

@@ -81,6 +81,20 @@ def test_a_tiny_run_goes_through_every_section(tmp_path, capsys):
     assert len(measured) == 4 and all(t["mark"] in ("PASS", "MISS") for t in measured)
 
 
+def test_the_host_profile_is_one_more_run_of_each_strategy_kept_out_of_the_results(tmp_path, capsys):
+    args = [*SMALL, "--out", str(tmp_path), "--rates", "", "--extra-points", "", "--many", "0"]
+    assert bench.main([*args, "--profile-host"]) == 0
+    profile = (tmp_path / "e_tiny_host_profile.txt").read_text()
+    sections = profile.split("# ")[1:]
+    assert [s.split(" at ")[0] for s in sections] == ["lazy", "block_attention"]
+    for section in sections:
+        assert "host: schedule" in section and "Ordered by: internal time" in section
+        assert "Ordered by: cumulative time" in section and "run_workload" in section
+    result = json.loads((tmp_path / "e_tiny.json").read_text())
+    assert len([r for r in result["burst"] if r["point"] == bench.SKEW1.label]) == 2  # one repeat of each
+    assert result["setup_seconds"]["host profile"] > 0 and result["complete"]
+
+
 def test_a_run_cut_off_before_any_timed_section_keeps_its_setup_and_draws_nothing(tmp_path, capsys):
     bench.main([*SMALL, "--out", str(tmp_path), "--max-seconds", "0"])
     out = capsys.readouterr().out

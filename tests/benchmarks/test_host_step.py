@@ -22,8 +22,9 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.mark.parametrize("shared", [0, 2])
 def test_the_burst_is_served_with_every_step_counted(shared):
     pytest.importorskip("triton")
+    profile = ["--profile"] if shared else []  # the profiled run is the timed one
     command = [sys.executable, str(ROOT / "benchmarks" / "host_step.py"), "--tiny", "--shared-decode-min-requests",
-               str(shared)]  # fmt: skip
+               str(shared), *profile]  # fmt: skip
     result = subprocess.run(command, env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True,
                             timeout=600, cwd=ROOT)  # fmt: skip
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
@@ -31,3 +32,6 @@ def test_the_burst_is_served_with_every_step_counted(shared):
     assert sharing and (int(sharing[1]) > 0) == (shared > 0), result.stdout
     counts = {kind: int(n) for kind, n in re.findall(r"(prefill|decode): +(\d+) steps", result.stdout)}
     assert counts.keys() == {"prefill", "decode"} and min(counts.values()) > 0, result.stdout
+    assert ("Ordered by: cumulative time" in result.stdout) == bool(profile) and (
+        "host: schedule" in result.stdout
+    ) == bool(profile)
