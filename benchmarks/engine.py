@@ -56,7 +56,8 @@ default); the curves (7) of every preset come after them all.
    steps, and ``wait_fraction``, blocked on the device's tokens; GPU idle time with
    little waiting is time the GPU waited for the host. (``benchmarks/host_step.py``
    measures the host's work per step, with the device's work left out, on any machine.)
-   With ``--profile-host``, each provider then serves the skew-1 burst once more,
+   ``--no-gpu-profile`` times the runs without the profiler, to see what it costs the
+   wall time. With ``--profile-host``, each provider then serves the skew-1 burst once more,
    untimed and not among the results, under ``cProfile``: its host time by phase and by
    function in ``<name>_host_profile.txt``.
 5. **Decode at batch 16** (``--decode-batch``). 16 requests prefilled together, then
@@ -953,6 +954,7 @@ class PresetRun:
         self.clock = Clock(parent=clock)
         self.goals = GOALS[preset]
         self.cuda = device.startswith("cuda")
+        self.gpu_profile = self.cuda and not args.no_gpu_profile  # the timed runs under torch.profiler
         self.base = _workload_config(args)
         self.dtype = _dtype(args)
         self.points = [Point.parse(p) for p in args.points.split(",") if p]
@@ -983,6 +985,7 @@ class PresetRun:
                 "max_batch_tokens": args.max_batch_tokens,
                 "cuda_graphs": backend.captures_on(device),
                 "compile_backend": args.compile_backend,
+                "gpu_profile": self.gpu_profile,
                 "shared_decode_min_requests": args.shared_decode_min_requests or None,
             },
             "providers": [asdict(p) for p in self.providers],
@@ -1163,7 +1166,7 @@ class PresetRun:
         """One timed run of ``workload`` on the provider's engine at ``blocks``
         (:meth:`_served`, first warmed up on ``warm_up``)."""
         engine = self._served(provider, blocks, shapes, warm_up)
-        return timed_run(engine, workload, provider, self.clock, profile=self.cuda)
+        return timed_run(engine, workload, provider, self.clock, profile=self.gpu_profile)
 
     def decode(self) -> None:
         if not self._left("decode"):
@@ -1376,6 +1379,9 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="run the model's norms and MLPs through torch.compile with this backend (e.g. inductor)",
     )
+    p.add_argument("--no-gpu-profile", action="store_true",
+                   help="time the bursts without torch.profiler (no GPU busy time): the profiler's cost to the "
+                        "wall time, against a profiled run")  # fmt: skip
     p.add_argument("--profile-host", action="store_true",
                    help="after the skew-1 burst, one untimed run of each strategy under cProfile "
                         "(<name>_host_profile.txt): where the host's time goes")  # fmt: skip

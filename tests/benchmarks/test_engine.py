@@ -67,6 +67,7 @@ def test_a_tiny_run_goes_through_every_section(tmp_path, capsys):
     assert set(result["setup_seconds"]) >= {"parity gate", "model", "warm-up", "dry run", "graph capture"}
     assert 0 < result["timed_seconds"] < result["seconds"]
     assert (tmp_path / "e_tiny.png").stat().st_size > 10_000
+    assert result["engine"]["gpu_profile"] is False  # no CUDA device: no torch.profiler, no GPU busy time
     for r in result["burst"]:  # the host's shares of each run's wall time
         host, wait = r["host_fraction"], r["wait_fraction"]
         assert host > 0 and wait >= 0 and host + wait <= 1
@@ -198,6 +199,8 @@ def test_presets_set_every_option_and_the_command_line_overrides_them():
     assert shape == (96, 96, 8, 1024, 64)
     assert heavy.points == "skew2.1@1GiB" and heavy.shared_decode_min_requests == 2
     assert set(bench.PRESETS["default"]) == set(bench.PRESETS["heavy"]) == set(bench.PRESETS["tiny"])
+    (_, profiled), (_, unprofiled) = (bench.parse(flags)[1][0] for flags in ([], ["--no-gpu-profile"]))
+    assert not profiled.no_gpu_profile and unprofiled.no_gpu_profile
     with pytest.raises(SystemExit, match="unknown preset huge"):
         bench.parse(["--preset", "huge"])
 
