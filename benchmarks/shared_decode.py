@@ -49,6 +49,7 @@ import argparse
 import itertools
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -57,7 +58,14 @@ import triton
 import triton.language as tl
 
 import lazyattention.fast as fast
-from benchmarks.kernels import (
+from lazyattention.fast import attend as fast_attend
+from lazyattention.fast.rope import rope_tables
+from lazyattention.fast.shared import plan_sharing, shared_decode, shared_launches, shared_tiles
+from lazyattention.reference import Layout, Placement, RequestLayout, apply_rope
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling kernels.py
+
+from kernels import (
     BLOCK,
     DTYPE,
     HEAD_DIM,
@@ -73,10 +81,6 @@ from benchmarks.kernels import (
     make_cache,
     measure,
 )
-from lazyattention.fast import attend as fast_attend
-from lazyattention.fast.rope import rope_tables
-from lazyattention.fast.shared import plan_sharing, shared_decode, shared_launches, shared_tiles
-from lazyattention.reference import Layout, Placement, RequestLayout, apply_rope
 
 OWN = 64
 K_DOCS = 4
