@@ -59,7 +59,8 @@ def attend(
         max_queries: the largest ``num_queries`` of a request.
         scale: softmax scale.
         mode: :data:`LAZY`, :data:`RAW` or :data:`NONE`.
-        tiles: a :class:`Plan` to use instead of :func:`plan`'s (benchmark sweeps).
+        tiles: a :class:`Plan` to use instead of :func:`plan`'s (the shared path's rest,
+            split by its own cap; benchmark sweeps).
         out, lse: where to write the results (any strides but a contiguous last
             dimension, e.g. one slot of a merge's partials, float32: ``fast/shared.py``);
             new tensors when ``None``.
